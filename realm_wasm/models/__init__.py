@@ -1,0 +1,25 @@
+"""One file per architecture: GGUF hyper-parameters -> Plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..gguf import GGUFError, GGUFHeader
+from ..plan import Plan
+from . import gemma3, llama
+
+# general.architecture -> plan builder
+ARCHITECTURES: dict[str, Callable[[GGUFHeader], Plan]] = {
+    "gemma3": gemma3.build_plan,
+    "llama": llama.build_plan,
+    "mistral": llama.build_plan,
+}
+
+
+def build_plan(header: GGUFHeader) -> Plan:
+    arch = header.architecture
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+    plan = ARCHITECTURES[arch](header)
+    plan.validate()
+    return plan

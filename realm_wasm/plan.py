@@ -1,0 +1,102 @@
+"""A model's forward pass as data: a list of kernel launches over named buffers.
+
+A `Plan` is built once per model from its hyper-parameters (`models/*.py`) and run by any executor
+(numpy `cpu.py`, wgpu-py / WebGPU `gpu/executor.py`). It says nothing about where it runs.
+
+Buffers are activations with one row per token of the step (`rows="T"`) or one row per requested
+logit (`rows="R"`). Step inputs are `tokens`, `positions`, `slots` (int32[T]) and `logit_rows`
+(int32[R]); the output is `logits` [R, n_vocab]. Op kinds and their exact meaning:
+
+| kind       | ins            | weights        | out = ...                                                   |
+| ---------- | -------------- | -------------- | ----------------------------------------------------------- |
+| embed      | tokens         | table          | table[tokens] * scale                                       |
+| rmsnorm    | x              | w              | x / sqrt(mean(x², per group of `group`) + eps) * w          |
+| matmul     | x              | W [N, K]       | x @ Wᵀ                                                      |
+| glu        | x              | Wgate, Wup     | act(x @ Wgateᵀ) * (x @ Wupᵀ), act ∈ {gelu (tanh), silu}     |
+| rope       | x              |                | rotary embedding of each head at `positions` (in place)     |
+| attention  | q, k, v        |                | store k, v in layer's KV cache at (slots, positions), then  |
+|            |                |                | causal (sliding `window` if > 0) softmax(scale·q·kᵀ)·v      |
+| add        | a, b           |                | a + b                                                       |
+| gather     | x              |                | x[logit_rows]                                               |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .gguf import TensorInfo
+
+OP_KINDS = ("embed", "rmsnorm", "matmul", "glu", "rope", "attention", "add", "gather")
+STEP_INPUTS = ("tokens", "positions", "slots", "logit_rows")
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    out: str
+    ins: tuple[str, ...] = ()
+    weights: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"unknown op kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class Plan:
+    arch: str
+    ops: list[Op]
+    weights: dict[str, TensorInfo]  # every tensor the ops name
+    buffers: dict[str, tuple[str, int]]  # activation name -> (rows: "T" | "R", width)
+    kv: KVSpec
+    n_vocab: int
+    n_ctx_train: int
+
+    def validate(self) -> None:
+        """Every op reads only buffers that exist or were written before, and known weights."""
+        written = set(STEP_INPUTS)
+        for op in self.ops:
+            for name in op.ins:
+                if name not in written:
+                    raise ValueError(f"op {op.kind}->{op.out} reads {name!r} before it is written")
+            for w in op.weights:
+                if w not in self.weights:
+                    raise ValueError(f"op {op.kind}->{op.out} uses missing tensor {w!r}")
+            if op.out not in self.buffers:
+                raise ValueError(f"op {op.kind} writes undeclared buffer {op.out!r}")
+            written.add(op.out)
+        if "logits" not in written:
+            raise ValueError("plan never writes 'logits'")
+
+
+@dataclass
+class Batch:
+    """One forward step: T tokens from one or more sequences and which rows want logits."""
+
+    tokens: np.ndarray  # int32[T]
+    positions: np.ndarray  # int32[T]
+    slots: np.ndarray  # int32[T]
+    logit_rows: np.ndarray  # int32[R]
+
+    @classmethod
+    def for_sequence(cls, tokens: list[int], start: int, slot: int = 0,
+                     all_logits: bool = False) -> Batch:
+        """New tokens of one sequence starting at position `start`; logits for the last (or all)."""
+        n = len(tokens)
+        return cls(np.asarray(tokens, np.int32), np.arange(start, start + n, dtype=np.int32),
+                   np.full(n, slot, np.int32),
+                   np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], np.int32))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
