@@ -56,16 +56,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import Engine
     from .sampling import SamplingParams
 
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     t0 = time.perf_counter()
     engine = Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx)
     load_s = time.perf_counter() - t0
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t") if args.escapes else args.prompt
     n, first = 0, None
     for ev in engine.generate(prompt, args.max_tokens, sampling):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
-        n += ev.token_id >= 0
+        n += ev.token_id is not None
         first = first if first is not None else ev.elapsed_s
     total = time.perf_counter() - t0 - load_s
     sys.stdout.write("\n")

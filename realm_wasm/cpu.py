@@ -17,13 +17,17 @@ WeightSource = Callable[[TensorInfo], np.ndarray]  # raw tensor bytes (uint8) fo
 
 
 class KVCache:
-    """Per layer, per slot, per position: the keys and values of every token seen so far."""
+    """Per layer, per slot, per position: the keys and values of every token seen so far.
+
+    Stored as float16, as llama.cpp and the GPU executors store them (half the memory and bandwidth);
+    attention computes in float32.
+    """
 
     def __init__(self, plan: Plan, n_slots: int, n_ctx: int) -> None:
         kv = plan.kv
         shape = (kv.n_layers, n_slots, n_ctx, kv.n_kv_heads * kv.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = np.zeros(shape, np.float16)
+        self.v = np.zeros(shape, np.float16)
         self.n_slots, self.n_ctx = n_slots, n_ctx
 
 
@@ -78,8 +82,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, cache: 
         rows = np.nonzero(batch.slots == slot)[0]
         pos = batch.positions[rows]
         n_keys = int(pos.max()) + 1
-        keys = cache.k[layer, slot, :n_keys].reshape(n_keys, nkv, hd)
-        vals = cache.v[layer, slot, :n_keys].reshape(n_keys, nkv, hd)
+        keys = cache.k[layer, slot, :n_keys].astype(np.float32).reshape(n_keys, nkv, hd)
+        vals = cache.v[layer, slot, :n_keys].astype(np.float32).reshape(n_keys, nkv, hd)
         qh = q[rows].reshape(len(rows), nkv, group, hd)
         scores = np.einsum("tkgd,skd->kgts", qh, keys) * np.float32(p["scale"])
         j = np.arange(n_keys)[None, :]

@@ -17,6 +17,7 @@ from .sampling import SamplingParams, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 256  # tokens per prefill step: bounds activation memory on every executor
+GREEDY = SamplingParams()
 
 
 class Executor(Protocol):
@@ -42,7 +43,7 @@ class Model:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    token_id: int
+    token_id: int | None  # None: a last event carrying only text the decoder held back
     text: str  # the new complete UTF-8 text this token made (may be "")
     index: int  # 0 for the first generated token
     elapsed_s: float  # since generate() started
@@ -78,7 +79,7 @@ class Engine:
                 yield logits
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 64,
-                 sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True) -> Iterator[TokenEvent]:
+                 sampling: SamplingParams = GREEDY, stop_at_eos: bool = True) -> Iterator[TokenEvent]:
         """Stream generated tokens for a prompt (text, or token ids including BOS)."""
         t0 = time.perf_counter()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -103,7 +104,7 @@ class Engine:
             pos += 1
         tail = decoder.flush()
         if tail:
-            yield TokenEvent(-1, tail, n + 1, time.perf_counter() - t0)
+            yield TokenEvent(None, tail, n + 1, time.perf_counter() - t0)
 
 
 def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int) -> Executor:

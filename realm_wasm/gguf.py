@@ -116,8 +116,10 @@ class _Cursor:
     def count(self, what: str, limit: int, min_item_bytes: int) -> int:
         n = self.scalar("<Q", what)
         room = (self.file_size - self.pos) if self.file_size is not None else None
-        if n > limit or (room is not None and n * min_item_bytes > room):
+        if n > limit:
             raise GGUFError(f"absurd {what}: {n}")
+        if room is not None and n * min_item_bytes > room:
+            raise GGUFError(f"truncated or corrupt GGUF: {what} is {n}, but only {room} bytes remain")
         return n
 
     def string(self, what: str) -> str:

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything Realm needs on a fresh Debian machine into ./.venv (idempotent).
+#   system: lavapipe Vulkan (wgpu-py without a GPU), Chromium (browser tests)
+#   python: the package with its gpu, server and test extras; the bundled default model
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || [ -e /usr/share/vulkan/icd.d/lvp_icd.aarch64.json ] \
+  || need_apt+=(mesa-vulkan-drivers libvulkan1)
+command -v chromium >/dev/null || need_apt+=(chromium)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[gpu,server,test]"
