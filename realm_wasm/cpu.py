@@ -1,6 +1,9 @@
 """The numpy executor: runs a Plan on the CPU. The test oracle and the fallback without WebGPU.
 
-Weights are dequantized to float32 once at load; all math is float32.
+Weights are dequantized to float32 once at load, except those larger than `eager_limit` bytes of
+float32 (inside Pyodide the 671 MB float32 embedding table of the default model would crowd the
+wasm heap): those stay quantized and are dequantized a chunk of rows at a time when used. All math
+is float32.
 """
 
 from __future__ import annotations
@@ -41,6 +44,33 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 ACTIVATIONS = {"gelu": gelu, "silu": silu}
+
+
+class QuantizedWeight:
+    """A [rows, K] weight kept in its GGML bytes; rows are dequantized when needed."""
+
+    CHUNK_ROWS = 8192
+
+    def __init__(self, raw: np.ndarray, t: TensorInfo) -> None:
+        self.raw, self.t = np.asarray(raw).reshape(t.shape[0], -1), t
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return dequantize(self.raw[idx], self.t.type_id, (len(idx), self.t.shape[1]))
+
+    def matmul_t(self, x: np.ndarray) -> np.ndarray:
+        """x @ Wᵀ, dequantizing CHUNK_ROWS rows of W at a time."""
+        out = np.empty((len(x), self.t.shape[0]), np.float32)
+        for r in range(0, self.t.shape[0], self.CHUNK_ROWS):
+            out[:, r:r + self.CHUNK_ROWS] = x @ self.rows(np.arange(r, min(r + self.CHUNK_ROWS, len(self.raw)))).T
+        return out
+
+
+def take_rows(w: np.ndarray | QuantizedWeight, idx: np.ndarray) -> np.ndarray:
+    return w.rows(idx) if isinstance(w, QuantizedWeight) else w[idx]
+
+
+def matmul_t(x: np.ndarray, w: np.ndarray | QuantizedWeight) -> np.ndarray:
+    return w.matmul_t(x) if isinstance(w, QuantizedWeight) else x @ w.T
 
 
 def rope_angles(positions: np.ndarray, p: dict, freq_factors: np.ndarray | None) -> np.ndarray:
@@ -102,9 +132,12 @@ class CpuExecutor:
 
     name = "cpu"
 
-    def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048) -> None:
+    def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048,
+                 eager_limit: int | None = None) -> None:
         self.plan = plan
-        self.w = {name: dequantize(weight_bytes(t), t.type_id, t.shape) for name, t in plan.weights.items()}
+        self.w = {name: QuantizedWeight(weight_bytes(t), t)
+                  if eager_limit is not None and 4 * int(np.prod(t.shape)) > eager_limit
+                  else dequantize(weight_bytes(t), t.type_id, t.shape) for name, t in plan.weights.items()}
         self.cache = KVCache(plan, n_slots, n_ctx)
 
     def forward(self, batch: Batch) -> np.ndarray:
@@ -123,15 +156,15 @@ class CpuExecutor:
         p = op.params
         match op.kind:
             case "embed":
-                return w[0][x] * np.float32(p["scale"])
+                return take_rows(w[0], x) * np.float32(p["scale"])
             case "rmsnorm":
                 g = x.reshape(len(x), -1, p["group"])
                 ms = np.mean(g * g, axis=-1, keepdims=True)
                 return (g / np.sqrt(ms + np.float32(p["eps"])) * w[0].reshape(-1, p["group"])).reshape(x.shape)
             case "matmul":
-                return x @ w[0].T
+                return matmul_t(x, w[0])
             case "glu":
-                return ACTIVATIONS[p["act"]](x @ w[0].T) * (x @ w[1].T)
+                return ACTIVATIONS[p["act"]](matmul_t(x, w[0])) * matmul_t(x, w[1])
             case "rope":
                 return apply_rope(x, batch.positions, p, w[0] if w else None)
             case "attention":

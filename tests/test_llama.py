@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from realm_wasm.cpu import CpuExecutor
+from realm_wasm.cpu import CpuExecutor, QuantizedWeight
 from realm_wasm.gguf import read_gguf
 from realm_wasm.models import build_plan
 from realm_wasm.plan import Batch
@@ -153,3 +153,18 @@ def test_rolling_back_a_sequence_overwrites_rejected_tokens(tmp_path):
     fresh = CpuExecutor(build_plan(f.header), f.tensor_bytes, n_ctx=32)
     expect = fresh.forward(Batch.for_sequence([4, 5, 6, 9], 0))
     np.testing.assert_allclose(after, expect, atol=1e-5)
+
+
+def test_weights_kept_quantized_give_the_same_logits(tmp_path, monkeypatch):
+    """The memory-lean mode (Pyodide) dequantizes big weights chunk by chunk at use."""
+    monkeypatch.setattr(QuantizedWeight, "CHUNK_ROWS", 40)  # the 96-row head takes three chunks
+    rng = np.random.default_rng(3)
+    path = tmp_path / "llama.gguf"
+    make_model(path, rng, Q.Q4_0, False, False)
+    f = read_gguf(path)
+    plan = build_plan(f.header)
+    batch = Batch.for_sequence([3, 1, 4, 1, 5, 9, 2, 6], 0, all_logits=True)
+    eager = CpuExecutor(plan, f.tensor_bytes).forward(batch)
+    lean = CpuExecutor(plan, f.tensor_bytes, eager_limit=1024)
+    assert any(not isinstance(w, np.ndarray) for w in lean.w.values())
+    np.testing.assert_allclose(lean.forward(batch), eager, atol=1e-5)
