@@ -8,13 +8,14 @@ is float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .gguf import TensorInfo
 from .plan import Batch, Op, Plan
 from .quants import dequantize
+from .sampling import SamplingParams, sample
 
 WeightSource = Callable[[TensorInfo], np.ndarray]  # raw tensor bytes (uint8) for a tensor
 
@@ -131,6 +132,7 @@ class CpuExecutor:
     """Runs a Plan with numpy. `forward(batch)` returns logits [R, n_vocab]."""
 
     name = "cpu"
+    max_logit_rows = 1 << 20
 
     def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048,
                  eager_limit: int | None = None) -> None:
@@ -149,6 +151,9 @@ class CpuExecutor:
         for op in self.plan.ops:
             buf[op.out] = self._run(op, buf, batch)
         return buf["logits"]
+
+    def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
+        return [sample(logits, params, step) for logits, (params, step) in zip(self.forward(batch), rows, strict=True)]
 
     def _run(self, op: Op, buf: dict[str, np.ndarray], batch: Batch) -> np.ndarray:
         x = buf[op.ins[0]] if op.ins else None

@@ -13,7 +13,7 @@ import numpy as np
 from .gguf import GGUFHeader, read_gguf
 from .models import build_plan
 from .plan import Batch, Plan
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 256  # tokens per prefill step: bounds activation memory on every executor
@@ -22,8 +22,13 @@ GREEDY = SamplingParams()
 
 class Executor(Protocol):
     name: str
+    max_logit_rows: int  # rows of logits one step can return
 
-    def forward(self, batch: Batch) -> np.ndarray: ...
+    def forward(self, batch: Batch) -> np.ndarray:
+        """Logits [R, n_vocab] of the batch's logit rows."""
+
+    def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
+        """Token ids sampled from each logit row with its (params, step counter)."""
 
 
 class ContextOverflow(ValueError):
@@ -71,9 +76,10 @@ class Engine:
         """Feed tokens in chunks; yields each chunk's logits (all rows, or only the last row)."""
         if start + len(ids) > self.n_ctx:
             raise ContextOverflow(f"{start + len(ids)} tokens do not fit the context of {self.n_ctx}")
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            chunk = list(ids[i:i + PREFILL_CHUNK])
-            last = i + PREFILL_CHUNK >= len(ids)
+        size = min(PREFILL_CHUNK, self.executor.max_logit_rows) if all_logits else PREFILL_CHUNK
+        for i in range(0, len(ids), size):
+            chunk = list(ids[i:i + size])
+            last = i + size >= len(ids)
             logits = self.executor.forward(Batch.for_sequence(chunk, start + i, slot, all_logits))
             if all_logits or last:
                 yield logits
@@ -90,28 +96,31 @@ class Engine:
         if len(ids) + max_tokens > self.n_ctx:
             raise ContextOverflow(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the "
                                   f"context of {self.n_ctx} tokens")
-        *_, logits = self.prefill(ids)
+        # all but the last chunk only fill the KV cache; the last is the first sampling step
+        pos = (len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+        last = ids[pos:]
+        for _ in self.prefill(ids[:pos]):
+            pass
         decoder = StreamDecoder(self.tokenizer)
-        pos = len(ids)
         for n in range(max_tokens):
-            token = sample(logits[-1], sampling, n)
+            [token] = self.executor.forward_sample(Batch.for_sequence(last, pos), [(sampling, n)])
             if stop_at_eos and token in self.tokenizer.eot_ids:
                 break
             yield TokenEvent(token, decoder.feed(token), n, time.perf_counter() - t0)
-            if n + 1 == max_tokens:
-                break
-            logits = self.executor.forward(Batch.for_sequence([token], pos))
-            pos += 1
+            pos, last = pos + len(last), [token]
         tail = decoder.flush()
         if tail:
             yield TokenEvent(None, tail, n + 1, time.perf_counter() - t0)
 
 
 def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int) -> Executor:
-    """`cpu` (numpy) now; GPU executors register here."""
-    from .cpu import CpuExecutor
+    """`cpu` (numpy) or `wgpu` (WebGPU through wgpu-py); imported on demand (wgpu is CPython-only)."""
+    if backend == "cpu":
+        from .cpu import CpuExecutor
 
-    executors = {"cpu": CpuExecutor}
-    if backend not in executors:
-        raise ValueError(f"unknown backend {backend!r} (available: {', '.join(executors)})")
-    return executors[backend](plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx)
+        return CpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx)
+    if backend == "wgpu":
+        from .gpu.executor import GpuExecutor
+
+        return GpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, max_tokens=PREFILL_CHUNK)
+    raise ValueError(f"unknown backend {backend!r} (available: cpu, wgpu)")

@@ -1,0 +1,117 @@
+"""Fused dequant + mat-vec (and mat-mat) throughput per quant type on the native device (wgpu-py).
+
+    python bench/bench_matvec.py                 # decode mat-vec, full shapes, H100 peak
+    python bench/bench_matvec.py --quick         # small shapes for lavapipe / CPU adapters
+    python bench/bench_matvec.py --types Q4_K,Q8_0 --wg 64,128,256 --rows 1,2,4   # sweep kernel shapes
+    python bench/bench_matvec.py --t 512 --tile 64x32x4x4,128x64x8x4              # prefill tiles
+
+GB/s counts the bytes the step must move at least once: the GGML weight bytes plus x and y.
+Time is GPU time from timestamp queries around one pass of `--iters` back-to-back dispatches
+when the adapter has them, else the wall clock of that submit (plus one read-back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import time
+
+import numpy as np
+
+from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW
+from realm_wasm.gpu.matmul import TUNING, QuantMatmul, Tuning, upload_weight
+from realm_wasm.gpu.native import NativeDevice
+from realm_wasm.quants import QUANTS_BY_NAME
+
+TYPES = "F32,F16,BF16,Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q8_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_K,IQ4_NL,IQ4_XS,TQ1_0,TQ2_0,MXFP4"
+SHAPES = {False: "4096x4096,14336x4096,262144x640", True: "1024x1024,4096x512"}
+FLOATS = {"F32": np.float32, "F16": np.float16}
+
+
+def ints(text: str, sep: str = ",") -> list[int]:
+    return [int(v) for v in text.split(sep)]
+
+
+def weight_bytes(name: str, n: int, k: int, rng: np.random.Generator) -> bytes:
+    """Random weights: real floats for plain types, random blocks for quantized ones (timing only)."""
+    if name in FLOATS:
+        return rng.standard_normal((n, k), dtype=np.float32).astype(FLOATS[name]).tobytes()
+    qt = QUANTS_BY_NAME[name]
+    return rng.integers(0, 256, n * k // qt.block_size * qt.type_size, dtype=np.uint8).tobytes()
+
+
+def seconds(device: NativeDevice, dispatches: list, iters: int, y) -> float:
+    if "timestamp-query" in device.features:
+        return device.time_submit(dispatches * iters) / iters
+    start = time.perf_counter()
+    device.submit(dispatches * iters)
+    device.read_buffer(y, 0, 4)
+    return (time.perf_counter() - start) / iters
+
+
+def variants(args: argparse.Namespace, default: Tuning) -> list[tuple[str, Tuning]]:
+    """(label, tuning) for every kernel shape asked for: mat-vec wg x rows, or mat-mat tiles."""
+    if args.t == 1:
+        wgs = ints(args.wg) if args.wg else [default.matvec_wg]
+        rows = ints(args.rows) if args.rows else [default.matvec_rows]
+        return [(f"wg{wg} r{r}", dataclasses.replace(default, matvec_wg=wg, matvec_rows=r))
+                for wg, r in itertools.product(wgs, rows)]
+    tiles = [ints(t, "x") for t in args.tile.split(",")] if args.tile else [
+        [default.tn, default.tt, default.rn, default.rt]]
+    return [(f"{tn}x{tt}/{rn}x{rt}", dataclasses.replace(default, tn=tn, tt=tt, rn=rn, rt=rt, matvec_max_t=0))
+            for tn, tt, rn, rt in tiles]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU adapters)")
+    ap.add_argument("--peak-gbps", type=float, default=3350.0, help="device memory bandwidth (H100: 3350)")
+    ap.add_argument("--types", default=TYPES)
+    ap.add_argument("--shapes", help="N x K list, e.g. 4096x4096,262144x640")
+    ap.add_argument("--t", type=int, default=1, help="rows per step (1: mat-vec; more: mat-mat)")
+    ap.add_argument("--iters", type=int, help="dispatches per timed pass (default 100, --quick 5)")
+    ap.add_argument("--f16", choices=("auto", "on", "off"), default="auto", help="f16 arithmetic (auto: table)")
+    ap.add_argument("--no-subgroups", action="store_true", help="workgroup-memory reduction only")
+    ap.add_argument("--wg", help="mat-vec threads per workgroup (powers of two), comma-separated to sweep")
+    ap.add_argument("--rows", help="mat-vec rows per workgroup, comma-separated to sweep")
+    ap.add_argument("--tile", help="mat-mat TNxTTxRNxRT list, e.g. 64x32x4x4,128x64x8x4")
+    args = ap.parse_args()
+
+    device = NativeDevice.create()
+    default = TUNING[device.is_fallback_adapter]
+    iters = args.iters or (5 if args.quick else 100)
+    f16 = {"auto": default.f16, "on": True, "off": False}[args.f16] and "shader-f16" in device.features
+    subgroups = "subgroups" in device.features and not args.no_subgroups
+    t = args.t
+    rng = np.random.default_rng(0)
+    print(f"# {device.name}: T={t} f16={f16} subgroups={subgroups} "
+          f"timer={'timestamps' if 'timestamp-query' in device.features else 'wall clock'}")
+    print(f"{'type':7} {'N x K':>14} {'kernel':>13} {'us':>10} {'GB/s':>8} {'% peak':>7} {'GFLOP/s':>9}")
+    for name in args.types.split(","):
+        qt = QUANTS_BY_NAME[name]
+        for n, k in (ints(s, "x") for s in (args.shapes or SHAPES[args.quick]).split(",")):
+            if k % qt.block_size:
+                print(f"{name:7} {f'{n} x {k}':>14}  (K is not a multiple of the {qt.block_size}-element block)")
+                continue
+            weight = upload_weight(device, qt, n, k, weight_bytes(name, n, k, rng), label=name)
+            x = device.create_buffer(t * k * 4, STORAGE_RW)
+            device.write_buffer(x, 0, rng.standard_normal(t * k, dtype=np.float32).tobytes())
+            y = device.create_buffer(t * n * 4, STORAGE_RW)
+            rows = device.create_buffer(16, UNIFORM_RW)
+            device.write_buffer(rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
+            for label, tuning in variants(args, default):
+                mm = QuantMatmul(device, weight, (x, 0, t * k * 4), (y, 0, t * n * 4), (rows, 0, 16),
+                                 f16=f16, subgroups=subgroups, tuning=tuning)
+                dispatches = mm.dispatches(t)
+                seconds(device, dispatches, 1, y)  # warm-up: first use compiles and pages in
+                s = seconds(device, dispatches, iters, y)
+                gbps = (n * k // qt.block_size * qt.type_size + 4 * t * (n + k)) / s / 1e9
+                print(f"{name:7} {f'{n} x {k}':>14} {label:>13} {s * 1e6:10.1f} {gbps:8.1f} "
+                      f"{100 * gbps / args.peak_gbps:6.1f}% {2 * t * n * k / s / 1e9:9.1f}", flush=True)
+            for chunk in weight.chunks:
+                chunk.buffer.destroy()
+
+
+if __name__ == "__main__":
+    main()

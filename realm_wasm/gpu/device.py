@@ -1,0 +1,65 @@
+"""The host seam: the few things Realm asks of a WebGPU device.
+
+Two hosts satisfy it: `native.NativeDevice` (wgpu-py, CPython) and the browser device
+(`js.navigator.gpu` under Pyodide). Everything above this file — kernels, executor, engine — talks
+to a `Device` only, so the same code and the same WGSL run in both places.
+
+A step of inference is a list of `Dispatch`es handed to `submit` at once: one command encoder,
+one compute pass, one queue submit. Buffers, pipelines and bind groups are built at load time.
+Sizes and offsets of writes and read-backs are multiples of 4 bytes (WebGPU's rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+# Buffer usage flags, numerically equal to WebGPU's GPUBufferUsage so hosts pass them through.
+MAP_READ = 0x0001
+COPY_SRC = 0x0004
+COPY_DST = 0x0008
+UNIFORM = 0x0040
+STORAGE = 0x0080
+# What a kernel operand usually needs: written from the host, read back by tests and samplers.
+STORAGE_RW = STORAGE | COPY_SRC | COPY_DST
+UNIFORM_RW = UNIFORM | COPY_DST
+
+Buffer = Any  # host object (wgpu.GPUBuffer or a JS GPUBuffer proxy)
+Pipeline = Any
+BindGroup = Any
+Binding = tuple[Buffer, int, int]  # (buffer, byte offset, byte size) at @binding(i) of @group(0)
+Dispatch = tuple[Pipeline, BindGroup, tuple[int, int, int]]  # (pipeline, bind group, workgroup counts)
+
+
+class GPUUnavailable(RuntimeError):
+    """No WebGPU adapter (or device) could be obtained on this host."""
+
+
+class DeviceLost(RuntimeError):
+    """The device stopped working (driver reset, out of memory, destroyed); results are gone."""
+
+
+class Device(Protocol):
+    """What both hosts provide. Feature names follow WebGPU in the browser's spelling."""
+
+    features: frozenset[str]  # subset of {"shader-f16", "subgroups", "timestamp-query"}
+    limits: dict[str, int]  # snake_case WebGPU limits, e.g. "max_storage_buffer_binding_size"
+    is_fallback_adapter: bool  # a CPU rasterizer (lavapipe, SwiftShader): pick lean kernel variants
+    host: str  # "naga" (wgpu-py) or "tint" (Chromium): WGSL directives differ, see compose.py
+
+    def create_buffer(self, size: int, usage: int, label: str = "") -> Buffer: ...
+
+    def write_buffer(self, buf: Buffer, offset: int, data: bytes | memoryview) -> None: ...
+
+    async def read_buffer_async(self, buf: Buffer, offset: int, size: int) -> bytes:
+        """The portable read-back: in the browser a mapping can only be awaited."""
+        ...
+
+    def read_buffer(self, buf: Buffer, offset: int, size: int) -> bytes:
+        """Blocking read-back: native hosts, and Pyodide only where JSPI lets it block."""
+        ...
+
+    def create_pipeline(self, wgsl: str, entry_point: str = "main", label: str = "") -> Pipeline: ...
+
+    def create_bind_group(self, pipeline: Pipeline, bindings: list[Binding]) -> BindGroup: ...
+
+    def submit(self, dispatches: list[Dispatch]) -> None: ...

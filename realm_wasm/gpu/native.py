@@ -1,0 +1,126 @@
+"""`Device` on wgpu-py (CPython only: the one module of `realm_wasm` that imports wgpu)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import wgpu
+
+from .device import COPY_SRC, BindGroup, Binding, Buffer, DeviceLost, Dispatch, GPUUnavailable, Pipeline
+
+# wgpu-py spells some features differently from the browser; Realm uses the browser's names.
+FEATURES = {"shader-f16": "shader-f16", "subgroup": "subgroups", "timestamp-query": "timestamp-query"}
+
+# Limits worth raising to what the adapter can do (WebGPU devices start at conservative defaults,
+# e.g. 128 MiB bindings and 16 KiB of workgroup memory, unless asked).
+RAISED_LIMITS = (
+    "max-buffer-size",
+    "max-storage-buffer-binding-size",
+    "max-uniform-buffer-binding-size",
+    "max-storage-buffers-per-shader-stage",
+    "max-compute-workgroup-storage-size",
+    "max-compute-invocations-per-workgroup",
+    "max-compute-workgroup-size-x",
+    "max-compute-workgroup-size-y",
+    "max-compute-workgroup-size-z",
+    "max-compute-workgroups-per-dimension",
+)
+
+# How wgpu-native words errors of calls on a lost (or destroyed) device.
+LOST_PHRASES = ("device is lost", "device was lost")
+
+
+class NativeDevice:
+    """One wgpu-py device with the adapter's own limits and the optional features Realm uses."""
+
+    host = "naga"
+
+    def __init__(self, adapter: wgpu.GPUAdapter, device: wgpu.GPUDevice) -> None:
+        self.adapter, self.device = adapter, device
+        self.features = frozenset(FEATURES[f] for f in device.features if f in FEATURES)
+        self.limits = {k.replace("-", "_"): v for k, v in device.limits.items() if isinstance(v, int)}
+        self.is_fallback_adapter = adapter.info.get("adapter_type") == "CPU"
+        self.name = adapter.info.get("device", "")
+
+    @classmethod
+    def create(cls, power_preference: str = "high-performance") -> NativeDevice:
+        try:
+            adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+        except RuntimeError as e:  # wgpu-py raises rather than returning None
+            raise GPUUnavailable(f"no WebGPU adapter on this machine (wgpu-py: {e})") from e
+        if adapter is None:
+            raise GPUUnavailable("no WebGPU adapter on this machine")
+        features = [f for f in FEATURES if f in adapter.features]
+        limits = {k: adapter.limits[k] for k in RAISED_LIMITS if k in adapter.limits}
+        try:
+            device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        except RuntimeError as e:
+            raise GPUUnavailable(f"adapter {adapter.info.get('device')!r} refused a device: {e}") from e
+        return cls(adapter, device)
+
+    @contextmanager
+    def _calls(self) -> Iterator[None]:
+        """Name device loss: wgpu-py 0.32 has no `device.lost`; calls on a lost device raise a
+        generic validation error saying so."""
+        try:
+            yield
+        except Exception as e:
+            if any(phrase in str(e).lower() for phrase in LOST_PHRASES):
+                raise DeviceLost(f"GPU device {self.name!r} was lost; its buffers and results are gone") from e
+            raise
+
+    def create_buffer(self, size: int, usage: int, label: str = "") -> Buffer:
+        with self._calls():
+            return self.device.create_buffer(size=size, usage=usage, label=label)
+
+    def write_buffer(self, buf: Buffer, offset: int, data: bytes | memoryview) -> None:
+        with self._calls():
+            self.device.queue.write_buffer(buf, offset, data)
+
+    def read_buffer(self, buf: Buffer, offset: int, size: int) -> bytes:
+        with self._calls():
+            return bytes(self.device.queue.read_buffer(buf, offset, size))
+
+    async def read_buffer_async(self, buf: Buffer, offset: int, size: int) -> bytes:
+        return self.read_buffer(buf, offset, size)
+
+    def create_pipeline(self, wgsl: str, entry_point: str = "main", label: str = "") -> Pipeline:
+        with self._calls():
+            module = self.device.create_shader_module(code=wgsl, label=label)
+            return self.device.create_compute_pipeline(
+                layout="auto", compute={"module": module, "entry_point": entry_point}, label=label
+            )
+
+    def create_bind_group(self, pipeline: Pipeline, bindings: list[Binding]) -> BindGroup:
+        entries = [
+            {"binding": i, "resource": {"buffer": buf, "offset": off, "size": size}}
+            for i, (buf, off, size) in enumerate(bindings)
+        ]
+        with self._calls():
+            return self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+
+    def submit(self, dispatches: list[Dispatch], timestamp_writes: dict | None = None) -> None:
+        with self._calls():
+            encoder = self.device.create_command_encoder()
+            cpass = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
+            for pipeline, bind_group, groups in dispatches:
+                cpass.set_pipeline(pipeline)
+                cpass.set_bind_group(0, bind_group)
+                cpass.dispatch_workgroups(*groups)
+            cpass.end()
+            self.device.queue.submit([encoder.finish()])
+
+    def time_submit(self, dispatches: list[Dispatch]) -> float:
+        """Submit and wait; return the GPU time of the pass in seconds (needs "timestamp-query")."""
+        with self._calls():
+            queries = self.device.create_query_set(type="timestamp", count=2)
+            resolved = self.device.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | COPY_SRC)
+        writes = {"query_set": queries, "beginning_of_pass_write_index": 0, "end_of_pass_write_index": 1}
+        self.submit(dispatches, timestamp_writes=writes)
+        with self._calls():
+            encoder = self.device.create_command_encoder()
+            encoder.resolve_query_set(queries, 0, 2, resolved, 0)
+            self.device.queue.submit([encoder.finish()])
+        start, end = memoryview(self.read_buffer(resolved, 0, 16)).cast("Q")
+        return (end - start) * 1e-9  # wgpu-native reports timestamps in nanoseconds

@@ -1,0 +1,304 @@
+"""Static part of the server: the page, Pyodide, the runtime bundle and model files.
+
+URL layout (what web/ expects):
+    /                 web/index.html, and the rest of web/ by name
+    /config.json      settings the page reads at start: Pyodide base URL, bundle URL, models
+    /pyodide/<file>   web/vendor/pyodide/ (filled by scripts/vendor_pyodide.py)
+    /dist/<file>      web/dist/ (scripts/build_bundle.py writes realm_wasm.zip there)
+    /models/<name>    the first configured model directory that holds <name>
+
+Every file answers GET and HEAD with an ETag (If-None-Match gives 304), one byte range at a time
+(206; 416 when the range is malformed or outside the file; several ranges get the whole file, which
+RFC 9110 allows) and an explicit Content-Type: Chromium compiles wasm while it streams only when it
+is `application/wasm`, and module workers need a JavaScript type.
+
+Paths never leave their root: `..`, absolute paths, backslashes and symlinks that point outside
+all answer 404. The ASGI server hands us the percent-decoded path, so `%2e%2e` is caught the same.
+
+    python -m server.static [--port 8000] [--model-dir DIR ...] [--pyodide-base-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from realm_wasm.cli import DEFAULT_MODEL, cache_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+READ_CHUNK = 1 << 20
+BUNDLE_URL = "/dist/realm_wasm.zip"
+
+# Explicit rather than `mimetypes`, whose answers depend on the host's /etc/mime.types.
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".wasm": "application/wasm",
+    ".zip": "application/zip",
+    ".whl": "application/zip",
+    ".py": "text/x-python; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+_BYTE_RANGE = re.compile(r"(\d*)-(\d*)", re.ASCII)
+
+log = logging.getLogger("realm.server")
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished HTTP request, as the request-log hook sees it."""
+
+    method: str
+    path: str
+    status: int
+    body_bytes: int  # body bytes actually sent: fewer than planned when the client went away
+    range: str | None  # the Range header the client sent
+
+
+def log_request(record: RequestRecord) -> None:
+    asked = f" range={record.range}" if record.range else ""
+    log.info("%s %s %d %d bytes%s", record.method, record.path, record.status, record.body_bytes, asked)
+
+
+@dataclass(frozen=True)
+class StaticSettings:
+    web_dir: Path = ROOT / "web"
+    pyodide_dir: Path = ROOT / "web" / "vendor" / "pyodide"
+    dist_dir: Path = ROOT / "web" / "dist"
+    model_dirs: tuple[Path, ...] = field(default_factory=lambda: (cache_dir(),))
+    default_model: str = DEFAULT_MODEL
+    pyodide_base_url: str | None = None  # e.g. a CDN; None means the vendored copy at /pyodide/
+    on_request: Callable[[RequestRecord], None] = log_request
+
+
+class RequestLog:
+    """ASGI middleware reporting every finished HTTP request (status, body bytes sent) to a hook."""
+
+    def __init__(self, app: ASGIApp, hook: Callable[[RequestRecord], None]) -> None:
+        self.app, self.hook = app, hook
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status, sent = 0, 0
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            asked = dict(scope["headers"]).get(b"range")
+            self.hook(RequestRecord(scope["method"], scope["path"], status, sent,
+                                    asked.decode("latin-1") if asked is not None else None))
+
+
+def resolve_inside(root: Path, rel: str) -> Path | None:
+    """The regular file `rel` names under `root`, or None when it is missing or would leave `root`."""
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
+        return None
+    if ".." in rel.split("/"):
+        return None
+    try:
+        base = root.resolve(strict=True)
+        target = (base / rel).resolve(strict=True)  # follows symlinks, so their targets are checked
+    except (OSError, RuntimeError):  # missing, unreadable, or a symlink loop
+        return None
+    if not target.is_relative_to(base) or not target.is_file():
+        return None
+    return target
+
+
+class RangeNotSatisfiable(ValueError):
+    """The Range header is malformed or lies outside the file: answer 416."""
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The inclusive byte span a `Range` header asks for, or None to send the whole file.
+
+    None covers other units and multi-range requests (a server may ignore Range).
+    """
+    unit, eq, spec = header.partition("=")
+    if not eq or unit.strip().lower() != "bytes":
+        return None
+    if "," in spec:
+        return None
+    m = _BYTE_RANGE.fullmatch(spec.strip())
+    if m is None or m.group(1) == m.group(2) == "":
+        raise RangeNotSatisfiable(header)
+    first, last = m.groups()
+    if first:
+        start = int(first)
+        if start >= size or (last and int(last) < start):
+            raise RangeNotSatisfiable(header)
+        return start, min(int(last), size - 1) if last else size - 1
+    suffix = int(last)
+    if suffix == 0 or size == 0:
+        raise RangeNotSatisfiable(header)
+    return max(0, size - suffix), size - 1
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """If-None-Match compares weakly: `W/` prefixes are ignored and `*` matches any file."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def content_type(path: Path) -> str:
+    return CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+
+
+def _read_span(path: Path, start: int, length: int) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        f.seek(start)
+        while length > 0:
+            block = f.read(min(READ_CHUNK, length))
+            if not block:  # the file shrank while we served it
+                return
+            length -= len(block)
+            yield block
+
+
+def file_response(request: Request, path: Path) -> Response:
+    """Serve one file with conditional (ETag) and single-range support."""
+    st = path.stat()
+    size = st.st_size
+    etag = f'"{size:x}-{st.st_mtime_ns:x}"'
+    last_modified = formatdate(st.st_mtime, usegmt=True)
+    # no-cache = revalidate every time: cheap with the ETag, and edits to web/ show up at once
+    headers = {"ETag": etag, "Last-Modified": last_modified, "Accept-Ranges": "bytes",
+               "Cache-Control": "no-cache"}
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+
+    start, end, status = 0, size - 1, 200
+    asked = request.headers.get("range")
+    # If-Range: a resumed download whose file changed meanwhile gets the whole new file
+    if asked is not None and request.headers.get("if-range", etag) in (etag, last_modified):
+        try:
+            span = parse_range(asked, size)
+        except RangeNotSatisfiable:
+            return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+        if span is not None:
+            (start, end), status = span, 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    length = end - start + 1
+    headers["Content-Type"] = content_type(path)
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers)
+    return StreamingResponse(_read_span(path, start, length), status_code=status, headers=headers)
+
+
+def list_models(model_dirs: tuple[Path, ...]) -> dict[str, Path]:
+    """GGUF files servable at /models/<name>; on a name clash the earlier directory wins."""
+    found: dict[str, Path] = {}
+    for d in model_dirs:
+        if not d.is_dir():
+            continue
+        for entry in sorted(d.glob("*.gguf")):
+            path = resolve_inside(d, entry.name)
+            if path is not None:
+                found.setdefault(entry.name, path)
+    return found
+
+
+def static_routes(settings: StaticSettings) -> list[BaseRoute]:
+    """Routes for the page, Pyodide, the bundle and models; put API routes before these."""
+
+    def serve_from(root: Path) -> Callable[[Request], Response]:
+        def endpoint(request: Request) -> Response:
+            rel = request.path_params["path"]
+            if rel == "" or rel.endswith("/"):
+                rel += "index.html"
+            path = resolve_inside(root, rel)
+            return file_response(request, path) if path else Response("not found", 404)
+
+        return endpoint
+
+    def model(request: Request) -> Response:
+        name = request.path_params["name"]
+        for d in settings.model_dirs:
+            path = resolve_inside(d, name)
+            if path is not None:
+                return file_response(request, path)
+        return Response(f"no model named {name!r}", 404)
+
+    def config(request: Request) -> Response:
+        models = list_models(settings.model_dirs)
+        return JSONResponse(
+            {
+                "pyodideBaseUrl": settings.pyodide_base_url or "/pyodide/",
+                "bundleUrl": BUNDLE_URL,
+                "defaultModel": (f"/models/{quote(settings.default_model)}"
+                                 if settings.default_model in models else None),
+                "models": [{"name": name, "url": f"/models/{quote(name)}", "size": path.stat().st_size}
+                           for name, path in models.items()],
+            },
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    return [
+        Route("/config.json", config),
+        Route("/pyodide/{path:path}", serve_from(settings.pyodide_dir)),
+        Route("/dist/{path:path}", serve_from(settings.dist_dir)),
+        Route("/models/{name}", model),
+        Route("/{path:path}", serve_from(settings.web_dir)),
+    ]
+
+
+def create_app(settings: StaticSettings | None = None) -> Starlette:
+    """A Starlette app serving only the static part, with the request log hook installed."""
+    settings = settings or StaticSettings()
+    return Starlette(routes=static_routes(settings),
+                     middleware=[Middleware(RequestLog, hook=settings.on_request)])
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Serve Realm's page, Pyodide, bundle and models.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-dir", type=Path, action="append",
+                        help=f"folder of .gguf files served at /models/ (repeatable; default {cache_dir()})")
+    parser.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
+    args = parser.parse_args()
+    settings = StaticSettings(pyodide_base_url=args.pyodide_base_url,
+                              model_dirs=tuple(args.model_dir or (cache_dir(),)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Fused dequant + matmul kernels on the native device (lavapipe in CI) against a numpy oracle.
+
+The oracle dequantizes with the `gguf` package (independent of Realm's table and shaders) and
+multiplies in float64. Tolerances are relative to sum_k |w[n,k] * x[t,k]|, the scale of the
+rounding error of any summation order:
+- f32 path: only the summation order differs from the oracle: measured <= 1e-7; bound 1e-5.
+- f16 path: w and x are rounded to f16 (2^-11 each, so ~1e-3 per product) and each 32-wide
+  slice is summed in f16; the errors have random signs: measured <= 4e-4; bound 2e-3.
+A wrong nibble, scale or element order gives errors of order 1e-2 and above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from realm_wasm.gpu import compose  # noqa: E402
+from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW  # noqa: E402
+from realm_wasm.gpu.matmul import (  # noqa: E402
+    TUNING,
+    QuantMatmul,
+    allocate_weight,
+    fold_grid,
+    upload_weight,
+    write_weight,
+)
+from realm_wasm.quants import QUANTS_BY_NAME  # noqa: E402
+
+G = gguf.GGMLQuantizationType
+TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
+         "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4")
+QUANTIZED_BY_GGUF = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4"}
+# The other types get random bytes (every bit pattern) with their f16 scales made finite.
+F16_SCALES = {"Q8_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+              "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+# K per block size: floats get a K that is not a multiple of 32 (the mat-mat's 8-wide K slices).
+K_FOR_BLOCK = {1: 200, 32: 160, 256: 512}
+N = 37  # not a multiple of any workgroup's row count or tile
+TOL = {False: 1e-5, True: 2e-3}
+
+
+def random_weight(name: str, n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(GGML bytes [n, row_bytes], float64 oracle [n, k])."""
+    qt = QUANTS_BY_NAME[name]
+    blocks = n * k // qt.block_size
+    if name in QUANTIZED_BY_GGUF:
+        raw = gguf.quants.quantize(rng.standard_normal((n, k), dtype=np.float32), G[name]).view(np.uint8)
+    else:
+        raw = rng.integers(0, 256, (blocks, qt.type_size), dtype=np.uint8)
+        for at in F16_SCALES.get(name, ()):
+            raw[:, at : at + 2] = rng.uniform(-0.05, 0.05, (blocks, 1)).astype(np.float16).view(np.uint8)
+        if name == "Q8_K":
+            raw[:, :4] = rng.uniform(-0.01, 0.01, (blocks, 1)).astype(np.float32).view(np.uint8)
+    return raw.reshape(n, -1), oracle_dequant(name, raw.reshape(blocks, qt.type_size)).reshape(n, k)
+
+
+def oracle_dequant(name: str, blocks: np.ndarray) -> np.ndarray:
+    # gguf has no Q8_K, and its Q8_1 is an old 40-byte layout; both are d * int8 codes.
+    if name == "Q8_1":
+        return blocks[:, :2].view(np.float16).astype(np.float64) * blocks[:, 4:].view(np.int8)
+    if name == "Q8_K":
+        return blocks[:, :4].view(np.float32).astype(np.float64) * blocks[:, 4:260].view(np.int8)
+    return gguf.quants.dequantize(blocks, G[name]).astype(np.float64)
+
+
+class Case:
+    """One weight on the device with x / y / row-count buffers sized for `t_max` rows."""
+
+    def __init__(self, gpu, name: str, n: int, k: int, t_max: int, seed: int = 0, piece: int = 0, **alloc) -> None:
+        rng = np.random.default_rng(seed)
+        self.gpu, self.n, self.k = gpu, n, k
+        raw, self.w = random_weight(name, n, k, rng)
+        self.weight = allocate_weight(gpu, QUANTS_BY_NAME[name], n, k, label=name, **alloc)
+        data = raw.tobytes()
+        for at in range(0, len(data), piece or len(data)):  # as a streaming loader would
+            write_weight(gpu, self.weight, at, data[at : at + (piece or len(data))])
+        self.x = rng.standard_normal((t_max, k), dtype=np.float32)
+        xbuf = gpu.create_buffer(self.x.nbytes, STORAGE_RW)
+        gpu.write_buffer(xbuf, 0, self.x.tobytes())
+        self.y = gpu.create_buffer(t_max * n * 4, STORAGE_RW)
+        self.rows = gpu.create_buffer(16, UNIFORM_RW)
+        self.bindings = ((xbuf, 0, self.x.nbytes), (self.y, 0, t_max * n * 4), (self.rows, 0, 16))
+
+    def matmul(self, device=None, **options) -> QuantMatmul:
+        return QuantMatmul(device or self.gpu, self.weight, *self.bindings, **options)
+
+    def check(self, mm: QuantMatmul, t: int, tol: float) -> None:
+        self.gpu.write_buffer(self.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
+        self.gpu.write_buffer(self.y, 0, np.full(t * self.n, np.nan, np.float32).tobytes())
+        self.gpu.submit(mm.dispatches(t))
+        got = np.frombuffer(self.gpu.read_buffer(self.y, 0, t * self.n * 4), np.float32).reshape(t, self.n)
+        x = self.x[:t].astype(np.float64)
+        scale = np.abs(x) @ np.abs(self.w).T
+        err = np.abs(got - x @ self.w.T) / scale
+        assert err.max() <= tol, f"T={t}: max relative error {err.max():.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", TYPES)
+def test_matvec_and_matmat(gpu, name, f16):
+    if f16 and "shader-f16" not in gpu.features:
+        pytest.skip("no shader-f16")
+    case = Case(gpu, name, N, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=67)
+    mm = case.matmul(f16=f16)
+    for t in (1, 5, 67):  # mat-vec, then mat-mat with a partial and with several token tiles
+        case.check(mm, t, TOL[f16])
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_matvec_shared_reduction_several_tokens(gpu, name):
+    """The workgroup-memory reduction (hosts without subgroups), with T = 3 rows through mat-vec."""
+    case = Case(gpu, name, N, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=3, seed=1)
+    tuning = dataclasses.replace(TUNING[gpu.is_fallback_adapter], matvec_max_t=4)
+    case.check(case.matmul(f16=False, subgroups=False, tuning=tuning), 3, TOL[False])
+
+
+class NarrowDevice:
+    """The test device, claiming a tiny per-dimension workgroup limit (forces grid folding)."""
+
+    def __init__(self, gpu, max_dim: int) -> None:
+        self._gpu = gpu
+        self.limits = {**gpu.limits, "max_compute_workgroups_per_dimension": max_dim}
+
+    def __getattr__(self, name):
+        return getattr(self._gpu, name)
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+def test_weight_split_over_bindings_and_folded_grid(gpu, f16):
+    """A weight over max_storage_buffer_binding_size (forced to 1000 bytes here) is uploaded as row
+    ranges that each fit, streamed in 92-byte pieces that straddle them. 90-byte Q4_0 rows make
+    chunks start on even rows (word-aligned) and the tensor's end be padded to a whole word."""
+    case = Case(gpu, "Q4_0", N, 160, t_max=5, seed=2, piece=92, max_binding=1000)
+    assert [c.rows for c in case.weight.chunks] == [10, 10, 10, 7]
+    assert all(c.size <= 1000 for c in case.weight.chunks)
+    mm = case.matmul(NarrowDevice(gpu, max_dim=2), f16=f16 and "shader-f16" in gpu.features)
+    assert len(mm.dispatches(1)) == 4
+    assert all(groups[0] <= 2 for _, _, groups in mm.dispatches(1))
+    for t in (1, 5):
+        case.check(mm, t, TOL[f16])
+
+
+def test_bad_shapes_are_refused(gpu):
+    qt = QUANTS_BY_NAME["Q4_K"]
+    with pytest.raises(ValueError, match="multiple of 256"):
+        upload_weight(gpu, qt, 4, 640, bytes(4 * 640 // 256 * 144))
+    with pytest.raises(ValueError, match="bytes given"):
+        upload_weight(gpu, qt, 4, 512, bytes(100))
+    with pytest.raises(ValueError, match="not word-aligned"):
+        write_weight(gpu, allocate_weight(gpu, qt, 4, 512), 2, bytes(8))
+    case = Case(gpu, "Q8_0", 8, 64, t_max=2)
+    with pytest.raises(ValueError, match="x binding"):
+        case.matmul().dispatches(3)
+    with pytest.raises(ValueError, match="no GPU kernel"):
+        QuantMatmul(gpu, dataclasses.replace(case.weight, quant=QUANTS_BY_NAME["I32"]), *case.bindings)
+    wrong = dataclasses.replace(QUANTS_BY_NAME["Q8_1"], type_size=40)  # gguf-py's stale Q8_1 size
+    with pytest.raises(ValueError, match="dequant_q8_1.wgsl says 36"):
+        QuantMatmul(gpu, dataclasses.replace(case.weight, quant=wrong), *case.bindings)
+
+
+def test_device_loss_is_named(gpu):
+    from realm_wasm.gpu.device import DeviceLost
+    from realm_wasm.gpu.native import NativeDevice
+
+    other = NativeDevice.create()  # not the shared fixture: this one is destroyed
+    buf = other.create_buffer(16, STORAGE_RW)
+    other.device.destroy()
+    with pytest.raises(DeviceLost, match="was lost"):
+        other.write_buffer(buf, 0, bytes(16))
+    with pytest.raises(DeviceLost):
+        other.read_buffer(buf, 0, 16)
+    buf = gpu.create_buffer(16, STORAGE_RW)  # other devices carry on
+    gpu.write_buffer(buf, 0, b"0123456789abcdef")
+    assert asyncio.run(gpu.read_buffer_async(buf, 4, 8)) == b"456789ab"
+
+
+def test_compose_directives_per_host():
+    naga = compose.compose("naga", ["blocks.wgsl"], {"K": 64}, f16=True, subgroups=True)
+    tint = compose.compose("tint", ["blocks.wgsl"], {"K": 64}, f16=True, subgroups=True)
+    assert naga.splitlines()[:3] == ["enable f16;", "alias F = f16;", "const K: u32 = 64u;"]
+    assert tint.splitlines()[:3] == ["enable f16;", "enable subgroups;", "alias F = f16;"]
+    assert compose.compose("tint", ["blocks.wgsl"], {}).startswith("alias F = f32;")
+
+
+def test_pipelines_are_cached_and_features_checked(gpu):
+    parts, consts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_shared.wgsl", "matvec.wgsl"), dict(
+        K=64, N=8, R=1, WG=32, GRID_X=8, Y_STRIDE=8, ROW0=0
+    )
+    assert compose.pipeline(gpu, parts, consts) is compose.pipeline(gpu, parts, consts)
+
+    class Bare(NarrowDevice):
+        features = frozenset()
+
+    with pytest.raises(ValueError, match="shader-f16"):
+        compose.pipeline(Bare(gpu, 65535), parts, consts, f16=True)
+
+
+def test_fold_grid():
+    assert fold_grid(10, 65535) == (10, 1)
+    assert fold_grid(131072, 65535) == (43691, 3)
+    gx, gy = fold_grid(65536 * 5 + 3, 65535)
+    assert gx <= 65535 and gx * gy >= 65536 * 5 + 3

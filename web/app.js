@@ -1,0 +1,329 @@
+// Realm page: renders what the worker (worker.js, protocol documented there) reports and sends it
+// the user's requests. Nothing heavy runs on this thread.
+
+const $ = (id) => document.getElementById(id);
+
+const ERROR_TITLES = {
+  "no-webgpu": "WebGPU is not available.",
+  "device-lost": "The GPU device was lost.",
+  "out-of-memory": "Out of memory.",
+  "bad-model": "This is not a usable model file.",
+  network: "The download failed.",
+  busy: "Busy.",
+  "no-model": "No model is loaded.",
+  "no-engine": "Generation is not available.",
+  "bad-request": "Invalid request.",
+  boot: "The runtime did not start.",
+  runtime: "Runtime error.",
+  crashed: "The runtime crashed.",
+};
+
+// The adapter features Realm's kernels choose variants by.
+const KERNEL_FEATURES = ["shader-f16", "subgroups", "timestamp-query"];
+
+// Used when the page is served without /config.json (e.g. from a plain static host).
+const DEFAULT_CONFIG = { pyodideBaseUrl: "pyodide/", bundleUrl: "dist/realm_wasm.zip", defaultModel: null, models: [] };
+
+const state = {
+  worker: null,
+  ready: false,
+  busy: null, // "load" | "generate" while the worker works on one
+  modelLoaded: false,
+  nextId: 1,
+  config: DEFAULT_CONFIG,
+};
+
+function formatBytes(n) {
+  if (n === null || n === undefined) return "?";
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB`;
+  return `${n} B`;
+}
+
+const ms = (x) => `${Math.round(x)} ms`;
+
+function setBody(key, value) {
+  document.body.dataset[key] = value;
+}
+
+function refreshButtons() {
+  const idle = state.ready && !state.busy;
+  $("load").disabled = !idle;
+  $("clear-cache").disabled = !idle;
+  $("generate").disabled = !(idle && state.modelLoaded);
+  $("stop").disabled = !state.busy;
+  setBody("busy", state.busy || "");
+}
+
+function showError(code, message) {
+  $("error-title").textContent = ERROR_TITLES[code] || "Error.";
+  $("error-message").textContent = message;
+  $("error").dataset.code = code;
+  $("error").hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  delete $("error").dataset.code;
+}
+
+function showWarning(message) {
+  $("warning").textContent = message;
+  $("warning").hidden = false;
+}
+
+function send(msg) {
+  state.worker.postMessage(msg);
+}
+
+function selectedModelUrl() {
+  const choice = $("model-select").value;
+  const raw = choice === "custom" ? $("model-url").value.trim() : choice;
+  return raw ? new URL(raw, location.href).href : null;
+}
+
+function fillModelPicker() {
+  const select = $("model-select");
+  select.replaceChildren();
+  for (const m of state.config.models) {
+    select.append(new Option(`${m.name} (${formatBytes(m.size)})`, m.url, false, m.url === state.config.defaultModel));
+  }
+  select.append(new Option("Other URL…", "custom"));
+  $("model-url-row").hidden = select.value !== "custom";
+}
+
+function renderGpu(gpu) {
+  const el = $("gpu-info");
+  if (!gpu.available) {
+    el.textContent = `unavailable: ${gpu.reason}`;
+    el.className = "bad";
+    setBody("gpu", "none");
+    return;
+  }
+  const name = [gpu.vendor, gpu.architecture, gpu.device, gpu.description].filter(Boolean).join(" · ");
+  const fallback = gpu.isFallbackAdapter ? " (software fallback adapter)" : "";
+  const binding = formatBytes(gpu.limits.maxStorageBufferBindingSize);
+  const has = KERNEL_FEATURES.map((f) => (gpu.features.includes(f) ? f : `no ${f}`)).join(", ");
+  el.textContent = `${name || "unnamed adapter"}${fallback}; ${has}; max storage binding ${binding}`;
+  el.title = `all features: ${gpu.features.join(", ")}`;
+  el.className = "ok";
+  setBody("gpu", gpu.architecture || gpu.vendor || "available");
+}
+
+function renderProgress({ loaded, total, percent, fromCache }) {
+  const bar = $("progress");
+  bar.hidden = false;
+  if (percent === null) bar.removeAttribute("value");
+  else bar.value = percent;
+  const source = fromCache ? "from browser cache" : "downloading";
+  const pct = percent === null ? "" : ` (${percent.toFixed(1)}%)`;
+  $("progress-text").textContent = `${source}: ${formatBytes(loaded)} / ${formatBytes(total)}${pct}`;
+}
+
+function renderModel(model, fromCache, took) {
+  const types = Object.entries(model.tensorTypes).map(([t, n]) => `${t}×${n}`).join(", ");
+  $("model-info").textContent = `${model.name || "unnamed"} — architecture ${model.architecture}, `
+    + `${model.tensorCount} tensors (${types}), ${formatBytes(model.bytes)}, `
+    + `${fromCache ? "from the browser cache" : "downloaded"} in ${ms(took)}`
+    + (model.canGenerate ? "" : ". Header only: this build cannot generate yet.");
+  const info = $("model-info").dataset;
+  info.architecture = model.architecture;
+  info.tensorCount = model.tensorCount;
+  info.fromCache = fromCache;
+}
+
+function renderStats({ ttftMs, tokensPerSecond, tokens }) {
+  const parts = [];
+  if (ttftMs !== null && ttftMs !== undefined) parts.push(`TTFT ${ms(ttftMs)}`);
+  if (tokensPerSecond !== null && tokensPerSecond !== undefined) parts.push(`${tokensPerSecond.toFixed(1)} tok/s`);
+  if (tokens !== undefined) parts.push(`${tokens} tokens`);
+  $("stats").textContent = parts.join(" · ");
+}
+
+function renderCache({ available, entries, usage, quota }) {
+  if (!available) {
+    $("cache-info").textContent = "no browser cache here (needs https or localhost)";
+    return;
+  }
+  const total = entries.reduce((sum, e) => sum + (e.bytes || 0), 0);
+  const room = quota ? `, ${formatBytes(usage)} of ${formatBytes(quota)} used` : "";
+  $("cache-info").textContent = `${entries.length} cached model${entries.length === 1 ? "" : "s"} `
+    + `(${formatBytes(total)}${room})`;
+}
+
+function onMessage(msg) {
+  switch (msg.type) {
+    case "status":
+      $("runtime-status").textContent = msg.text;
+      break;
+    case "ready": {
+      state.ready = true;
+      const v = msg.versions;
+      $("runtime-status").textContent = "ready";
+      $("runtime-versions").textContent = `realm_wasm ${v.realm} · Python ${v.python} · numpy ${v.numpy} · Pyodide ${v.pyodide}`;
+      const t = msg.timings;
+      $("runtime-timings").textContent = `Pyodide ${ms(t.pyodideMs)}, numpy ${ms(t.numpyMs)}, `
+        + `runtime ${ms(t.runtimeMs)} (total ${ms(t.totalMs)})`;
+      renderGpu(msg.gpu);
+      setBody("runtime", "ready");
+      setBody("realmVersion", v.realm);
+      break;
+    }
+    case "progress":
+      renderProgress(msg);
+      break;
+    case "loaded":
+      state.busy = null;
+      state.modelLoaded = true;
+      renderModel(msg.model, msg.fromCache, msg.ms);
+      setBody("model", "loaded");
+      break;
+    case "cancelled":
+      state.busy = null;
+      $("progress-text").textContent = "loading stopped";
+      setBody("model", "none");
+      break;
+    case "token":
+      $("output").append(msg.text);
+      renderStats(msg);
+      break;
+    case "done":
+      state.busy = null;
+      renderStats(msg);
+      setBody("generation", msg.reason);
+      break;
+    case "cache":
+      renderCache(msg);
+      break;
+    case "warning":
+      showWarning(msg.message);
+      break;
+    case "error":
+      onError(msg);
+      break;
+  }
+  refreshButtons();
+}
+
+function onError({ id, code, message, fatal }) {
+  showError(code, message);
+  if (id !== undefined && state.busy && code !== "busy") {
+    if (state.busy === "load") {
+      state.modelLoaded = false;
+      $("model-info").textContent = "";
+      $("progress").hidden = true;
+      $("progress-text").textContent = "";
+      setBody("model", "failed");
+    } else {
+      setBody("generation", "failed");
+    }
+    state.busy = null;
+  }
+  if (fatal) restartWorker();
+}
+
+// A fresh worker after a fatal error: the page stays usable, the model has to be loaded again.
+function restartWorker() {
+  if (state.worker) state.worker.terminate();
+  state.ready = false;
+  state.busy = null;
+  state.modelLoaded = false;
+  setBody("runtime", "starting");
+  $("runtime-status").textContent = "restarting the runtime…";
+  startWorker();
+}
+
+let bootFailures = 0;
+
+function fromWorker(msg) {
+  if (msg.type === "ready") bootFailures = 0;
+  // a runtime that cannot boot would restart forever: give up after the second try
+  if (msg.type === "error" && msg.code === "boot" && msg.fatal && ++bootFailures >= 2) {
+    showError("boot", msg.message);
+    $("runtime-status").textContent = "failed to start";
+    setBody("runtime", "failed");
+    return;
+  }
+  onMessage(msg);
+}
+
+function startWorker() {
+  const worker = new Worker(new URL("worker.js", import.meta.url), { type: "module" });
+  state.worker = worker;
+  worker.onmessage = (event) => fromWorker(event.data);
+  worker.onerror = (event) => {
+    event.preventDefault();
+    fromWorker({ type: "error", code: "boot", message: `worker script error: ${event.message}`, fatal: true });
+  };
+  const absolute = (url) => new URL(url, location.href).href;
+  send({
+    type: "init",
+    pyodideBaseUrl: absolute(state.config.pyodideBaseUrl),
+    bundleUrl: absolute(state.config.bundleUrl),
+    hostUrl: absolute("realm_web_host.py"),
+  });
+}
+
+function readNumber(id, fallback) {
+  const value = Number($(id).value);
+  return Number.isFinite(value) ? value : fallback;
+}
+
+function wireControls() {
+  $("model-select").addEventListener("change", () => {
+    $("model-url-row").hidden = $("model-select").value !== "custom";
+  });
+  $("load").addEventListener("click", () => {
+    const url = selectedModelUrl();
+    if (!url) {
+      showError("bad-request", "choose a model or paste its URL");
+      return;
+    }
+    clearError();
+    state.busy = "load";
+    state.modelLoaded = false;
+    $("model-info").textContent = "";
+    setBody("model", "loading");
+    renderProgress({ loaded: 0, total: null, percent: 0, fromCache: false });
+    send({ type: "load", id: state.nextId++, url });
+    refreshButtons();
+  });
+  $("generate").addEventListener("click", () => {
+    clearError();
+    state.busy = "generate";
+    $("output").textContent = $("prompt").value;
+    $("stats").textContent = "";
+    setBody("generation", "running");
+    send({
+      type: "generate",
+      id: state.nextId++,
+      prompt: $("prompt").value,
+      maxTokens: Math.round(readNumber("max-tokens", 64)),
+      temperature: readNumber("temperature", 0),
+      topK: Math.round(readNumber("top-k", 0)),
+      topP: readNumber("top-p", 1),
+      seed: Math.round(readNumber("seed", 0)),
+    });
+    refreshButtons();
+  });
+  $("stop").addEventListener("click", () => send({ type: "stop" }));
+  $("clear-cache").addEventListener("click", () => send({ type: "clearCache" }));
+  $("error-dismiss").addEventListener("click", clearError);
+}
+
+async function main() {
+  setBody("runtime", "starting");
+  wireControls();
+  try {
+    const response = await fetch("config.json", { cache: "no-cache" });
+    if (response.ok) state.config = { ...DEFAULT_CONFIG, ...(await response.json()) };
+  } catch {
+    // no config.json: the defaults fit the usual static layout
+  }
+  fillModelPicker();
+  refreshButtons();
+  startWorker();
+}
+
+main();

@@ -1,0 +1,405 @@
+// Realm worker: boots Pyodide, runs the Python runtime, downloads models, streams tokens.
+// The page (app.js) only renders; everything slow happens here, off the UI thread.
+//
+// Protocol. Every message is a plain object with a `type`. Requests may carry an `id`, echoed on
+// every event they cause.
+//
+// page -> worker
+//   {type: "init", pyodideBaseUrl, bundleUrl, hostUrl}
+//        boot Pyodide from pyodideBaseUrl, load numpy, unpack the runtime zip (bundleUrl) and import
+//        the Python host (hostUrl, realm_web_host.py). Sent once, first.
+//   {type: "load", id, url}
+//        download a model (from the Cache API when it holds `url`, else the network, storing it
+//        there on the way) and stream it, chunk by chunk, into the Python model sink.
+//   {type: "generate", id, prompt, maxTokens, temperature, topK, topP, seed}
+//   {type: "stop"}               stop the running load or generation (it ends with its usual event)
+//   {type: "clearCache"}         delete every cached model file
+//
+// worker -> page
+//   {type: "status", text}                                  boot progress, for display
+//   {type: "ready", versions: {realm, python, numpy, pyodide}, timings: {pyodideMs, numpyMs,
+//        runtimeMs, totalMs}, gpu: {available, reason} | {available, vendor, architecture, device,
+//        description, isFallbackAdapter, features: [...], limits: {...}}}
+//   {type: "progress", id, loaded, total, percent, fromCache}   total/percent null when unknown
+//   {type: "loaded", id, model: {architecture, name, tensorCount, tensorTypes, bytes, canGenerate,
+//        ...}, fromCache, ms}
+//   {type: "token", id, index, text, tokenId, ttftMs, tokensPerSecond}
+//        ttftMs: from the request to the first token; tokensPerSecond: decode rate, the tokens
+//        after the first over the time since the first (null until there are two)
+//   {type: "cancelled", id}                                  a load ended by "stop"
+//   {type: "done", id, reason: "finished" | "stopped", tokens, ttftMs, tokensPerSecond, totalMs}
+//   {type: "cache", available, entries: [{url, bytes}], usage, quota}   after init, load, clearCache
+//   {type: "warning", code, message}                             something degraded, work goes on
+//   {type: "error", id, code, message, fatal}
+//        code: "no-webgpu" | "device-lost" | "out-of-memory" | "bad-model" | "network" | "busy" |
+//              "no-model" | "no-engine" | "bad-request" | "boot" | "runtime" | "crashed".
+//        fatal: true when this worker cannot go on (Pyodide died or never booted): the page
+//        should start a new worker.
+
+const MODEL_CACHE = "realm-models-v1";
+const PROGRESS_EVERY_MS = 100;
+
+let pyodide = null;
+let host = null; // the Python WorkerHost (PyProxy)
+let job = null; // {kind, id, stopped, abort}: the one load or generation running now
+
+// Python exception class name -> error code the page understands. The runtime signals these
+// conditions by raising them (realm_wasm.gguf.GGUFError, realm_wasm.gpu.device.DeviceLost, ...).
+const PYTHON_ERRORS = {
+  GGUFError: "bad-model",
+  GGUFNeedMoreData: "bad-model",
+  UnknownQuantType: "bad-model",
+  DeviceLost: "device-lost",
+  GPUUnavailable: "no-webgpu",
+  MemoryError: "out-of-memory",
+  NoModel: "no-model",
+  EngineMissing: "no-engine",
+  ContextOverflow: "bad-request",
+  ValueError: "bad-request",
+};
+
+const post = (msg) => self.postMessage(msg);
+
+// Turn anything thrown (Python exception, JS error, wasm trap) into {code, message, fatal}.
+function describeError(err, fallbackCode) {
+  if (pyodide && err instanceof pyodide.ffi.PythonError) {
+    const lines = String(err.message).trim().split("\n");
+    const last = lines[lines.length - 1];
+    const message = last.includes(": ") ? last.slice(last.indexOf(": ") + 2) : last;
+    return { code: PYTHON_ERRORS[err.type] || fallbackCode, message, fatal: false };
+  }
+  const text = String((err && err.message) || err);
+  if (err instanceof RangeError && /allocat|memory/i.test(text)) {
+    return { code: "out-of-memory", message: `the browser ran out of memory: ${text}`, fatal: false };
+  }
+  // A wasm trap or an abort inside Pyodide leaves the interpreter unusable.
+  if (err instanceof WebAssembly.RuntimeError || /Pyodide (has suffered|already fatally)/.test(text)) {
+    return { code: "crashed", message: `the Python runtime crashed: ${text}`, fatal: true };
+  }
+  return { code: fallbackCode, message: text, fatal: false };
+}
+
+function postError(id, err, fallbackCode) {
+  post({ type: "error", id, ...describeError(err, fallbackCode) });
+}
+
+// A macrotask turn without setTimeout's 4 ms clamping: lets "stop" messages in between tokens.
+function yieldToEvents() {
+  return new Promise((resolve) => {
+    const channel = new MessageChannel();
+    channel.port1.onmessage = () => resolve();
+    channel.port2.postMessage(null);
+  });
+}
+
+function toPlain(proxy) {
+  const value = proxy.toJs({ dict_converter: Object.fromEntries });
+  proxy.destroy();
+  return value;
+}
+
+async function probeGpu() {
+  if (!("gpu" in navigator)) {
+    return { available: false, reason: "this browser has no WebGPU (navigator.gpu is missing)" };
+  }
+  const adapter = await navigator.gpu.requestAdapter();
+  if (!adapter) {
+    return { available: false, reason: "WebGPU is present but no GPU adapter was offered" };
+  }
+  const info = adapter.info || {};
+  const limits = {};
+  for (const name of ["maxBufferSize", "maxStorageBufferBindingSize", "maxComputeInvocationsPerWorkgroup",
+    "maxComputeWorkgroupStorageSize"]) {
+    limits[name] = adapter.limits[name];
+  }
+  return {
+    available: true,
+    vendor: info.vendor || "",
+    architecture: info.architecture || "",
+    device: info.device || "",
+    description: info.description || "",
+    isFallbackAdapter: Boolean(info.isFallbackAdapter ?? adapter.isFallbackAdapter),
+    features: [...adapter.features].sort(),
+    limits,
+  };
+}
+
+async function cacheReport() {
+  if (!self.caches) { // only secure contexts (https, localhost) have the Cache API
+    post({ type: "cache", available: false, entries: [], usage: null, quota: null });
+    return;
+  }
+  const entries = [];
+  const cache = await caches.open(MODEL_CACHE);
+  for (const request of await cache.keys()) {
+    const response = await cache.match(request);
+    entries.push({ url: request.url, bytes: Number(response.headers.get("content-length")) || null });
+  }
+  const { usage = null, quota = null } = navigator.storage ? await navigator.storage.estimate() : {};
+  post({ type: "cache", available: true, entries, usage, quota });
+}
+
+async function fetchOk(url, what) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${what}: HTTP ${response.status} for ${url}`);
+  return response;
+}
+
+async function init({ pyodideBaseUrl, bundleUrl, hostUrl }) {
+  const t0 = performance.now();
+  const base = new URL(pyodideBaseUrl.endsWith("/") ? pyodideBaseUrl : pyodideBaseUrl + "/", self.location.href);
+  post({ type: "status", text: `booting Pyodide from ${base.href}` });
+  const { loadPyodide } = await import(new URL("pyodide.mjs", base).href);
+  pyodide = await loadPyodide({ indexURL: base.href });
+  self.pyodide = pyodide; // reachable from devtools (and the e2e tests) for inspection
+  const t1 = performance.now();
+
+  post({ type: "status", text: "loading numpy" });
+  await pyodide.loadPackage("numpy", { messageCallback: () => {} });
+  pyodide.runPython("import numpy"); // counted here, not in the runtime's time
+  const t2 = performance.now();
+
+  post({ type: "status", text: "loading the Realm runtime" });
+  const [bundle, hostSource] = await Promise.all([
+    fetchOk(bundleUrl, "runtime bundle").then((r) => r.arrayBuffer()),
+    fetchOk(hostUrl, "worker host").then((r) => r.text()),
+  ]);
+  const dir = "/realm";
+  pyodide.FS.mkdirTree(dir);
+  pyodide.unpackArchive(bundle, "zip", { extractDir: dir });
+  pyodide.FS.writeFile(`${dir}/realm_web_host.py`, hostSource);
+  pyodide.runPython(`import sys\nif ${JSON.stringify(dir)} not in sys.path: sys.path.insert(0, ${JSON.stringify(dir)})`);
+  host = pyodide.pyimport("realm_web_host").HOST;
+  const versions = { ...toPlain(host.versions()), pyodide: pyodide.version };
+  const t3 = performance.now();
+
+  const gpu = await probeGpu();
+  post({
+    type: "ready",
+    versions,
+    timings: { pyodideMs: t1 - t0, numpyMs: t2 - t1, runtimeMs: t3 - t2, totalMs: t3 - t0 },
+    gpu,
+  });
+  if (!gpu.available) post({ type: "error", code: "no-webgpu", message: gpu.reason, fatal: false });
+  await cacheReport();
+}
+
+// A cache entry we push each chunk into once Python has taken it, so the cache write goes at the
+// pace of the load (tee() would buffer without bound whenever Python is slower than the network).
+function cacheWriter(cache, url, headers) {
+  let controller;
+  const body = new ReadableStream({ start: (c) => { controller = c; } });
+  const stored = cache.put(url, new Response(body, { headers }));
+  stored.catch(() => {}); // awaited later (keepInCache / forgetCached); silence "unhandled" until then
+  return {
+    stored,
+    push: (chunk) => controller.enqueue(chunk),
+    close: () => controller.close(),
+    fail: (err) => controller.error(err),
+  };
+}
+
+// Open the model: the cached copy if there is one, else the network (and a writer into the cache).
+async function openModelStream(url, signal) {
+  let cache = null;
+  try {
+    cache = await caches.open(MODEL_CACHE);
+  } catch (err) {
+    post({ type: "warning", code: "cache", message: `model cache unavailable, downloading: ${err.message}` });
+  }
+  const cached = cache && (await cache.match(url));
+  if (cached) return { response: cached, fromCache: true, writer: null };
+
+  let response;
+  try {
+    response = await fetch(url, { signal });
+  } catch (err) {
+    if (signal.aborted) throw err;
+    throw Object.assign(new Error(`could not download ${url}: ${err.message}`), { code: "network" });
+  }
+  if (!response.ok) {
+    throw Object.assign(new Error(`the server answered HTTP ${response.status} ${response.statusText} for ${url}`),
+      { code: "network" });
+  }
+  return { response, fromCache: false, writer: cache && cacheWriter(cache, url, response.headers) };
+}
+
+// The file's size, when the response says it: a compressed body's length is not the file's.
+function fileSize(response) {
+  const encoding = response.headers.get("content-encoding");
+  if (encoding && encoding !== "identity") return null;
+  return Number(response.headers.get("content-length")) || null;
+}
+
+async function loadModel({ id, url }) {
+  const started = performance.now();
+  const abort = new AbortController();
+  job = { kind: "load", id, stopped: false, abort };
+  let sink = null;
+  let opened = null;
+  let reader = null;
+  try {
+    opened = await openModelStream(url, abort.signal);
+    const { writer } = opened;
+    const total = fileSize(opened.response);
+    sink = host.open_model(url);
+    sink.begin(total);
+    reader = opened.response.body.getReader();
+    let loaded = 0;
+    let lastPost = 0;
+    const progress = () => post({
+      type: "progress", id, loaded, total, percent: total ? (100 * loaded) / total : null,
+      fromCache: opened.fromCache,
+    });
+    progress();
+    for (;;) {
+      if (job.stopped) throw new Error("stopped");
+      const { done, value } = await reader.read();
+      if (done) break;
+      await sink.feed(value);
+      if (writer) writer.push(value);
+      loaded += value.byteLength;
+      if (performance.now() - lastPost > PROGRESS_EVERY_MS) {
+        lastPost = performance.now();
+        progress();
+      }
+    }
+    progress();
+    if (writer) writer.close();
+    const loadedModel = await sink.end();
+    const model = toPlain(host.model_ready(loadedModel));
+    loadedModel.destroy();
+    if (writer) await keepInCache(writer.stored, url);
+    post({ type: "loaded", id, model, fromCache: opened.fromCache, ms: performance.now() - started });
+  } catch (err) {
+    abort.abort(); // ends the network download
+    if (reader) reader.cancel().catch(() => {});
+    if (sink) sink.abort();
+    const writer = opened && opened.writer;
+    if (writer) writer.fail(err);
+    // A model that failed must not come from the cache next time; a stopped cached one may.
+    if (!(job.stopped && opened && opened.fromCache)) await forgetCached(url, writer && writer.stored);
+    if (job.stopped) {
+      post({ type: "cancelled", id });
+    } else if (err.code === "network") {
+      post({ type: "error", id, code: "network", message: err.message, fatal: false });
+    } else {
+      const described = describeError(err, "runtime");
+      if (described.code === "bad-model") described.message = `${url}: ${described.message}`;
+      post({ type: "error", id, ...described });
+    }
+  } finally {
+    if (sink) sink.destroy();
+    job = null;
+    await cacheReport().catch(() => {});
+  }
+}
+
+async function keepInCache(stored, url) {
+  try {
+    await stored;
+  } catch (err) {
+    // Usually QuotaExceededError: the model works now, it will just be downloaded again next time.
+    post({ type: "warning", code: "cache", message: `could not keep ${url} in the browser cache: ${err.message}` });
+  }
+}
+
+async function forgetCached(url, stored) {
+  if (stored) await stored.catch(() => {});
+  try {
+    const cache = await caches.open(MODEL_CACHE);
+    await cache.delete(url);
+  } catch {
+    // no cache, nothing to forget
+  }
+}
+
+async function generate({ id, prompt, maxTokens, temperature, topK, topP, seed }) {
+  job = { kind: "generate", id, stopped: false, abort: null };
+  const started = performance.now();
+  let tokens = 0;
+  let firstAt = null;
+  let reason = "finished";
+  let events = null;
+  try {
+    events = host.generate.callKwargs({
+      prompt, max_tokens: maxTokens, temperature, top_k: topK, top_p: topP, seed,
+    });
+    for (;;) {
+      if (job.stopped) {
+        reason = "stopped";
+        break;
+      }
+      const step = await events.next(); // sync or async Python generator: both work
+      if (step.done) break;
+      const event = toPlain(step.value);
+      const now = performance.now();
+      if (event.tokenId !== null && event.tokenId !== undefined) tokens += 1;
+      if (firstAt === null) firstAt = now;
+      // decode speed: tokens after the first, over the time since the first
+      const rate = tokens > 1 ? (tokens - 1) / ((now - firstAt) / 1000) : null;
+      post({
+        type: "token", id, index: tokens - 1, text: event.text, tokenId: event.tokenId ?? null,
+        ttftMs: firstAt - started, tokensPerSecond: rate,
+      });
+      await yieldToEvents();
+    }
+    const end = performance.now();
+    post({
+      type: "done", id, reason, tokens,
+      ttftMs: firstAt === null ? null : firstAt - started,
+      tokensPerSecond: tokens > 1 ? (tokens - 1) / ((end - firstAt) / 1000) : null,
+      totalMs: end - started,
+    });
+  } catch (err) {
+    postError(id, err, "runtime");
+  } finally {
+    if (events) events.destroy();
+    job = null;
+  }
+}
+
+async function clearCache() {
+  await caches.delete(MODEL_CACHE);
+  await cacheReport();
+}
+
+async function handle(msg) {
+  switch (msg.type) {
+    case "init":
+      try {
+        await init(msg);
+      } catch (err) {
+        post({ type: "error", code: "boot", message: `could not start the runtime: ${describeError(err, "boot").message}`, fatal: true });
+      }
+      return;
+    case "stop":
+      if (job) {
+        job.stopped = true;
+        if (job.abort) job.abort.abort();
+      }
+      return;
+    case "clearCache":
+      try {
+        await clearCache();
+      } catch (err) {
+        postError(msg.id, err, "runtime");
+      }
+      return;
+  }
+  if (!host) {
+    post({ type: "error", id: msg.id, code: "boot", message: "the runtime has not started", fatal: false });
+  } else if (job) {
+    post({ type: "error", id: msg.id, code: "busy", message: `still busy with a ${job.kind}; stop it first`, fatal: false });
+  } else if (msg.type === "load") {
+    await loadModel(msg);
+  } else if (msg.type === "generate") {
+    await generate(msg);
+  } else {
+    post({ type: "error", id: msg.id, code: "bad-request", message: `unknown request ${msg.type}`, fatal: false });
+  }
+}
+
+self.onmessage = (event) => {
+  handle(event.data).catch((err) => post({ type: "error", id: event.data.id, ...describeError(err, "runtime") }));
+};
