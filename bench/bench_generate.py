@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--gpu-layers", type=int, default=0, help="llama.cpp layers on the GPU")
     args = ap.parse_args()
-    path = args.model or default_model_path()
+    path = Path(args.model) if args.model else default_model_path()
     weight_bytes = sum(t.nbytes for t in read_gguf(path).tensors.values())
 
     rows = [bench_realm(path, b, args.prefill, args.decode, args.repeats) for b in args.backends]

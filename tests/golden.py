@@ -9,12 +9,14 @@ margin is at least MIN_MARGIN, and greedy generation must agree up to the first 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden" / "gemma-3-270m-q4_k_m"
+GOLDEN_DIR = Path(os.environ.get("REALM_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "golden"
+                  ) / "gemma-3-270m-q4_k_m"
 MIN_MARGIN = 1.0
 
 

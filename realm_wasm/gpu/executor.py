@@ -14,12 +14,13 @@ import numpy as np
 
 from ..gguf import TensorInfo
 from ..plan import STEP_INPUTS, Batch, Op, Plan
-from ..quants import dequantize, quant_type
 from ..sampling import SamplingParams
 from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch
-from .matmul import GpuWeight, QuantMatmul, upload_weight
+from .matmul import GpuWeight, QuantMatmul
 from .ops import SAMPLING_ROW_BYTES, Add, Attention, Embed, Gather, Glu, RmsNorm, Rope, Sampler, pack_sampling
+from .weights import FileWeights, StreamedWeights
 
+WeightStore = FileWeights | StreamedWeights
 DEFAULT_MAX_TOKENS = 256  # rows per step the activation buffers hold (Engine's prefill chunk)
 
 
@@ -38,20 +39,20 @@ class GpuExecutor:
 
     name = "wgpu"
 
-    def __init__(self, plan: Plan, weight_bytes: Callable[[TensorInfo], np.ndarray], n_slots: int = 1,
+    def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, n_slots: int = 1,
                  n_ctx: int = 2048, device: Device | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         if device is None:
             from .native import NativeDevice  # CPython only; the browser passes its own device
 
             device = NativeDevice.create()
         self.device, self.plan, self.n_slots, self.n_ctx = device, plan, n_slots, n_ctx
+        # a callable gives a tensor's bytes (a GGUF file); a store was filled some other way (a stream)
+        self.store = FileWeights(device, weights) if callable(weights) else weights
         # logits [R, n_vocab] must fit one storage binding (128 MiB on some adapters: 128 rows of 262,144)
         max_rows = device.limits["max_storage_buffer_binding_size"] // (4 * plan.n_vocab)
         self.capacity = {"T": max_tokens, "R": min(max_tokens, max_rows)}
         self.max_logit_rows = self.capacity["R"]
         self.kv_f16 = "shader-f16" in device.features  # as llama.cpp and the numpy executor store it
-        self.weight_bytes = weight_bytes
-        self.weights: dict[str, GpuWeight] = {}
         self.vectors: dict[str, Binding] = {}
 
         self.inputs = {name: self.buffer(4 * self.capacity["R" if name == "logit_rows" else "T"], name)
@@ -74,17 +75,11 @@ class GpuExecutor:
         return (self.device.create_buffer(max(size, 16), STORAGE_RW, label), 0, max(size, 16))
 
     def weight(self, name: str) -> GpuWeight:
-        """A matrix in its GGML bytes, uploaded once (the tied embedding serves embed and head)."""
-        if name not in self.weights:
-            t = self.plan.weights[name]
-            n, k = t.shape if len(t.shape) == 2 else (int(np.prod(t.shape[:-1])), t.shape[-1])
-            self.weights[name] = upload_weight(self.device, quant_type(t.type_id), n, k,
-                                               memoryview(np.ascontiguousarray(self.weight_bytes(t))), label=name)
-        return self.weights[name]
+        """A matrix in its GGML bytes on the device (the tied embedding serves embed and head)."""
+        return self.store.matrix(self.plan.weights[name])
 
     def host_vector(self, name: str) -> np.ndarray:
-        t = self.plan.weights[name]
-        return dequantize(self.weight_bytes(t), t.type_id, t.shape).reshape(-1)
+        return self.store.vector(self.plan.weights[name])
 
     def vector(self, name: str) -> Binding:
         """A small float32 vector (norm weights), dequantized on the host."""

@@ -1,6 +1,8 @@
-"""The numpy executor against llama.cpp's outputs for the default model."""
+"""Every executor against llama.cpp's outputs for the default model."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -12,9 +14,11 @@ from realm_wasm.engine import Engine
 CASES = load_cases()
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.load(default_model_path(), backend="cpu", n_ctx=1024)
+@pytest.fixture(scope="module", params=["cpu", "wgpu"])
+def engine(request) -> Engine:
+    if request.param == "wgpu":
+        request.getfixturevalue("gpu")  # skips where no WebGPU adapter exists
+    return Engine.load(os.environ.get("REALM_TEST_MODEL") or default_model_path(), backend=request.param, n_ctx=1024)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -1,0 +1,54 @@
+"""Where a GPU step's time goes: GPU time per op kind for one decode step and one prefill step.
+
+    python bench/profile_step.py [--model PATH] [--prefill 256]
+
+Each op's dispatches are timed alone (timestamp queries around their own pass), so the sum is
+a little above the whole step's time (`whole step` row), which is what one submit costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from realm_wasm.cli import default_model_path
+from realm_wasm.engine import Engine
+from realm_wasm.plan import Batch
+
+
+def profile(engine: Engine, batch: Batch, repeats: int = 5) -> None:
+    ex = engine.executor
+    counts = ex._write_step(batch)
+    per_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for op, launch in zip(engine.model.plan.ops, ex.launches, strict=True):
+        dispatches = launch.dispatches(counts)
+        t = float(np.median([ex.device.time_submit(dispatches) for _ in range(repeats)]))
+        per_kind[op.kind][0] += len(dispatches)
+        per_kind[op.kind][1] += t
+    whole = float(np.median([ex.device.time_submit(ex._dispatches(counts)) for _ in range(repeats)]))
+    total = sum(t for _, t in per_kind.values())
+    print(f"\n{len(batch)} tokens: whole step {whole * 1e3:.3f} ms GPU ({len(batch) / whole:.0f} tok/s)")
+    print("| op | dispatches | µs | share |")
+    print("| --- | ---: | ---: | ---: |")
+    for kind, (n, t) in sorted(per_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {kind} | {n} | {t * 1e6:.0f} | {t / total:.0%} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--prefill", type=int, default=256)
+    args = ap.parse_args()
+    engine = Engine.load(Path(args.model) if args.model else default_model_path(), backend="wgpu", n_ctx=1024)
+    rng = np.random.default_rng(0)
+    prompt = [2] + [int(t) for t in rng.integers(1000, 20000, args.prefill - 1)]
+    engine.executor.forward(Batch.for_sequence(prompt, 0))
+    profile(engine, Batch.for_sequence(prompt, 0))
+    profile(engine, Batch.for_sequence([prompt[-1]], args.prefill))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Where the GPU executor's weights come from.
+
+Matrices live on the device in their GGML bytes (`GpuWeight`); small vectors (norm weights, RoPE
+frequency factors) are dequantized on the host. `FileWeights` uploads from a GGUF file's bytes when
+first asked; the browser fills `StreamedWeights` from the download stream as bytes arrive, so a
+model never sits whole in the wasm heap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..gguf import GGUFHeader, TensorInfo
+from ..quants import dequantize, quant_type
+from .device import Device
+from .matmul import GpuWeight, allocate_weight, upload_weight, write_weight
+
+MAX_HOST_VECTOR = 1 << 20  # elements: 1-D tensors (norms) stay on the host until their kernels are built
+
+
+def matrix_shape(t: TensorInfo) -> tuple[int, int]:
+    """A tensor as [rows, row length] (higher dims folded into rows)."""
+    return int(np.prod(t.shape[:-1], dtype=np.int64)), t.shape[-1]
+
+
+class FileWeights:
+    """Weights read from a GGUF file (memory-mapped) and uploaded on first use."""
+
+    def __init__(self, device: Device, weight_bytes: Callable[[TensorInfo], np.ndarray]) -> None:
+        self.device, self.weight_bytes = device, weight_bytes
+        self.matrices: dict[str, GpuWeight] = {}
+
+    def matrix(self, t: TensorInfo) -> GpuWeight:
+        if t.name not in self.matrices:
+            n, k = matrix_shape(t)
+            data = memoryview(np.ascontiguousarray(self.weight_bytes(t)))
+            self.matrices[t.name] = upload_weight(self.device, quant_type(t.type_id), n, k, data, label=t.name)
+        return self.matrices[t.name]
+
+    def vector(self, t: TensorInfo) -> np.ndarray:
+        return dequantize(self.weight_bytes(t), t.type_id, t.shape).reshape(-1)
+
+
+class StreamedWeights:
+    """Weights filled piece by piece from a stream of the GGUF file's bytes (`feed`).
+
+    Matrices (2-D tensors) get device buffers up front and each piece of the stream is written
+    straight into them; 1-D tensors are collected on the host (they are small).
+    """
+
+    def __init__(self, device: Device, header: GGUFHeader) -> None:
+        self.device = device
+        self.matrices: dict[str, GpuWeight] = {}
+        self.host: dict[str, bytearray] = {}
+        self.spans: list[tuple[int, int, TensorInfo]] = sorted(
+            (t.offset, t.offset + t.nbytes, t) for t in header.tensors.values())
+        for t in header.tensors.values():
+            if len(t.dims) == 1:
+                if t.dims[0] > MAX_HOST_VECTOR:
+                    raise ValueError(f"1-D tensor {t.name!r} of {t.dims[0]} elements is too large for the host")
+                self.host[t.name] = bytearray(t.nbytes)
+            else:
+                n, k = matrix_shape(t)
+                self.matrices[t.name] = allocate_weight(device, quant_type(t.type_id), n, k, label=t.name)
+        self.carry = b""  # bytes held back so device writes stay word-aligned
+        self.received = 0
+
+    def feed(self, offset: int, data: bytes | memoryview) -> None:
+        """Bytes [offset, offset + len(data)) of the file, in order (offset == bytes fed so far)."""
+        if offset != self.received:
+            raise ValueError(f"stream piece at {offset}, expected {self.received}")
+        self.received += len(data)
+        data = memoryview(data).cast("B")
+        for start, end, t in self.spans:
+            lo, hi = max(start, offset), min(end, offset + len(data))
+            if lo >= hi:
+                continue
+            piece = data[lo - offset:hi - offset]
+            if t.name in self.host:
+                self.host[t.name][lo - start:hi - start] = piece
+            else:
+                self._write(t, lo - start, piece)
+
+    def _write(self, t: TensorInfo, at: int, piece: memoryview) -> None:
+        # device writes must start and end on 4-byte boundaries (except at the tensor's end):
+        # hold back a piece's unaligned tail and prepend it to the next
+        start = at - len(self.carry)
+        buf = self.carry + bytes(piece) if self.carry else piece
+        end = start + len(buf)
+        cut = len(buf) if end == t.nbytes else len(buf) - end % 4
+        if cut:
+            write_weight(self.device, self.matrices[t.name], start, buf[:cut])
+        self.carry = bytes(buf[cut:])
+
+    def matrix(self, t: TensorInfo) -> GpuWeight:
+        return self.matrices[t.name]
+
+    def vector(self, t: TensorInfo) -> np.ndarray:
+        return dequantize(np.frombuffer(self.host[t.name], np.uint8), t.type_id, t.shape).reshape(-1)
