@@ -74,6 +74,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"{n} tokens, decode {decode:.1f} tok/s", file=sys.stderr)
 
 
+def prepare_web_assets() -> None:
+    """Pyodide + numpy vendored from npm/PyPI (once) and the runtime bundle rebuilt from this checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    for script in ("vendor_pyodide.py", "build_bundle.py"):
+        path = root / "scripts" / script
+        if not path.exists():
+            raise RuntimeError(f"{path} is missing: `realm serve` runs from a checkout of the repository")
+        subprocess.run([sys.executable, str(path)], check=True, stdout=subprocess.DEVNULL)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from server.static import StaticSettings, create_app
+
+    default_model_path()  # the page's default model must exist in the cache before it is served
+    prepare_web_assets()
+    settings = StaticSettings(pyodide_base_url=args.pyodide_base_url,
+                              model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(),)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print(f"Realm: open http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-escapes", dest="escapes", action="store_false",
                      help="take the prompt literally (default: \\n and \\t in it are newline and tab)")
     gen.set_defaults(func=cmd_generate)
+    serve = sub.add_parser("serve", help="serve the chat page, Pyodide, the runtime bundle and the models")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-dir", action="append", help=f"folder of .gguf files (default {cache_dir()})")
+    serve.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
