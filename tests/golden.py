@@ -62,6 +62,8 @@ class GoldenCase:
 
 
 def load_cases() -> list[GoldenCase]:
+    if not GOLDEN_DIR.is_dir():  # a missing reference must fail the suite, not skip it
+        raise FileNotFoundError(f"golden data not found at {GOLDEN_DIR} (set REALM_GOLDEN_DIR)")
     cases = []
     for path in sorted(GOLDEN_DIR.glob("*.json")):
         if path.name in ("tokenizer.json", "SOURCE.json"):
