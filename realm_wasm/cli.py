@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ctx", type=int, default=4096, help="context length (tokens)")
-    gen.add_argument("--backend", default="cpu")
+    gen.add_argument("--backend", default="auto", choices=("auto", "wgpu", "cpu"),
+                     help="auto: WebGPU (wgpu-py) when an adapter exists, else numpy")
     gen.add_argument("--no-escapes", dest="escapes", action="store_false",
                      help="take the prompt literally (default: \\n and \\t in it are newline and tab)")
     gen.set_defaults(func=cmd_generate)

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from .gguf import GGUFHeader, read_gguf
+from .gpu.device import GPUUnavailable
 from .models import build_plan
 from .plan import Batch, Plan
 from .sampling import SamplingParams
@@ -61,7 +62,7 @@ class Engine:
         self.model, self.executor, self.n_ctx = model, executor, n_ctx
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "cpu", n_ctx: int = 4096, n_slots: int = 1) -> Engine:
+    def load(cls, path: str | Path, backend: str = "auto", n_ctx: int = 4096, n_slots: int = 1) -> Engine:
         f = read_gguf(path)
         model = Model.from_header(f.header)
         n_ctx = min(n_ctx, model.plan.n_ctx_train)
@@ -114,13 +115,18 @@ class Engine:
 
 
 def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int) -> Executor:
-    """`cpu` (numpy) or `wgpu` (WebGPU through wgpu-py); imported on demand (wgpu is CPython-only)."""
-    if backend == "cpu":
-        from .cpu import CpuExecutor
+    """`cpu` (numpy), `wgpu` (WebGPU through wgpu-py) or `auto` (wgpu when an adapter exists).
+    Imported on demand: wgpu is CPython-only."""
+    if backend not in ("auto", "cpu", "wgpu"):
+        raise ValueError(f"unknown backend {backend!r} (available: auto, cpu, wgpu)")
+    if backend != "cpu":
+        try:
+            from .gpu.executor import GpuExecutor
 
-        return CpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx)
-    if backend == "wgpu":
-        from .gpu.executor import GpuExecutor
+            return GpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, max_tokens=PREFILL_CHUNK)
+        except (ImportError, GPUUnavailable):
+            if backend == "wgpu":
+                raise
+    from .cpu import CpuExecutor
 
-        return GpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, max_tokens=PREFILL_CHUNK)
-    raise ValueError(f"unknown backend {backend!r} (available: cpu, wgpu)")
+    return CpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx)
