@@ -32,7 +32,14 @@ def test_teacher_forced_top1_matches_llama_cpp(engine, case):
     assert np.percentile(deltas, 99) < 2.0, f"99th percentile |Δlogit| {np.percentile(deltas, 99):.3f}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+# Teacher forcing on the reference's own greedy tokens already decides the greedy criterion (with the
+# same prefix, free-running greedy agrees up to step s exactly when top-1 agrees before s); this
+# test runs the generate loop itself (decode steps, sampling on the executor). On a CPU-emulated
+# GPU adapter the 874-token prompt would take minutes more there, so it runs the short prompts.
+GENERATE_CASES = [c for c in CASES if len(c.token_ids) < 100]
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES, ids=[c.name for c in GENERATE_CASES])
 def test_greedy_generation_matches_llama_cpp(engine, case):
     steps = case.greedy_checked_steps()
     assert steps > 0 or case.greedy_margin(0) < 1.0
