@@ -87,19 +87,30 @@ def prepare_web_assets() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    """The page and its assets, plus the OpenAI-compatible / WebSocket API on native inference."""
     import logging
 
     import uvicorn
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
 
-    from server.static import StaticSettings, create_app
+    from server.api import Api, load_model
+    from server.static import RequestLog, StaticSettings, static_routes
+    from server.tenants import check_bind_host, load_tenants
 
-    default_model_path()  # the page's default model must exist in the cache before it is served
+    model = resolve_model(args.model)
+    tenants = load_tenants(args.tenants) if args.tenants else None
     prepare_web_assets()
+    api = Api([load_model(model, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)], tenants)
+    check_bind_host(args.host, api.tenants)
     settings = StaticSettings(pyodide_base_url=args.pyodide_base_url,
-                              model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(),)))
+                              model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(), model.parent)))
+    # API routes first: the static routes end in a catch-all
+    app = Starlette(routes=[*api.routes, *static_routes(settings)], lifespan=api.lifespan,
+                    middleware=[Middleware(RequestLog, hook=settings.on_request)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(f"Realm: open http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
+    print(f"Realm: open http://{args.host}:{args.port}/ (API: /v1, /ws; OpenAPI: /openapi.json)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model-dir", action="append", help=f"folder of .gguf files (default {cache_dir()})")
     serve.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
+    serve.add_argument("--model", help="GGUF the API serves (default: the bundled gemma-3-270m)")
+    serve.add_argument("--tenants", help="tenants TOML file (API keys, limits); without it: open, loopback only")
+    serve.add_argument("--backend", default="auto", choices=("auto", "wgpu", "cpu"))
+    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    serve.add_argument("--ctx", type=int, default=2048, help="context length per sequence")
     serve.set_defaults(func=cmd_serve)
     return parser
 

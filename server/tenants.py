@@ -1,0 +1,255 @@
+"""Tenants: who may call the API, with which models, how much, and their per-tenant settings.
+
+The config is a TOML file with one `[[tenant]]` table per tenant:
+
+    [[tenant]]
+    id = "acme"
+    key_sha256 = ["9f86d081884c7d65..."]   # sha256 hex of each API key (one string or a list)
+    models = ["gemma-3-270m-q4_k_m"]      # names from GET /v1/models; ["*"] = every model
+    max_concurrent = 4                    # requests queued or running at once (429 beyond)
+    tokens_per_minute = 20000             # prompt + max_tokens reserved per request (429 beyond)
+    share = 2.0                           # weight when tenants compete for KV slots (default 1)
+    lora = "acme-style"                   # LoRA adapter its requests use by default (optional)
+    lora_allowed = ["acme-style", "acme-terse"]   # adapters it may ask for (default: [lora])
+
+Keys are stored only as SHA-256 digests: API keys are long random strings (`new-key` below makes
+them), so a fast hash is enough, and the file can leak without leaking the keys. Omitted limits
+mean unlimited. Without a config the server runs open (no keys, one tenant "local" with every
+model) and must listen on a loopback address only.
+
+    python -m server.tenants new-key      # print a fresh key and the digest to put in the file
+    python -m server.tenants hash KEY     # print the digest of an existing key
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import math
+import secrets
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPEN_TENANT = "local"
+ALL_MODELS = "*"
+
+
+class TenantsConfigError(ValueError):
+    """The tenants file is missing, not TOML, or has a wrong key or value (named in the message)."""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    models: frozenset[str] = frozenset({ALL_MODELS})
+    max_concurrent: int | None = None
+    tokens_per_minute: int | None = None
+    share: float = 1.0
+    lora: str | None = None
+    lora_allowed: frozenset[str] = frozenset()
+
+    def may_use_model(self, name: str) -> bool:
+        return ALL_MODELS in self.models or name in self.models
+
+    def may_use_lora(self, name: str) -> bool:
+        return name in self.lora_allowed
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _is_str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# config key -> (check, what it must be)
+_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "key_sha256": (lambda v: isinstance(v, str) or _is_str_list(v), "a sha256 hex string or a list of them"),
+    "models": (_is_str_list, "a list of model names"),
+    "max_concurrent": (_positive_int, "a positive integer"),
+    "tokens_per_minute": (_positive_int, "a positive integer"),
+    "share": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "a positive number"),
+    "lora": (lambda v: isinstance(v, str) and v != "", "an adapter name"),
+    "lora_allowed": (_is_str_list, "a list of adapter names"),
+}
+_REQUIRED = ("id", "key_sha256")
+
+
+@dataclass
+class Tenants:
+    """Tenants by id, and the key digest of each. `open` means no config: anyone local may call."""
+
+    by_id: dict[str, Tenant]
+    by_key_digest: dict[str, str] = field(default_factory=dict)
+    open: bool = False
+
+    @classmethod
+    def open_access(cls) -> Tenants:
+        return cls({OPEN_TENANT: Tenant(OPEN_TENANT)}, open=True)
+
+    def authenticate(self, api_key: str | None) -> Tenant | None:
+        """The tenant whose key this is (the open tenant for any key when open), else None."""
+        if self.open:
+            return self.by_id[OPEN_TENANT]
+        if not api_key:
+            return None
+        tenant_id = self.by_key_digest.get(hash_key(api_key))
+        return self.by_id[tenant_id] if tenant_id is not None else None
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return {t.id: t.share for t in self.by_id.values()}
+
+
+def load_tenants(path: str | Path) -> Tenants:
+    """Read a tenants TOML file; TenantsConfigError names the file, tenant and key that are wrong."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TenantsConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TenantsConfigError(f"{path}: not valid TOML: {e}") from e
+    extra = set(doc) - {"tenant"}
+    if extra:
+        raise TenantsConfigError(f"{path}: unknown top-level key(s) {sorted(extra)} (expected [[tenant]] tables)")
+    tables = doc.get("tenant", [])
+    if not isinstance(tables, list) or not tables:
+        raise TenantsConfigError(f"{path}: no [[tenant]] tables")
+    tenants = Tenants({})
+    for n, table in enumerate(tables):
+        where = f"{path}: tenant #{n + 1}"
+        tenant, digests = _parse_tenant(table, where)
+        if tenant.id in tenants.by_id:
+            raise TenantsConfigError(f"{where}: duplicate id {tenant.id!r}")
+        tenants.by_id[tenant.id] = tenant
+        for digest in digests:
+            if digest in tenants.by_key_digest:
+                raise TenantsConfigError(f"{where}: key digest {digest[:12]}… is also "
+                                         f"tenant {tenants.by_key_digest[digest]!r}'s")
+            tenants.by_key_digest[digest] = tenant.id
+    return tenants
+
+
+def _parse_tenant(table: dict, where: str) -> tuple[Tenant, list[str]]:
+    for key, value in table.items():
+        if key not in _FIELDS:
+            raise TenantsConfigError(f"{where}: unknown key {key!r} (known: {', '.join(_FIELDS)})")
+        check, expected = _FIELDS[key]
+        if not check(value):
+            raise TenantsConfigError(f"{where}: {key} must be {expected}, got {value!r}")
+    for key in _REQUIRED:
+        if key not in table:
+            raise TenantsConfigError(f"{where}: missing {key}")
+    where = f"{where} ({table['id']})"
+    keys = table["key_sha256"]
+    digests = [k.lower() for k in ([keys] if isinstance(keys, str) else keys)]
+    bad = [d for d in digests if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
+    if bad or not digests:
+        raise TenantsConfigError(f"{where}: key_sha256 must hold 64-digit hex digests "
+                                 "(python -m server.tenants hash KEY)")
+    lora = table.get("lora")
+    allowed = set(table.get("lora_allowed", []))
+    if lora is not None and "lora_allowed" in table and lora not in allowed:
+        raise TenantsConfigError(f"{where}: lora {lora!r} is not in lora_allowed")
+    if lora is not None:
+        allowed.add(lora)
+    tenant = Tenant(id=table["id"], models=frozenset(table.get("models", [ALL_MODELS])),
+                    max_concurrent=table.get("max_concurrent"), tokens_per_minute=table.get("tokens_per_minute"),
+                    share=float(table.get("share", 1.0)), lora=lora, lora_allowed=frozenset(allowed))
+    return tenant, digests
+
+
+def check_bind_host(host: str, tenants: Tenants) -> None:
+    """Open access (no tenants file) may only listen on loopback; raise ValueError otherwise."""
+    if tenants.open and not is_loopback(host):
+        raise ValueError(f"without a tenants config the server runs open and listens on 127.0.0.1 only, "
+                         f"not {host!r}: pass a tenants file to serve other hosts")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Limiter:
+    """One tenant's admission limits: requests in flight, and a token bucket refilled per minute.
+
+    A request reserves its prompt tokens plus max_tokens; `release` returns what it did not use.
+    """
+
+    def __init__(self, tenant: Tenant, clock: Callable[[], float] = time.monotonic) -> None:
+        self.tenant, self.clock = tenant, clock
+        self.in_flight = 0
+        self.tokens = float(tenant.tokens_per_minute or 0)
+        self.updated = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        rate = self.tenant.tokens_per_minute
+        if rate is not None:
+            self.tokens = min(float(rate), self.tokens + (now - self.updated) * rate / 60.0)
+        self.updated = now
+
+    def exceeds_bucket(self, cost: int) -> bool:
+        """True when one request of this cost can never pass: it is larger than the whole bucket."""
+        rate = self.tenant.tokens_per_minute
+        return rate is not None and cost > rate
+
+    def try_acquire(self, cost: int) -> tuple[float, str] | None:
+        """Admit a request of `cost` tokens (None), or say why not and after how many seconds to retry."""
+        limit = self.tenant.max_concurrent
+        if limit is not None and self.in_flight >= limit:
+            return 1.0, f"tenant {self.tenant.id!r} already has {limit} requests in flight (max_concurrent)"
+        rate = self.tenant.tokens_per_minute
+        if rate is not None:
+            self._refill()
+            if cost > self.tokens:
+                return ((cost - self.tokens) * 60.0 / rate,
+                        f"request needs {cost} tokens and tenant {self.tenant.id!r} has {int(self.tokens)} "
+                        f"of its {rate} tokens per minute left")
+            self.tokens -= cost
+        self.in_flight += 1
+        return None
+
+    def release(self, unused_tokens: int) -> None:
+        self.in_flight -= 1
+        if self.tenant.tokens_per_minute is not None:
+            self._refill()
+            self.tokens = min(float(self.tenant.tokens_per_minute), self.tokens + unused_tokens)
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m server.tenants", description="API keys for the tenants file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("new-key", help="print a new random API key and its key_sha256")
+    hash_cmd = sub.add_parser("hash", help="print the key_sha256 of a key")
+    hash_cmd.add_argument("key")
+    args = parser.parse_args()
+    if args.command == "new-key":
+        key = "realm-" + secrets.token_urlsafe(32)
+        print(f"api key:    {key}\nkey_sha256: {hash_key(key)}")
+    else:
+        print(hash_key(args.key))
+
+
+if __name__ == "__main__":
+    main()

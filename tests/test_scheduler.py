@@ -1,0 +1,353 @@
+"""The continuous-batching scheduler on a tiny random llama GGUF (with a one-character-per-token vocab).
+
+The oracle for every batched run is `Engine.generate` running the same request alone in slot 0.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from realm_wasm.engine import GREEDY, ContextOverflow, Engine, Model, TokenEvent
+from realm_wasm.gguf import read_gguf
+from realm_wasm.gpu.executor import GpuExecutor
+from realm_wasm.sampling import SamplingParams
+from realm_wasm.scheduler import Finished, Request, Scheduler, StopText
+
+D, HEADS, KV_HEADS, FFN, LAYERS, N_CTX = 64, 4, 2, 128, 2, 96
+CHARS = "\u2581" + "".join(chr(c) for c in range(33, 125))  # "▁" spells a space
+VOCAB = 3 + len(CHARS)  # <unk>, <s>, </s>, then one token per character
+
+
+def write_tiny_model(path) -> None:
+    rng = np.random.default_rng(7)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(N_CTX)
+    w.add_embedding_length(D)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", *CHARS])
+    w.add_token_scores([0.0] * VOCAB)
+    w.add_token_types([2, 3, 3] + [1] * len(CHARS))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_space_prefix(False)
+
+    def add(name, shape, scale=0.4):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    add("token_embd.weight", (VOCAB, D), 1.0)
+    add("output_norm.weight", (D,), 1.0)
+    hd = D // HEADS
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (D,), 1.0)
+        add(p + "ffn_norm.weight", (D,), 1.0)
+        add(p + "attn_q.weight", (HEADS * hd, D))
+        add(p + "attn_k.weight", (KV_HEADS * hd, D))
+        add(p + "attn_v.weight", (KV_HEADS * hd, D))
+        add(p + "attn_output.weight", (D, HEADS * hd))
+        add(p + "ffn_gate.weight", (FFN, D))
+        add(p + "ffn_up.weight", (FFN, D))
+        add(p + "ffn_down.weight", (D, FFN), 0.1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_model(path)
+    return path
+
+
+def load(path, n_slots: int) -> Engine:
+    return Engine.load(path, backend="cpu", n_ctx=N_CTX, n_slots=n_slots)
+
+
+@pytest.fixture(scope="module")
+def alone(model_path):
+    """Tokens and text of a request run by itself through Engine.generate (slot 0, one sequence)."""
+    engine = load(model_path, 1)
+
+    def run(prompt: str, max_tokens: int, sampling: SamplingParams = GREEDY, stop_at_eos: bool = True):
+        events = list(engine.generate(prompt, max_tokens, sampling, stop_at_eos))
+        return [e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events)
+
+    return run
+
+
+class Recorder:
+    """A sink that keeps a request's events."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token_id for e in self.events if isinstance(e, TokenEvent) and e.token_id is not None]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TokenEvent))
+
+    @property
+    def finished(self) -> Finished | None:
+        return self.events[-1] if self.events and isinstance(self.events[-1], Finished) else None
+
+
+class RecordingExecutor:
+    """Wraps an executor to keep every Batch it runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.max_logit_rows, self.batches = inner, inner.name, inner.max_logit_rows, []
+
+    def forward_sample(self, batch, rows):
+        self.batches.append(batch)
+        return self.inner.forward_sample(batch, rows)
+
+
+def run_all(scheduler: Scheduler, limit: int = 1000) -> int:
+    steps = 0
+    while scheduler.busy:
+        scheduler.step()
+        steps += 1
+        assert steps < limit, "the scheduler does not finish"
+    return steps
+
+
+PROMPTS = ["Hello, world", "abc", "The quick brown fox jumps over the lazy dog and keeps running far",
+           "x", "0123456789", "Once upon a time there was"]
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_batched_sequences_match_running_alone(model_path, alone, sampling):
+    engine = load(model_path, 3)
+    recorder = RecordingExecutor(engine.executor)
+    engine.executor = recorder
+    # 8 tokens per step with 3 slots: long prompts prefill in chunks beside others' decode tokens
+    scheduler = Scheduler(engine, n_slots=3, max_step_tokens=8)
+    sinks = []
+    for i, prompt in enumerate(PROMPTS):
+        sinks.append(Recorder())
+        scheduler.submit(Request(engine.tokenizer.encode(prompt), 12, sampling, tenant="ab"[i % 2],
+                                 stop_at_eos=False), sinks[-1])
+    run_all(scheduler)
+    for prompt, sink in zip(PROMPTS, sinks, strict=True):
+        tokens, text = alone(prompt, 12, sampling, stop_at_eos=False)
+        assert sink.tokens == tokens
+        assert sink.text == text
+        assert sink.finished == Finished("length", len(engine.tokenizer.encode(prompt)), 12)
+    mixed = [b for b in recorder.batches if len(np.unique(b.slots)) > 1]
+    assert mixed, "no step batched several sequences"
+    for batch in recorder.batches:
+        assert len(batch) <= 8
+        assert set(batch.slots.tolist()) <= {0, 1, 2}
+
+
+def test_each_step_carries_one_decode_token_per_running_sequence(model_path):
+    engine = load(model_path, 4)
+    recorder = RecordingExecutor(engine.executor)
+    engine.executor = recorder
+    scheduler = Scheduler(engine, n_slots=4, max_step_tokens=128)
+    for prompt in PROMPTS[:4]:
+        scheduler.submit(Request(engine.tokenizer.encode(prompt), 5, stop_at_eos=False), Recorder())
+    run_all(scheduler)
+    # step 1 prefills all four prompts at once; then each step decodes one token of each sequence
+    first, *rest = recorder.batches
+    assert sorted(np.unique(first.slots).tolist()) == [0, 1, 2, 3] and len(first.logit_rows) == 4
+    assert len(rest) == 4
+    for batch in rest:
+        assert sorted(batch.slots.tolist()) == [0, 1, 2, 3]
+        assert len(batch.logit_rows) == 4
+
+
+def test_cancel_frees_the_slot_for_the_next_request(model_path, alone):
+    engine = load(model_path, 1)
+    scheduler = Scheduler(engine, n_slots=1, max_step_tokens=16)
+    first, second, third = Recorder(), Recorder(), Recorder()
+    a = scheduler.submit(Request(engine.tokenizer.encode("abc"), 50, stop_at_eos=False), first)
+    scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 6, stop_at_eos=False), second)
+    c = scheduler.submit(Request(engine.tokenizer.encode("x"), 6), third)
+    for _ in range(3):
+        scheduler.step()
+    assert len(first.tokens) == 3 and not second.events  # one slot: the others wait
+    scheduler.cancel(a)
+    scheduler.cancel(c)  # still queued
+    run_all(scheduler)
+    assert first.finished.reason == "cancelled" and first.finished.completion_tokens == 3
+    assert third.events == [Finished("cancelled", 2, 0)]
+    assert second.tokens == alone("Hello, world", 6, stop_at_eos=False)[0]
+    assert scheduler.stats().running == 0 and scheduler.stats().queued == 0
+
+
+def test_free_slots_go_round_robin_across_tenants(model_path):
+    engine = load(model_path, 2)
+    scheduler = Scheduler(engine, n_slots=2, max_step_tokens=32)
+    sinks = {}
+    for name in ["a1", "a2", "a3", "b1", "b2"]:  # tenant a queued everything first
+        sinks[name] = Recorder()
+        scheduler.submit(Request(engine.tokenizer.encode(name), 3, tenant=name[0], stop_at_eos=False), sinks[name])
+    started = []
+    while scheduler.busy:
+        scheduler.step()
+        started += [n for n, s in sinks.items() if s.events and n not in started]
+    assert started == ["a1", "b1", "a2", "b2", "a3"]
+
+
+def test_slots_are_shared_by_weight(model_path):
+    engine = load(model_path, 4)
+    scheduler = Scheduler(engine, n_slots=4, max_step_tokens=32, shares={"big": 3.0, "small": 1.0})
+    sinks = {}
+    for i in range(6):
+        for tenant in ("small", "big"):
+            sinks[tenant, i] = Recorder()
+            scheduler.submit(Request(engine.tokenizer.encode("hi"), 4, tenant=tenant, stop_at_eos=False),
+                             sinks[tenant, i])
+    scheduler.step()
+    running = [tenant for (tenant, _), s in sinks.items() if s.events]
+    assert sorted(running) == ["big", "big", "big", "small"]
+
+
+def test_stop_sequence_ends_generation_before_it(model_path, alone):
+    _, text = alone("Hello, world", 20, stop_at_eos=False)
+    stop = text[5:8]
+    engine = load(model_path, 1)
+    scheduler = Scheduler(engine, n_slots=1)
+    sink = Recorder()
+    scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 20, stop=("never", stop),
+                             stop_at_eos=False), sink)
+    run_all(scheduler)
+    assert sink.text == text[:text.index(stop)]
+    assert sink.finished.reason == "stop" and sink.finished.completion_tokens == text.index(stop) + len(stop)
+
+
+@pytest.mark.parametrize("pieces, stops, expect", [
+    (["ab", "cU", "ser: x"], ["User:"], ("abc", True)),
+    (["ab", "cU", "sa"], ["User:"], ("abcUsa", False)),
+    (["\n", "Us", "er:"], ["\nUser:"], ("", True)),
+    (["xx", "yy"], [], ("xxyy", False)),
+    (["xa<", "<b"], ["<<", "a<<b"], ("x", True)),  # the earliest start wins
+])
+def test_stop_text_holds_back_only_what_may_start_a_stop(pieces, stops, expect):
+    stop = StopText(stops)
+    out, hit = "", False
+    for piece in pieces:
+        text, hit = stop.feed(piece)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += stop.flush()
+    assert (out, hit) == expect
+
+
+def test_end_of_text_finishes_with_stop(model_path, alone):
+    engine = load(model_path, 1)
+
+    class EosOnThirdStep(RecordingExecutor):
+        def forward_sample(self, batch, rows):
+            tokens = super().forward_sample(batch, rows)
+            return [engine.tokenizer.eos_id] * len(rows) if len(self.batches) == 3 else tokens
+
+    engine.executor = EosOnThirdStep(engine.executor)
+    scheduler = Scheduler(engine, n_slots=1)
+    sink = Recorder()
+    scheduler.submit(Request(engine.tokenizer.encode("Hello"), 10), sink)
+    run_all(scheduler)
+    assert sink.tokens == alone("Hello", 2, stop_at_eos=False)[0]  # prefill + 1 decode step, then EOS
+    assert sink.finished == Finished("stop", 6, 2)
+
+
+@pytest.mark.parametrize("ids, max_tokens, error", [
+    ([], 4, ValueError),
+    ([1, VOCAB], 4, ValueError),
+    ([1, 5, 6], 0, ValueError),
+    ([1] * 90, 7, ContextOverflow),
+])
+def test_submit_refuses_requests_it_cannot_run(model_path, ids, max_tokens, error):
+    engine = load(model_path, 1)
+    scheduler = Scheduler(engine, n_slots=1)
+    with pytest.raises(error):
+        scheduler.submit(Request(ids, max_tokens), Recorder())
+    assert not scheduler.busy
+
+
+@pytest.mark.parametrize("n_slots, max_step_tokens, logit_rows, message", [
+    (0, 16, 64, "n_slots must be >= 1"),
+    (4, 4, 64, "must exceed n_slots"),
+    (8, 16, 4, "logit rows"),
+])
+def test_scheduler_refuses_settings_it_cannot_honour(model_path, n_slots, max_step_tokens, logit_rows, message):
+    engine = load(model_path, max(n_slots, 1))
+    engine.executor.max_logit_rows = logit_rows
+    with pytest.raises(ValueError, match=message):
+        Scheduler(engine, n_slots=n_slots, max_step_tokens=max_step_tokens)
+
+
+def test_an_executor_failure_fails_that_step_only(model_path, alone):
+    engine = load(model_path, 2)
+
+    class FailOnce(RecordingExecutor):
+        def forward_sample(self, batch, rows):
+            if not self.batches:
+                self.batches.append(batch)
+                raise MemoryError("out of memory")
+            return super().forward_sample(batch, rows)
+
+    engine.executor = FailOnce(engine.executor)
+    scheduler = Scheduler(engine, n_slots=2)
+    failed, later = Recorder(), Recorder()
+    scheduler.submit(Request(engine.tokenizer.encode("abc"), 4), failed)
+    scheduler.step()
+    assert failed.events == [Finished("error", 4, 0, "MemoryError: out of memory")]
+    scheduler.submit(Request(engine.tokenizer.encode("abc"), 4, stop_at_eos=False), later)
+    run_all(scheduler)
+    assert later.tokens == alone("abc", 4, stop_at_eos=False)[0]
+
+
+def test_a_failing_sink_cancels_only_its_own_request(model_path, alone):
+    engine = load(model_path, 2)
+    scheduler = Scheduler(engine, n_slots=2)
+
+    def broken(event):
+        raise ConnectionError("client gone")
+
+    good = Recorder()
+    scheduler.submit(Request(engine.tokenizer.encode("abc"), 30, stop_at_eos=False), broken)
+    scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 6, stop_at_eos=False), good)
+    steps = run_all(scheduler)
+    assert good.tokens == alone("Hello, world", 6, stop_at_eos=False)[0]
+    assert steps < 10  # the broken request did not run on to its 30 tokens
+
+
+def test_batched_on_the_gpu_executor_matches_running_alone(model_path, gpu):
+    f = read_gguf(model_path)
+    model = Model.from_header(f.header)
+
+    def gpu_engine(n_slots: int) -> Engine:
+        executor = GpuExecutor(model.plan, f.tensor_bytes, n_slots=n_slots, n_ctx=N_CTX, device=gpu)
+        return Engine(model, executor, N_CTX)
+
+    single = gpu_engine(1)
+    expect = [[e.token_id for e in single.generate(p, 8, stop_at_eos=False) if e.token_id is not None]
+              for p in PROMPTS]
+    engine = gpu_engine(3)
+    scheduler = Scheduler(engine, n_slots=3, max_step_tokens=16)
+    sinks = [Recorder() for _ in PROMPTS]
+    for prompt, sink in zip(PROMPTS, sinks, strict=True):
+        scheduler.submit(Request(engine.tokenizer.encode(prompt), 8, stop_at_eos=False), sink)
+    run_all(scheduler)
+    assert [s.tokens for s in sinks] == expect

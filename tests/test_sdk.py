@@ -1,0 +1,233 @@
+"""The Python SDK (sync and async, HTTP and WebSocket) and the JavaScript SDK under Node, on a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from realm_client import (
+    APIConnectionError,
+    AsyncRealmClient,
+    AuthenticationError,
+    BadRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RealmClient,
+)
+from test_server_api import CHAT, KEYS, MAX_TOKENS, MODEL, N_CTX, PROMPTS, TENANTS_TOML, LiveServer
+
+from realm_wasm.cli import default_model_path
+from server.api import create_app, load_model
+from server.chat_template import PLAIN_STOP
+from server.tenants import load_tenants
+
+JS_SDK = Path(__file__).resolve().parents[1] / "sdk" / "js" / "realm-client.mjs"
+GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def served():
+    return load_model(default_model_path(), backend="cpu", n_ctx=N_CTX, n_slots=4)
+
+
+@pytest.fixture(scope="module")
+def expected(served) -> dict[str, str]:
+    engine = served.engine
+    texts = {p: "".join(e.text for e in engine.generate(p, MAX_TOKENS)) for p in PROMPTS[:3]}
+    chat = "".join(e.text for e in engine.generate("User: What is the capital of France?\nAssistant:", MAX_TOKENS))
+    texts["chat"] = chat.split(PLAIN_STOP[0])[0].lstrip()
+    return texts
+
+
+@pytest.fixture(scope="module")
+def live(served, expected, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tenants.toml"
+    path.write_text(TENANTS_TOML)
+    with LiveServer(create_app([served], load_tenants(path))) as server:
+        yield server
+
+
+@pytest.fixture
+def client(live):
+    with RealmClient(live.url, api_key=KEYS["alpha"]) as c:
+        yield c
+
+
+def wait_idle(client: RealmClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.health()["models"][MODEL]["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+# --- Python, sync ----------------------------------------------------------------------------------
+
+def test_sync_http(client, expected):
+    assert [(m.id, m.context_length) for m in client.models()] == [(MODEL, N_CTX)]
+    done = client.complete(PROMPTS[0], **GREEDY)  # model left out: the first listed
+    assert (done.text, done.finish_reason, done.model) == (expected[PROMPTS[0]], "length", MODEL)
+    assert done.usage.completion_tokens == MAX_TOKENS
+    with client.stream(PROMPTS[1], model=MODEL, **GREEDY) as stream:
+        chunks = list(stream)
+    assert "".join(c.text for c in chunks) == expected[PROMPTS[1]]
+    assert chunks[-1].finish_reason == stream.finish_reason == "length"
+    assert stream.usage.completion_tokens == MAX_TOKENS
+    assert client.chat(CHAT, **GREEDY).text == expected["chat"]
+    assert client.chat_stream(CHAT, **GREEDY).text() == expected["chat"]
+
+
+def test_sync_typed_errors(live, client):
+    with pytest.raises(AuthenticationError) as e:
+        RealmClient(live.url, api_key="wrong").models()
+    assert e.value.status == 401
+    with pytest.raises(PermissionDeniedError):
+        RealmClient(live.url, api_key=KEYS["gamma"]).complete("hi", model=MODEL)
+    with pytest.raises(BadRequestError) as e:
+        client.complete("hi", max_tokens=0)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(NotFoundError):
+        client.stream("hi", model="nope")
+    with pytest.raises(TypeError, match="max_token"):
+        client.complete("hi", max_token=3)
+    with RealmClient(live.url, api_key=KEYS["solo"]) as solo, \
+            solo.stream("Once upon a time", max_tokens=300, temperature=0) as held:
+        next(iter(held))
+        with pytest.raises(RateLimitError) as e:
+            solo.complete("hi", max_tokens=1)
+        assert e.value.retry_after >= 1
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(APIConnectionError):
+        RealmClient(f"http://127.0.0.1:{port}").health()
+
+
+def test_leaving_a_stream_early_cancels_it(client):
+    before = client.health()["models"][MODEL]["tokens_generated"]
+    with client.stream("Once upon a time", max_tokens=300, temperature=0) as stream:
+        for _ in stream:
+            break
+    wait_idle(client)
+    assert client.health()["models"][MODEL]["tokens_generated"] - before < 100
+
+
+def test_sync_websocket(client, expected):
+    with client.websocket() as ws:
+        assert ws.models == [MODEL]
+        first = ws.generate(PROMPTS[0], **GREEDY)
+        second = ws.generate(messages=CHAT, **GREEDY)
+        long = ws.generate("Once upon a time", max_tokens=300, temperature=0)
+        # read them out of order: messages wait for their own reader
+        assert second.text() == expected["chat"]
+        assert first.text() == expected[PROMPTS[0]] and first.finish_reason == "length"
+        next(iter(long))
+        long.cancel()
+        long.text()  # what came before the cancel took effect
+        assert long.finish_reason == "cancelled" and long.usage.completion_tokens < 300
+        with pytest.raises(BadRequestError) as e:
+            ws.generate("hi", top_p=3).text()
+        assert e.value.param == "top_p"
+
+
+def test_sync_websocket_refuses_a_bad_key(live):
+    with pytest.raises(AuthenticationError):
+        RealmClient(live.url, api_key="wrong").websocket()
+
+
+# --- Python, async ---------------------------------------------------------------------------------
+
+def test_async_client(live, expected):
+    async def run():
+        async with AsyncRealmClient(live.url, api_key=KEYS["beta"]) as client:
+            done, streamed, chat = await asyncio.gather(
+                client.complete(PROMPTS[0], **GREEDY),
+                (await client.stream(PROMPTS[1], **GREEDY)).text(),
+                (await client.chat_stream(CHAT, **GREEDY)).text())
+            async with client.websocket() as ws:
+                gen = await ws.generate(PROMPTS[2], **GREEDY)
+                long = await ws.generate("Once upon a time", max_tokens=300, temperature=0)
+                ws_text = await gen.text()
+                async for _ in long:
+                    await long.cancel()
+                    break
+                await long.text()
+            with pytest.raises(PermissionDeniedError):
+                await client.complete("hi", lora="not-mine")
+            return done.text, streamed, chat, ws_text, long.finish_reason
+
+    assert asyncio.run(run()) == (expected[PROMPTS[0]], expected[PROMPTS[1]], expected["chat"],
+                                  expected[PROMPTS[2]], "cancelled")
+
+
+# --- JavaScript under Node -------------------------------------------------------------------------
+
+JS_SCRIPT = """
+import { RealmClient, AuthenticationError, BadRequestError, PermissionDeniedError } from %(sdk)s;
+const [url, key, gammaKey] = process.argv.slice(2);
+const client = new RealmClient({ baseURL: url, apiKey: key });
+const greedy = { max_tokens: %(max_tokens)d, temperature: 0 };
+const out = {};
+out.models = (await client.models()).map((m) => m.id);
+out.complete = (await client.complete(%(p0)s, greedy)).text;
+let streamed = "", last = null;
+for await (const chunk of client.stream(%(p1)s, greedy)) { streamed += chunk.text; last = chunk; }
+out.stream = streamed;
+out.streamEnd = [last.finishReason, last.usage.completion_tokens];
+out.chat = (await client.chat(%(chat)s, greedy)).text;
+let chatText = "";
+for await (const chunk of client.chatStream(%(chat)s, greedy)) chatText += chunk.text;
+out.chatStream = chatText;
+const ws = await client.connect();
+const gen = ws.generate({ prompt: %(p2)s, ...greedy });
+const long = ws.generate({ prompt: "Once upon a time", max_tokens: 300, temperature: 0 });
+let wsText = "";
+for await (const chunk of gen) wsText += chunk.text;
+out.ws = wsText;
+for await (const chunk of long) { if (!chunk.finishReason) long.cancel(); }
+out.cancelled = long.finishReason;
+ws.close();
+const errors = {};
+try { await new RealmClient({ baseURL: url, apiKey: "wrong" }).models(); }
+catch (e) { errors.auth = [e instanceof AuthenticationError, e.status]; }
+try { await client.complete("hi", { max_tokens: 0 }); }
+catch (e) { errors.bad = [e instanceof BadRequestError, e.param]; }
+try { await new RealmClient({ baseURL: url, apiKey: gammaKey }).complete("hi", { model: %(model)s }); }
+catch (e) { errors.denied = e instanceof PermissionDeniedError; }
+try { await new RealmClient({ baseURL: url, apiKey: "wrong" }).connect(); }
+catch (e) { errors.wsAuth = e instanceof AuthenticationError; }
+out.errors = errors;
+console.log(JSON.stringify(out));
+"""
+
+
+def test_js_sdk_under_node(live, expected, tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = tmp_path / "sdk_check.mjs"
+    script.write_text(JS_SCRIPT % {
+        "sdk": json.dumps(JS_SDK.as_uri()), "max_tokens": MAX_TOKENS, "model": json.dumps(MODEL),
+        "p0": json.dumps(PROMPTS[0]), "p1": json.dumps(PROMPTS[1]), "p2": json.dumps(PROMPTS[2]),
+        "chat": json.dumps(CHAT)})
+    # Node 20 has WebSocket behind a flag (on by default from Node 22)
+    has_ws = subprocess.run([node, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"]).returncode == 0
+    flags = [] if has_ws else ["--experimental-websocket"]
+    r = subprocess.run([node, *flags, str(script), live.url, KEYS["alpha"], KEYS["gamma"]],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["models"] == [MODEL]
+    assert out["complete"] == expected[PROMPTS[0]]
+    assert out["stream"] == expected[PROMPTS[1]]
+    assert out["streamEnd"] == ["length", MAX_TOKENS]
+    assert out["chat"] == out["chatStream"] == expected["chat"]
+    assert out["ws"] == expected[PROMPTS[2]]
+    assert out["cancelled"] == "cancelled"
+    assert out["errors"] == {"auth": [True, 401], "bad": [True, "max_tokens"], "denied": True, "wsAuth": True}
