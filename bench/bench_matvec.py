@@ -3,11 +3,13 @@
     python bench/bench_matvec.py                 # decode mat-vec, full shapes, H100 peak
     python bench/bench_matvec.py --quick         # small shapes for lavapipe / CPU adapters
     python bench/bench_matvec.py --types Q4_K,Q8_0 --wg 64,128,256 --rows 1,2,4   # sweep kernel shapes
-    python bench/bench_matvec.py --t 512 --tile 64x32x4x4,128x64x8x4              # prefill tiles
+    python bench/bench_matvec.py --t 256,512 --tile 64x32x4x4,128x64x8x8x16        # prefill tiles (TNxTTxRNxRT[xBK])
+    python bench/bench_matvec.py --t 2,4,8,16 --tile matvec,auto        # batches: mat-vec per token vs mat-mat
 
 GB/s counts the bytes the step must move at least once: the GGML weight bytes plus x and y.
-Time is GPU time from timestamp queries around one pass of `--iters` back-to-back dispatches
-when the adapter has them, else the wall clock of that submit (plus one read-back).
+Time is GPU time from timestamp queries around a pass of `--iters` back-to-back dispatches when
+the adapter has them, else the wall clock of that submit (plus one read-back): the median of 5
+passes after a warm-up.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import numpy as np
 
 from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW
-from realm_wasm.gpu.matmul import TUNING, QuantMatmul, Tuning, upload_weight
+from realm_wasm.gpu.matmul import TUNING, QuantMatmul, Tile, Tuning, upload_weight
 from realm_wasm.gpu.native import NativeDevice
 from realm_wasm.quants import QUANTS_BY_NAME
 
@@ -41,26 +43,45 @@ def weight_bytes(name: str, n: int, k: int, rng: np.random.Generator) -> bytes:
     return rng.integers(0, 256, n * k // qt.block_size * qt.type_size, dtype=np.uint8).tobytes()
 
 
-def seconds(device: NativeDevice, dispatches: list, iters: int, y) -> float:
-    if "timestamp-query" in device.features:
-        return device.time_submit(dispatches * iters) / iters
-    start = time.perf_counter()
-    device.submit(dispatches * iters)
-    device.read_buffer(y, 0, 4)
-    return (time.perf_counter() - start) / iters
+def seconds(device: NativeDevice, dispatches: list, iters: int, y, warm: float = 0.03, passes: int = 5) -> float:
+    """Median time of one dispatch list over `passes` passes of `iters` back-to-back copies, after
+    `warm` seconds of the same work: the first use compiles and pages in, and a GPU that idled
+    while the host built pipelines needs some load before it reaches its full clock."""
+    def one_pass() -> float:
+        if "timestamp-query" in device.features:
+            return device.time_submit(dispatches * iters)
+        start = time.perf_counter()
+        device.submit(dispatches * iters)
+        device.read_buffer(y, 0, 4)
+        return time.perf_counter() - start
+
+    spent = one_pass()
+    while spent < warm:
+        spent += one_pass()
+    return float(np.median([one_pass() for _ in range(passes)])) / iters
 
 
-def variants(args: argparse.Namespace, default: Tuning) -> list[tuple[str, Tuning]]:
-    """(label, tuning) for every kernel shape asked for: mat-vec wg x rows, or mat-mat tiles."""
-    if args.t == 1:
+def variants(args: argparse.Namespace, t: int, default: Tuning) -> list[tuple[str, Tuning]]:
+    """(label, tuning) for every kernel shape asked for: mat-vec wg x rows, or for T > 1 "table" (what
+    QuantMatmul runs), "auto" (the table's mat-mat tile, also where it would run the mat-vec kernel),
+    "matvec" (the mat-vec kernel once per token) or a mat-mat tile."""
+    if t == 1:
         wgs = ints(args.wg) if args.wg else [default.matvec_wg]
         rows = ints(args.rows) if args.rows else [default.matvec_rows]
         return [(f"wg{wg} r{r}", dataclasses.replace(default, matvec_wg=wg, matvec_rows=r))
                 for wg, r in itertools.product(wgs, rows)]
-    tiles = [ints(t, "x") for t in args.tile.split(",")] if args.tile else [
-        [default.tn, default.tt, default.rn, default.rt]]
-    return [(f"{tn}x{tt}/{rn}x{rt}", dataclasses.replace(default, tn=tn, tt=tt, rn=rn, rt=rt, matvec_max_t=0))
-            for tn, tt, rn, rt in tiles]
+    out = []
+    for spec in (args.tile or "table").split(","):
+        if spec == "table":
+            out.append(("table", default))
+        elif spec == "auto":
+            out.append(("auto", dataclasses.replace(default, matvec_max_t=0)))
+        elif spec == "matvec":
+            out.append(("matvec", dataclasses.replace(default, matvec_max_t=t)))
+        else:
+            tile = Tile(*ints(spec, "x"))
+            out.append((spec, dataclasses.replace(default, matvec_max_t=0, tiles=((tile, 0),))))
+    return out
 
 
 def main() -> None:
@@ -69,13 +90,13 @@ def main() -> None:
     ap.add_argument("--peak-gbps", type=float, default=3350.0, help="device memory bandwidth (H100: 3350)")
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--shapes", help="N x K list, e.g. 4096x4096,262144x640")
-    ap.add_argument("--t", type=int, default=1, help="rows per step (1: mat-vec; more: mat-mat)")
+    ap.add_argument("--t", default="1", help="rows per step, comma-separated (1: mat-vec; more: mat-mat)")
     ap.add_argument("--iters", type=int, help="dispatches per timed pass (default 100, --quick 5)")
     ap.add_argument("--f16", choices=("auto", "on", "off"), default="auto", help="f16 arithmetic (auto: table)")
     ap.add_argument("--no-subgroups", action="store_true", help="workgroup-memory reduction only")
     ap.add_argument("--wg", help="mat-vec threads per workgroup (powers of two), comma-separated to sweep")
     ap.add_argument("--rows", help="mat-vec rows per workgroup, comma-separated to sweep")
-    ap.add_argument("--tile", help="mat-mat TNxTTxRNxRT list, e.g. 64x32x4x4,128x64x8x4")
+    ap.add_argument("--tile", help="TNxTTxRNxRT[xBK] list, or table / auto / matvec (default: table)")
     args = ap.parse_args()
 
     device = NativeDevice.create()
@@ -83,11 +104,11 @@ def main() -> None:
     iters = args.iters or (5 if args.quick else 100)
     f16 = {"auto": default.f16, "on": True, "off": False}[args.f16] and "shader-f16" in device.features
     subgroups = "subgroups" in device.features and not args.no_subgroups
-    t = args.t
     rng = np.random.default_rng(0)
-    print(f"# {device.name}: T={t} f16={f16} subgroups={subgroups} "
+    print(f"# {device.name}: f16={f16} subgroups={subgroups} "
           f"timer={'timestamps' if 'timestamp-query' in device.features else 'wall clock'}")
-    print(f"{'type':7} {'N x K':>14} {'kernel':>13} {'us':>10} {'GB/s':>8} {'% peak':>7} {'GFLOP/s':>9}")
+    print(f"{'type':7} {'N x K':>14} {'T':>4} {'kernel':>16} {'us':>10} {'GB/s':>8} {'% peak':>7} {'GFLOP/s':>9}")
+    steps = ints(args.t)
     for name in args.types.split(","):
         qt = QUANTS_BY_NAME[name]
         for n, k in (ints(s, "x") for s in (args.shapes or SHAPES[args.quick]).split(",")):
@@ -95,20 +116,24 @@ def main() -> None:
                 print(f"{name:7} {f'{n} x {k}':>14}  (K is not a multiple of the {qt.block_size}-element block)")
                 continue
             weight = upload_weight(device, qt, n, k, weight_bytes(name, n, k, rng), label=name)
-            x = device.create_buffer(t * k * 4, STORAGE_RW)
-            device.write_buffer(x, 0, rng.standard_normal(t * k, dtype=np.float32).tobytes())
-            y = device.create_buffer(t * n * 4, STORAGE_RW)
+            t_max = max(steps)
+            x = device.create_buffer(t_max * k * 4, STORAGE_RW)
+            device.write_buffer(x, 0, rng.standard_normal(t_max * k, dtype=np.float32).tobytes())
+            y = device.create_buffer(t_max * n * 4, STORAGE_RW)
             rows = device.create_buffer(16, UNIFORM_RW)
-            device.write_buffer(rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
-            for label, tuning in variants(args, default):
-                mm = QuantMatmul(device, weight, (x, 0, t * k * 4), (y, 0, t * n * 4), (rows, 0, 16),
-                                 f16=f16, subgroups=subgroups, tuning=tuning)
-                dispatches = mm.dispatches(t)
-                seconds(device, dispatches, 1, y)  # warm-up: first use compiles and pages in
-                s = seconds(device, dispatches, iters, y)
-                gbps = (n * k // qt.block_size * qt.type_size + 4 * t * (n + k)) / s / 1e9
-                print(f"{name:7} {f'{n} x {k}':>14} {label:>13} {s * 1e6:10.1f} {gbps:8.1f} "
-                      f"{100 * gbps / args.peak_gbps:6.1f}% {2 * t * n * k / s / 1e9:9.1f}", flush=True)
+            for t in steps:
+                device.write_buffer(rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
+                for label, tuning in variants(args, t, default):
+                    mm = QuantMatmul(device, weight, (x, 0, t * k * 4), (y, 0, t * n * 4), (rows, 0, 16),
+                                     f16=f16, subgroups=subgroups, tuning=tuning)
+                    dispatches = mm.dispatches(t)
+                    if label in ("auto", "table"):
+                        tile = "x".join(map(str, dataclasses.astuple(mm.tile(t))))
+                        label += " matvec" if t <= tuning.matvec_max_t else f" {tile}"
+                    s = seconds(device, dispatches, iters, y, passes=1 if args.quick else 5)
+                    gbps = (n * k // qt.block_size * qt.type_size + 4 * t * (n + k)) / s / 1e9
+                    print(f"{name:7} {f'{n} x {k}':>14} {t:4} {label:>16} {s * 1e6:10.1f} {gbps:8.1f} "
+                          f"{100 * gbps / args.peak_gbps:6.1f}% {2 * t * n * k / s / 1e9:9.1f}", flush=True)
             for chunk in weight.chunks:
                 chunk.buffer.destroy()
 

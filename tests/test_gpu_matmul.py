@@ -24,8 +24,11 @@ from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW  # noqa: E402
 from realm_wasm.gpu.matmul import (  # noqa: E402
     TUNING,
     QuantMatmul,
+    Tile,
     allocate_weight,
+    fit_tiles,
     fold_grid,
+    pick_tile,
     upload_weight,
     write_weight,
 )
@@ -105,10 +108,47 @@ class Case:
 def test_matvec_and_matmat(gpu, name, f16):
     if f16 and "shader-f16" not in gpu.features:
         pytest.skip("no shader-f16")
-    case = Case(gpu, name, N, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=67)
+    case = Case(gpu, name, N, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=130)
     mm = case.matmul(f16=f16)
-    for t in (1, 5, 67):  # mat-vec, then mat-mat with a partial and with several token tiles
+    for t in (1, 5, 67, 130):  # mat-vec (one row, several), then mat-mat with partial and several token tiles
         case.check(mm, t, TOL[f16])
+
+
+# Every tile the GPU table may pick, checked here on the CPU adapter too, and the other register
+# tile shapes and slice depths.
+GPU_TILES = (*(tile for tile, _ in TUNING[False].tiles), Tile(64, 64, 8, 8), Tile(32, 32, 4, 8, 16),
+             Tile(16, 4, 4, 4, 8))
+
+
+@pytest.mark.parametrize("tile", GPU_TILES, ids=str)
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_0", "F16"])  # 256- and 32-element blocks, 8-wide K slices
+def test_matmat_tiles(gpu, name, tile):
+    case = Case(gpu, name, N, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=130, seed=3)
+    tuning = dataclasses.replace(TUNING[False], tiles=((tile, 0),), matvec_max_t=0)
+    for f16 in {False, "shader-f16" in gpu.features}:
+        mm = case.matmul(f16=f16, tuning=tuning)
+        for t in (2, 67, 130):
+            case.check(mm, t, TOL[f16])
+
+
+def test_tile_choice():
+    """The first tile whose grid has the workgroups it needs, else the one with the most; slices as
+    deep as K and the device's workgroup memory allow; tiles over its thread limit dropped."""
+    big, mid, small = Tile(128, 64, 8, 8), Tile(64, 32, 4, 4, 128), Tile(16, 8, 4, 4)
+    table = [(big, 128), (mid, 128), (small, 1000)]
+    assert pick_tile(table, 2048, 512) == big  # 16 x 8 workgroups
+    assert pick_tile(table, 2048, 256) == mid  # big: 16 x 4; mid: 32 x 8
+    assert pick_tile(table, 2048, 4) == small  # none has enough: the most (128 x 1)
+    limits = {"max_compute_workgroup_storage_size": 16384, "max_compute_invocations_per_workgroup": 256}
+    shallower = dataclasses.replace
+    # f16 mid, 128 deep, takes 26624 bytes; f32 tiles twice as many as f16 ones
+    assert fit_tiles(table[:2], limits, True, 4096) == [(big, 128), (shallower(mid, bk=64), 128)]
+    assert fit_tiles(table[1:2], limits, True, 96) == [(shallower(mid, bk=32), 128)]  # 96 = 3 x 32
+    assert fit_tiles(table[:2], limits, False, 4096) == [(shallower(big, bk=16), 128), (shallower(mid, bk=32), 128)]
+    limits["max_compute_invocations_per_workgroup"] = 64
+    assert fit_tiles(table, limits, True, 4096) == [(small, 1000)]
+    with pytest.raises(ValueError, match="no mat-mat tile"):
+        fit_tiles(table[:2], limits, True, 4096)
 
 
 @pytest.mark.parametrize("name", TYPES)

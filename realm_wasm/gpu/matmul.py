@@ -9,6 +9,7 @@ puts into its command buffer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -28,24 +29,56 @@ class QuantFormat(Protocol):
 
 
 @dataclass(frozen=True)
+class Tile:
+    """One mat-mat kernel shape: a workgroup computes tn weight rows x tt tokens, each thread an
+    rn x rt register tile (4 or 8 each), reading K in bk-wide slices."""
+
+    tn: int
+    tt: int
+    rn: int
+    rt: int
+    bk: int = 32
+
+    def __post_init__(self) -> None:
+        if {self.rn, self.rt} - {4, 8} or self.tn % self.rn or self.tt % self.rt or self.bk % 8:
+            raise ValueError(f"{self}: register tiles are 4 or 8 wide, dividing the tile; bk a multiple of 8")
+
+    @property
+    def threads(self) -> int:
+        return self.tn // self.rn * (self.tt // self.rt)
+
+    def workgroup_bytes(self, f16: bool) -> int:
+        """Workgroup memory of the weight and x tiles (rows padded by one vec4, see matmul.wgsl)."""
+        return self.bk * (self.tn // 4 + self.tt // 4 + 2) * (8 if f16 else 16)
+
+
+@dataclass(frozen=True)
 class Tuning:
-    """Kernel shape for one class of adapter (measure with bench/bench_matvec.py before changing)."""
+    """Kernel shapes for one class of adapter (measure with bench/bench_matvec.py before changing)."""
 
     f16: bool  # f16 arithmetic where the device has shader-f16 (CPU adapters emulate it: slower)
     matvec_wg: int  # threads per mat-vec workgroup (a power of two)
     matvec_rows: int  # rows per mat-vec workgroup
     matvec_max_t: int  # steps with at most this many rows use the mat-vec kernel
-    tn: int  # mat-mat tile: weight rows
-    tt: int  # mat-mat tile: tokens
-    rn: int  # per-thread register tile: rows
-    rt: int  # per-thread register tile: tokens
+    # Mat-mat tiles, most efficient first, each with the fewest workgroups a step's grid needs for
+    # it to be chosen: the tiles' efficiency only shows when the GPU has enough of them to run at once.
+    tiles: tuple[tuple[Tile, int], ...]
 
 
 # Keyed by `device.is_fallback_adapter`: CPU adapters (lavapipe, SwiftShader) pay a lot per barrier
-# and per thread, so they get fewer, fatter threads.
+# and per thread, so they get fewer, fatter threads (on lavapipe the mat-vec kernel wins up to 8
+# rows, the mat-mat one from 16). GPU rows measured on an H100 (132 multiprocessors) with
+# bench/bench_matvec.py: a mat-mat workgroup walks K serially, so a small grid takes ~30 us at
+# K=640 (~80 us at K=2048) whatever T is, while the mat-vec kernel's time grows with T (each row
+# re-reads the weights, from L2): mat-vec up to 12 rows (the crossover lies between 8 and 16 for
+# most shapes). Above, 64 x 64 tiles do the most work per staged byte once the grid has a
+# workgroup for most multiprocessors (32-deep slices once it has several), smaller tiles with
+# deeper slices before.
 TUNING = {
-    False: Tuning(f16=True, matvec_wg=256, matvec_rows=2, matvec_max_t=1, tn=64, tt=32, rn=4, rt=4),
-    True: Tuning(f16=False, matvec_wg=32, matvec_rows=16, matvec_max_t=1, tn=64, tt=32, rn=4, rt=4),
+    False: Tuning(f16=True, matvec_wg=256, matvec_rows=2, matvec_max_t=12,
+                  tiles=((Tile(64, 64, 8, 4, 32), 512), (Tile(64, 64, 8, 4, 64), 80), (Tile(64, 32, 4, 4, 128), 80),
+                         (Tile(32, 32, 4, 4, 128), 0))),
+    True: Tuning(f16=False, matvec_wg=32, matvec_rows=16, matvec_max_t=8, tiles=((Tile(64, 32, 4, 4), 0),)),
 }
 
 
@@ -157,6 +190,36 @@ def fold_grid(workgroups: int, max_dim: int) -> tuple[int, int]:
 Launch = tuple[Pipeline, BindGroup, tuple[int, int]]  # a dispatch less its z count
 
 
+TileTable = list[tuple[Tile, int]]  # (tile, fewest workgroups), as in Tuning.tiles
+
+
+def fit_tiles(tiles: TileTable, limits: dict[str, int], f16: bool, k: int) -> TileTable:
+    """The tiles a device can run for rows of k elements: slices as deep as K divides (K is a
+    multiple of 8, see row_bytes) and workgroup memory allows; tiles with too many threads dropped."""
+    memory = limits.get("max_compute_workgroup_storage_size", 16384)  # WebGPU's defaults
+    threads = limits.get("max_compute_invocations_per_workgroup", 256)
+    fitted = []
+    for tile, least in tiles:
+        tile = dataclasses.replace(tile, bk=math.gcd(tile.bk, k))
+        while tile.workgroup_bytes(f16) > memory and tile.bk > 8:
+            tile = dataclasses.replace(tile, bk=tile.bk // 2)
+        if tile.workgroup_bytes(f16) <= memory and tile.threads <= threads:
+            fitted.append((tile, least))
+    if not fitted:
+        raise ValueError(f"no mat-mat tile of {tiles} fits this device's workgroup limits")
+    return fitted
+
+
+def pick_tile(tiles: TileTable, n: int, t: int) -> Tile:
+    """The mat-mat tile for t rows of an n-row weight: the first whose grid has the workgroups it
+    needs, else the one with the most."""
+    def groups(tile: Tile) -> int:
+        return -(-n // tile.tn) * -(-t // tile.tt)
+
+    return next((tile for tile, least in tiles if groups(tile) >= least),
+                max((tile for tile, _ in tiles), key=groups))
+
+
 class QuantMatmul:
     """y[t, :] = W · x[t, :] for t < T, for one weight and fixed x / y / row-count bindings.
 
@@ -182,7 +245,8 @@ class QuantMatmul:
         self.f16 = self.tuning.f16 and "shader-f16" in device.features if f16 is None else f16
         self.subgroups = "subgroups" in device.features if subgroups is None else subgroups
         self.matvec = [self._matvec(c) for c in weight.chunks]
-        self.matmat = [self._matmat(c) for c in weight.chunks]
+        self.tiles = fit_tiles(self.tuning.tiles, device.limits, self.f16, weight.k)
+        self.matmat: dict[Tile, list[Launch]] = {}  # built at first use: most steps need one or two tiles
 
     def _consts(self, chunk: WeightChunk, rows_per_group: int) -> tuple[dict[str, int], tuple[int, int]]:
         """Shape constants of one chunk and its (x, y) grid of workgroups of `rows_per_group` rows."""
@@ -202,15 +266,17 @@ class QuantMatmul:
         w = (chunk.buffer, 0, chunk.size)
         return pipe, self.device.create_bind_group(pipe, [w, self.x, self.y]), grid
 
-    def _matmat(self, chunk: WeightChunk) -> Launch:
-        tune, k = self.tuning, self.weight.k
-        consts, grid = self._consts(chunk, tune.tn)
-        consts.update(TN=tune.tn, TT=tune.tt, RN=tune.rn, RT=tune.rt, BK=32 if k % 32 == 0 else 8)
+    def _matmat(self, chunk: WeightChunk, tile: Tile) -> Launch:
+        consts, grid = self._consts(chunk, tile.tn)
+        consts.update(TN=tile.tn, TT=tile.tt, RN=tile.rn, RT=tile.rt, BK=tile.bk)
         parts = ("blocks.wgsl", self.weight.quant.shader, "matmul.wgsl")
-        label = f"matmul {self.weight.quant.name} {self.weight.n}x{k}"
+        label = f"matmul {self.weight.quant.name} {self.weight.n}x{self.weight.k} {tile}"
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, label=label)
         w = (chunk.buffer, 0, chunk.size)
         return pipe, self.device.create_bind_group(pipe, [w, self.x, self.y, self.rows]), grid
+
+    def tile(self, t: int) -> Tile:
+        return pick_tile(self.tiles, self.weight.n, t)
 
     def dispatches(self, t: int) -> list[Dispatch]:
         """The dispatches computing T = t rows (the `rows` uniform must hold t when they run)."""
@@ -219,5 +285,8 @@ class QuantMatmul:
                 raise ValueError(f"{t} rows of {width} f32 do not fit the {size}-byte {name} binding")
         if t <= self.tuning.matvec_max_t:
             return [(pipe, bg, (gx, gy, t)) for pipe, bg, (gx, gy) in self.matvec]
-        tiles = -(-t // self.tuning.tt)
-        return [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat]
+        tile = self.tile(t)
+        if tile not in self.matmat:
+            self.matmat[tile] = [self._matmat(c, tile) for c in self.weight.chunks]
+        tiles = -(-t // tile.tt)
+        return [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat[tile]]
