@@ -6,7 +6,8 @@ seed picks the same token on the CPU and on the GPU wherever their probabilities
 
 Given logits z and SamplingParams:
 1. temperature == 0: argmax (lowest id on ties). Otherwise z / temperature.
-2. keep the top_k largest (all when top_k == 0), ties to the lower id;
+2. keep the top_k largest, ties to the lower id; top_k is at most TOP_K_CAP (0 means TOP_K_CAP),
+   because the GPU sampler selects candidates in registers;
 3. softmax over those; keep the smallest most-probable prefix whose mass reaches top_p;
 4. pick the first candidate whose cumulative (renormalized) mass exceeds uniform(seed, step).
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _M32 = 0xFFFFFFFF
+TOP_K_CAP = 64
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,12 @@ def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
     if params.greedy:
         return int(np.argmax(z))
     z = z / np.float32(params.temperature)
-    k = params.top_k if 0 < params.top_k < len(z) else len(z)
+    k = min(params.top_k or TOP_K_CAP, TOP_K_CAP, len(z))
     # stable sort of -z keeps the lower id first among equal logits
     order = np.argsort(-z, kind="stable")[:k]
     p = np.exp(z[order] - z[order[0]])
     p /= p.sum()
-    cut = int(np.searchsorted(np.cumsum(p), params.top_p * (1 - 1e-6))) + 1
+    cut = min(int(np.searchsorted(np.cumsum(p), params.top_p * (1 - 1e-6))) + 1, k)
     p = p[:cut]
     cdf = np.cumsum(p) / p.sum()
     choice = int(np.searchsorted(cdf, uniform(params.seed, step), side="right"))

@@ -1,183 +1,213 @@
 // Attention over a KV cache laid out [N_SLOTS, N_CTX, NKV * HD] per layer, for a step of T tokens
-// that may belong to different sequences (slots[t]) at any positions (positions[t]).
-// Three stages share one binding list (STAGE picks one per pipeline; a step runs them in order):
-//   0 store:   write the step's k, v rows into the cache at (slot, position).
-//              Dispatch (ceil(NKV * HD / 4 / WG), T).
-//   1 attend:  flash attention: token t's G query heads of KV head h against the keys
-//              first..pos of its slot (first = pos - WINDOW + 1 with a sliding window, else 0),
-//              with an online softmax over tiles of WG keys. The key range is cut into SPLIT
-//              chunks, one workgroup each: dispatch (SPLIT, T, NKV). With SPLIT = 1 the result
-//              goes straight to `out`; otherwise each chunk leaves (sum of p·v, max, sum of p)
-//              in `partials` for stage 2.
-//   2 combine: merge the SPLIT partial results of each (token, head). Dispatch (NH, T).
+// that may belong to different sequences (slots[t]) at any positions (positions[t]). The step's
+// keys and values are already in the cache (rope.wgsl with STORE puts them there).
+// Two stages share one binding list (STAGE picks one per pipeline; a step runs them in order):
+//   0 attend:  flash attention of token t's query heads against the keys first..pos of its slot
+//              (first = pos - WINDOW + 1 with a sliding window, else 0), TK keys at a time with
+//              an online softmax. A workgroup takes HB of the G query heads that share KV head h,
+//              so each of its threads owns one output vec4 of one head. Each key's dot products
+//              are spread over C threads (4 vec4 each, neighbours reading neighbouring bytes) whose
+//              partial sums meet in workgroup memory. The key range is cut into SPLIT chunks, one
+//              workgroup each: dispatch (SPLIT, T, NKV * G / HB). With SPLIT = 1 the result goes
+//              straight to `out`; otherwise each chunk leaves (sum of p·v, max, sum of p) in
+//              `partials` for stage 1.
+//   1 combine: merge the SPLIT partial results of each (token, head). Dispatch (NH, T).
 // The cache holds F (f32, or f16 with shader-f16); the arithmetic is f32.
-// Consts: HD, G (query heads per KV head), NH, NKV, N_CTX, N_SLOTS, WINDOW (0: none), SCALE,
-// SPLIT, STAGE, WG.
+// Loops that load are unrolled by hand, several loads per iteration: wgpu's shader translator
+// guards every loop, which keeps drivers from unrolling them, and loads in a loop that is not
+// unrolled wait for each other.
+// Consts: HD, G (query heads per KV head), HB (heads per workgroup, dividing G, HB * HD / 4 <= WG),
+// NH, NKV, N_CTX, WINDOW (0: none), SCALE, SPLIT (<= WG), STAGE, WG.
 
 @group(0) @binding(0) var<storage, read_write> out: array<vec4<f32>>;  // [T, NH * HD]
 @group(0) @binding(1) var<storage, read_write> partials: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> k_cache: array<vec4<F>>;
-@group(0) @binding(3) var<storage, read_write> v_cache: array<vec4<F>>;
+@group(0) @binding(2) var<storage, read> k_cache: array<vec4<F>>;
+@group(0) @binding(3) var<storage, read> v_cache: array<vec4<F>>;
 @group(0) @binding(4) var<storage, read> q: array<vec4<f32>>;  // [T, NH * HD]
-@group(0) @binding(5) var<storage, read> k: array<vec4<f32>>;  // [T, NKV * HD]
-@group(0) @binding(6) var<storage, read> v: array<vec4<f32>>;  // [T, NKV * HD]
-@group(0) @binding(7) var<storage, read> positions: array<i32>;
-@group(0) @binding(8) var<storage, read> slots: array<i32>;
+@group(0) @binding(5) var<storage, read> positions: array<i32>;
+@group(0) @binding(6) var<storage, read> slots: array<i32>;
 
 const HD4: u32 = HD / 4u;
 const KVW4: u32 = NKV * HD4;  // vec4s per cache row
 const QW4: u32 = NH * HD4;
-const GROUP4: u32 = G * HD4;  // query (and output) vec4s of one KV head's query heads
-const PER: u32 = (GROUP4 + WG - 1u) / WG;  // output vec4s per thread
+const C: u32 = (HD4 + 3u) / 4u;  // threads sharing one key's dot products
+const TK: u32 = WG / C;  // keys per tile
+const BLOCKS: u32 = G / HB;  // workgroups per KV head
+const LANES: u32 = WG / HD4;  // combine: threads per output vec4
 const REC4: u32 = HD4 + 1u;  // a partial: HD4 vec4 of sum(p·v), then (max, sum(p), 0, 0)
-const LOWEST: f32 = -3.40282347e38;
+const LOWEST: f32 = -3.4028234663852886e38;  // -FLT_MAX exactly: Tint rejects literals that round
 
-var<workgroup> q_tile: array<vec4<f32>, GROUP4>;  // pre-scaled queries
-var<workgroup> scores: array<f32, G * WG>;  // [head][key of the tile]
-var<workgroup> probs: array<f32, G * WG>;
+var<workgroup> q_tile: array<vec4<f32>, HB * 4u * C>;  // [head][vec4], zero past HD4, pre-scaled
+var<workgroup> dots: array<f32, HB * TK * C>;  // [head][key of the tile][thread of the key]
+var<workgroup> scores: array<f32, HB * TK>;  // [head][key of the tile]
+var<workgroup> weights: array<vec2<f32>, SPLIT>;  // combine: (max, sum of p) of each chunk
+var<workgroup> lane_sums: array<vec4<f32>, WG>;  // combine: [lane][vec4 of the head]
 
-fn store(wid: vec3<u32>, lid: u32) {
-    let t = wid.y;
-    let c = wid.x * WG + lid;
-    let slot = u32(slots[t]);
-    let pos = u32(positions[t]);
-    if c >= KVW4 || slot >= N_SLOTS || pos >= N_CTX {
-        return;
-    }
-    let at = (slot * N_CTX + pos) * KVW4 + c;
-    k_cache[at] = vec4<F>(k[t * KVW4 + c]);
-    v_cache[at] = vec4<F>(v[t * KVW4 + c]);
+// exp(score - mx) of keys j..j+3 of the tile (0 past the n keys it has).
+fn probs4(s0: u32, j: u32, n: u32, mx: f32) -> vec4<f32> {
+    let z = vec4<f32>(scores[s0 + min(j, TK - 1u)], scores[s0 + min(j + 1u, TK - 1u)],
+                      scores[s0 + min(j + 2u, TK - 1u)], scores[s0 + min(j + 3u, TK - 1u)]);
+    return select(vec4<f32>(0.0), exp(z - mx), vec4<u32>(j) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(n));
 }
 
 fn attend(wid: vec3<u32>, lid: u32) {
     let split = wid.x;
     let t = wid.y;
-    let h = wid.z;
+    let h = wid.z / BLOCKS;
+    let head0 = h * G + (wid.z % BLOCKS) * HB;
     let pos = u32(positions[t]);
     let first = select(0u, pos + 1u - min(WINDOW, pos + 1u), WINDOW > 0u);
-    let chunk = (pos - first + SPLIT) / SPLIT;
+    // At least a tile per chunk: short ranges leave the last splits empty rather than thin.
+    let chunk = max((pos - first + SPLIT) / SPLIT, TK);
     let start = first + split * chunk;
     let end = min(start + chunk, pos + 1u);
     let cache0 = u32(slots[t]) * N_CTX * KVW4 + h * HD4;  // key 0 of this slot and KV head
 
-    for (var i = lid; i < GROUP4; i += WG) {
-        q_tile[i] = q[t * QW4 + h * GROUP4 + i] * SCALE;
+    for (var i = lid; i < HB * 4u * C; i += WG) {
+        let d = i % (4u * C);
+        let qv = q[t * QW4 + (head0 + i / (4u * C)) * HD4 + min(d, HD4 - 1u)];
+        q_tile[i] = select(vec4<f32>(0.0), qv * SCALE, d < HD4);
     }
     workgroupBarrier();
 
-    var m: array<f32, G>;  // running max of each head's scores
-    var l: array<f32, G>;  // running sum of exp(score - m)
-    var acc: array<vec4<f32>, PER>;
-    for (var g = 0u; g < G; g++) {
-        m[g] = LOWEST;
-    }
-    for (var j0 = start; j0 < end; j0 += WG) {
-        let n = min(WG, end - j0);
-        // Thread i scores key j0 + i for every head of the group. (Loop-body vars get explicit
-        // initializers: Naga zeroes a bare `var` once per call, not once per iteration.)
-        var s = array<f32, G>();
-        if lid < n {
-            let row = cache0 + (j0 + lid) * KVW4;
-            for (var d = 0u; d < HD4; d++) {
-                let kd = vec4<f32>(k_cache[row + d]);
-                for (var g = 0u; g < G; g++) {
-                    s[g] += dot(q_tile[g * HD4 + d], kd);
-                }
-            }
-            for (var g = 0u; g < G; g++) {
-                scores[g * WG + lid] = s[g];
-            }
-        }
-        workgroupBarrier();
-        var rescale = array<f32, G>();
-        for (var g = 0u; g < G; g++) {
-            var mx = m[g];
-            for (var i = 0u; i < n; i++) {
-                mx = max(mx, scores[g * WG + i]);
-            }
-            rescale[g] = exp(m[g] - mx);
-            m[g] = mx;
-            l[g] *= rescale[g];
-        }
-        if lid < n {
-            for (var g = 0u; g < G; g++) {
-                probs[g * WG + lid] = exp(s[g] - m[g]);
+    let key = lid / C;  // scoring: this thread's key of the tile and its part of the key
+    let part = lid % C;
+    let g = lid / HD4;  // p·v: the head and vec4 this thread owns
+    let d = lid % HD4;
+    let owner = lid < HB * HD4;
+    var m = LOWEST;  // running max of the head's scores
+    var l = 0.0;  // running sum of exp(score - m)
+    var acc = vec4<f32>(0.0);
+    for (var j0 = start; j0 < end; j0 += TK) {
+        let n = min(TK, end - j0);
+        if key < TK {
+            let row = cache0 + min(j0 + key, end - 1u) * KVW4;
+            // vec4s part, part + C, part + 2C, part + 3C of the key (past HD4 they repeat the
+            // last one, where the query is zero)
+            let k0 = vec4<f32>(k_cache[row + min(part, HD4 - 1u)]);
+            let k1 = vec4<f32>(k_cache[row + min(part + C, HD4 - 1u)]);
+            let k2 = vec4<f32>(k_cache[row + min(part + 2u * C, HD4 - 1u)]);
+            let k3 = vec4<f32>(k_cache[row + min(part + 3u * C, HD4 - 1u)]);
+            for (var hg = 0u; hg < HB; hg++) {
+                let q0 = hg * 4u * C + part;
+                dots[(hg * TK + key) * C + part] = dot(q_tile[q0], k0) + dot(q_tile[q0 + C], k1)
+                    + dot(q_tile[q0 + 2u * C], k2) + dot(q_tile[q0 + 3u * C], k3);
             }
         }
         workgroupBarrier();
-        for (var g = 0u; g < G; g++) {
-            for (var i = 0u; i < n; i++) {
-                l[g] += probs[g * WG + i];
+        for (var hk = lid; hk < HB * TK; hk += WG) {  // hk = head * TK + key
+            var sum = 0.0;
+            for (var i = 0u; i < C; i += 4u) {
+                let at = hk * C;
+                sum += (dots[at + i] + dots[at + min(i + 1u, C - 1u)] * f32(i + 1u < C))
+                    + (dots[at + min(i + 2u, C - 1u)] * f32(i + 2u < C) + dots[at + min(i + 3u, C - 1u)] * f32(i + 3u < C));
             }
+            scores[hk] = sum;
         }
-        for (var c = 0u; c < PER; c++) {
-            let o = lid + c * WG;
-            if o < GROUP4 {
-                let g = o / HD4;
-                var a = acc[c] * rescale[g];
-                for (var i = 0u; i < n; i++) {
-                    a += probs[g * WG + i] * vec4<f32>(v_cache[cache0 + (j0 + i) * KVW4 + o % HD4]);
-                }
-                acc[c] = a;
+        workgroupBarrier();
+        // The next tile writes `dots` and `scores` only after its first barrier, which every
+        // thread reaches once done reading them here.
+        if owner {
+            let s0 = g * TK;
+            var mx = m;
+            for (var j = 0u; j < n; j += 4u) {
+                let z = vec4<f32>(scores[s0 + j], scores[s0 + min(j + 1u, n - 1u)],
+                                  scores[s0 + min(j + 2u, n - 1u)], scores[s0 + min(j + 3u, n - 1u)]);
+                mx = max(mx, max(max(z.x, z.y), max(z.z, z.w)));
             }
+            let rescale = exp(m - mx);
+            acc *= rescale;
+            l *= rescale;
+            let at = cache0 + d;
+            let last = end - 1u;
+            for (var j = 0u; j < n; j += 8u) {
+                let pa = probs4(s0, j, n, mx);
+                let pb = probs4(s0, j + 4u, n, mx);
+                let key = j0 + j;
+                acc += pa.x * vec4<f32>(v_cache[at + key * KVW4])
+                    + pa.y * vec4<f32>(v_cache[at + min(key + 1u, last) * KVW4])
+                    + pa.z * vec4<f32>(v_cache[at + min(key + 2u, last) * KVW4])
+                    + pa.w * vec4<f32>(v_cache[at + min(key + 3u, last) * KVW4])
+                    + pb.x * vec4<f32>(v_cache[at + min(key + 4u, last) * KVW4])
+                    + pb.y * vec4<f32>(v_cache[at + min(key + 5u, last) * KVW4])
+                    + pb.z * vec4<f32>(v_cache[at + min(key + 6u, last) * KVW4])
+                    + pb.w * vec4<f32>(v_cache[at + min(key + 7u, last) * KVW4]);
+                l += dot(pa + pb, vec4<f32>(1.0));
+            }
+            m = mx;
         }
-        // No barrier needed here: the next tile writes `scores` and `probs` only after its first
-        // barrier, which every thread reaches after it is done reading them.
     }
 
-    for (var c = 0u; c < PER; c++) {
-        let o = lid + c * WG;
-        if o < GROUP4 {
-            let g = o / HD4;
-            let d = o % HD4;
-            let head = h * G + g;
-            if SPLIT == 1u {
-                out[t * QW4 + head * HD4 + d] = acc[c] / l[g];
-            } else {
-                let rec = ((t * NH + head) * SPLIT + split) * REC4;
-                partials[rec + d] = acc[c];
-                if d == 0u {
-                    partials[rec + HD4] = vec4<f32>(m[g], l[g], 0.0, 0.0);
-                }
+    if owner {
+        let head = head0 + g;
+        if SPLIT == 1u {
+            out[t * QW4 + head * HD4 + d] = acc / l;
+        } else {
+            let rec = ((t * NH + head) * SPLIT + split) * REC4;
+            partials[rec + d] = acc;
+            if d == 0u {
+                partials[rec + HD4] = vec4<f32>(m, l, 0.0, 0.0);
             }
         }
     }
+}
+
+// (max, sum of p) of chunk s; past SPLIT, a chunk that weighs nothing.
+fn chunk_weight(s: u32) -> vec2<f32> {
+    return select(vec2<f32>(LOWEST, 0.0), weights[min(s, SPLIT - 1u)], s < SPLIT);
 }
 
 fn combine(wid: vec3<u32>, lid: u32) {
     let head = wid.x;
     let t = wid.y;
     let rec0 = (t * NH + head) * SPLIT;
+    if lid < SPLIT {
+        weights[lid] = partials[(rec0 + lid) * REC4 + HD4].xy;
+    }
+    workgroupBarrier();
     var mx = LOWEST;
-    for (var s = 0u; s < SPLIT; s++) {
-        mx = max(mx, partials[(rec0 + s) * REC4 + HD4].x);
+    for (var s = 0u; s < SPLIT; s += 4u) {
+        mx = max(mx, max(max(chunk_weight(s).x, chunk_weight(s + 1u).x), max(chunk_weight(s + 2u).x, chunk_weight(s + 3u).x)));
     }
     var total = 0.0;
-    for (var s = 0u; s < SPLIT; s++) {
-        let ml = partials[(rec0 + s) * REC4 + HD4];
-        total += exp(ml.x - mx) * ml.y;
+    for (var s = 0u; s < SPLIT; s += 4u) {
+        let w0 = chunk_weight(s);
+        let w1 = chunk_weight(s + 1u);
+        let w2 = chunk_weight(s + 2u);
+        let w3 = chunk_weight(s + 3u);
+        total += dot(exp(vec4<f32>(w0.x, w1.x, w2.x, w3.x) - mx), vec4<f32>(w0.y, w1.y, w2.y, w3.y));
     }
-    for (var d = lid; d < HD4; d += WG) {
-        var a = vec4<f32>(0.0);
-        for (var s = 0u; s < SPLIT; s++) {
-            let rec = (rec0 + s) * REC4;
-            a += exp(partials[rec + HD4].x - mx) * partials[rec + d];
+    // LANES threads per vec4 of the head, each summing every LANES-th chunk, then added up.
+    let lane = lid / HD4;
+    let d = lid % HD4;
+    var a = vec4<f32>(0.0);
+    if lane < LANES {
+        for (var s = lane; s < SPLIT; s += 4u * LANES) {
+            let s1 = s + LANES;
+            let s2 = s + 2u * LANES;
+            let s3 = s + 3u * LANES;
+            let at = rec0 * REC4 + d;
+            a += exp(chunk_weight(s).x - mx) * partials[at + s * REC4]
+                + exp(chunk_weight(s1).x - mx) * partials[at + min(s1, SPLIT - 1u) * REC4]
+                + exp(chunk_weight(s2).x - mx) * partials[at + min(s2, SPLIT - 1u) * REC4]
+                + exp(chunk_weight(s3).x - mx) * partials[at + min(s3, SPLIT - 1u) * REC4];
         }
-        out[t * QW4 + head * HD4 + d] = a / total;
+        lane_sums[lid] = a;
+    }
+    workgroupBarrier();
+    if lid < HD4 {
+        for (var i = 1u; i < LANES; i++) {
+            a += lane_sums[i * HD4 + lid];
+        }
+        out[t * QW4 + head * HD4 + lid] = a / total;
     }
 }
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    switch STAGE {
-        case 0u: {
-            store(wid, lid);
-        }
-        case 1u: {
-            attend(wid, lid);
-        }
-        default: {
-            combine(wid, lid);
-        }
+    if STAGE == 0u {
+        attend(wid, lid);
+    } else {
+        combine(wid, lid);
     }
 }

@@ -3,37 +3,39 @@
 // keep the top k <= CAP (ties to the lower id), softmax them, cut to the top_p nucleus and pick
 // with the counter-based uniform(seed, step).
 // Two stages share one binding list (STAGE picks one per pipeline):
-//   1: each workgroup selects the top k of a chunk of WG * E logits into `cand`.
-//      Dispatch (NB, R) with NB = ceil(V / (WG * E)) chunks per row.
-//   2: one workgroup per row selects the top k of the NB * k candidates, sorts them, samples and
-//      writes the token id. Dispatch (1, R).
-// Selection is exact: a radix select finds the k-th largest key 4 bits at a time (8 rounds), then
-// the ids among keys equal to it (ID_ROUNDS rounds), so ties resolve to the lowest ids.
-// Composed after reduce_subgroup.wgsl or reduce_shared.wgsl (with R = 16: one sum per digit).
-// Consts: V, CAP, NB, E (elements per thread), ID_ROUNDS, STAGE, WG, R.
+//   1: each workgroup writes the top k of a chunk of WG * E logits, best first, into `cand`.
+//      Dispatch (NB, R), NB chunks per row.
+//   2: one workgroup per row takes the top k of the NB * k candidates, samples and writes the
+//      token id. Dispatch (1, R).
+// Elements are (key, id) pairs ordered by key (the float's order as a u32), then by lower id.
+// Selection is exact and needs three barriers: the k-th best of the threads' own best elements is
+// a bound every top-k element reaches, and only the k threads whose best reaches it can hold such
+// elements, so at most k * E candidates remain; ranking them against each other sorts them.
+// Loops that load are unrolled by hand, four loads per iteration (wgpu's shader translator guards
+// every loop, which keeps drivers from unrolling them), and each thread reads its elements twice
+// rather than keeping them in an array (indexing one in a loop would put it in slow local memory).
+// Consts: V, CAP (<= WG), NB, E (elements per thread, a multiple of 4), STAGE, WG (a multiple of 8).
 
 struct Params {
     temperature: f32,  // 0: greedy
     k: u32,  // candidates kept, 1..CAP (1 when greedy)
-    top_p: f32,  // nucleus threshold (see realm_wasm/gpu/ops.py: pack_sampling)
+    top_p: f32,  // nucleus threshold (see realm_wasm/gpu/ops.py: nucleus_threshold)
     seed: u32,
     step: u32,
 }
 
 @group(0) @binding(0) var<storage, read> logits: array<f32>;  // [R, V]
 @group(0) @binding(1) var<storage, read> params: array<Params>;  // [R]
-@group(0) @binding(2) var<storage, read_write> cand: array<vec2<u32>>;  // [R, NB, CAP] (key, id)
+@group(0) @binding(2) var<storage, read_write> cand: array<vec2<u32>>;  // [R, NB, CAP]
 @group(0) @binding(3) var<storage, read_write> tokens: array<i32>;  // [R]
 
-const SENTINEL_ID: u32 = V;  // pads a chunk; loses every tie against a real id
-
-var<private> keys: array<u32, E>;
-var<private> ids: array<u32, E>;
-var<workgroup> totals: array<u32, 16>;
-var<workgroup> n_picked: atomic<u32>;
-var<workgroup> picked: array<vec2<u32>, CAP>;
-var<workgroup> sorted_ids: array<u32, CAP>;
-var<workgroup> sorted_p: array<f32, CAP>;
+var<workgroup> best_keys: array<vec4<u32>, WG / 4u>;  // each thread's best element, 4 per vec4
+var<workgroup> best_ids: array<vec4<u32>, WG / 4u>;
+var<workgroup> bound: vec2<u32>;
+var<workgroup> n_found: atomic<u32>;
+var<workgroup> found: array<vec2<u32>, CAP * E>;
+var<workgroup> top: array<vec2<u32>, CAP>;  // stage 2: the k best, best first
+var<workgroup> probs: array<f32, CAP>;
 
 // u32 keys that order like the floats (-0 reads as +0: numpy compares them equal).
 fn order_key(x: f32) -> u32 {
@@ -45,66 +47,43 @@ fn key_value(key: u32) -> f32 {
     return bitcast<f32>(select(~key, key & 0x7fffffffu, key >= 0x80000000u));
 }
 
-// Workgroup-wide counts of the 4-bit digit at `shift` among live elements whose bits above the
-// digit equal `prefix`: of the keys, or (of_ids) of the ids of elements whose key equals `tie`.
-fn digit_totals(lane: Lane, of_ids: bool, tie: u32, prefix: u32, shift: u32) -> array<u32, 16> {
-    let above = ~((16u << shift) - 1u);  // 16 << 28 wraps to 0: no bits above the top digit
-    var c = array<vec4<f32>, 4>();
-    for (var e = 0u; e < E; e++) {
-        let v = select(keys[e], ids[e], of_ids);
-        if (!of_ids || keys[e] == tie) && (v & above) == prefix {
-            let digit = vec4<u32>((v >> shift) & 15u);
-            c[0] += select(vec4<f32>(0.0), vec4<f32>(1.0), digit == vec4<u32>(0u, 1u, 2u, 3u));
-            c[1] += select(vec4<f32>(0.0), vec4<f32>(1.0), digit == vec4<u32>(4u, 5u, 6u, 7u));
-            c[2] += select(vec4<f32>(0.0), vec4<f32>(1.0), digit == vec4<u32>(8u, 9u, 10u, 11u));
-            c[3] += select(vec4<f32>(0.0), vec4<f32>(1.0), digit == vec4<u32>(12u, 13u, 14u, 15u));
-        }
-    }
-    var counts: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        counts[i] = c[i / 4u][i % 4u];
-    }
-    let sum = workgroup_sum(lane, counts);  // thread i < 16 holds the total of digit i
-    if lane.index < 16u {
-        totals[lane.index] = u32(sum);
-    }
-    workgroupBarrier();
-    var out: array<u32, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        out[i] = totals[i];
-    }
-    return out;
+fn beats(a: vec2<u32>, b: vec2<u32>) -> bool {
+    return a.x > b.x || (a.x == b.x && a.y < b.y);
 }
 
-// The k-th best element of the workgroup, ordered by key, then by lowest id: the k best are the
-// elements with a larger key, or the same key and an id no larger.
-fn select_top(lane: Lane, k: u32) -> vec2<u32> {
-    // The k-th largest key: fix its digits from the top, counting the keys above it as we go.
-    var key = 0u;
-    var above = 0u;
-    for (var shift = 28; shift >= 0; shift -= 4) {
-        let tot = digit_totals(lane, false, 0u, key, u32(shift));
-        var d = 15u;
-        while d > 0u && above + tot[d] < k {
-            above += tot[d];
-            d--;
+// How many of four elements (keys, ids) beat `me`.
+fn count_beating(keys: vec4<u32>, ids: vec4<u32>, me: vec2<u32>) -> u32 {
+    let wins = (keys > vec4<u32>(me.x)) | ((keys == vec4<u32>(me.x)) & (ids < vec4<u32>(me.y)));
+    return dot(select(vec4<u32>(0u), vec4<u32>(1u), wins), vec4<u32>(1u));
+}
+
+// Element e of this thread: of a chunk of logits, strided (neighbours read neighbouring words);
+// or of the row's candidates, E consecutive ones (of one chunk's ranked list, so the best of them
+// says much about the rest). Padding gets key 0 (below every float) and a unique id past V.
+fn element(row: u32, chunk: u32, lid: u32, e: u32, p: Params) -> vec2<u32> {
+    if STAGE == 1u {
+        let col = chunk * WG * E + e * WG + lid;
+        if col >= V {
+            return vec2<u32>(0u, col);
         }
-        key |= d << u32(shift);
+        let z = logits[row * V + col];
+        return vec2<u32>(order_key(select(z / p.temperature, z, p.temperature == 0.0)), col);
     }
-    // Among the keys equal to it, the lowest `need` ids: the need-th smallest id bounds them.
-    let need = k - above;
-    var id = 0u;
-    var below = 0u;
-    for (var shift = i32(4u * ID_ROUNDS) - 4; shift >= 0; shift -= 4) {
-        let tot = digit_totals(lane, true, key, id, u32(shift));
-        var d = 0u;
-        while d < 15u && below + tot[d] < need {
-            below += tot[d];
-            d++;
-        }
-        id |= d << u32(shift);
+    let i = lid * E + e;
+    if i < NB * CAP && i % CAP < p.k {
+        return cand[row * NB * CAP + i];
     }
-    return vec2<u32>(key, id);
+    return vec2<u32>(0u, V + i);
+}
+
+fn better(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+    return select(b, a, beats(a, b));
+}
+
+fn keep_if_reaching(b: vec2<u32>, x: vec2<u32>) {
+    if !beats(b, x) {
+        found[atomicAdd(&n_found, 1u)] = x;
+    }
 }
 
 fn pcg_hash(x: u32) -> u32 {
@@ -117,101 +96,113 @@ fn uniform01(seed: u32, step: u32) -> f32 {
     return f32(pcg_hash(pcg_hash(seed) ^ step) >> 8u) / 16777216.0;
 }
 
-// Load this thread's share of a chunk of logits (stage 1) or of the row's candidates (stage 2).
-fn load(row: u32, chunk: u32, lid: u32, p: Params) {
-    for (var e = 0u; e < E; e++) {
-        keys[e] = 0u;
-        ids[e] = SENTINEL_ID;
-        let i = e * WG + lid;
-        if STAGE == 1u {
-            let col = chunk * WG * E + i;
-            if col < V {
-                let z = logits[row * V + col];
-                keys[e] = order_key(select(z / p.temperature, z, p.temperature == 0.0));
-                ids[e] = col;
-            }
-        } else if i < NB * CAP && i % CAP < p.k {
-            let kv = cand[row * NB * CAP + i];
-            keys[e] = kv.x;
-            ids[e] = kv.y;
-        }
-    }
+fn probs4(i: u32) -> vec4<f32> {
+    return vec4<f32>(probs[i], probs[min(i + 1u, CAP - 1u)], probs[min(i + 2u, CAP - 1u)], probs[min(i + 3u, CAP - 1u)]);
 }
 
-// Thread 0 of stage 2: sampling.sample on the k candidates sorted best first.
+// sampling.sample on the k best (`top`, best first; `probs` holds exp(z - z_best)); one thread.
 fn pick(p: Params) -> u32 {
     if p.temperature == 0.0 {
-        return sorted_ids[0];
+        return top[0].y;
     }
-    let z0 = sorted_p[0];
     var total = 0.0;
-    for (var i = 0u; i < p.k; i++) {
-        sorted_p[i] = exp(sorted_p[i] - z0);
-        total += sorted_p[i];
+    for (var i = 0u; i < p.k; i += 4u) {
+        total += dot(probs4(i), vec4<f32>(vec4<u32>(i) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.k)));
     }
+    // The nucleus: the shortest prefix whose share of the mass reaches top_p.
     var cut = p.k;
     var cum = 0.0;
     for (var i = 0u; i < p.k; i++) {
-        sorted_p[i] /= total;
-        cum += sorted_p[i];
-        if cum >= p.top_p && cut == p.k {
+        cum += probs[i] / total;
+        if cum >= p.top_p {
             cut = i + 1u;
+            break;
         }
     }
-    var kept = 0.0;
-    for (var i = 0u; i < cut; i++) {
-        kept += sorted_p[i];
-    }
+    let kept = cum;
     let u = uniform01(p.seed, p.step);
     cum = 0.0;
     for (var i = 0u; i < cut; i++) {
-        cum += sorted_p[i];
+        cum += probs[i] / total;
         if cum / kept > u {
-            return sorted_ids[i];
+            return top[i].y;
         }
     }
-    return sorted_ids[cut - 1u];
+    return top[cut - 1u].y;
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, lane: Lane) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wid.y;
+    let chunk = wid.x;
     let p = params[row];
-    // Workgroup memory starts undefined on some hosts (lavapipe keeps the last workgroup's);
-    // select_top's barriers order this before the first atomicAdd.
-    if lane.index == 0u {
-        atomicStore(&n_picked, 0u);
+    var best = vec2<u32>(0u, 0xffffffffu);  // loses to every element
+    for (var e = 0u; e < E; e += 4u) {
+        let x0 = element(row, chunk, lid, e, p);
+        let x1 = element(row, chunk, lid, e + 1u, p);
+        let x2 = element(row, chunk, lid, e + 2u, p);
+        let x3 = element(row, chunk, lid, e + 3u, p);
+        best = better(better(best, x0), better(better(x1, x2), x3));
     }
-    load(row, wid.x, lane.index, p);
-    let kth = select_top(lane, p.k);
-    for (var e = 0u; e < E; e++) {
-        if keys[e] > kth.x || (keys[e] == kth.x && ids[e] <= kth.y) {
-            let slot = atomicAdd(&n_picked, 1u);
+    best_keys[lid / 4u][lid % 4u] = best.x;
+    best_ids[lid / 4u][lid % 4u] = best.y;
+    if lid == 0u {
+        // Workgroup memory starts undefined on some hosts (lavapipe keeps the last workgroup's).
+        atomicStore(&n_found, 0u);
+    }
+    workgroupBarrier();
+    // The k-th best of the threads' bests (unique: ids are).
+    var rank = 0u;
+    for (var u = 0u; u < WG / 4u; u += 2u) {
+        rank += count_beating(best_keys[u], best_ids[u], best) + count_beating(best_keys[u + 1u], best_ids[u + 1u], best);
+    }
+    if rank == p.k - 1u {
+        bound = best;
+    }
+    workgroupBarrier();
+    let b = bound;
+    for (var e = 0u; e < E; e += 4u) {
+        let x0 = element(row, chunk, lid, e, p);
+        let x1 = element(row, chunk, lid, e + 1u, p);
+        let x2 = element(row, chunk, lid, e + 2u, p);
+        let x3 = element(row, chunk, lid, e + 3u, p);
+        keep_if_reaching(b, x0);
+        keep_if_reaching(b, x1);
+        keep_if_reaching(b, x2);
+        keep_if_reaching(b, x3);
+    }
+    workgroupBarrier();
+    // Each candidate's rank among the others is its place in the sorted top k.
+    let n = atomicLoad(&n_found);
+    for (var c = lid; c < n; c += WG) {
+        let me = found[c];
+        var r = 0u;
+        for (var j = 0u; j < n; j += 4u) {
+            let f0 = found[j];
+            let f1 = found[min(j + 1u, n - 1u)];
+            let f2 = found[min(j + 2u, n - 1u)];
+            let f3 = found[min(j + 3u, n - 1u)];
+            let real = vec4<u32>(j) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(n);
+            let keys = select(vec4<u32>(0u), vec4<u32>(f0.x, f1.x, f2.x, f3.x), real);
+            let ids = select(vec4<u32>(0xffffffffu), vec4<u32>(f0.y, f1.y, f2.y, f3.y), real);
+            r += count_beating(keys, ids, me);
+        }
+        if r < p.k {
             if STAGE == 1u {
-                cand[(row * NB + wid.x) * CAP + slot] = vec2<u32>(keys[e], ids[e]);
+                cand[(row * NB + chunk) * CAP + r] = me;
             } else {
-                picked[slot] = vec2<u32>(keys[e], ids[e]);
+                top[r] = me;
             }
         }
     }
-    if STAGE == 1u {
-        return;
-    }
-    workgroupBarrier();
-    // Sort the k picks by rank: the number of picks that beat each one.
-    let i = lane.index;
-    if i < p.k {
-        let me = picked[i];
-        var rank = 0u;
-        for (var j = 0u; j < p.k; j++) {
-            let other = picked[j];
-            rank += u32(other.x > me.x || (other.x == me.x && other.y < me.y));
+    if STAGE == 2u {
+        workgroupBarrier();
+        if lid < p.k {
+            probs[lid] = exp(key_value(top[lid].x) - key_value(top[0].x));
         }
-        sorted_ids[rank] = me.y;
-        sorted_p[rank] = key_value(me.x);
-    }
-    workgroupBarrier();
-    if i == 0u {
-        tokens[row] = i32(pick(p));
+        workgroupBarrier();
+        if lid == 0u {
+            tokens[row] = i32(pick(p));
+        }
     }
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realm_wasm.sampling import SamplingParams, pcg_hash, sample, uniform
+from realm_wasm.sampling import TOP_K_CAP, SamplingParams, pcg_hash, sample, uniform
 
 
 def pcg_hash_numpy(x: np.ndarray) -> np.ndarray:
@@ -61,3 +61,17 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
 def test_invalid_parameters_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_top_k_is_capped_like_the_gpu_sampler():
+    # 200 equally likely tokens: only the first TOP_K_CAP (lowest ids on ties) can be drawn
+    logits = np.zeros(200)
+    drawn = {sample(logits, SamplingParams(1.0, seed=9), n) for n in range(3000)}
+    assert max(drawn) < TOP_K_CAP and len(drawn) > TOP_K_CAP * 0.9
+
+
+def test_top_p_never_reached_in_float32_keeps_every_candidate():
+    # a mass that sums to just under 1.0 in float32 must not index past the candidates
+    logits = np.log(np.full(64, 1 / 64, np.float32))
+    for n in range(200):
+        assert 0 <= sample(logits, SamplingParams(1.0, top_p=1.0, seed=n), n) < 64

@@ -8,8 +8,15 @@ bindings themselves never do.
 
 Conventions: activations are f32 [rows, width], row-major; `tokens`, `positions`, `slots` and
 `logit_rows` are int32 per row. Every kernel takes its row count from the dispatch size, so none
-needs a step uniform. Kernels that may run in place (rmsnorm, rope, add) do when given the same
-binding for input and output.
+needs a step uniform. RmsNorm and Add run in place when given the same binding for input and
+output; Rope always runs in place.
+
+Fusions, because a dispatch costs ~2-4 us however small (H100, wgpu-py): a Rope also applies the
+Q/K norm before rotating (`norm=`) and, for the keys, can be the attention's KV store (`kv=`, with
+the Attention built with k = v = None); an RmsNorm can add into the residual (`residual=True`) and
+then compute the next pre-norm (`then=`). A gemma layer's non-matmul ops are thus 6 dispatches:
+rope q, rope k (+ store), attention (2), post-attention norm + add + FFN norm, GLU, post-FFN
+norm + add + next layer's attention norm (unfused, one per plan op: 11).
 """
 
 from __future__ import annotations
@@ -22,15 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampling import SamplingParams
+from ..sampling import TOP_K_CAP, SamplingParams
 from . import compose
 from .device import COPY_DST, STORAGE, STORAGE_RW, Binding, Buffer, Device, Dispatch
 from .matmul import GpuWeight, check_snippet
 
 ACTIVATIONS = {"gelu": True, "silu": False}  # act name -> glu.wgsl's GELU const
 
-TOP_K_CAP = 64  # the GPU sampler keeps at most this many candidates: top_k 0 or above means 64
-SAMPLE_CHUNK = 4096  # logits per stage-1 sampling workgroup
+SAMPLE_WG = 256  # threads of a sampling workgroup: at least TOP_K_CAP
 _M32 = 0xFFFFFFFF
 
 
@@ -39,17 +45,16 @@ class Tuning:
     """Kernel shapes for one class of adapter."""
 
     wg: int  # threads of the elementwise and norm workgroups (a power of two)
-    attn_wg: int  # threads of an attention workgroup = keys per tile
+    attn_wg: int  # threads of an attention workgroup (at least head_dim / 4 and attn_split)
     attn_split: int  # KV-range chunks per token (workgroups in parallel) for short steps; 1: never
     attn_split_max_t: int  # steps of at most this many tokens split the KV range
-    sample_wg: int  # threads of a sampling workgroup (a power of two dividing SAMPLE_CHUNK)
 
 
 # Keyed by `device.is_fallback_adapter`: CPU adapters pay a lot per barrier and gain nothing from
 # more workgroups than cores, so they get small workgroups and no split attention.
 TUNING = {
-    False: Tuning(wg=256, attn_wg=64, attn_split=32, attn_split_max_t=4, sample_wg=256),
-    True: Tuning(wg=64, attn_wg=32, attn_split=1, attn_split_max_t=0, sample_wg=64),
+    False: Tuning(wg=256, attn_wg=256, attn_split=32, attn_split_max_t=16),
+    True: Tuning(wg=64, attn_wg=64, attn_split=1, attn_split_max_t=0),
 }
 
 
@@ -84,10 +89,6 @@ def scratch(device: Device, name: str, size: int) -> Buffer:
     return cache[name, size]
 
 
-def whole(buf: Buffer, size: int) -> Binding:
-    return (buf, 0, size)
-
-
 class _Op:
     """A kernel with its bind groups built; subclasses fill `self.steps` with (pipeline, bind group,
     workgroups per row as (x, z)) and set `self.row_bindings` for the capacity check."""
@@ -105,10 +106,13 @@ class RmsNorm(_Op):
     """y = x / sqrt(mean(x², per group of `group`) + eps) * w, or y += that with `residual`.
 
     `w` holds `group` floats (shared by every group of a row, as a per-head Q/K norm) or `width`.
+    `then` = (w2, h) also writes h = rmsnorm(new y) * w2: a post-norm, the residual add and the
+    next pre-norm in one dispatch.
     """
 
     def __init__(self, device: Device, x: Binding, w: Binding, y: Binding, *, width: int, group: int,
-                 eps: float, residual: bool = False, tuning: Tuning | None = None) -> None:
+                 eps: float, residual: bool = False, then: tuple[Binding, Binding] | None = None,
+                 tuning: Tuning | None = None) -> None:
         tune = tuning or TUNING[device.is_fallback_adapter]
         if width % group:
             raise ValueError(f"rmsnorm: width {width} is not a multiple of the group {group}")
@@ -120,44 +124,70 @@ class RmsNorm(_Op):
             raise ValueError("rmsnorm: a residual norm cannot run in place")
         wg = min(tune.wg, 1 << max(5, (group - 1).bit_length()))
         consts = dict(WIDTH=width, GROUP=group, W_LEN=w_len, EPS=float(eps), RESIDUAL=residual,
-                      IN_PLACE=in_place, WG=wg, R=1)
+                      THEN=then is not None, IN_PLACE=in_place, WG=wg, R=1)
         subgroups = "subgroups" in device.features
         pipe = compose.pipeline(device, (_reduce_part(device), "rmsnorm.wgsl"), consts, subgroups=subgroups,
                                 label=f"rmsnorm {width}/{group}")
-        # In place, the unread `x` slot takes the weight: any buffer not aliasing y will do.
-        bg = device.create_bind_group(pipe, [y, w, w if in_place else x])
+        # Unread slots take the weight; an unwritten h, a scratch buffer.
+        w2, h = then or (w, (scratch(device, "unused", 512), 0, 256))
+        bg = device.create_bind_group(pipe, [y, w, w if in_place else x, h, w2])
         self.label = "rmsnorm"
         self.steps = [(pipe, bg, (width // group, 1))]
-        self.row_bindings = (("x", x, width * 4), ("y", y, width * 4))
+        self.row_bindings = (("x", x, width * 4), ("y", y, width * 4), ("h", h, width * 4 if then else 0))
 
 
 class Rope(_Op):
-    """Rotary embedding of every head's first n_rot dims at `positions` (NeoX or adjacent pairs),
-    theta_i = position * scale * base^(-2i / n_rot) / freq_factors[i]."""
+    """Rotary embedding, in place, of every head's first n_rot dims at `positions` (NeoX or
+    adjacent pairs), theta_i = position * scale * base^(-2i / n_rot) / freq_factors[i].
+
+    Rope runs in place: `y` must be `x`.
+    `norm` = (weight binding of head_dim floats, eps) first applies a per-head RMSNorm (Q/K norms).
+    `kv` = (attention, v, slots) then stores the rotated heads and v's into that attention's KV
+    cache, for an Attention built with k = v = None: the keys' norm, rope and KV store in one
+    dispatch. (With n_rot=0 it only stores: the Attention's own store when given k and v.)
+    """
 
     def __init__(self, device: Device, x: Binding, y: Binding, positions: Binding, *, n_heads: int,
                  head_dim: int, n_rot: int, base: float, scale: float, neox: bool,
-                 freq_factors: np.ndarray | None = None, tuning: Tuning | None = None) -> None:
-        tune = tuning or TUNING[device.is_fallback_adapter]
+                 freq_factors: np.ndarray | None = None, norm: tuple[Binding, float] | None = None,
+                 kv: tuple[Attention, Binding, Binding] | None = None) -> None:
+        if not _same(x, y):
+            raise ValueError("rope runs in place: pass the same binding as x and y")
         if n_rot % 2 or n_rot > head_dim:
             raise ValueError(f"rope: n_rot {n_rot} must be even and at most head_dim {head_dim}")
         half = n_rot // 2
         inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
         if freq_factors is not None:
             inv = inv / np.asarray(freq_factors, np.float64)[:half]
-        turns = (inv * scale / (2 * math.pi)).astype(np.float32)
+        turns = np.zeros(max(half, 1), np.float32)
+        turns[:half] = inv * scale / (2 * math.pi)
         table = device.create_buffer(turns.nbytes, STORAGE | COPY_DST, "rope turns")
         device.write_buffer(table, 0, turns.tobytes())
-        in_place = _same(x, y)
-        wg = min(tune.wg, 1 << max(5, (n_heads * half - 1).bit_length()))
-        consts = dict(N_HEADS=n_heads, HEAD_DIM=head_dim, N_ROT=n_rot, NEOX=bool(neox), IN_PLACE=in_place, WG=wg)
-        pipe = compose.pipeline(device, ("rope.wgsl",), consts, label=f"rope {n_heads}x{head_dim}")
         table_binding = (table, 0, turns.nbytes)
-        bg = device.create_bind_group(pipe, [y, positions, table_binding, table_binding if in_place else x])
+        row = n_heads * head_dim
+        if kv is not None:
+            attention, v, slots = kv
+            if (attention.n_kv_heads, attention.head_dim) != (n_heads, head_dim):
+                raise ValueError(f"rope: {n_heads} heads of {head_dim} do not fit the KV cache of "
+                                 f"{attention.label} ({attention.n_kv_heads} x {attention.head_dim})")
+            caches = [attention.k_cache, attention.v_cache]
+            cache_shape = dict(N_CTX=attention.n_ctx, N_SLOTS=attention.n_slots)
+        else:
+            # Unused cache slots still need two writable buffers that alias nothing.
+            unused = scratch(device, "unused", 512)
+            v, slots, caches = table_binding, positions, [(unused, 0, 256), (unused, 256, 256)]
+            cache_shape = dict(N_CTX=1, N_SLOTS=1)
+        wg = 1 << max(5, (half - 1).bit_length())
+        consts = dict(N_HEADS=n_heads, HEAD_DIM=head_dim, N_ROT=n_rot, NEOX=bool(neox), NORM=norm is not None,
+                      EPS=float(norm[1]) if norm else 0.0, STORE=kv is not None, **cache_shape, WG=wg, R=1)
+        subgroups = "subgroups" in device.features
+        pipe = compose.pipeline(device, (_reduce_part(device), "rope.wgsl"), consts, subgroups=subgroups,
+                                f16=kv is not None and kv[0].kv_f16, label=f"rope {n_heads}x{head_dim}")
+        bindings = [x, positions, table_binding, norm[0] if norm else table_binding, slots, v, *caches]
         self.label = "rope"
-        self.steps = [(pipe, bg, (_groups(n_heads * half, wg), 1))]
-        row = n_heads * head_dim * 4
-        self.row_bindings = (("x", x, row), ("y", y, row), ("positions", positions, 4))
+        self.steps = [(pipe, device.create_bind_group(pipe, bindings), (n_heads, 1))]
+        self.row_bindings = (("x", x, row * 4), ("positions", positions, 4), ("slots", slots, 4 if kv else 0),
+                             ("v", v, row * 4 if kv else 0))
 
 
 class Add(_Op):
@@ -224,17 +254,19 @@ class Embed(_Op):
 
 
 class Attention:
-    """Causal (optionally sliding-window) GQA attention of a step's tokens over one layer's KV
-    cache, after storing the step's k and v in it at (slots[t], positions[t]).
+    """Causal (optionally sliding-window) GQA attention of a step's tokens over one layer's KV cache.
 
     The cache is owned here: `k_cache` and `v_cache` hold [n_slots, n_ctx, n_kv_heads * head_dim]
-    f32 (f16 with `kv_f16`). Steps of up to `tuning.attn_split_max_t` tokens split each token's key
-    range over `tuning.attn_split` workgroups and merge them in a third dispatch.
+    f32 (f16 with `kv_f16`). Given the step's `k` and `v`, the attention first stores them there
+    (one more dispatch); with k = v = None the keys' Rope does (`kv=(this, v, slots)`). Steps of up
+    to `tuning.attn_split_max_t` tokens split each token's key range over `tuning.attn_split`
+    workgroups and merge them in another dispatch.
     """
 
-    def __init__(self, device: Device, q: Binding, k: Binding, v: Binding, positions: Binding, slots: Binding,
-                 y: Binding, *, n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, n_slots: int,
-                 window: int, scale: float, kv_f16: bool = False, tuning: Tuning | None = None,
+    def __init__(self, device: Device, q: Binding, k: Binding | None, v: Binding | None, positions: Binding,
+                 slots: Binding, y: Binding, *,
+                 n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, n_slots: int, window: int,
+                 scale: float, kv_f16: bool = False, tuning: Tuning | None = None,
                  label: str = "attention") -> None:
         self.tuning = tune = tuning or TUNING[device.is_fallback_adapter]
         if n_heads % n_kv_heads or head_dim % 4:
@@ -242,42 +274,48 @@ class Attention:
                              "(need whole groups and a dim divisible by 4)")
         if kv_f16 and "shader-f16" not in device.features:
             raise ValueError(f"{label}: an f16 KV cache needs 'shader-f16', which this device lacks")
-        group = n_heads // n_kv_heads
-        shared = group * head_dim * 4 + 2 * group * tune.attn_wg * 4
-        if shared > device.limits["max_compute_workgroup_storage_size"]:
-            raise ValueError(f"{label}: {group} query heads of dim {head_dim} need {shared} bytes of "
-                             "workgroup memory, more than this device has")
+        if (k is None) != (v is None):
+            raise ValueError(f"{label}: give both k and v (the attention stores them) or neither (a Rope does)")
+        group, hd4 = n_heads // n_kv_heads, head_dim // 4
+        if hd4 > tune.attn_wg or tune.attn_split > tune.attn_wg:
+            raise ValueError(f"{label}: a workgroup of {tune.attn_wg} threads is too small for head_dim "
+                             f"{head_dim} or {tune.attn_split} splits")
+        # Heads per workgroup: as many of the group as give every thread one output vec4.
+        hb = max(b for b in range(1, group + 1) if group % b == 0 and b * hd4 <= tune.attn_wg)
         kv_row = n_kv_heads * head_dim
         cache_bytes = n_slots * n_ctx * kv_row * (2 if kv_f16 else 4)
         if cache_bytes > device.limits["max_storage_buffer_binding_size"]:
             raise ValueError(f"{label}: a {cache_bytes}-byte KV cache exceeds the storage binding limit")
         self.label, self.n_heads, self.n_kv_heads, self.head_dim = label, n_heads, n_kv_heads, head_dim
-        self.k_cache = device.create_buffer(cache_bytes, STORAGE_RW, f"{label} k cache")
-        self.v_cache = device.create_buffer(cache_bytes, STORAGE_RW, f"{label} v cache")
+        self.n_ctx, self.n_slots, self.kv_f16 = n_ctx, n_slots, kv_f16
+        self.k_cache = (device.create_buffer(cache_bytes, STORAGE_RW, f"{label} k cache"), 0, cache_bytes)
+        self.v_cache = (device.create_buffer(cache_bytes, STORAGE_RW, f"{label} v cache"), 0, cache_bytes)
         record = (head_dim + 4) * 4  # one partial result: head_dim sums, then max and sum of p
         split = tune.attn_split if tune.attn_split_max_t > 0 else 1
         part_bytes = max(16, tune.attn_split_max_t * n_heads * split * record)
         partials = (scratch(device, "attention partials", part_bytes), 0, part_bytes)
-        bindings = [y, partials, (self.k_cache, 0, cache_bytes), (self.v_cache, 0, cache_bytes), q, k, v,
-                    positions, slots]
-        shape = dict(HD=head_dim, G=group, NH=n_heads, NKV=n_kv_heads, N_CTX=n_ctx, N_SLOTS=n_slots,
-                     WINDOW=window, SCALE=float(scale), WG=tune.attn_wg)
+        bindings = [y, partials, self.k_cache, self.v_cache, q, positions, slots]
+        shape = dict(HD=head_dim, G=group, HB=hb, NH=n_heads, NKV=n_kv_heads, N_CTX=n_ctx, WINDOW=window,
+                     SCALE=float(scale), WG=tune.attn_wg)
 
         def stage(stage: int, n_split: int) -> tuple:
             pipe = compose.pipeline(device, ("attention.wgsl",), dict(shape, SPLIT=n_split, STAGE=stage),
                                     f16=kv_f16, label=f"{label} stage {stage}")
             return pipe, device.create_bind_group(pipe, bindings)
 
-        self.store = stage(0, 1), (_groups(kv_row // 4, tune.attn_wg), 1)
-        self.direct = stage(1, 1), (1, n_kv_heads)
-        self.split = [(stage(1, split), (split, n_kv_heads)), (stage(2, split), (n_heads, 1))] if split > 1 else []
-        self.row_bindings = (("q", q, n_heads * head_dim * 4), ("k", k, kv_row * 4), ("v", v, kv_row * 4),
-                             ("positions", positions, 4), ("slots", slots, 4), ("y", y, n_heads * head_dim * 4))
+        blocks = n_kv_heads * group // hb
+        self.direct = [(stage(0, 1), (1, blocks))]
+        self.split = [(stage(0, split), (split, blocks)), (stage(1, split), (n_heads, 1))] if split > 1 else []
+        self.row_bindings = (("q", q, n_heads * head_dim * 4), ("positions", positions, 4), ("slots", slots, 4),
+                             ("y", y, n_heads * head_dim * 4))
+        self.store = None if k is None else Rope(device, k, k, positions, n_heads=n_kv_heads, head_dim=head_dim,
+                                                 n_rot=0, base=1.0, scale=1.0, neox=True, kv=(self, v, slots))
 
     def dispatches(self, n: int) -> list[Dispatch]:
         _check_rows(self.label, n, *self.row_bindings)
-        steps = [self.store] + (self.split if n <= self.tuning.attn_split_max_t and self.split else [self.direct])
-        return [(pipe, bg, (gx, n, gz)) for (pipe, bg), (gx, gz) in steps]
+        steps = self.split if self.split and n <= self.tuning.attn_split_max_t else self.direct
+        stored = self.store.dispatches(n) if self.store else []
+        return stored + [(pipe, bg, (gx, n, gz)) for (pipe, bg), (gx, gz) in steps]
 
 
 def nucleus_threshold(top_p: float) -> float:
@@ -300,31 +338,30 @@ def pack_sampling(rows: Sequence[tuple[SamplingParams, int]]) -> bytes:
 SAMPLING_ROW_BYTES = struct.calcsize("<fIfII")
 
 
-class Sampler:
+class Sampler(_Op):
     """Token ids [R] from logits [R, n_vocab] on the GPU: sampling.sample's rules with top_k capped
     at TOP_K_CAP (top_k 0 or larger means TOP_K_CAP). `params` holds `pack_sampling` rows; the
     host reads back `tokens` (int32 [R])."""
 
-    def __init__(self, device: Device, logits: Binding, params: Binding, tokens: Binding, *, n_vocab: int,
-                 tuning: Tuning | None = None) -> None:
-        tune = tuning or TUNING[device.is_fallback_adapter]
-        # Without subgroups the shared-memory sum holds 16 floats per thread: keep workgroups small.
-        wg = tune.sample_wg if "subgroups" in device.features else min(tune.sample_wg, 64)
-        n_chunks = _groups(n_vocab, SAMPLE_CHUNK)
+    def __init__(self, device: Device, logits: Binding, params: Binding, tokens: Binding, *,
+                 n_vocab: int) -> None:
+        if n_vocab < TOP_K_CAP:
+            raise ValueError(f"sample: a vocabulary of {n_vocab} is smaller than the candidate cap {TOP_K_CAP}")
+        # Stage 1 keeps k of every chunk, stage 2 ranks NB * k: chunks of ~sqrt(V * CAP) logits
+        # balance the two (4096 for a 262,144-token vocabulary).
+        per_thread = 4 * _groups(math.isqrt(n_vocab * TOP_K_CAP), 4 * SAMPLE_WG)
+        n_chunks = _groups(n_vocab, SAMPLE_WG * per_thread)
         max_rows = logits[2] // (4 * n_vocab)
         cand_bytes = max(1, max_rows) * n_chunks * TOP_K_CAP * 8
         cand = (device.create_buffer(cand_bytes, STORAGE_RW, "sampling candidates"), 0, cand_bytes)
-        consts = dict(V=n_vocab, CAP=TOP_K_CAP, NB=n_chunks, ID_ROUNDS=_groups(n_vocab.bit_length(), 4),
-                      WG=wg, R=16)
-        subgroups = "subgroups" in device.features
+        consts = dict(V=n_vocab, CAP=TOP_K_CAP, NB=n_chunks, WG=SAMPLE_WG)
+        bindings = [logits, params, cand, tokens]
+        per_thread_2 = 4 * _groups(n_chunks * TOP_K_CAP, 4 * SAMPLE_WG)
+        self.label = "sample"
         self.steps = []
-        for stage, e, grid_x in ((1, SAMPLE_CHUNK // wg, n_chunks), (2, _groups(n_chunks * TOP_K_CAP, wg), 1)):
-            pipe = compose.pipeline(device, (_reduce_part(device), "sample.wgsl"), dict(consts, E=e, STAGE=stage),
-                                    subgroups=subgroups, label=f"sample stage {stage}")
-            bg = device.create_bind_group(pipe, [logits, params, cand, tokens])
-            self.steps.append((pipe, bg, grid_x))
-        self.rows = (("logits", logits, n_vocab * 4), ("params", params, SAMPLING_ROW_BYTES), ("tokens", tokens, 4))
-
-    def dispatches(self, n: int) -> list[Dispatch]:
-        _check_rows("sample", n, *self.rows)
-        return [(pipe, bg, (gx, n, 1)) for pipe, bg, gx in self.steps]
+        for stage, e, grid_x in ((1, per_thread, n_chunks), (2, per_thread_2, 1)):
+            pipe = compose.pipeline(device, ("sample.wgsl",), dict(consts, E=e, STAGE=stage),
+                                    label=f"sample stage {stage}")
+            self.steps.append((pipe, device.create_bind_group(pipe, bindings), (grid_x, 1)))
+        self.row_bindings = (("logits", logits, n_vocab * 4), ("params", params, SAMPLING_ROW_BYTES),
+                             ("tokens", tokens, 4))
