@@ -9,6 +9,7 @@ logits or only the sampled token ids are read back.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class GpuExecutor:
         self.counts = {rows: (device.create_buffer(16, UNIFORM_RW, f"{rows} count"), 0, 16) for rows in "TR"}
         self.acts = {name: self.buffer(4 * width * self.capacity[rows], name)
                      for name, (rows, width) in plan.buffers.items()}
-        self.launches = [BUILDERS[op.kind](self, op) for op in plan.ops]
+        self.launches = build_launches(self)
 
         n_vocab, r_max = plan.n_vocab, self.capacity["R"]
         self.sampling_params = self.buffer(SAMPLING_ROW_BYTES * r_max, "sampling params")
@@ -135,7 +136,70 @@ class GpuExecutor:
         return np.frombuffer(self.device.read_buffer(self.sampled[0], 0, 4 * counts["R"]), np.int32).tolist()
 
 
-# One builder per op kind: the plan's op -> its kernels on the device.
+# One builder per op kind: the plan's op -> its kernels on the device. A dispatch costs a few µs
+# however small, so `fusions` first merges neighbouring ops into fused kernels:
+#   rmsnorm(B, per head) ... rope(B)              -> Rope(norm=)             (Q/K norm + RoPE)
+#   rope(k) ... attention(q, k, v)                -> Rope(kv=) stores k and v  (+ KV-cache store)
+#   rmsnorm(o) ; add(x, o) -> x [; rmsnorm(x)->h] -> RmsNorm(residual=, then=) (post-norm + add + next norm)
+
+
+@dataclass
+class Fusions:
+    rope_norm: dict[int, Op]  # rope index -> the per-head rmsnorm folded into it
+    rope_store: dict[int, int]  # rope (of k) index -> attention index whose KV store it does
+    residual: dict[int, tuple[Op, Op | None]]  # post-norm index -> (its add, the next pre-norm or None)
+    skipped: set[int]  # ops done inside another op's kernel
+
+
+def fusions(ops: list[Op]) -> Fusions:
+    f = Fusions({}, {}, {}, set())
+
+    def untouched(buf: str, lo: int, hi: int) -> bool:
+        return all(buf not in (*ops[j].ins, ops[j].out) for j in range(lo + 1, hi))
+
+    for i, op in enumerate(ops):
+        if op.kind == "rope" and not op.weights:
+            b = op.out
+            norms = [j for j in range(i) if ops[j].kind == "rmsnorm" and ops[j].ins[0] == ops[j].out == b
+                     and ops[j].params["group"] == op.params["head_dim"] and untouched(b, j, i)]
+            if norms:
+                f.rope_norm[i] = ops[norms[-1]]
+                f.skipped.add(norms[-1])
+        if op.kind == "attention":
+            q, k, v = op.ins
+            ropes = [j for j in range(i) if ops[j].kind == "rope" and ops[j].out == k and untouched(k, j, i)]
+            # the rope stores v too, so v must be final by then
+            if ropes and all(ops[j].out != v for j in range(ropes[-1], i)):
+                f.rope_store[ropes[-1]] = i
+        nxt = ops[i + 1] if i + 1 < len(ops) else None
+        if (op.kind == "rmsnorm" and op.ins[0] == op.out and nxt is not None and nxt.kind == "add"
+                and nxt.ins[1] == op.out and nxt.ins[0] == nxt.out
+                and i not in f.skipped):
+            after = ops[i + 2] if i + 2 < len(ops) else None
+            then = after if (after is not None and after.kind == "rmsnorm" and after.ins[0] == nxt.out
+                             and after.out != nxt.out) else None
+            f.residual[i] = (nxt, then)
+            f.skipped.update({i + 1} | ({i + 2} if then else set()))
+    return f
+
+
+def build_launches(ex: GpuExecutor) -> list[Launch]:
+    ops = ex.plan.ops
+    fused = fusions(ops)
+    ex.attentions = {}  # attention op index -> its kernel (a rope may build it first, to store into it)
+    launches = []
+    for i, op in enumerate(ops):
+        if i in fused.skipped:
+            continue
+        if op.kind == "rope":
+            launches.append(_rope(ex, op, fused.rope_norm.get(i), fused.rope_store.get(i)))
+        elif op.kind == "attention":
+            launches.append(Launch("T", _attention_kernel(ex, i, stored=i in fused.rope_store.values())))
+        elif op.kind == "rmsnorm" and i in fused.residual:
+            launches.append(_residual_norm(ex, op, *fused.residual[i]))
+        else:
+            launches.append(BUILDERS[op.kind](ex, op))
+    return launches
 
 
 def _embed(ex: GpuExecutor, op: Op) -> Launch:
@@ -146,6 +210,14 @@ def _embed(ex: GpuExecutor, op: Op) -> Launch:
 def _rmsnorm(ex: GpuExecutor, op: Op) -> Launch:
     return Launch(ex.rows_of(op), RmsNorm(ex.device, ex.acts[op.ins[0]], ex.vector(op.weights[0]), ex.acts[op.out],
                                           width=ex.width(op.out), group=op.params["group"], eps=op.params["eps"]))
+
+
+def _residual_norm(ex: GpuExecutor, norm: Op, add: Op, then: Op | None) -> Launch:
+    """add.out += rmsnorm(norm.in) [then then.out = rmsnorm(add.out)]: one dispatch."""
+    after = (ex.vector(then.weights[0]), ex.acts[then.out]) if then else None
+    return Launch(ex.rows_of(add), RmsNorm(ex.device, ex.acts[norm.ins[0]], ex.vector(norm.weights[0]),
+                                           ex.acts[add.out], width=ex.width(add.out), group=norm.params["group"],
+                                           eps=norm.params["eps"], residual=True, then=after))
 
 
 def _matmul(ex: GpuExecutor, op: Op) -> Launch:
@@ -163,21 +235,31 @@ def _glu(ex: GpuExecutor, op: Op) -> Launch:
                   Glu(ex.device, gate, up, ex.acts[op.out], width=width, act=op.params["act"]))
 
 
-def _rope(ex: GpuExecutor, op: Op) -> Launch:
+def _rope(ex: GpuExecutor, op: Op, norm: Op | None = None, store_for: int | None = None) -> Launch:
     p = op.params
     freqs = ex.host_vector(op.weights[0]) if op.weights else None
+    kv = None
+    if store_for is not None:
+        attention = ex.plan.ops[store_for]
+        kv = (_attention_kernel(ex, store_for, stored=True), ex.acts[attention.ins[2]], ex.inputs["slots"])
     return Launch("T", Rope(ex.device, ex.acts[op.ins[0]], ex.acts[op.out], ex.inputs["positions"],
                             n_heads=p["n_heads"], head_dim=p["head_dim"], n_rot=p["n_rot"], base=p["base"],
-                            scale=p["scale"], neox=p["neox"], freq_factors=freqs))
+                            scale=p["scale"], neox=p["neox"], freq_factors=freqs,
+                            norm=(ex.vector(norm.weights[0]), norm.params["eps"]) if norm else None, kv=kv))
 
 
-def _attention(ex: GpuExecutor, op: Op) -> Launch:
-    p = op.params
-    q, k, v = (ex.acts[name] for name in op.ins)
-    return Launch("T", Attention(ex.device, q, k, v, ex.inputs["positions"], ex.inputs["slots"], ex.acts[op.out],
-                                 n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
-                                 n_ctx=ex.n_ctx, n_slots=ex.n_slots, window=p["window"], scale=p["scale"],
-                                 kv_f16=ex.kv_f16, label=f"attention {p['layer']}"))
+def _attention_kernel(ex: GpuExecutor, index: int, stored: bool) -> Attention:
+    """The attention of op `index` (built once); with `stored`, a rope writes its KV cache."""
+    if index not in ex.attentions:
+        op = ex.plan.ops[index]
+        p = op.params
+        q, k, v = (ex.acts[name] for name in op.ins)
+        ex.attentions[index] = Attention(
+            ex.device, q, None if stored else k, None if stored else v, ex.inputs["positions"], ex.inputs["slots"],
+            ex.acts[op.out], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
+            n_ctx=ex.n_ctx, n_slots=ex.n_slots, window=p["window"], scale=p["scale"], kv_f16=ex.kv_f16,
+            label=f"attention {p['layer']}")
+    return ex.attentions[index]
 
 
 def _add(ex: GpuExecutor, op: Op) -> Launch:
@@ -190,7 +272,7 @@ def _gather(ex: GpuExecutor, op: Op) -> Launch:
                               width=ex.width(op.out)))
 
 
+# rope and attention are built in build_launches (they may be fused with their neighbours)
 BUILDERS: dict[str, Callable[[GpuExecutor, Op], Launch]] = {
-    "embed": _embed, "rmsnorm": _rmsnorm, "matmul": _matmul, "glu": _glu, "rope": _rope,
-    "attention": _attention, "add": _add, "gather": _gather,
+    "embed": _embed, "rmsnorm": _rmsnorm, "matmul": _matmul, "glu": _glu, "add": _add, "gather": _gather,
 }
