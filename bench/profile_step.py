@@ -23,15 +23,16 @@ def profile(engine: Engine, batch: Batch, repeats: int = 5) -> None:
     ex = engine.executor
     counts = ex._write_step(batch)
     per_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for op, launch in zip(engine.model.plan.ops, ex.launches, strict=True):
+    for launch in ex.launches:  # after fusion: one launch per kernel (or kernel group, as glu)
         dispatches = launch.dispatches(counts)
         t = float(np.median([ex.device.time_submit(dispatches) for _ in range(repeats)]))
-        per_kind[op.kind][0] += len(dispatches)
-        per_kind[op.kind][1] += t
+        kind = "+".join(type(k).__name__ for k in launch.kernels)
+        per_kind[kind][0] += len(dispatches)
+        per_kind[kind][1] += t
     whole = float(np.median([ex.device.time_submit(ex._dispatches(counts)) for _ in range(repeats)]))
     total = sum(t for _, t in per_kind.values())
     print(f"\n{len(batch)} tokens: whole step {whole * 1e3:.3f} ms GPU ({len(batch) / whole:.0f} tok/s)")
-    print("| op | dispatches | µs | share |")
+    print("| kernel | dispatches | µs | share |")
     print("| --- | ---: | ---: | ---: |")
     for kind, (n, t) in sorted(per_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"| {kind} | {n} | {t * 1e6:.0f} | {t / total:.0%} |")

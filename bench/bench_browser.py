@@ -1,0 +1,209 @@
+"""Realm's page in headless Chromium against wllama (llama.cpp in wasm), in the same browser, same GGUF.
+
+    python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
+
+For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy) and for
+wllama on the CPU: cold load (download to ready), warm load (the same page reloaded, model from the
+browser's storage), time to first token and decode tokens/s, greedy, on the Paris prompt. Prints a
+markdown table. On a machine without a GPU, Chromium's WebGPU adapter is SwiftShader (a CPU
+rasterizer): the WebGPU row measures that, not a GPU.
+
+wllama is installed with npm into the cache (~/.cache/realm/wllama; REALM_CACHE moves it), never into
+the repository, and served with COOP/COEP headers so its multi-threaded build can run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the page helpers the e2e tests use
+
+from harness import (  # noqa: E402
+    CHROMIUM,
+    build_site_assets,
+    chromium_flags,
+    generate,
+    generation_stats,
+    live_server,
+    load,
+    wait_ready,
+)
+
+from realm_wasm.cli import cache_dir, default_model_path  # noqa: E402
+
+PROMPT = "Question: What is the capital of France?\nAnswer:"
+WLLAMA = "@wllama/wllama@3.8.1"
+
+# wllama's side: one page that loads the model and streams a greedy completion, timing both.
+WLLAMA_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<script type="module">
+import { Wllama } from "./wllama/index.js";
+
+window.runWllama = async ({ prompt, tokens, threads }) => {
+  const wllama = new Wllama({ default: "./wllama/wasm/wllama.wasm" }, { suppressNativeLog: true });
+  let t0 = performance.now();
+  await wllama.loadModelFromUrl(new URL("model.gguf", location.href).href,
+    { n_threads: threads, n_gpu_layers: 0, n_ctx: 2048 });
+  const loadMs = performance.now() - t0;
+  t0 = performance.now();
+  let firstMs = null;
+  let text = "";
+  let timings = null;
+  const stream = await wllama.createCompletion({ prompt, max_tokens: tokens, temperature: 0, stream: true });
+  for await (const chunk of stream) {
+    const piece = chunk.choices?.[0]?.text ?? "";
+    if (firstMs === null && piece) firstMs = performance.now() - t0;
+    text += piece;
+    timings = chunk.timings ?? timings;
+  }
+  await wllama.exit();
+  return { loadMs, firstMs, text, timings, isolated: self.crossOriginIsolated };
+};
+</script>
+"""
+
+
+class IsolatedHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with the headers that give a page SharedArrayBuffer (wasm threads)."""
+
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                      ".wasm": "application/wasm", ".js": "text/javascript", ".html": "text/html"}
+
+    def end_headers(self) -> None:
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        super().end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def isolated_server(root: Path) -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(IsolatedHandler, directory=root))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}/"
+    finally:
+        httpd.shutdown()
+
+
+@contextmanager
+def browser(playwright, webgpu: bool = True) -> Iterator:
+    """A Chromium context on a fresh persistent profile (its cache survives page reloads)."""
+    with tempfile.TemporaryDirectory() as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=chromium_flags(webgpu))
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def bench_realm(playwright, url: str, backend: str, tokens: int) -> dict:
+    with browser(playwright) as page:
+        page.goto(f"{url}?backend={backend}")
+        wait_ready(page)
+
+        def load_ms() -> float:
+            assert load(page) == "loaded", page.inner_text("#error")
+            return float(page.get_attribute("#model-info", "data-load-ms"))
+
+        cold = load_ms()
+        heap = int(page.get_attribute("#model-info", "data-wasm-heap-bytes"))
+        generate(page, tokens, PROMPT)
+        answer = page.inner_text("#answer")
+        measured = generation_stats(page)
+        page.reload()
+        wait_ready(page)
+        warm = load_ms()
+    return {"engine": f"Realm, {backend} executor", "cold_s": cold / 1e3, "warm_s": warm / 1e3,
+            "ttft_ms": measured["ttft_ms"], "decode": measured["decode_tok_s"], "heap_mb": heap / 1e6,
+            "answer": answer, "tokens": tokens}
+
+
+def install_wllama() -> Path:
+    prefix = cache_dir().parent / "wllama"
+    esm = prefix / "node_modules" / "@wllama" / "wllama" / "esm"
+    if not (esm / "index.js").exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", WLLAMA], check=True)
+    return esm
+
+
+def bench_wllama(playwright, model: Path, tokens: int, threads: int) -> dict:
+    esm = install_wllama()
+    with tempfile.TemporaryDirectory() as site:
+        root = Path(site)
+        (root / "index.html").write_text(WLLAMA_PAGE)
+        (root / "wllama").symlink_to(esm)
+        (root / "model.gguf").symlink_to(model)
+        with isolated_server(root) as url, browser(playwright) as page:
+            args = {"prompt": PROMPT, "tokens": tokens, "threads": threads}
+            runs = []
+            for _ in range(2):  # cold, then warm: wllama keeps the model in the browser's storage
+                page.goto(url)
+                runs.append(page.evaluate("(args) => window.runWllama(args)", args))
+    cold, warm = runs  # the generation measured is the cold run's, as for Realm
+    threads_used = threads if cold["isolated"] else 1
+    return {"engine": f"wllama 3.8.1, CPU, {threads_used} thread(s)", "cold_s": cold["loadMs"] / 1e3,
+            "warm_s": warm["loadMs"] / 1e3, "ttft_ms": cold["firstMs"],
+            "decode": cold["timings"]["predicted_per_second"], "heap_mb": None, "answer": cold["text"],
+            "tokens": tokens}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| engine | cold load s | warm load s | TTFT ms | decode tok/s | wasm heap MB | answer |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        heap = "—" if r["heap_mb"] is None else f"{r['heap_mb']:.0f}"
+        decode = "—" if r["decode"] is None else f"{r['decode']:.2f}"
+        answer = r["answer"].replace("\n", "\\n")
+        lines.append(f"| {r['engine']} | {r['cold_s']:.1f} | {r['warm_s']:.1f} | {r['ttft_ms']:.0f} | {decode} "
+                     f"| {heap} | `{answer}` ({r['tokens']} tokens) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16, help="tokens generated by numpy and wllama")
+    ap.add_argument("--webgpu-tokens", type=int, default=3, help="tokens generated on WebGPU (slow on SwiftShader)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="wllama thread counts, one row each (2 threads slow down badly when another "
+                         "process takes a core: ggml's threads wait for each other)")
+    ap.add_argument("--no-wllama", action="store_true", help="skip the reference")
+    args = ap.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    model = default_model_path()
+    build_site_assets()
+    rows = []
+    with live_server((model.parent,), model.name) as server, sync_playwright() as playwright:
+        for backend, n in (("webgpu", args.webgpu_tokens), ("numpy", args.tokens)):
+            t0 = time.monotonic()
+            rows.append(bench_realm(playwright, server.url, backend, n))
+            print(f"measured {rows[-1]['engine']} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        for threads in [] if args.no_wllama else args.threads:
+            rows.append(bench_wllama(playwright, model, args.tokens, threads))
+    loadavg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"Headless Chromium, {model.name}, prompt {PROMPT!r}, greedy; {os.cpu_count()} CPUs, "
+          f"load average {loadavg} (other processes slow every row).\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
