@@ -7,35 +7,19 @@ where screenshots and timings go; default out/e2e/).
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import threading
-import time
+import json
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
+from harness import CHROMIUM, ROOT, LiveServer, build_site_assets, chromium_flags, live_server
 
 from realm_wasm.cli import default_model_path
-from server.static import RequestRecord, StaticSettings, create_app
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-# WebGPU on SwiftShader without a GPU, and nothing that phones home (see shared ENVIRONMENT.md).
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--enable-unsafe-webgpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
+# llama.cpp's outputs for the default model (tests/golden.py reads the same folder)
+GOLDEN_DIR = Path(os.environ.get("REALM_GOLDEN_DIR") or ROOT.parent / "shared" / "golden") / "gemma-3-270m-q4_k_m"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -52,9 +36,7 @@ def output_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def site_assets() -> None:
-    """Pyodide + numpy in web/vendor/pyodide, the runtime zip in web/dist (both idempotent)."""
-    for script in ("vendor_pyodide.py", "build_bundle.py"):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / script)], check=True)
+    build_site_assets()
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +45,15 @@ def default_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def paris() -> dict:
+    """llama.cpp on "Question: What is the capital of France?\nAnswer:": prompt ids, greedy ids."""
+    return json.loads((GOLDEN_DIR / "qa_paris.json").read_text())
+
+
+@pytest.fixture(scope="session")
 def extra_models(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Path:
-    """A model folder of broken files and one tiny valid GGUF written with the gguf package."""
+    """A model folder of broken files, and a tiny well-formed GGUF (written with the gguf package)
+    that cannot run: it has no tokenizer."""
     import gguf
 
     d = tmp_path_factory.mktemp("extra-models")
@@ -85,41 +74,10 @@ def extra_models(tmp_path_factory: pytest.TempPathFactory, default_model: Path) 
     return d
 
 
-@dataclass
-class LiveServer:
-    url: str
-    records: list[RequestRecord] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def log(self, record: RequestRecord) -> None:
-        with self.lock:
-            self.records.append(record)
-
-    def requests(self, path: str) -> list[RequestRecord]:
-        with self.lock:
-            return [r for r in self.records if r.path == path]
-
-
 @pytest.fixture(scope="session")
 def server(site_assets: None, default_model: Path, extra_models: Path) -> Iterator[LiveServer]:
-    """The static app on a real uvicorn at 127.0.0.1 (a port the OS picks), in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    live = LiveServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}/")
-    settings = StaticSettings(model_dirs=(default_model.parent, extra_models), default_model=default_model.name,
-                              on_request=live.log)
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    yield live
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with live_server((default_model.parent, extra_models), default_model.name) as live:
+        yield live
 
 
 @pytest.fixture(scope="session")
@@ -137,10 +95,9 @@ def launch(playwright, tmp_path: Path):
     contexts = []
 
     def start(webgpu: bool = True):
-        flags = [f for f in CHROMIUM_FLAGS if webgpu or f != "--enable-unsafe-webgpu"]
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / f"profile-{len(contexts)}"), executable_path=str(CHROMIUM), headless=True,
-            args=flags)
+            args=chromium_flags(webgpu))
         contexts.append(context)
         return context
 
@@ -150,24 +107,31 @@ def launch(playwright, tmp_path: Path):
 
 
 @pytest.fixture
-def browser(launch):
-    return launch()
-
-
-@pytest.fixture
 def requested() -> list[str]:
     """Every URL the browser asked for (page and worker), filled by the `page` fixture."""
     return []
 
 
 @pytest.fixture
-def page(browser, server: LiveServer, requested: list[str]):
-    """The chat page, open; its console output shows up in pytest's report when a test fails."""
-    browser.on("request", lambda r: requested.append(r.url))
-    page = browser.pages[0] if browser.pages else browser.new_page()
+def open_page(launch, server: LiveServer, requested: list[str]):
+    """open_page(query="", webgpu=True) -> the chat page at `server.url + query` in a fresh browser;
+    its console output shows up in pytest's report when a test fails."""
     console: list[str] = []
-    page.on("console", lambda m: console.append(f"console.{m.type}: {m.text}"))
-    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-    page.goto(server.url)
-    yield page
+
+    def start(query: str = "", webgpu: bool = True):
+        browser = launch(webgpu)
+        browser.on("request", lambda r: requested.append(r.url))
+        page = browser.pages[0] if browser.pages else browser.new_page()
+        page.on("console", lambda m: console.append(f"console.{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+        page.goto(server.url + query)
+        return page
+
+    yield start
     print("\n".join(console))
+
+
+@pytest.fixture
+def page(open_page):
+    """The chat page with its defaults, open."""
+    return open_page()

@@ -1,4 +1,5 @@
-"""The page in headless Chromium: Pyodide boot, model download + Cache API, errors, streaming."""
+"""The page in headless Chromium: Pyodide boot, the real model generating on WebGPU (SwiftShader)
+and on the numpy fallback, the browser cache, errors, stopping."""
 
 from __future__ import annotations
 
@@ -7,31 +8,14 @@ import re
 import time
 from pathlib import Path
 
-import gguf
+from harness import GENERATE_TIMEOUT_MS, ROOT, generate, generation_stats, load, token_ids, wait_ready
 
 import realm_wasm
+from realm_wasm.engine import Engine
+from realm_wasm.sampling import SamplingParams
 
-ROOT = Path(__file__).resolve().parent.parent
-BOOT_TIMEOUT_MS = 180_000  # a cold Pyodide boot takes 3-10 s on a busy 2-core machine
-LOAD_TIMEOUT_MS = 300_000
 LOCK_FILE = ROOT / "web" / "vendor" / "pyodide" / "pyodide-lock.json"
-
-
-def wait_ready(page) -> None:
-    page.wait_for_function("['ready', 'failed'].includes(document.body.dataset.runtime)",
-                           timeout=BOOT_TIMEOUT_MS)
-    assert page.evaluate("document.body.dataset.runtime") == "ready", page.inner_text("#error")
-
-
-def load(page, url: str | None = None) -> str:
-    """Load the selected model (or `url`); returns the page's verdict, 'loaded' or 'failed'."""
-    if url is not None:
-        page.select_option("#model-select", "custom")
-        page.fill("#model-url", url)
-    page.click("#load")
-    page.wait_for_function("['loaded', 'failed'].includes(document.body.dataset.model)",
-                           timeout=LOAD_TIMEOUT_MS)
-    return page.evaluate("document.body.dataset.model")
+STATS = re.compile(r"TTFT \d+ ms( · \d+\.\d tok/s)? · (\d+) tokens")
 
 
 def error_shown(page) -> tuple[str, str]:
@@ -41,7 +25,29 @@ def error_shown(page) -> tuple[str, str]:
 
 def model_facts(page) -> dict[str, str]:
     info = page.locator("#model-info")
-    return {key: info.get_attribute(f"data-{key}") for key in ("architecture", "tensor-count", "from-cache")}
+    return {key: info.get_attribute(f"data-{key}") for key in ("architecture", "tensor-count", "from-cache", "backend")}
+
+
+def in_worker(page, python: str):
+    """Evaluate Python in the page's worker (the debug hook: worker.js exposes self.pyodide)."""
+    return page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", python)
+
+
+def record(output_dir: Path, name: str, **measured) -> None:
+    """Keep what a test measured in output_dir/browser_timings.json (merged across tests)."""
+    path = output_dir / "browser_timings.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = measured
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(name, measured)
+
+
+def stats(page) -> dict[str, float | None]:
+    """The numbers of the last generation, which the page also shows in words."""
+    measured = generation_stats(page)
+    m = STATS.fullmatch(page.inner_text("#stats"))
+    assert m and int(m.group(2)) == measured["tokens"], page.inner_text("#stats")
+    return measured
 
 
 def test_worker_boots_pyodide_offline_and_imports_the_runtime(page, server, requested: list[str],
@@ -91,26 +97,118 @@ def test_worker_boots_pyodide_offline_and_imports_the_runtime(page, server, requ
     page.screenshot(path=str(output_dir / "boot.png"), full_page=True)
 
 
-def test_default_model_header_loads_and_a_reload_reads_it_from_the_cache(
+def test_paris_on_webgpu_with_the_weights_streamed_past_the_wasm_heap(
+        open_page, server, default_model: Path, paris: dict, output_dir: Path) -> None:
+    page = open_page("?backend=webgpu")  # the page would pick numpy on SwiftShader by itself
+    wait_ready(page)
+    assert page.input_value("#backend") == "webgpu"
+
+    started = time.monotonic()
+    assert load(page) == "loaded", page.inner_text("#error")
+    load_s = time.monotonic() - started
+    assert model_facts(page)["backend"] == "webgpu"
+    assert "WebGPU on google swiftshader" in page.inner_text("#backend-info")
+    # the tensors went from the download stream to GPU buffers, never all into the wasm heap
+    heap = int(page.get_attribute("#model-info", "data-wasm-heap-bytes"))
+    assert heap < default_model.stat().st_size // 2, f"wasm heap {heap} bytes after a WebGPU load"
+
+    ids = generate(page, 2)
+    assert page.inner_text("#answer").startswith(" Paris")
+    assert ids == paris["greedy_ids"][:2]
+    assert page.inner_text("#output") == paris["prompt"] + page.inner_text("#answer")
+    page.screenshot(path=str(output_dir / "chat-webgpu.png"), full_page=True)
+    record(output_dir, "webgpu_swiftshader", load_s=round(load_s, 1), wasm_heap_bytes=heap, **stats(page))
+
+
+# Raise what WebGPU would report, on the loaded model's real GPUDevice.
+DISPATCH_GPU_ERROR = """([kind, message]) => {
+    const device = self.pyodide.runPython("from realm_web_host import HOST; HOST.loaded.backend.device.device");
+    device.dispatchEvent(new GPUUncapturedErrorEvent("uncapturederror", {error: new self[kind](message)}));
+}"""
+
+
+def test_webgpu_errors_and_device_loss_get_their_own_messages(open_page, server) -> None:
+    page = open_page("?backend=webgpu")
+    wait_ready(page)
+    assert load(page) == "loaded", page.inner_text("#error")
+    worker = page.workers[0]
+    for kind, code, title in (("GPUOutOfMemoryError", "out-of-memory", "Out of memory."),
+                              ("GPUValidationError", "gpu", "WebGPU reported an error.")):
+        worker.evaluate(DISPATCH_GPU_ERROR, [kind, f"synthetic {kind}"])
+        page.click("#generate")
+        page.wait_for_selector(f"#error[data-code='{code}']")
+        assert title in page.inner_text("#error") and f"synthetic {kind}" in page.inner_text("#error")
+        assert page.evaluate("document.body.dataset.generation") == "failed"
+        page.wait_for_function("!document.getElementById('generate').disabled")
+
+    worker.evaluate("() => self.pyodide.runPython('from realm_web_host import HOST; "
+                    "HOST.loaded.backend.device.device').destroy()")
+    page.click("#generate")
+    page.wait_for_selector("#error[data-code='device-lost']")
+    assert "The GPU device was lost." in page.inner_text("#error")
+    assert "load the model again" in page.inner_text("#error")
+    assert page.evaluate("document.body.dataset.model") == "lost"
+    assert page.is_disabled("#generate") and not page.is_disabled("#load")
+    assert in_worker(page, "from realm_web_host import HOST; HOST.loaded is None")
+
+    assert load(page) == "loaded", page.inner_text("#error")  # a new device, the page goes on
+    assert model_facts(page)["backend"] == "webgpu" and model_facts(page)["from-cache"] == "true"
+
+
+def test_paris_without_webgpu_runs_on_numpy_and_stops_when_asked(
+        open_page, server, paris: dict, output_dir: Path) -> None:
+    page = open_page("?backend=webgpu", webgpu=False)
+    wait_ready(page)
+    assert page.evaluate("document.body.dataset.gpu") == "none"
+    assert page.inner_text("#gpu-info").startswith("unavailable:")
+    assert page.get_attribute("#warning", "data-code") == "no-webgpu"
+    assert "WebGPU is not available" in page.inner_text("#warning")
+
+    # asking for WebGPU where there is none is a clear error; automatic falls back to numpy
+    assert load(page) == "failed"
+    code, text = error_shown(page)
+    assert code == "no-webgpu" and "WebGPU is not available." in text
+    page.select_option("#backend", "auto")
+    started = time.monotonic()
+    assert load(page) == "loaded", page.inner_text("#error")
+    load_s = time.monotonic() - started
+    assert model_facts(page)["backend"] == "numpy"
+    assert page.inner_text("#backend-info").startswith("no WebGPU (")
+
+    ids = generate(page, 4)
+    assert page.inner_text("#answer").startswith(" Paris\n")
+    assert ids == paris["greedy_ids"][:4]
+    record(output_dir, "numpy_no_webgpu", load_s=round(load_s, 1), **stats(page))
+
+    page.fill("#max-tokens", "1000")  # the prompt and 1000 tokens fit the page's 2048-token context
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('output').dataset.tokenIds.split(',').length >= 2"
+                           " || document.body.dataset.generation === 'failed'", timeout=GENERATE_TIMEOUT_MS)
+    page.click("#stop")
+    page.wait_for_function("document.body.dataset.generation !== 'running'", timeout=GENERATE_TIMEOUT_MS)
+    assert page.evaluate("document.body.dataset.generation") == "stopped", page.inner_text("#error")
+    ids = token_ids(page)
+    assert 2 <= len(ids) < 1000 and ids[:2] == paris["greedy_ids"][:2]
+    assert stats(page)["tokens"] == len(ids)
+    assert not page.is_disabled("#generate")
+
+
+def test_auto_uses_numpy_on_swiftshader_and_a_reload_reads_the_model_from_the_cache(
         page, server, default_model: Path, output_dir: Path) -> None:
-    reader = gguf.GGUFReader(default_model)
-    expected = {"architecture": reader.get_field("general.architecture").contents(),
-                "tensor-count": str(len(reader.tensors))}
     path = f"/models/{default_model.name}"
     before = len(server.requests(path))
     wait_ready(page)
     assert page.input_value("#model-select") == path
+    assert page.input_value("#backend") == "auto"
 
-    started = time.monotonic()
     assert load(page) == "loaded", page.inner_text("#error")
-    download_s = time.monotonic() - started
-    assert model_facts(page) == {**expected, "from-cache": "false"}
-    text = page.inner_text("#model-info")
-    assert f"architecture {expected['architecture']}, {expected['tensor-count']} tensors" in text
+    assert model_facts(page) == {"architecture": "gemma3", "tensor-count": "236", "from-cache": "false",
+                                 "backend": "numpy"}
+    assert page.inner_text("#backend-info").startswith(
+        "WebGPU adapter is a CPU fallback (google swiftshader): using the numpy executor")
     assert "100.0%" in page.inner_text("#progress-text")
     downloads = server.requests(path)[before:]
     assert [(r.status, r.body_bytes) for r in downloads] == [(200, default_model.stat().st_size)]
-    page.screenshot(path=str(output_dir / "model-header.png"), full_page=True)
 
     page.reload()
     wait_ready(page)
@@ -118,10 +216,23 @@ def test_default_model_header_loads_and_a_reload_reads_it_from_the_cache(
     started = time.monotonic()
     assert load(page) == "loaded", page.inner_text("#error")
     cached_s = time.monotonic() - started
-    assert model_facts(page) == {**expected, "from-cache": "true"}
+    assert model_facts(page)["from-cache"] == "true"
     assert page.inner_text("#progress-text").startswith("from browser cache")
     assert len(server.requests(path)[before:]) == 1, "the reload downloaded the model again"
-    print(f"model header: network {download_s:.1f} s, cache {cached_s:.1f} s")
+
+    # sampling settings reach the engine: the same seed draws the same tokens as numpy natively
+    sampling = {"temperature": "0.8", "top-k": "12", "top-p": "0.9", "seed": "42"}
+    ids = generate(page, 3, "Once upon a time", **sampling)
+    engine = Engine.load(default_model, backend="cpu", n_ctx=64)
+    native = SamplingParams(temperature=0.8, top_k=12, top_p=0.9, seed=42)
+    expected = [e.token_id for e in engine.generate("Once upon a time", 3, native) if e.token_id is not None]
+    assert ids == expected
+    assert page.inner_text("#answer") == engine.tokenizer.decode(expected)
+    page.screenshot(path=str(output_dir / "chat-numpy.png"), full_page=True)
+    record(output_dir, "numpy_auto_swiftshader", cached_load_s=round(cached_s, 1), **stats(page))
+
+    page.click("#clear-cache")
+    page.wait_for_function("document.getElementById('cache-info').textContent.startsWith('0 cached')")
 
 
 def test_broken_models_show_clear_errors_and_the_page_stays_usable(
@@ -148,128 +259,18 @@ def test_broken_models_show_clear_errors_and_the_page_stays_usable(
     code, text = error_shown(page)
     assert code == "network" and "404" in text
 
+    # a well-formed GGUF the runtime cannot run: no tokenizer in its metadata
+    assert load(page, "/models/tiny.gguf") == "failed"
+    code, text = error_shown(page)
+    assert code == "bad-model" and "tokenizer" in text
+    assert page.is_disabled("#generate")
     page.wait_for_function("document.getElementById('cache-info').textContent.startsWith('0 cached')")
-
-    assert load(page, "/models/tiny.gguf") == "loaded", page.inner_text("#error")
-    assert not page.is_visible("#error")
-    assert model_facts(page) == {"architecture": "llama", "tensor-count": "3", "from-cache": "false"}
-    page.wait_for_function("document.getElementById('cache-info').textContent.startsWith('1 cached')")
-
-    page.click("#generate")
-    page.wait_for_selector("#error[data-code='no-engine']")
-    assert "Generation is not available." in page.inner_text("#error")
-    assert not page.is_disabled("#load")
 
     page.select_option("#model-select", f"/models/{default_model.name}")
     page.click("#load")
+    assert not page.is_visible("#error")
     page.click("#stop")
     page.wait_for_function("document.body.dataset.model === 'none'")
     assert page.inner_text("#progress-text") == "loading stopped"
     assert not page.is_disabled("#load")
-    assert page.inner_text("#cache-info").startswith("1 cached")  # tiny only: a stopped download is not kept
-
-    page.click("#clear-cache")
     page.wait_for_function("document.getElementById('cache-info').textContent.startsWith('0 cached')")
-
-
-# Stands in for the engine (not yet wired into the browser) to drive the streaming protocol:
-# fixed tokens, a few milliseconds each, recording what it was asked for.
-SCRIPTED_ENGINE = """
-import time
-import realm_web_host as web_host
-
-class Event:
-    def __init__(self, token_id, text):
-        self.token_id, self.text = token_id, text
-
-class ScriptedEngine:
-    calls = []
-
-    def generate(self, prompt, max_tokens, sampling):
-        self.calls.append([prompt, max_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-                           sampling.seed])
-        for i in range(max_tokens):
-            until = time.perf_counter() + 0.005
-            while time.perf_counter() < until:
-                pass
-            yield Event(1000 + i, f" w{i}")
-
-loaded = web_host.HOST.loaded
-web_host.HOST.loaded = web_host.LoadedModel(loaded.header, loaded.size, ScriptedEngine())
-"""
-
-
-def test_generation_streams_tokens_with_stats_and_stops(page, server) -> None:
-    wait_ready(page)
-    assert load(page, "/models/tiny.gguf") == "loaded", page.inner_text("#error")
-    worker = page.workers[0]
-    worker.evaluate("(code) => { self.pyodide.runPython(code); }", SCRIPTED_ENGINE)
-
-    prompt = "Once upon a time"
-    page.fill("#prompt", prompt)
-    for field, value in (("max-tokens", "5"), ("temperature", "0.7"), ("top-k", "12"), ("top-p", "0.9"),
-                         ("seed", "42")):
-        page.fill(f"#{field}", value)
-    page.click("#generate")
-    page.wait_for_function("document.body.dataset.generation === 'finished'")
-    assert page.inner_text("#output") == prompt + " w0 w1 w2 w3 w4"
-    assert re.fullmatch(r"TTFT \d+ ms · \d+\.\d tok/s · 5 tokens", page.inner_text("#stats"))
-    calls = worker.evaluate("() => self.pyodide.runPython('ScriptedEngine.calls').toJs()")
-    assert calls == [[prompt, 5, 0.7, 12, 0.9, 42]]
-
-    page.fill("#max-tokens", "4000")
-    page.click("#generate")
-    page.wait_for_function("document.getElementById('output').textContent.includes(' w3')")
-    page.click("#stop")
-    page.wait_for_function("document.body.dataset.generation === 'stopped'")
-    tokens = int(re.search(r"(\d+) tokens", page.inner_text("#stats")).group(1))
-    assert 4 <= tokens < 4000
-    assert page.inner_text("#output").endswith(f" w{tokens - 1}")
-    assert not page.is_disabled("#generate")
-
-
-FAILING_ENGINE = """
-import realm_web_host as web_host
-from realm_wasm.gpu.device import DeviceLost
-
-class FailingEngine:
-    def __init__(self, error):
-        self.error = error
-
-    def generate(self, prompt, max_tokens, sampling):
-        raise self.error
-
-def fail_with(error):
-    loaded = web_host.HOST.loaded
-    web_host.HOST.loaded = web_host.LoadedModel(loaded.header, loaded.size, FailingEngine(error))
-"""
-
-
-def test_runtime_failures_get_their_own_messages(page, server) -> None:
-    wait_ready(page)
-    assert load(page, "/models/tiny.gguf") == "loaded", page.inner_text("#error")
-    worker = page.workers[0]
-    worker.evaluate("(code) => { self.pyodide.runPython(code); }", FAILING_ENGINE)
-    for raise_, code, title in (
-        ("DeviceLost('the adapter was reset')", "device-lost", "The GPU device was lost."),
-        ("MemoryError('cannot allocate the KV cache')", "out-of-memory", "Out of memory."),
-    ):
-        worker.evaluate("(code) => { self.pyodide.runPython(code); }", f"fail_with({raise_})")
-        page.click("#generate")
-        page.wait_for_selector(f"#error[data-code='{code}']")
-        text = page.inner_text("#error")
-        assert title in text and raise_.split("'")[1] in text
-        assert page.evaluate("document.body.dataset.generation") == "failed"
-        page.wait_for_function("!document.getElementById('generate').disabled")
-
-
-def test_without_webgpu_the_page_says_so(launch, server) -> None:
-    page = launch(webgpu=False).pages[0]
-    page.goto(server.url)
-    wait_ready(page)
-    assert page.evaluate("document.body.dataset.gpu") == "none"
-    code, text = error_shown(page)
-    assert code == "no-webgpu"
-    assert "WebGPU is not available." in text
-    assert page.inner_text("#gpu-info").startswith("unavailable:")
-    assert not page.is_disabled("#load")  # reading models does not need the GPU

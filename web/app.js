@@ -7,11 +7,11 @@ const ERROR_TITLES = {
   "no-webgpu": "WebGPU is not available.",
   "device-lost": "The GPU device was lost.",
   "out-of-memory": "Out of memory.",
+  gpu: "WebGPU reported an error.",
   "bad-model": "This is not a usable model file.",
   network: "The download failed.",
   busy: "Busy.",
   "no-model": "No model is loaded.",
-  "no-engine": "Generation is not available.",
   "bad-request": "Invalid request.",
   boot: "The runtime did not start.",
   runtime: "Runtime error.",
@@ -24,6 +24,9 @@ const KERNEL_FEATURES = ["shader-f16", "subgroups", "timestamp-query"];
 // Used when the page is served without /config.json (e.g. from a plain static host).
 const DEFAULT_CONFIG = { pyodideBaseUrl: "pyodide/", bundleUrl: "dist/realm_wasm.zip", defaultModel: null, models: [] };
 
+// Which executor runs the model: ?backend=webgpu|numpy|auto in the page's URL preselects it.
+const BACKENDS = ["auto", "webgpu", "numpy"];
+
 const state = {
   worker: null,
   ready: false,
@@ -31,6 +34,7 @@ const state = {
   modelLoaded: false,
   nextId: 1,
   config: DEFAULT_CONFIG,
+  tokenIds: [], // of the current generation, exposed as #output's data-token-ids
 };
 
 function formatBytes(n) {
@@ -68,8 +72,9 @@ function clearError() {
   delete $("error").dataset.code;
 }
 
-function showWarning(message) {
+function showWarning(code, message) {
   $("warning").textContent = message;
+  $("warning").dataset.code = code;
   $("warning").hidden = false;
 }
 
@@ -121,16 +126,26 @@ function renderProgress({ loaded, total, percent, fromCache }) {
   $("progress-text").textContent = `${source}: ${formatBytes(loaded)} / ${formatBytes(total)}${pct}`;
 }
 
-function renderModel(model, fromCache, took) {
+function renderModel({ model, fromCache, ms: took, wasmHeapBytes }) {
   const types = Object.entries(model.tensorTypes).map(([t, n]) => `${t}×${n}`).join(", ");
   $("model-info").textContent = `${model.name || "unnamed"} — architecture ${model.architecture}, `
     + `${model.tensorCount} tensors (${types}), ${formatBytes(model.bytes)}, `
-    + `${fromCache ? "from the browser cache" : "downloaded"} in ${ms(took)}`
-    + (model.canGenerate ? "" : ". Header only: this build cannot generate yet.");
+    + `${fromCache ? "from the browser cache" : "downloaded"} in ${ms(took)}; context ${model.nCtx} tokens`;
+  $("backend-info").textContent = `${model.backendNote}; wasm heap ${formatBytes(wasmHeapBytes)}`;
   const info = $("model-info").dataset;
   info.architecture = model.architecture;
   info.tensorCount = model.tensorCount;
   info.fromCache = fromCache;
+  info.backend = model.backend;
+  info.wasmHeapBytes = wasmHeapBytes;
+  info.loadMs = Math.round(took);
+}
+
+function forgetModel(why) {
+  state.modelLoaded = false;
+  $("model-info").textContent = "";
+  $("backend-info").textContent = "";
+  setBody("model", why);
 }
 
 function renderStats({ ttftMs, tokensPerSecond, tokens }) {
@@ -176,7 +191,7 @@ function onMessage(msg) {
     case "loaded":
       state.busy = null;
       state.modelLoaded = true;
-      renderModel(msg.model, msg.fromCache, msg.ms);
+      renderModel(msg);
       setBody("model", "loaded");
       break;
     case "cancelled":
@@ -185,19 +200,24 @@ function onMessage(msg) {
       setBody("model", "none");
       break;
     case "token":
-      $("output").append(msg.text);
+      $("answer").append(msg.text);
+      if (msg.tokenId !== null) state.tokenIds.push(msg.tokenId);
+      $("output").dataset.tokenIds = state.tokenIds.join(",");
       renderStats(msg);
       break;
     case "done":
       state.busy = null;
       renderStats(msg);
+      // the exact numbers, for scripts (bench/bench_browser.py)
+      Object.assign($("stats").dataset, { ttftMs: msg.ttftMs ?? "", tokensPerSecond: msg.tokensPerSecond ?? "",
+        tokens: msg.tokens });
       setBody("generation", msg.reason);
       break;
     case "cache":
       renderCache(msg);
       break;
     case "warning":
-      showWarning(msg.message);
+      showWarning(msg.code, msg.message);
       break;
     case "error":
       onError(msg);
@@ -210,16 +230,16 @@ function onError({ id, code, message, fatal }) {
   showError(code, message);
   if (id !== undefined && state.busy && code !== "busy") {
     if (state.busy === "load") {
-      state.modelLoaded = false;
-      $("model-info").textContent = "";
+      forgetModel("failed");
       $("progress").hidden = true;
       $("progress-text").textContent = "";
-      setBody("model", "failed");
     } else {
       setBody("generation", "failed");
     }
     state.busy = null;
   }
+  // the device's buffers are gone with it: the model has to be loaded again
+  if (code === "device-lost") forgetModel("lost");
   if (fatal) restartWorker();
 }
 
@@ -228,7 +248,7 @@ function restartWorker() {
   if (state.worker) state.worker.terminate();
   state.ready = false;
   state.busy = null;
-  state.modelLoaded = false;
+  forgetModel("none");
   setBody("runtime", "starting");
   $("runtime-status").textContent = "restarting the runtime…";
   startWorker();
@@ -282,17 +302,18 @@ function wireControls() {
     }
     clearError();
     state.busy = "load";
-    state.modelLoaded = false;
-    $("model-info").textContent = "";
-    setBody("model", "loading");
+    forgetModel("loading");
     renderProgress({ loaded: 0, total: null, percent: 0, fromCache: false });
-    send({ type: "load", id: state.nextId++, url });
+    send({ type: "load", id: state.nextId++, url, backend: $("backend").value });
     refreshButtons();
   });
   $("generate").addEventListener("click", () => {
     clearError();
     state.busy = "generate";
-    $("output").textContent = $("prompt").value;
+    $("output-prompt").textContent = $("prompt").value;
+    $("answer").textContent = "";
+    state.tokenIds = [];
+    $("output").dataset.tokenIds = "";
     $("stats").textContent = "";
     setBody("generation", "running");
     send({
@@ -314,6 +335,8 @@ function wireControls() {
 
 async function main() {
   setBody("runtime", "starting");
+  const asked = new URLSearchParams(location.search).get("backend");
+  if (BACKENDS.includes(asked)) $("backend").value = asked;
   wireControls();
   try {
     const response = await fetch("config.json", { cache: "no-cache" });

@@ -8,9 +8,10 @@
 //   {type: "init", pyodideBaseUrl, bundleUrl, hostUrl}
 //        boot Pyodide from pyodideBaseUrl, load numpy, unpack the runtime zip (bundleUrl) and import
 //        the Python host (hostUrl, realm_web_host.py). Sent once, first.
-//   {type: "load", id, url}
+//   {type: "load", id, url, backend}
 //        download a model (from the Cache API when it holds `url`, else the network, storing it
 //        there on the way) and stream it, chunk by chunk, into the Python model sink.
+//        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
 //   {type: "generate", id, prompt, maxTokens, temperature, topK, topP, seed}
 //   {type: "stop"}               stop the running load or generation (it ends with its usual event)
 //   {type: "clearCache"}         delete every cached model file
@@ -21,8 +22,10 @@
 //        runtimeMs, totalMs}, gpu: {available, reason} | {available, vendor, architecture, device,
 //        description, isFallbackAdapter, features: [...], limits: {...}}}
 //   {type: "progress", id, loaded, total, percent, fromCache}   total/percent null when unknown
-//   {type: "loaded", id, model: {architecture, name, tensorCount, tensorTypes, bytes, canGenerate,
-//        ...}, fromCache, ms}
+//   {type: "loaded", id, model: {architecture, name, tensorCount, tensorTypes, bytes, backend,
+//        backendNote, nCtx, ...}, fromCache, ms, wasmHeapBytes}
+//        backend: "webgpu" | "numpy", the executor that runs it; backendNote says why;
+//        wasmHeapBytes: the size of Pyodide's wasm memory once the model is ready
 //   {type: "token", id, index, text, tokenId, ttftMs, tokensPerSecond}
 //        ttftMs: from the request to the first token; tokensPerSecond: decode rate, the tokens
 //        after the first over the time since the first (null until there are two)
@@ -30,9 +33,10 @@
 //   {type: "done", id, reason: "finished" | "stopped", tokens, ttftMs, tokensPerSecond, totalMs}
 //   {type: "cache", available, entries: [{url, bytes}], usage, quota}   after init, load, clearCache
 //   {type: "warning", code, message}                             something degraded, work goes on
+//        code: "no-webgpu" (models run on the CPU) | "cache"
 //   {type: "error", id, code, message, fatal}
-//        code: "no-webgpu" | "device-lost" | "out-of-memory" | "bad-model" | "network" | "busy" |
-//              "no-model" | "no-engine" | "bad-request" | "boot" | "runtime" | "crashed".
+//        code: "no-webgpu" | "device-lost" | "out-of-memory" | "gpu" | "bad-model" | "network" |
+//              "busy" | "no-model" | "bad-request" | "boot" | "runtime" | "crashed".
 //        fatal: true when this worker cannot go on (Pyodide died or never booted): the page
 //        should start a new worker.
 
@@ -49,11 +53,12 @@ const PYTHON_ERRORS = {
   GGUFError: "bad-model",
   GGUFNeedMoreData: "bad-model",
   UnknownQuantType: "bad-model",
+  TokenizerError: "bad-model",
   DeviceLost: "device-lost",
   GPUUnavailable: "no-webgpu",
+  GPUError: "gpu",
   MemoryError: "out-of-memory",
   NoModel: "no-model",
-  EngineMissing: "no-engine",
   ContextOverflow: "bad-request",
   ValueError: "bad-request",
 };
@@ -63,9 +68,10 @@ const post = (msg) => self.postMessage(msg);
 // Turn anything thrown (Python exception, JS error, wasm trap) into {code, message, fatal}.
 function describeError(err, fallbackCode) {
   if (pyodide && err instanceof pyodide.ffi.PythonError) {
-    const lines = String(err.message).trim().split("\n");
-    const last = lines[lines.length - 1];
-    const message = last.includes(": ") ? last.slice(last.indexOf(": ") + 2) : last;
+    // the traceback ends with "<module.>Type: message", and the message may span several lines
+    const text = String(err.message).trim();
+    const at = text.search(new RegExp(`^([\\w.]+\\.)?${err.type}: `, "m"));
+    const message = at < 0 ? text.split("\n").pop() : text.slice(text.indexOf(": ", at) + 2);
     return { code: PYTHON_ERRORS[err.type] || fallbackCode, message, fatal: false };
   }
   const text = String((err && err.message) || err);
@@ -180,7 +186,10 @@ async function init({ pyodideBaseUrl, bundleUrl, hostUrl }) {
     timings: { pyodideMs: t1 - t0, numpyMs: t2 - t1, runtimeMs: t3 - t2, totalMs: t3 - t0 },
     gpu,
   });
-  if (!gpu.available) post({ type: "error", code: "no-webgpu", message: gpu.reason, fatal: false });
+  if (!gpu.available) {
+    post({ type: "warning", code: "no-webgpu",
+      message: `WebGPU is not available (${gpu.reason}): models will run on the CPU (numpy), slowly.` });
+  }
   await cacheReport();
 }
 
@@ -231,7 +240,7 @@ function fileSize(response) {
   return Number(response.headers.get("content-length")) || null;
 }
 
-async function loadModel({ id, url }) {
+async function loadModel({ id, url, backend = "auto" }) {
   const started = performance.now();
   const abort = new AbortController();
   job = { kind: "load", id, stopped: false, abort };
@@ -242,7 +251,7 @@ async function loadModel({ id, url }) {
     opened = await openModelStream(url, abort.signal);
     const { writer } = opened;
     const total = fileSize(opened.response);
-    sink = host.open_model(url);
+    sink = await host.open_model(url, backend);
     sink.begin(total);
     reader = opened.response.body.getReader();
     let loaded = 0;
@@ -270,7 +279,10 @@ async function loadModel({ id, url }) {
     const model = toPlain(host.model_ready(loadedModel));
     loadedModel.destroy();
     if (writer) await keepInCache(writer.stored, url);
-    post({ type: "loaded", id, model, fromCache: opened.fromCache, ms: performance.now() - started });
+    post({
+      type: "loaded", id, model, fromCache: opened.fromCache, ms: performance.now() - started,
+      wasmHeapBytes: pyodide._module.HEAPU8.byteLength, // no public accessor in Pyodide 0.27
+    });
   } catch (err) {
     abort.abort(); // ends the network download
     if (reader) reader.cancel().catch(() => {});
@@ -330,7 +342,7 @@ async function generate({ id, prompt, maxTokens, temperature, topK, topP, seed }
         reason = "stopped";
         break;
       }
-      const step = await events.next(); // sync or async Python generator: both work
+      const step = await events.next(); // an async generator: its steps may block on the GPU (JSPI)
       if (step.done) break;
       const event = toPlain(step.value);
       const now = performance.now();

@@ -1,0 +1,134 @@
+"""What the e2e tests and bench/bench_browser.py share: the site's assets, a live Realm server,
+Chromium's flags, and the few page actions both perform (the page's protocol is its data-*
+attributes: body[data-runtime|model|generation], #model-info, #output, #stats).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from server.static import RequestRecord, StaticSettings, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+# WebGPU on SwiftShader without a GPU, and nothing that phones home (see shared ENVIRONMENT.md).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--enable-unsafe-webgpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+BOOT_TIMEOUT_MS = 180_000  # a cold Pyodide boot takes 3-10 s on a busy 2-core machine
+LOAD_TIMEOUT_MS = 300_000
+# SwiftShader runs the WebGPU kernels on the CPU: the Paris prompt's prefill alone takes 30-90 s
+GENERATE_TIMEOUT_MS = 600_000
+
+
+def chromium_flags(webgpu: bool = True) -> list[str]:
+    """Without --enable-unsafe-webgpu, Chromium offers no adapter on a machine without a GPU."""
+    return [f for f in CHROMIUM_FLAGS if webgpu or f != "--enable-unsafe-webgpu"]
+
+
+def build_site_assets() -> None:
+    """Pyodide + numpy in web/vendor/pyodide, the runtime zip in web/dist (both idempotent)."""
+    for script in ("vendor_pyodide.py", "build_bundle.py"):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / script)], check=True)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    records: list[RequestRecord] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def log(self, record: RequestRecord) -> None:
+        with self.lock:
+            self.records.append(record)
+
+    def requests(self, path: str) -> list[RequestRecord]:
+        with self.lock:
+            return [r for r in self.records if r.path == path]
+
+
+@contextmanager
+def live_server(model_dirs: tuple[Path, ...], default_model: str) -> Iterator[LiveServer]:
+    """The static app on a real uvicorn at 127.0.0.1 (a port the OS picks), in a thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    live = LiveServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}/")
+    settings = StaticSettings(model_dirs=model_dirs, default_model=default_model, on_request=live.log)
+    uv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield live
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def wait_ready(page) -> None:
+    page.wait_for_function("['ready', 'failed'].includes(document.body.dataset.runtime)",
+                           timeout=BOOT_TIMEOUT_MS)
+    assert page.evaluate("document.body.dataset.runtime") == "ready", page.inner_text("#error")
+
+
+def load(page, url: str | None = None) -> str:
+    """Load the selected model (or `url`); returns the page's verdict, 'loaded' or 'failed'."""
+    if url is not None:
+        page.select_option("#model-select", "custom")
+        page.fill("#model-url", url)
+    page.click("#load")
+    page.wait_for_function("['loaded', 'failed'].includes(document.body.dataset.model)",
+                           timeout=LOAD_TIMEOUT_MS)
+    return page.evaluate("document.body.dataset.model")
+
+
+def generate(page, max_tokens: int, prompt: str | None = None, **settings: str) -> list[int]:
+    """Run one generation to its end (greedy unless `settings` say otherwise, e.g. temperature=
+    "0.8", **{"top-k": "12"}); returns the generated token ids the page exposes."""
+    if prompt is not None:
+        page.fill("#prompt", prompt)
+    for name, value in {"max-tokens": str(max_tokens), "temperature": "0", **settings}.items():
+        page.fill(f"#{name}", value)
+    page.click("#generate")
+    page.wait_for_function("['finished', 'stopped', 'failed'].includes(document.body.dataset.generation)",
+                           timeout=GENERATE_TIMEOUT_MS)
+    assert page.evaluate("document.body.dataset.generation") == "finished", page.inner_text("#error")
+    return token_ids(page)
+
+
+def token_ids(page) -> list[int]:
+    ids = page.get_attribute("#output", "data-token-ids")
+    return [int(i) for i in ids.split(",")] if ids else []
+
+
+def generation_stats(page) -> dict[str, float | None]:
+    """The last finished generation's numbers: time to first token, decode rate, token count."""
+    data = page.locator("#stats")
+
+    def number(name: str) -> float | None:
+        value = data.get_attribute(f"data-{name}")
+        return float(value) if value else None
+
+    return {"ttft_ms": number("ttft-ms"), "decode_tok_s": number("tokens-per-second"), "tokens": number("tokens")}

@@ -1,0 +1,198 @@
+"""`Device` on the browser's WebGPU (`js.navigator.gpu`), for Realm inside Pyodide.
+
+Pyodide only: it imports `js` and `pyodide` at load, as native.py imports wgpu-py; nothing else in
+`realm_wasm` imports it. The engine is synchronous, and so is `read_buffer`: it blocks on
+`mapAsync` through JSPI (`pyodide.ffi.run_sync`), which works when JS entered Python through an
+async function, `runPythonAsync` or `callPromising` (web/worker.js does).
+
+Errors come back from WebGPU asynchronously: `device.lost` and `uncapturederror` events are
+recorded as they arrive and raised, as `DeviceLost`, `MemoryError` or `GPUError`, by the next call
+that touches the device, so a failure never turns into silent garbage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import js
+from pyodide.code import run_js
+from pyodide.ffi import JsException, can_run_sync, create_once_callable, create_proxy, run_sync, to_js
+
+from .device import COPY_DST, MAP_READ, BindGroup, Binding, Buffer, DeviceLost, Dispatch, GPUUnavailable, Pipeline
+
+FEATURES = ("shader-f16", "subgroups", "timestamp-query")
+
+# Limits raised to the adapter's own values (a device starts at WebGPU's defaults, e.g. 128 MiB
+# storage bindings, unless asked) and reported to the kernels in snake_case.
+LIMITS = (
+    "maxBufferSize",
+    "maxStorageBufferBindingSize",
+    "maxUniformBufferBindingSize",
+    "maxStorageBuffersPerShaderStage",
+    "maxComputeWorkgroupStorageSize",
+    "maxComputeInvocationsPerWorkgroup",
+    "maxComputeWorkgroupSizeX",
+    "maxComputeWorkgroupSizeY",
+    "maxComputeWorkgroupSizeZ",
+    "maxComputeWorkgroupsPerDimension",
+)
+
+# queue.writeBuffer straight from a Python buffer: a view of the wasm heap, where to_js would copy.
+_write_from_python = run_js("""(queue, buffer, offset, data) => {
+    const view = data.getBuffer("u8");
+    try {
+        queue.writeBuffer(buffer, offset, view.data);
+    } finally {
+        view.release();
+    }
+}""")
+
+
+class GPUError(RuntimeError):
+    """WebGPU rejected a call (a validation or internal error): a bug or an unsupported adapter."""
+
+
+def snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+def _js_dict(d: dict) -> Any:
+    return to_js(d, dict_converter=js.Object.fromEntries)
+
+
+class BrowserDevice:
+    """One GPUDevice with the adapter's own limits and the optional features Realm uses."""
+
+    host = "tint"
+
+    def __init__(self, adapter: Any, device: Any) -> None:
+        self.adapter, self.device, self.queue = adapter, device, device.queue
+        info = adapter.info
+        self.name = " ".join(filter(None, (info.vendor, info.architecture, info.device, info.description)))
+        self.is_fallback_adapter = bool(getattr(info, "isFallbackAdapter", None)
+                                        or getattr(adapter, "isFallbackAdapter", False))
+        self.features = frozenset(f for f in FEATURES if device.features.has(f))
+        self.limits = {snake_case(name): int(getattr(device.limits, name)) for name in LIMITS}
+        self.lost: str | None = None  # why the device stopped working, once it has
+        self.errors: list[Exception] = []  # reported by WebGPU, not raised yet
+        self._staging: list[tuple[int, Buffer]] = []  # idle MAP_READ buffers (size, buffer)
+        self._on_error = create_proxy(self._uncaptured)
+        device.onuncapturederror = self._on_error
+        device.lost.then(create_once_callable(self._lost))
+
+    @classmethod
+    async def create(cls, power_preference: str = "high-performance") -> BrowserDevice:
+        gpu = getattr(js.navigator, "gpu", None)
+        if gpu is None:
+            raise GPUUnavailable("this browser has no WebGPU (navigator.gpu is missing)")
+        if not can_run_sync():
+            raise GPUUnavailable("this browser cannot let Python wait for GPU results "
+                                 "(no JavaScript Promise Integration)")
+        adapter = await gpu.requestAdapter(_js_dict({"powerPreference": power_preference}))
+        if adapter is None:
+            raise GPUUnavailable("WebGPU is present but no GPU adapter was offered")
+        features = [f for f in FEATURES if adapter.features.has(f)]
+        limits = {name: getattr(adapter.limits, name) for name in LIMITS}
+        try:
+            device = await adapter.requestDevice(_js_dict({"requiredFeatures": features, "requiredLimits": limits}))
+        except JsException as e:
+            raise GPUUnavailable(f"the GPU adapter refused a device: {e}") from e
+        return cls(adapter, device)
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    def _uncaptured(self, event: Any) -> None:
+        error = event.error
+        kind = error.constructor.name
+        if kind == "GPUOutOfMemoryError":
+            self.errors.append(MemoryError(f"the GPU ran out of memory: {error.message}"))
+        else:
+            self.errors.append(GPUError(f"WebGPU {kind}: {error.message}"))
+
+    def _lost(self, info: Any) -> None:
+        self.lost = f"{info.reason}: {info.message}" if info.message else str(info.reason)
+
+    def check(self) -> None:
+        """Raise what the device reported since the last check (device loss first)."""
+        if self.lost is not None:
+            raise DeviceLost(f"the GPU device {self.name!r} was lost ({self.lost}); load the model again")
+        if self.errors:
+            first, self.errors = self.errors[0], []
+            raise first
+
+    async def settle(self) -> None:
+        """Wait for the queue's work (and any errors it causes) to finish, then `check`."""
+        try:
+            await self.queue.onSubmittedWorkDone()
+        except JsException as e:
+            self.lost = self.lost or str(e)
+        self.check()
+
+    def close(self) -> None:
+        """Free every buffer at once (a new model gets a new device)."""
+        self.lost = self.lost or "destroyed"
+        self.device.onuncapturederror = None
+        self.device.destroy()
+        self._on_error.destroy()
+        self._staging.clear()
+
+    # -- the Device protocol ---------------------------------------------------------------------
+
+    def create_buffer(self, size: int, usage: int, label: str = "") -> Buffer:
+        self.check()
+        return self.device.createBuffer(_js_dict({"size": size, "usage": usage, "label": label}))
+
+    def write_buffer(self, buf: Buffer, offset: int, data: bytes | memoryview) -> None:
+        self.check()
+        _write_from_python(self.queue, buf, offset, data)
+
+    async def read_buffer_async(self, buf: Buffer, offset: int, size: int) -> bytes:
+        self.check()
+        staging = self._take_staging(size)
+        encoder = self.device.createCommandEncoder()
+        encoder.copyBufferToBuffer(buf, offset, staging[1], 0, size)
+        self.queue.submit(to_js([encoder.finish()]))
+        try:
+            await staging[1].mapAsync(MAP_READ, 0, size)
+        except JsException as e:
+            # the staging buffer is ours and mappable: only a lost device refuses to map it
+            self.lost = self.lost or str(e)
+            self.check()
+        data = js.Uint8Array.new(staging[1].getMappedRange(0, size)).to_bytes()
+        staging[1].unmap()
+        self._staging.append(staging)
+        self.check()  # errors of the work just finished arrived before its results
+        return data
+
+    def read_buffer(self, buf: Buffer, offset: int, size: int) -> bytes:
+        return run_sync(self.read_buffer_async(buf, offset, size))
+
+    def _take_staging(self, size: int) -> tuple[int, Buffer]:
+        for i, (capacity, _) in enumerate(self._staging):
+            if capacity >= size:
+                return self._staging.pop(i)
+        capacity = max(256, 1 << (size - 1).bit_length())
+        return capacity, self.create_buffer(capacity, MAP_READ | COPY_DST, "read-back")
+
+    def create_pipeline(self, wgsl: str, entry_point: str = "main", label: str = "") -> Pipeline:
+        self.check()
+        module = self.device.createShaderModule(_js_dict({"code": wgsl, "label": label}))
+        return self.device.createComputePipeline(_js_dict(
+            {"layout": "auto", "compute": {"module": module, "entryPoint": entry_point}, "label": label}))
+
+    def create_bind_group(self, pipeline: Pipeline, bindings: list[Binding]) -> BindGroup:
+        self.check()
+        entries = [{"binding": i, "resource": {"buffer": buf, "offset": off, "size": size}}
+                   for i, (buf, off, size) in enumerate(bindings)]
+        return self.device.createBindGroup(_js_dict({"layout": pipeline.getBindGroupLayout(0), "entries": entries}))
+
+    def submit(self, dispatches: list[Dispatch]) -> None:
+        self.check()
+        encoder = self.device.createCommandEncoder()
+        cpass = encoder.beginComputePass()
+        for pipeline, bind_group, (x, y, z) in dispatches:
+            cpass.setPipeline(pipeline)
+            cpass.setBindGroup(0, bind_group)
+            cpass.dispatchWorkgroups(x, y, z)
+        cpass.end()
+        self.queue.submit(to_js([encoder.finish()]))
