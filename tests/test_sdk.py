@@ -98,7 +98,8 @@ def test_sync_typed_errors(live, client):
         client.complete("hi", max_token=3)
     with RealmClient(live.url, api_key=KEYS["solo"]) as solo, \
             solo.stream("Once upon a time", max_tokens=300, temperature=0) as held:
-        next(iter(held))
+        chunks = iter(held)  # keep the iterator: dropping it would close (cancel) the stream
+        next(chunks)
         with pytest.raises(RateLimitError) as e:
             solo.complete("hi", max_tokens=1)
         assert e.value.retry_after >= 1
