@@ -50,8 +50,8 @@ def _error(response: httpx.Response) -> Exception:
     return error_from(response.status_code, body, response.headers.get("retry-after"))
 
 
-class Stream:
-    """Iterate for Chunks; `finish_reason` and `usage` are set once the stream is read to its end."""
+class _SSEStream:
+    """A streamed response being decoded; `finish_reason` and `usage` are set once read to its end."""
 
     def __init__(self, response: httpx.Response, exit_stack: Any) -> None:
         self._response, self._exit = response, exit_stack
@@ -64,6 +64,10 @@ class Stream:
     @property
     def usage(self) -> Usage | None:
         return self._decoder.usage
+
+
+class Stream(_SSEStream):
+    """Iterate for Chunks."""
 
     def __iter__(self) -> Iterator[Chunk]:
         try:
@@ -170,20 +174,8 @@ class RealmClient:
         self.close()
 
 
-class AsyncStream:
-    """`async for` over Chunks; `finish_reason` and `usage` are set once read to the end."""
-
-    def __init__(self, response: httpx.Response, exit_stack: Any) -> None:
-        self._response, self._exit = response, exit_stack
-        self._decoder = SSEDecoder()
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._decoder.finish_reason
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._decoder.usage
+class AsyncStream(_SSEStream):
+    """`async for` over Chunks."""
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
