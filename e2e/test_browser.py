@@ -192,6 +192,16 @@ def test_paris_without_webgpu_runs_on_numpy_and_stops_when_asked(
     assert stats(page)["tokens"] == len(ids)
     assert not page.is_disabled("#generate")
 
+    # Q&A style for the base model: a plain question is wrapped as "Question: …\nAnswer:" and the
+    # answer ends where the model starts its next "Question:"
+    page.select_option("#style", "qa")
+    page.fill("#prompt", "What is the capital of France?")
+    page.fill("#max-tokens", "12")
+    page.click("#generate")
+    page.wait_for_function("document.body.dataset.generation !== 'running'", timeout=GENERATE_TIMEOUT_MS)
+    assert page.text_content("#output-prompt") == "Question: What is the capital of France?\nAnswer:"
+    assert page.text_content("#answer") == " Paris"
+
 
 def test_auto_uses_numpy_on_swiftshader_and_a_reload_reads_the_model_from_the_cache(
         page, server, default_model: Path, output_dir: Path) -> None:

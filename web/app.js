@@ -3,6 +3,23 @@
 
 const $ = (id) => document.getElementById(id);
 
+// Prompt styles for a base model (no chat template): it answers "Question: …\nAnswer:" well, then
+// goes on with a new "Question:", where the page stops it.
+const STYLES = {
+  completion: { prompt: (text) => text, stopAt: null },
+  qa: { prompt: (text) => `Question: ${text.trim()}\nAnswer:`, stopAt: "\nQuestion:" },
+};
+
+function trimAtStop() {
+  const answer = $("answer");
+  const at = state.stopAt ? answer.textContent.indexOf(state.stopAt) : -1;
+  if (at < 0) return;
+  answer.textContent = answer.textContent.slice(0, at);
+  state.stopAt = null;
+  state.pastStop = true;
+  send({ type: "stop" });
+}
+
 const ERROR_TITLES = {
   "no-webgpu": "WebGPU is not available.",
   "device-lost": "The GPU device was lost.",
@@ -200,7 +217,9 @@ function onMessage(msg) {
       setBody("model", "none");
       break;
     case "token":
+      if (state.pastStop) break;  // tokens already under way when the page asked the worker to stop
       $("answer").append(msg.text);
+      trimAtStop();
       if (msg.tokenId !== null) state.tokenIds.push(msg.tokenId);
       $("output").dataset.tokenIds = state.tokenIds.join(",");
       renderStats(msg);
@@ -310,7 +329,11 @@ function wireControls() {
   $("generate").addEventListener("click", () => {
     clearError();
     state.busy = "generate";
-    $("output-prompt").textContent = $("prompt").value;
+    const style = STYLES[$("style").value];
+    const prompt = style.prompt($("prompt").value);
+    state.stopAt = style.stopAt;
+    state.pastStop = false;
+    $("output-prompt").textContent = prompt;
     $("answer").textContent = "";
     state.tokenIds = [];
     $("output").dataset.tokenIds = "";
@@ -319,7 +342,7 @@ function wireControls() {
     send({
       type: "generate",
       id: state.nextId++,
-      prompt: $("prompt").value,
+      prompt,
       maxTokens: Math.round(readNumber("max-tokens", 64)),
       temperature: readNumber("temperature", 0),
       topK: Math.round(readNumber("top-k", 0)),
@@ -329,6 +352,10 @@ function wireControls() {
     refreshButtons();
   });
   $("stop").addEventListener("click", () => send({ type: "stop" }));
+  $("style").addEventListener("change", () => {
+    $("prompt").value = $("style").value === "qa" ? "What is the capital of France?"
+      : "Question: What is the capital of France?\nAnswer:";
+  });
   $("clear-cache").addEventListener("click", () => send({ type: "clearCache" }));
   $("error-dismiss").addEventListener("click", clearError);
 }
