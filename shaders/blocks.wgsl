@@ -75,3 +75,9 @@ fn scale_min_k4(at: u32, is: u32) -> vec2<f32> {
     let high = ((vec2<u32>(b.z) >> vec2<u32>(0u, 4u)) & vec2<u32>(0xfu)) | ((vec2<u32>(b.x, b.y) >> vec2<u32>(6u)) << vec2<u32>(4u));
     return vec2<f32>(select(low, high, is >= 4u));
 }
+
+// Q4_K / Q5_K: (d · scale, dmin · min) of the 32-element sub-block `is` of the super-block at byte
+// `blk` (d and dmin are its first two f16, the packed 6-bit scales and mins follow).
+fn k4_scale_min(blk: u32, is: u32) -> vec2<F> {
+    return vec2<F>(unpack2x16float(w[blk >> 2u]) * scale_min_k4((blk >> 2u) + 1u, is));
+}

@@ -7,9 +7,9 @@ fn dequant8(blk: u32, g: u32) -> Dq8 {
     let j = g >> 3u;
     let half = (g >> 2u) & 1u;
     let l = (g & 3u) * 8u;
-    let dm = unpack2x16float(w[blk >> 2u]) * scale_min_k4((blk >> 2u) + 1u, 2u * j + half);
-    let dl = F(dm.x);
-    let ml = F(dm.y);
+    let dm = k4_scale_min(blk, 2u * j + half);
+    let dl = dm.x;
+    let ml = dm.y;
     let i = (blk + 16u + 32u * j + l) >> 2u;
     let lo = vec4<F>(fields(w[i], 4u * half, 0xfu));
     let hi = vec4<F>(fields(w[i + 1u], 4u * half, 0xfu));
