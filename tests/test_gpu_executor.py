@@ -77,6 +77,17 @@ def test_bad_steps_are_refused_with_a_clear_error(model, gpu):
         dev.forward(Batch.for_sequence([1] * 33, 0))
 
 
+def test_logit_rows_can_be_capped_below_the_step_size(model, gpu):
+    f, plan = model
+    cpu = CpuExecutor(plan, f.tensor_bytes, n_ctx=64)
+    dev = GpuExecutor(plan, f.tensor_bytes, n_ctx=64, device=gpu, max_tokens=32, max_logit_rows=2)
+    assert dev.max_logit_rows == 2
+    close(dev.forward(Batch.for_sequence(list(range(10)), 0)), cpu.forward(Batch.for_sequence(list(range(10)), 0)))
+    with pytest.raises(ValueError, match="a step of 3 logit rows"):
+        dev.forward(Batch(np.arange(3, dtype=np.int32), np.arange(3, dtype=np.int32), np.zeros(3, np.int32),
+                          np.arange(3, dtype=np.int32)))
+
+
 def test_weights_streamed_in_odd_pieces_match_the_file(model, gpu):
     """The browser path: tensor bytes go from the download stream straight to device buffers."""
     f, plan = model

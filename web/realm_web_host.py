@@ -152,7 +152,9 @@ class DeviceWeights:
         self.head = bytearray()
 
     async def executor(self, model: Model, n_ctx: int) -> Executor:
-        executor = GpuExecutor(model.plan, self.store, n_ctx=n_ctx, device=self.device, max_tokens=PREFILL_CHUNK)
+        # the page decodes one sequence: 8 logit rows (8 MiB for a 262k vocab) rather than 256 MiB
+        executor = GpuExecutor(model.plan, self.store, n_ctx=n_ctx, device=self.device, max_tokens=PREFILL_CHUNK,
+                               max_logit_rows=8)
         await self.device.settle()  # out-of-memory and validation errors of the load surface here
         return executor
 

@@ -41,7 +41,8 @@ class GpuExecutor:
     name = "wgpu"
 
     def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, n_slots: int = 1,
-                 n_ctx: int = 2048, device: Device | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+                 n_ctx: int = 2048, device: Device | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 max_logit_rows: int | None = None) -> None:
         if device is None:
             from .native import NativeDevice  # CPython only; the browser passes its own device
 
@@ -49,9 +50,10 @@ class GpuExecutor:
         self.device, self.plan, self.n_slots, self.n_ctx = device, plan, n_slots, n_ctx
         # a callable gives a tensor's bytes (a GGUF file); a store was filled some other way (a stream)
         self.store = FileWeights(device, weights) if callable(weights) else weights
-        # logits [R, n_vocab] must fit one storage binding (128 MiB on some adapters: 128 rows of 262,144)
+        # logits [R, n_vocab] must fit one storage binding (128 MiB on some adapters: 128 rows of 262,144);
+        # a decoder that never asks for all-position logits needs only a row per sequence
         max_rows = device.limits["max_storage_buffer_binding_size"] // (4 * plan.n_vocab)
-        self.capacity = {"T": max_tokens, "R": min(max_tokens, max_rows)}
+        self.capacity = {"T": max_tokens, "R": min(max_tokens, max_rows, max_logit_rows or max_tokens)}
         self.max_logit_rows = self.capacity["R"]
         self.kv_f16 = "shader-f16" in device.features  # as llama.cpp and the numpy executor store it
         self.vectors: dict[str, Binding] = {}
