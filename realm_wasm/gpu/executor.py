@@ -18,7 +18,7 @@ from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
 from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch
 from .matmul import GpuWeight, QuantMatmul
-from .ops import SAMPLING_ROW_BYTES, Add, Attention, Embed, Gather, Glu, RmsNorm, Rope, Sampler, pack_sampling
+from .ops import SAMPLING_ROW_BYTES, Add, Attention, Embed, Gather, Glu, RmsNorm, Rope, Sampler, pack_sampling, scratch
 from .weights import FileWeights, StreamedWeights
 
 WeightStore = FileWeights | StreamedWeights
@@ -230,7 +230,9 @@ def _matmul(ex: GpuExecutor, op: Op) -> Launch:
 
 def _glu(ex: GpuExecutor, op: Op) -> Launch:
     width = ex.width(op.out)
-    gate, up = (ex.buffer(4 * width * ex.capacity["T"], f"{op.out} {part}") for part in ("gate", "up"))
+    size = 4 * width * ex.capacity["T"]
+    # every layer's gate/up projections are temporaries: one pair of buffers serves them all
+    gate, up = ((scratch(ex.device, f"glu {part}", size), 0, size) for part in ("gate", "up"))
     x, rows = ex.acts[op.ins[0]], ex.counts["T"]
     return Launch("T", QuantMatmul(ex.device, ex.weight(op.weights[0]), x, gate, rows),
                   QuantMatmul(ex.device, ex.weight(op.weights[1]), x, up, rows),
