@@ -91,11 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
     import uvicorn
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
 
     from server.api import Api, load_model
-    from server.static import RequestLog, StaticSettings, static_routes
+    from server.static import StaticSettings, create_app
     from server.tenants import check_bind_host, load_tenants
 
     model = resolve_model(args.model)
@@ -105,9 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_bind_host(args.host, api.tenants)
     settings = StaticSettings(pyodide_base_url=args.pyodide_base_url,
                               model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(), model.parent)))
-    # API routes first: the static routes end in a catch-all
-    app = Starlette(routes=[*api.routes, *static_routes(settings)], lifespan=api.lifespan,
-                    middleware=[Middleware(RequestLog, hook=settings.on_request)])
+    app = create_app(settings, api.routes, api.lifespan)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"Realm: open http://{args.host}:{args.port}/ (API: /v1, /ws; OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -277,10 +277,12 @@ def static_routes(settings: StaticSettings) -> list[BaseRoute]:
     ]
 
 
-def create_app(settings: StaticSettings | None = None) -> Starlette:
-    """A Starlette app serving only the static part, with the request log hook installed."""
+def create_app(settings: StaticSettings | None = None, api_routes: Sequence[BaseRoute] = (),
+               lifespan: Callable | None = None) -> Starlette:
+    """A Starlette app serving the static part (after `api_routes`: the static routes end in a
+    catch-all), with the request log hook installed."""
     settings = settings or StaticSettings()
-    return Starlette(routes=static_routes(settings),
+    return Starlette(routes=[*api_routes, *static_routes(settings)], lifespan=lifespan,
                      middleware=[Middleware(RequestLog, hook=settings.on_request)])
 
 
