@@ -8,7 +8,9 @@ is float32.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -133,6 +135,7 @@ class CpuExecutor:
 
     name = "cpu"
     max_logit_rows = 1 << 20
+    queues_ahead = False  # runs each step when submitted
 
     def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048,
                  eager_limit: int | None = None) -> None:
@@ -153,7 +156,17 @@ class CpuExecutor:
         return buf["logits"]
 
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
-        return [sample(logits, params, step) for logits, (params, step) in zip(self.forward(batch), rows, strict=True)]
+        self.last_sampled = [sample(logits, params, step)
+                             for logits, (params, step) in zip(self.forward(batch), rows, strict=True)]
+        return self.last_sampled
+
+    def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]], follow: bool = False) -> Future:
+        """`forward_sample`, done at once (the GPU executor queues); `follow` feeds the last sampled ids."""
+        if follow:
+            batch = dataclasses.replace(batch, tokens=np.array(self.last_sampled, np.int32))
+        done = Future()
+        done.set_result(self.forward_sample(batch, rows))
+        return done
 
     def _run(self, op: Op, buf: dict[str, np.ndarray], batch: Batch) -> np.ndarray:
         x = buf[op.ins[0]] if op.ins else None

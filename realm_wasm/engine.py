@@ -24,12 +24,21 @@ GREEDY = SamplingParams()
 class Executor(Protocol):
     name: str
     max_logit_rows: int  # rows of logits one step can return
+    queues_ahead: bool  # submit_sample returns before the step has run (a GPU queue)
 
     def forward(self, batch: Batch) -> np.ndarray:
         """Logits [R, n_vocab] of the batch's logit rows."""
 
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
         """Token ids sampled from each logit row with its (params, step counter)."""
+
+    def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]],
+                      follow: bool = False) -> Pending:
+        """`forward_sample` without waiting; `follow`: the tokens are the previous step's samples."""
+
+
+class Pending(Protocol):
+    def result(self) -> list[int]: ...
 
 
 class ContextOverflow(ValueError):
@@ -103,12 +112,25 @@ class Engine:
         for _ in self.prefill(ids[:pos]):
             pass
         decoder = StreamDecoder(self.tokenizer)
+        # A GPU runs one step ahead: step n + 1 is queued (its token the GPU's own sample of step n)
+        # before step n's id is read back, so the GPU never waits for the host between tokens. A
+        # step queued past an end of text only writes a KV entry past the sequence, never read.
+        ahead = self.executor.queues_ahead
+        step = self.executor.submit_sample(Batch.for_sequence(last, pos), [(sampling, 0)])
         for n in range(max_tokens):
-            [token] = self.executor.forward_sample(Batch.for_sequence(last, pos), [(sampling, n)])
+            pos += len(last)
+            more = n + 1 < max_tokens
+            if more and ahead:
+                step_ahead = self.executor.submit_sample(Batch.for_sequence([0], pos), [(sampling, n + 1)],
+                                                         follow=True)
+            [token] = step.result()
             if stop_at_eos and token in self.tokenizer.eot_ids:
                 break
             yield TokenEvent(token, decoder.feed(token), n, time.perf_counter() - t0)
-            pos, last = pos + len(last), [token]
+            last = [token]
+            if more:
+                step = step_ahead if ahead else self.executor.submit_sample(Batch.for_sequence(last, pos),
+                                                                            [(sampling, n + 1)])
         tail = decoder.flush()
         if tail:
             yield TokenEvent(None, tail, n + 1, time.perf_counter() - t0)

@@ -12,13 +12,14 @@ that touches the device, so a failure never turns into silent garbage.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import js
 from pyodide.code import run_js
 from pyodide.ffi import JsException, can_run_sync, create_once_callable, create_proxy, run_sync, to_js
 
-from .device import COPY_DST, MAP_READ, BindGroup, Binding, Buffer, DeviceLost, Dispatch, GPUUnavailable, Pipeline
+from .device import COPY_DST, MAP_READ, BindGroup, Binding, Buffer, Copy, DeviceLost, Dispatch, GPUUnavailable, Pipeline
 
 FEATURES = ("shader-f16", "subgroups", "timestamp-query")
 
@@ -147,22 +148,7 @@ class BrowserDevice:
         _write_from_python(self.queue, buf, offset, data)
 
     async def read_buffer_async(self, buf: Buffer, offset: int, size: int) -> bytes:
-        self.check()
-        staging = self._take_staging(size)
-        encoder = self.device.createCommandEncoder()
-        encoder.copyBufferToBuffer(buf, offset, staging[1], 0, size)
-        self.queue.submit(to_js([encoder.finish()]))
-        try:
-            await staging[1].mapAsync(MAP_READ, 0, size)
-        except JsException as e:
-            # the staging buffer is ours and mappable: only a lost device refuses to map it
-            self.lost = self.lost or str(e)
-            self.check()
-        data = js.Uint8Array.new(staging[1].getMappedRange(0, size)).to_bytes()
-        staging[1].unmap()
-        self._staging.append(staging)
-        self.check()  # errors of the work just finished arrived before its results
-        return data
+        return await self.submit([], read=(buf, offset, size)).result_async()
 
     def read_buffer(self, buf: Buffer, offset: int, size: int) -> bytes:
         return run_sync(self.read_buffer_async(buf, offset, size))
@@ -186,13 +172,47 @@ class BrowserDevice:
                    for i, (buf, off, size) in enumerate(bindings)]
         return self.device.createBindGroup(_js_dict({"layout": pipeline.getBindGroupLayout(0), "entries": entries}))
 
-    def submit(self, dispatches: list[Dispatch]) -> None:
+    def submit(self, dispatches: list[Dispatch], *, copies: Sequence[Copy] = (),
+               read: Binding | None = None) -> BrowserReadBack | None:
         self.check()
         encoder = self.device.createCommandEncoder()
+        for (src, src_off, size), (dst, dst_off, _) in copies:
+            encoder.copyBufferToBuffer(src, src_off, dst, dst_off, size)
         cpass = encoder.beginComputePass()
         for pipeline, bind_group, (x, y, z) in dispatches:
             cpass.setPipeline(pipeline)
             cpass.setBindGroup(0, bind_group)
             cpass.dispatchWorkgroups(x, y, z)
         cpass.end()
+        staging = None
+        if read is not None:
+            buf, offset, size = read
+            staging = self._take_staging(size)
+            encoder.copyBufferToBuffer(buf, offset, staging[1], 0, size)
         self.queue.submit(to_js([encoder.finish()]))
+        if staging is None:
+            return None
+        # mapping starts now and completes when the GPU has run this submit
+        return BrowserReadBack(self, staging, size, staging[1].mapAsync(MAP_READ, 0, size))
+
+
+class BrowserReadBack:
+    def __init__(self, device: BrowserDevice, staging: tuple[int, Buffer], size: int, mapped: Any) -> None:
+        self.device, self.staging, self.size, self.mapped = device, staging, size, mapped
+
+    async def result_async(self) -> bytes:
+        device, (_, buf) = self.device, self.staging
+        try:
+            await self.mapped
+        except JsException as e:
+            # the staging buffer is ours and mappable: only a lost device refuses to map it
+            device.lost = device.lost or str(e)
+            device.check()
+        data = js.Uint8Array.new(buf.getMappedRange(0, self.size)).to_bytes()
+        buf.unmap()
+        device._staging.append(self.staging)
+        device.check()  # errors of the work just finished arrived before its results
+        return data
+
+    def result(self) -> bytes:
+        return run_sync(self.result_async())

@@ -5,12 +5,15 @@ Two hosts satisfy it: `native.NativeDevice` (wgpu-py, CPython) and the browser d
 to a `Device` only, so the same code and the same WGSL run in both places.
 
 A step of inference is a list of `Dispatch`es handed to `submit` at once: one command encoder,
-one compute pass, one queue submit. Buffers, pipelines and bind groups are built at load time.
+one compute pass, one queue submit, which may end by copying a few bytes (sampled token ids) out
+to the host: `submit` returns without waiting, and the `ReadBack` it gives waits when asked.
+Buffers, pipelines and bind groups are built at load time.
 Sizes and offsets of writes and read-backs are multiples of 4 bytes (WebGPU's rule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 # Buffer usage flags, numerically equal to WebGPU's GPUBufferUsage so hosts pass them through.
@@ -28,6 +31,7 @@ Pipeline = Any
 BindGroup = Any
 Binding = tuple[Buffer, int, int]  # (buffer, byte offset, byte size) at @binding(i) of @group(0)
 Dispatch = tuple[Pipeline, BindGroup, tuple[int, int, int]]  # (pipeline, bind group, workgroup counts)
+Copy = tuple[Binding, Binding]  # (source, destination): a buffer-to-buffer copy of the source's size
 
 
 class GPUUnavailable(RuntimeError):
@@ -62,4 +66,18 @@ class Device(Protocol):
 
     def create_bind_group(self, pipeline: Pipeline, bindings: list[Binding]) -> BindGroup: ...
 
-    def submit(self, dispatches: list[Dispatch]) -> None: ...
+    def submit(self, dispatches: list[Dispatch], *, copies: Sequence[Copy] = (),
+               read: Binding | None = None) -> ReadBack | None:
+        """One command buffer, run after everything submitted or written before: the `copies`, the
+        dispatches in one compute pass, then, with `read`, a copy of that binding out to the host.
+        Returns at once; the ReadBack (None without `read`) waits for the bytes."""
+        ...
+
+
+class ReadBack(Protocol):
+    """The bytes a submit reads back. Later submits may be queued before they are waited for: a
+    decoder records step n + 1 while the GPU runs step n."""
+
+    def result(self) -> bytes:
+        """Wait for the submit's work; its bytes (errors of that work raise here)."""
+        ...

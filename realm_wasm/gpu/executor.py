@@ -16,7 +16,7 @@ import numpy as np
 from ..gguf import TensorInfo
 from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
-from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch
+from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch, ReadBack
 from .matmul import GpuWeight, QuantMatmul
 from .ops import SAMPLING_ROW_BYTES, Add, Attention, Embed, Gather, Glu, RmsNorm, Rope, Sampler, pack_sampling, scratch
 from .weights import FileWeights, StreamedWeights
@@ -36,9 +36,11 @@ class Launch:
 
 
 class GpuExecutor:
-    """`forward(batch)` -> logits [R, n_vocab]; `forward_sample(batch, rows)` -> sampled ids [R]."""
+    """`forward(batch)` -> logits [R, n_vocab]; `forward_sample(batch, rows)` -> sampled ids [R];
+    `submit_sample` queues a sampled step and returns at once."""
 
     name = "wgpu"
+    queues_ahead = True  # submit_sample returns once the step is queued
 
     def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, n_slots: int = 1,
                  n_ctx: int = 2048, device: Device | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -71,6 +73,8 @@ class GpuExecutor:
         self.sampled = self.buffer(4 * r_max, "sampled ids")
         self.sampler = Launch("R", Sampler(device, self.acts["logits"], self.sampling_params, self.sampled,
                                            n_vocab=n_vocab))
+        self._step_dispatches: dict[tuple[int, int, bool], list[Dispatch]] = {}
+        self._last_sampled_rows = 0  # logit rows of the last sampled step (what a follow-up step reads)
 
     # -- load time -------------------------------------------------------------------------------
 
@@ -119,23 +123,57 @@ class GpuExecutor:
             self.device.write_buffer(self.counts[rows][0], 0, np.array([n, 0, 0, 0], np.uint32).tobytes())
         return counts
 
-    def _dispatches(self, counts: dict[str, int]) -> list[Dispatch]:
-        return [d for launch in self.launches for d in launch.dispatches(counts)]
+    def _dispatches(self, counts: dict[str, int], sample: bool = False) -> list[Dispatch]:
+        """The step's dispatches, kept per shape: decode steps repeat one shape, and building the
+        list (a few hundred tuples) costs as much host time as recording it."""
+        key = (counts["T"], counts["R"], sample)
+        if key not in self._step_dispatches:
+            if len(self._step_dispatches) >= 64:  # prefill chunks of many lengths: keep it bounded
+                self._step_dispatches.clear()
+            launches = self.launches + ([self.sampler] if sample else [])
+            self._step_dispatches[key] = [d for launch in launches for d in launch.dispatches(counts)]
+        return self._step_dispatches[key]
 
     def forward(self, batch: Batch) -> np.ndarray:
         counts = self._write_step(batch)
-        self.device.submit(self._dispatches(counts))
-        raw = self.device.read_buffer(self.acts["logits"][0], 0, 4 * counts["R"] * self.plan.n_vocab)
+        logits = (self.acts["logits"][0], 0, 4 * counts["R"] * self.plan.n_vocab)
+        raw = self.device.submit(self._dispatches(counts), read=logits).result()
         return np.frombuffer(raw, np.float32).reshape(counts["R"], self.plan.n_vocab)
 
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
         """One step whose logit rows are sampled on the device: only R token ids come back."""
+        return self.submit_sample(batch, rows).result()
+
+    def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]],
+                      follow: bool = False) -> SampledIds:
+        """Queue a sampled step without waiting for it. With `follow`, the step's tokens are the
+        ids the previous submitted step sampled (its logit row r feeds token r; batch.tokens is
+        ignored): the GPU copies them, so step n + 1 can be queued before step n's ids are read."""
         counts = self._write_step(batch)
         if len(rows) != counts["R"]:
             raise ValueError(f"{len(rows)} sampling rows for {counts['R']} logit rows")
         self.device.write_buffer(self.sampling_params[0], 0, pack_sampling(rows))
-        self.device.submit(self._dispatches(counts) + self.sampler.dispatches(counts))
-        return np.frombuffer(self.device.read_buffer(self.sampled[0], 0, 4 * counts["R"]), np.int32).tolist()
+        copies = []
+        if follow:
+            if self._last_sampled_rows != counts["T"]:
+                raise ValueError(f"a follow-up step of {counts['T']} tokens after a step that sampled "
+                                 f"{self._last_sampled_rows}")
+            size = 4 * counts["T"]
+            copies = [((self.sampled[0], 0, size), (self.inputs["tokens"][0], 0, size))]
+        self._last_sampled_rows = counts["R"]
+        read = self.device.submit(self._dispatches(counts, sample=True), copies=copies,
+                                  read=(self.sampled[0], 0, 4 * counts["R"]))
+        return SampledIds(read)
+
+
+class SampledIds:
+    """Token ids a queued step samples; `result()` waits for them."""
+
+    def __init__(self, read: ReadBack) -> None:
+        self.read = read
+
+    def result(self) -> list[int]:
+        return np.frombuffer(self.read.result(), np.int32).tolist()
 
 
 # One builder per op kind: the plan's op -> its kernels on the device. A dispatch costs a few µs

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import wgpu
 
-from .device import COPY_SRC, BindGroup, Binding, Buffer, DeviceLost, Dispatch, GPUUnavailable, Pipeline
+from .device import (
+    COPY_DST,
+    COPY_SRC,
+    MAP_READ,
+    BindGroup,
+    Binding,
+    Buffer,
+    Copy,
+    DeviceLost,
+    Dispatch,
+    GPUUnavailable,
+    Pipeline,
+)
 
 # wgpu-py spells some features differently from the browser; Realm uses the browser's names.
 FEATURES = {"shader-f16": "shader-f16", "subgroup": "subgroups", "timestamp-query": "timestamp-query"}
@@ -69,6 +81,25 @@ def _recorder_through_wgpu_py(cpass: wgpu.GPUComputePassEncoder, dispatches: lis
 record_dispatches = _raw_recorder() or _recorder_through_wgpu_py
 
 
+STAGING_BYTES = 4096  # a step's sampled ids (1,024 rows) fit one reusable read-back buffer
+
+
+class NativeReadBack:
+    def __init__(self, device: NativeDevice, staging: Buffer, size: int, mapped) -> None:
+        self.device, self.staging, self.size, self.mapped = device, staging, size, mapped
+
+    def result(self) -> bytes:
+        with self.device._calls():
+            self.mapped.sync_wait()
+            data = bytes(self.staging.read_mapped(0, self.size))
+            self.staging.unmap()
+        if self.staging.size == STAGING_BYTES:
+            self.device._staging.append(self.staging)
+        else:
+            self.staging.destroy()
+        return data
+
+
 class NativeDevice:
     """One wgpu-py device with the adapter's own limits and the optional features Realm uses."""
 
@@ -80,6 +111,7 @@ class NativeDevice:
         self.limits = {k.replace("-", "_"): v for k, v in device.limits.items() if isinstance(v, int)}
         self.is_fallback_adapter = adapter.info.get("adapter_type") == "CPU"
         self.name = adapter.info.get("device", "")
+        self._staging: list[Buffer] = []  # idle MAP_READ buffers of STAGING_BYTES
 
     @classmethod
     def create(cls, power_preference: str = "high-performance") -> NativeDevice:
@@ -117,8 +149,7 @@ class NativeDevice:
             self.device.queue.write_buffer(buf, offset, data)
 
     def read_buffer(self, buf: Buffer, offset: int, size: int) -> bytes:
-        with self._calls():
-            return bytes(self.device.queue.read_buffer(buf, offset, size))
+        return self.submit([], read=(buf, offset, size)).result()
 
     async def read_buffer_async(self, buf: Buffer, offset: int, size: int) -> bytes:
         return self.read_buffer(buf, offset, size)
@@ -138,13 +169,31 @@ class NativeDevice:
         with self._calls():
             return self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
 
-    def submit(self, dispatches: list[Dispatch], timestamp_writes: dict | None = None) -> None:
+    def submit(self, dispatches: list[Dispatch], *, copies: Sequence[Copy] = (), read: Binding | None = None,
+               timestamp_writes: dict | None = None) -> NativeReadBack | None:
         with self._calls():
             encoder = self.device.create_command_encoder()
+            for (src, src_off, size), (dst, dst_off, _) in copies:
+                encoder.copy_buffer_to_buffer(src, src_off, dst, dst_off, size)
             cpass = encoder.begin_compute_pass(timestamp_writes=timestamp_writes)
             record_dispatches(cpass, dispatches)
             cpass.end()  # wgpu-core validates the pass here: errors still surface through wgpu-py
+            staging = None
+            if read is not None:
+                buf, offset, size = read
+                staging = self._take_staging(size)
+                encoder.copy_buffer_to_buffer(buf, offset, staging, 0, size)
             self.device.queue.submit([encoder.finish()])
+            if staging is None:
+                return None
+            # mapping starts now and completes when the GPU has run this submit
+            return NativeReadBack(self, staging, size, staging.map_async("READ_NOSYNC", 0, size))
+
+    def _take_staging(self, size: int) -> Buffer:
+        if size > STAGING_BYTES:  # big read-backs (all logits) are rare: a buffer of their own
+            return self.create_buffer(size, MAP_READ | COPY_DST, "read-back")
+        return self._staging.pop() if self._staging else self.create_buffer(STAGING_BYTES, MAP_READ | COPY_DST,
+                                                                            "read-back")
 
     def time_submit(self, dispatches: list[Dispatch]) -> float:
         """Submit and wait; return the GPU time of the pass in seconds (needs "timestamp-query")."""
