@@ -3,12 +3,15 @@
     python bench/profile_step.py [--model PATH] [--prefill 256]
 
 Each op's dispatches are timed alone (timestamp queries around their own pass), so the sum is
-a little above the whole step's time (`whole step` row), which is what one submit costs.
+a little above the whole step's time (`whole step` row), which is what one submit costs. `host`
+is the CPU time to record and submit the step's command buffer (wall time of `submit`, which
+returns without waiting): decode runs one step ahead, so a step takes the larger of the two.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,8 +33,15 @@ def profile(engine: Engine, batch: Batch, repeats: int = 5) -> None:
         per_kind[kind][0] += len(dispatches)
         per_kind[kind][1] += t
     whole = float(np.median([ex.device.time_submit(ex._dispatches(counts)) for _ in range(repeats)]))
+    host = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ex.device.submit(ex._dispatches(counts))
+        host.append(time.perf_counter() - t0)
+        ex.device.read_buffer(ex.inputs["tokens"][0], 0, 4)  # wait: time each submit with an idle queue
     total = sum(t for _, t in per_kind.values())
-    print(f"\n{len(batch)} tokens: whole step {whole * 1e3:.3f} ms GPU ({len(batch) / whole:.0f} tok/s)")
+    print(f"\n{len(batch)} tokens, {len(ex._dispatches(counts))} dispatches: whole step {whole * 1e3:.3f} ms GPU "
+          f"({len(batch) / whole:.0f} tok/s), host {np.median(host) * 1e3:.3f} ms to record and submit")
     print("| kernel | dispatches | µs | share |")
     print("| --- | ---: | ---: | ---: |")
     for kind, (n, t) in sorted(per_kind.items(), key=lambda kv: -kv[1][1]):

@@ -1,23 +1,21 @@
 // Attention over a KV cache laid out [N_SLOTS, N_CTX, NKV * HD] per layer, for a step of T tokens
 // that may belong to different sequences (slots[t]) at any positions (positions[t]). The step's
 // keys and values are already in the cache (rope.wgsl with STORE puts them there).
-// Two stages share one binding list (STAGE picks one per pipeline; a step runs them in order):
-//   0 attend:  flash attention of token t's query heads against the keys first..pos of its slot
-//              (first = pos - WINDOW + 1 with a sliding window, else 0), TK keys at a time with
-//              an online softmax. A workgroup takes HB of the G query heads that share KV head h,
-//              so each of its threads owns one output vec4 of one head. Each key's dot products
-//              are spread over C threads (4 vec4 each, neighbours reading neighbouring bytes) whose
-//              partial sums meet in workgroup memory. The key range is cut into SPLIT chunks, one
-//              workgroup each: dispatch (SPLIT, T, NKV * G / HB). With SPLIT = 1 the result goes
-//              straight to `out`; otherwise each chunk leaves (sum of p·v, max, sum of p) in
-//              `partials` for stage 1.
-//   1 combine: merge the SPLIT partial results of each (token, head). Dispatch (NH, T).
+// Flash attention of token t's query heads against the keys first..pos of its slot (first = pos -
+// WINDOW + 1 with a sliding window, else 0), TK keys at a time with an online softmax. A workgroup
+// takes HB of the G query heads that share KV head h, so each of its threads owns one output vec4
+// of one head. Each key's dot products are spread over C threads (4 vec4 each, neighbours reading
+// neighbouring bytes) whose partial sums meet in workgroup memory. The key range is cut into SPLIT
+// chunks, one workgroup each: dispatch (SPLIT, T, NKV * G / HB). With SPLIT = 1 the result goes
+// straight to `out`. Otherwise each chunk leaves (sum of p·v, max, sum of p) in `partials`, and
+// the chunk's workgroup that finishes last (a counter per token and head block) merges them: one
+// dispatch, where a separate merge would cost a second one (~5 µs each on a big GPU).
 // The cache holds F (f32, or f16 with shader-f16); the arithmetic is f32.
 // Loops that load are unrolled by hand, several loads per iteration: wgpu's shader translator
 // guards every loop, which keeps drivers from unrolling them, and loads in a loop that is not
 // unrolled wait for each other.
 // Consts: HD, G (query heads per KV head), HB (heads per workgroup, dividing G, HB * HD / 4 <= WG),
-// NH, NKV, N_CTX, WINDOW (0: none), SCALE, SPLIT (<= WG), STAGE, WG.
+// NH, NKV, N_CTX, WINDOW (0: none), SCALE, SPLIT (<= WG), WG.
 
 @group(0) @binding(0) var<storage, read_write> out: array<vec4<f32>>;  // [T, NH * HD]
 @group(0) @binding(1) var<storage, read_write> partials: array<vec4<f32>>;
@@ -26,6 +24,7 @@
 @group(0) @binding(4) var<storage, read> q: array<vec4<f32>>;  // [T, NH * HD]
 @group(0) @binding(5) var<storage, read> positions: array<i32>;
 @group(0) @binding(6) var<storage, read> slots: array<i32>;
+@group(0) @binding(7) var<storage, read_write> arrived: array<atomic<u32>>;  // [T, NKV * BLOCKS], kept 0 between steps
 
 const HD4: u32 = HD / 4u;
 const KVW4: u32 = NKV * HD4;  // vec4s per cache row
@@ -33,15 +32,14 @@ const QW4: u32 = NH * HD4;
 const C: u32 = (HD4 + 3u) / 4u;  // threads sharing one key's dot products
 const TK: u32 = WG / C;  // keys per tile
 const BLOCKS: u32 = G / HB;  // workgroups per KV head
-const LANES: u32 = WG / HD4;  // combine: threads per output vec4
 const REC4: u32 = HD4 + 1u;  // a partial: HD4 vec4 of sum(p·v), then (max, sum(p), 0, 0)
 const LOWEST: f32 = -3.4028234663852886e38;  // -FLT_MAX exactly: Tint rejects literals that round
 
 var<workgroup> q_tile: array<vec4<f32>, HB * 4u * C>;  // [head][vec4], zero past HD4, pre-scaled
 var<workgroup> dots: array<f32, HB * TK * C>;  // [head][key of the tile][thread of the key]
 var<workgroup> scores: array<f32, HB * TK>;  // [head][key of the tile]
-var<workgroup> weights: array<vec2<f32>, SPLIT>;  // combine: (max, sum of p) of each chunk
-var<workgroup> lane_sums: array<vec4<f32>, WG>;  // combine: [lane][vec4 of the head]
+var<workgroup> weights: array<vec2<f32>, HB * SPLIT>;  // merge: (max, sum of p) of each head's chunks
+var<workgroup> last_chunk: bool;  // this workgroup finished its token's and heads' chunks last
 
 // exp(score - mx) of keys j..j+3 of the tile (0 past the n keys it has).
 fn probs4(s0: u32, j: u32, n: u32, mx: f32) -> vec4<f32> {
@@ -152,62 +150,58 @@ fn attend(wid: vec3<u32>, lid: u32) {
     }
 }
 
-// (max, sum of p) of chunk s; past SPLIT, a chunk that weighs nothing.
-fn chunk_weight(s: u32) -> vec2<f32> {
-    return select(vec2<f32>(LOWEST, 0.0), weights[min(s, SPLIT - 1u)], s < SPLIT);
+// (max, sum of p) of chunk s of head g; past SPLIT, a chunk that weighs nothing.
+fn chunk_weight(g: u32, s: u32) -> vec2<f32> {
+    return select(vec2<f32>(LOWEST, 0.0), weights[g * SPLIT + min(s, SPLIT - 1u)], s < SPLIT);
 }
 
-fn combine(wid: vec3<u32>, lid: u32) {
-    let head = wid.x;
-    let t = wid.y;
-    let rec0 = (t * NH + head) * SPLIT;
-    if lid < SPLIT {
-        weights[lid] = partials[(rec0 + lid) * REC4 + HD4].xy;
+// Merge the SPLIT partial results of token t's heads head0 .. head0 + HB - 1 (each thread one
+// output vec4 of one head, as in attend). Call from uniform control flow.
+fn merge(t: u32, head0: u32, lid: u32) {
+    for (var i = lid; i < HB * SPLIT; i += WG) {
+        weights[i] = partials[((t * NH + head0 + i / SPLIT) * SPLIT + i % SPLIT) * REC4 + HD4].xy;
     }
     workgroupBarrier();
-    var mx = LOWEST;
-    for (var s = 0u; s < SPLIT; s += 4u) {
-        mx = max(mx, max(max(chunk_weight(s).x, chunk_weight(s + 1u).x), max(chunk_weight(s + 2u).x, chunk_weight(s + 3u).x)));
-    }
-    var total = 0.0;
-    for (var s = 0u; s < SPLIT; s += 4u) {
-        let w0 = chunk_weight(s);
-        let w1 = chunk_weight(s + 1u);
-        let w2 = chunk_weight(s + 2u);
-        let w3 = chunk_weight(s + 3u);
-        total += dot(exp(vec4<f32>(w0.x, w1.x, w2.x, w3.x) - mx), vec4<f32>(w0.y, w1.y, w2.y, w3.y));
-    }
-    // LANES threads per vec4 of the head, each summing every LANES-th chunk, then added up.
-    let lane = lid / HD4;
+    let g = lid / HD4;
     let d = lid % HD4;
-    var a = vec4<f32>(0.0);
-    if lane < LANES {
-        for (var s = lane; s < SPLIT; s += 4u * LANES) {
-            let s1 = s + LANES;
-            let s2 = s + 2u * LANES;
-            let s3 = s + 3u * LANES;
-            let at = rec0 * REC4 + d;
-            a += exp(chunk_weight(s).x - mx) * partials[at + s * REC4]
-                + exp(chunk_weight(s1).x - mx) * partials[at + min(s1, SPLIT - 1u) * REC4]
-                + exp(chunk_weight(s2).x - mx) * partials[at + min(s2, SPLIT - 1u) * REC4]
-                + exp(chunk_weight(s3).x - mx) * partials[at + min(s3, SPLIT - 1u) * REC4];
+    if lid < HB * HD4 {
+        var mx = LOWEST;
+        for (var s = 0u; s < SPLIT; s += 4u) {
+            mx = max(mx, max(max(chunk_weight(g, s).x, chunk_weight(g, s + 1u).x),
+                             max(chunk_weight(g, s + 2u).x, chunk_weight(g, s + 3u).x)));
         }
-        lane_sums[lid] = a;
-    }
-    workgroupBarrier();
-    if lid < HD4 {
-        for (var i = 1u; i < LANES; i++) {
-            a += lane_sums[i * HD4 + lid];
+        let at = (t * NH + head0 + g) * SPLIT * REC4 + d;
+        var total = 0.0;
+        var a = vec4<f32>(0.0);
+        for (var s = 0u; s < SPLIT; s += 4u) {
+            let w = array<vec2<f32>, 4>(chunk_weight(g, s), chunk_weight(g, s + 1u), chunk_weight(g, s + 2u),
+                                        chunk_weight(g, s + 3u));
+            let e = exp(vec4<f32>(w[0].x, w[1].x, w[2].x, w[3].x) - mx);
+            total += dot(e, vec4<f32>(w[0].y, w[1].y, w[2].y, w[3].y));
+            // chunks past SPLIT re-read the last one with weight 0
+            a += e.x * partials[at + s * REC4] + e.y * partials[at + min(s + 1u, SPLIT - 1u) * REC4]
+                + e.z * partials[at + min(s + 2u, SPLIT - 1u) * REC4] + e.w * partials[at + min(s + 3u, SPLIT - 1u) * REC4];
         }
-        out[t * QW4 + head * HD4 + lid] = a / total;
+        out[t * QW4 + (head0 + g) * HD4 + d] = a / total;
     }
 }
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if STAGE == 0u {
-        attend(wid, lid);
-    } else {
-        combine(wid, lid);
+    attend(wid, lid);
+    if SPLIT > 1u {
+        // Publish this chunk's partials, then count it in; the last one in sees every chunk's.
+        storageBarrier();
+        let counter = wid.y * NKV * BLOCKS + wid.z;
+        if lid == 0u {
+            last_chunk = atomicAdd(&arrived[counter], 1u) == SPLIT - 1u;
+        }
+        if workgroupUniformLoad(&last_chunk) {
+            storageBarrier();
+            merge(wid.y, wid.z / BLOCKS * G + (wid.z % BLOCKS) * HB, lid);
+            if lid == 0u {
+                atomicStore(&arrived[counter], 0u);  // ready for the next layer and step
+            }
+        }
     }
 }

@@ -1,28 +1,18 @@
-// Gated activation, elementwise over rows of WIDTH: y = act(gate) * up, act = GELU (tanh form, as
-// ggml) or SiLU. Dispatch (ceil(WIDTH / WG), rows). Consts: WIDTH, GELU, WG.
+// Gated activation, elementwise over rows of WIDTH: y = act(gate) * up (glu_act.wgsl). gate and up
+// rows are STRIDE floats apart, up starting UP floats into its binding: two separate [rows, WIDTH]
+// buffers (STRIDE = WIDTH, UP = 0), or one [rows, 2 * WIDTH] mat-mat result bound twice, gate
+// columns first (STRIDE = 2 * WIDTH, UP = WIDTH). Dispatch (ceil(WIDTH / WG), rows).
+// Consts: WIDTH, STRIDE, UP, GELU, WG.
 
 @group(0) @binding(0) var<storage, read_write> y: array<f32>;
 @group(0) @binding(1) var<storage, read> gate: array<f32>;
 @group(0) @binding(2) var<storage, read> up: array<f32>;
-
-const SQRT_2_OVER_PI: f32 = 0.7978845608;
-
-fn gelu(x: f32) -> f32 {
-    // tanh saturates to ±1 in f32 long before |u| = 10; the clamp keeps exp-based tanh finite.
-    let u = clamp(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x), -10.0, 10.0);
-    return 0.5 * x * (1.0 + tanh(u));
-}
-
-fn silu(x: f32) -> f32 {
-    return x / (1.0 + exp(-x));
-}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     if id.x >= WIDTH {
         return;
     }
-    let i = id.y * WIDTH + id.x;
-    let g = gate[i];
-    y[i] = select(silu(g), gelu(g), GELU) * up[i];
+    let i = id.y * STRIDE + id.x;
+    y[id.y * WIDTH + id.x] = glu(gate[i], up[i + UP]);
 }

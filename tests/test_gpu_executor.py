@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
@@ -9,10 +11,11 @@ from test_llama import make_model
 
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.gguf import read_gguf
-from realm_wasm.gpu.executor import GpuExecutor
+from realm_wasm.gpu import executor as gpu_executor
+from realm_wasm.gpu.executor import GpuExecutor, fusions
 from realm_wasm.gpu.weights import StreamedWeights
 from realm_wasm.models import build_plan
-from realm_wasm.plan import Batch
+from realm_wasm.plan import Batch, Op
 from realm_wasm.sampling import SamplingParams, sample
 
 Q = gguf.GGMLQuantizationType
@@ -122,3 +125,108 @@ def test_an_invalid_dispatch_still_raises(gpu):
         gpu.submit([(pipe, group, (gpu.limits["max_compute_workgroups_per_dimension"] + 1, 1, 1))])
     gpu.submit([(pipe, group, (16, 1, 1))])
     assert np.frombuffer(gpu.read_buffer(buf, 0, 64), np.float32).tolist() == [1.0] * 16
+
+
+# ---------------------------------------------------------------------------------------------
+# gemma3: Q/K norms, post-norms, sliding-window layers; the rope of q and of k in one dispatch
+
+GEMMA_LAYERS, GEMMA_WINDOW = 6, 4  # layer 5 attends globally, the others see the last 4 positions
+
+
+def make_gemma3(path, rng) -> None:
+    """A random gemma3 GGUF: 4 query heads and 2 KV heads of 32 dims over a 64-wide residual."""
+    d, n_heads, n_kv, hd, ffn, vocab = 64, 4, 2, 32, 128, 96
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_context_length(256)
+    w.add_embedding_length(d)
+    w.add_block_count(GEMMA_LAYERS)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_sliding_window(GEMMA_WINDOW)
+    w.add_rope_freq_base(1e6)
+
+    def add(name, shape, qtype=Q.F32, scale=0.3):
+        data = (rng.standard_normal(shape) * scale).astype(np.float32)
+        if qtype == Q.F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", (vocab, d), Q.Q8_0, 1.0)
+    add("output_norm.weight", (d,), scale=1.0)
+    for i in range(GEMMA_LAYERS):
+        p = f"blk.{i}."
+        for norm, width in (("attn_norm", d), ("attn_q_norm", hd), ("attn_k_norm", hd), ("post_attention_norm", d),
+                            ("ffn_norm", d), ("post_ffw_norm", d)):
+            add(p + norm + ".weight", (width,), scale=1.0)
+        add(p + "attn_q.weight", (n_heads * hd, d), Q.Q8_0)
+        add(p + "attn_k.weight", (n_kv * hd, d), Q.Q8_0)
+        add(p + "attn_v.weight", (n_kv * hd, d), Q.Q8_0)
+        add(p + "attn_output.weight", (d, n_heads * hd), Q.Q8_0)
+        add(p + "ffn_gate.weight", (ffn, d), Q.Q8_0)
+        add(p + "ffn_up.weight", (ffn, d), Q.Q8_0)
+        add(p + "ffn_down.weight", (d, ffn), Q.Q8_0, 0.1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "gemma3.gguf"
+    make_gemma3(path, np.random.default_rng(3))
+    f = read_gguf(path)
+    return f, build_plan(f.header)
+
+
+def without_rope_pairs(ops):
+    """`fusions` as before ropes were paired: the queries' rope is a dispatch of its own."""
+    f = fusions(ops)
+    f.skipped -= set(f.rope_pair.values())
+    f.rope_pair.clear()
+    return f
+
+
+def decode_dispatches(ex: GpuExecutor) -> int:
+    return sum(len(launch.dispatches({"T": 1, "R": 1})) for launch in ex.launches)
+
+
+def test_gemma3_ropes_q_and_k_in_one_dispatch_and_matches_numpy(gemma, gpu, monkeypatch):
+    cpu, paired = executors(gemma, gpu)
+    with monkeypatch.context() as m:
+        m.setattr(gpu_executor, "fusions", without_rope_pairs)
+        _, unpaired = executors(gemma, gpu)
+    assert decode_dispatches(unpaired) - decode_dispatches(paired) == GEMMA_LAYERS
+    # two sequences prefilling past the sliding window, then both decoding in one step
+    tokens = [3, 17, 42, 8, 8, 91, 0, 55, 23]
+    prefill = Batch(np.array(tokens + tokens[:5], np.int32), np.r_[0:9, 0:5].astype(np.int32),
+                    np.array([0] * 9 + [1] * 5, np.int32), np.arange(14, dtype=np.int32))
+    decode = Batch(np.array([7, 6], np.int32), np.array([9, 5], np.int32), np.array([0, 1], np.int32),
+                   np.array([0, 1], np.int32))
+    for batch in (prefill, decode):
+        want = cpu.forward(batch)
+        close(paired.forward(batch), want)
+        close(unpaired.forward(batch), want)
+
+
+def test_ropes_pair_only_with_the_same_angles_and_nothing_in_between(gemma, model):
+    ops = gemma[1].ops
+    ropes = [i for i, op in enumerate(ops) if op.kind == "rope"]
+    f = fusions(ops)
+    # every layer: the keys' rope (norm + KV store) also does the queries' (norm)
+    assert f.rope_pair == {k: q for q, k in zip(ropes[::2], ropes[1::2], strict=True)}
+    assert set(f.rope_pair) == set(f.rope_store) and set(ropes) <= set(f.rope_norm)
+    assert set(fusions(model[1].ops).rope_pair) == set(fusions(model[1].ops).rope_store)  # llama: no norms
+    q0, k0 = ropes[0], ropes[1]
+    # frequency factors on the queries only: different angles
+    freqs = [dataclasses.replace(op, weights=("rope_freqs.weight",)) if i == q0 else op for i, op in enumerate(ops)]
+    # something reads q between the two ropes: the queries' rope must stay where it is
+    reads_q = ops[:k0] + [Op("add", "o", ("q", "q"))] + ops[k0:]
+    for changed in (freqs, reads_q):
+        f = fusions(changed)
+        assert q0 not in f.rope_pair.values() and q0 not in f.skipped and len(f.rope_pair) == GEMMA_LAYERS - 1

@@ -26,8 +26,10 @@ from realm_wasm.gpu.matmul import (  # noqa: E402
     QuantMatmul,
     Tile,
     allocate_weight,
+    concat_rows,
     fit_tiles,
     fold_grid,
+    matvec_shape,
     pick_tile,
     upload_weight,
     write_weight,
@@ -152,11 +154,54 @@ def test_tile_choice():
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_matvec_shared_reduction_several_tokens(gpu, name):
-    """The workgroup-memory reduction (hosts without subgroups), with T = 3 rows through mat-vec."""
+def test_matvec_tables_and_reductions(gpu, name):
+    """Both tables' mat-vec shapes, with subgroup shuffles and with the workgroup-memory reduction
+    (hosts without subgroups), T = 3 rows through mat-vec."""
     case = Case(gpu, name, N, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=3, seed=1)
-    tuning = dataclasses.replace(TUNING[gpu.is_fallback_adapter], matvec_max_t=4)
-    case.check(case.matmul(f16=False, subgroups=False, tuning=tuning), 3, TOL[False])
+    for table in TUNING.values():
+        tuning = dataclasses.replace(table, matvec_max_t=4)
+        for subgroups in (False, True):
+            case.check(case.matmul(f16=False, subgroups=subgroups, tuning=tuning), 3, TOL[False])
+
+
+# (threads per workgroup, lanes per row, rows per team): one lane per row (no reduction), teams
+# wider than lavapipe's 8-wide subgroups (shuffles, then workgroup memory), a team per workgroup,
+# rows in one vec4 and in two. lane_pairs=0 keeps the lanes however short K is: with K=160 (20
+# groups) most of 32 lanes get nothing; F32's 25 groups leave one lane a lone group.
+SHAPES = ((64, 1, 4), (64, 4, 3), (128, 16, 2), (256, 32, 1), (32, 32, 8), (16, 8, 6), (64, 2, 5))
+
+
+@pytest.mark.parametrize("subgroups", [False, True], ids=["shared", "subgroups"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "wg{}-lanes{}-r{}".format(*s))
+@pytest.mark.parametrize("name", ["F32", "Q5_0", "Q4_K"])
+def test_matvec_shapes(gpu, name, shape, subgroups):
+    case = Case(gpu, name, N, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=5, seed=4)
+    wg, lanes, rows = shape
+    tuning = dataclasses.replace(TUNING[False], matvec_wg=wg, matvec_lanes=lanes, matvec_lane_pairs=0,
+                                 matvec_rows=rows, matvec_small=0)
+    for f16 in {False, "shader-f16" in gpu.features}:
+        mm = case.matmul(f16=f16, subgroups=subgroups, tuning=tuning)
+        assert mm.matvec_shape == shape
+        for t in (1, 5):
+            case.check(mm, t, TOL[f16])
+
+
+def test_matvec_shape_choice():
+    """Small weights get one row per team of all the lanes; otherwise lanes halve until each gets
+    `matvec_lane_pairs` pairs of groups; a GLU team splits its rows between gate and up; workgroups
+    stay within the device's thread limit."""
+    gpu_table = dataclasses.replace(TUNING[False], matvec_wg=256, matvec_lanes=32, matvec_lane_pairs=2, matvec_rows=4,
+                                    matvec_small=1 << 22)
+    assert matvec_shape(gpu_table, 4096, 4096, 1024) == (256, 32, 4)  # 256 pairs: 8 per lane
+    assert matvec_shape(gpu_table, 262144, 640, 1024) == (256, 16, 4)  # 40 pairs: 2.5 per lane
+    assert matvec_shape(gpu_table, 2048, 640, 1024) == (256, 32, 1)  # small: latency-bound
+    assert matvec_shape(gpu_table, 1 << 16, 64, 1024, glu=True) == (256, 2, 2)
+    assert matvec_shape(dataclasses.replace(gpu_table, matvec_rows=8), 4096, 4096, 1024, glu=True) == (256, 32, 4)
+    assert matvec_shape(gpu_table, 4096, 4096, 128) == (128, 32, 4)
+    with pytest.raises(ValueError, match="powers of two"):
+        dataclasses.replace(gpu_table, matvec_lanes=24)
+    with pytest.raises(ValueError, match="rows 1 to 8"):
+        dataclasses.replace(gpu_table, matvec_rows=9)
 
 
 class NarrowDevice:
@@ -228,9 +273,8 @@ def test_compose_directives_per_host():
 
 
 def test_pipelines_are_cached_and_features_checked(gpu):
-    parts, consts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_shared.wgsl", "matvec.wgsl"), dict(
-        K=64, N=8, R=1, WG=32, GRID_X=8, Y_STRIDE=8, ROW0=0
-    )
+    parts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_lanes_shared.wgsl", "glu_act.wgsl", "matvec.wgsl")
+    consts = dict(K=64, N=8, R=1, LANES=4, WG=32, GLU=False, GELU=False, GRID_X=1, Y_STRIDE=8, ROW0=0)
     assert compose.pipeline(gpu, parts, consts) is compose.pipeline(gpu, parts, consts)
 
     class Bare(NarrowDevice):
@@ -245,3 +289,96 @@ def test_fold_grid():
     assert fold_grid(131072, 65535) == (43691, 3)
     gx, gy = fold_grid(65536 * 5 + 3, 65535)
     assert gx <= 65535 and gx * gy >= 65536 * 5 + 3
+
+
+def gelu(v: np.ndarray) -> np.ndarray:
+    return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+
+
+def silu(v: np.ndarray) -> np.ndarray:
+    return 0.5 * v * (1 + np.tanh(v / 2))  # v * sigmoid(v), without overflow
+
+
+ACTS = {"gelu": gelu, "silu": silu}
+
+
+class GluCase:
+    """Gate and up weights of `half` rows each, joined on the device, y receiving [t_max, half]."""
+
+    def __init__(self, gpu, name: str, half: int, k: int, t_max: int, seed: int = 5) -> None:
+        self.gate, self.up = (Case(gpu, name, half, k, t_max, seed=seed + i) for i in range(2))
+        self.gpu, self.half, self.x = gpu, half, self.gate.x  # both read the gate case's x buffer
+        self.joined = concat_rows(gpu, self.gate.weight, self.up.weight, label="gate+up")
+        assert self.joined is not None and self.joined.n == 2 * half
+        self.y = gpu.create_buffer(t_max * half * 4, STORAGE_RW)
+        xbuf, _, rows = self.gate.bindings
+        self.bindings = (xbuf, (self.y, 0, t_max * half * 4), rows)
+
+    def check(self, mm: QuantMatmul, act: str, t: int, tol: float) -> None:
+        self.gpu.write_buffer(self.bindings[2][0], 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
+        self.gpu.write_buffer(self.y, 0, np.full(t * self.half, np.nan, np.float32).tobytes())
+        self.gpu.submit(mm.dispatches(t))
+        got = np.frombuffer(self.gpu.read_buffer(self.y, 0, t * self.half * 4), np.float32).reshape(t, self.half)
+        x = self.x[:t].astype(np.float64)
+        g, u = x @ self.gate.w.T, x @ self.up.w.T
+        # each dot product is within tol of its scale sum |w x|; act' is within [-0.13, 1.13]
+        bound = tol * (1.13 * np.abs(x) @ np.abs(self.gate.w).T * np.abs(u)
+                       + np.abs(ACTS[act](g)) * (np.abs(x) @ np.abs(self.up.w).T))
+        err = np.abs(got - ACTS[act](g) * u)
+        assert (err <= bound + 1e-30).all(), f"T={t}: worst error / bound {(err / bound).max():.2f}"
+
+
+def glu_half(name: str, k: int) -> int:
+    """37 gate rows (odd) where they end on a word boundary (concat_rows's rule), else 38."""
+    qt = QUANTS_BY_NAME[name]
+    return 37 if 37 * k // qt.block_size * qt.type_size % 4 == 0 else 38
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_glu_matvec_and_matmat(gpu, name, act):
+    """act(W_gate x) * (W_up x) from one joined weight: mat-vec (one dispatch) with both tables and
+    both reductions, then mat-mat into scratch + Glu."""
+    k = K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size]
+    case = GluCase(gpu, name, glu_half(name, k), k, t_max=67)
+    for table in TUNING.values():
+        for subgroups in (False, True):
+            tuning = dataclasses.replace(table, matvec_max_t=4)
+            mm = QuantMatmul(gpu, case.joined, *case.bindings, f16=False, subgroups=subgroups, tuning=tuning, glu=act)
+            assert len(mm.dispatches(1)) == 1
+            for t in (1, 3):
+                case.check(mm, act, t, TOL[False])
+    f16 = "shader-f16" in gpu.features
+    mm = QuantMatmul(gpu, case.joined, *case.bindings, f16=f16, glu=act)
+    for t in (1, 67):
+        case.check(mm, act, t, TOL[f16])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "wg{}-lanes{}-r{}".format(*s))
+def test_glu_matvec_shapes(gpu, shape):
+    case = GluCase(gpu, "Q5_0", 38, 160, t_max=2, seed=7)
+    wg, lanes, rows = shape
+    tuning = dataclasses.replace(TUNING[False], matvec_wg=wg, matvec_lanes=lanes, matvec_lane_pairs=0,
+                                 matvec_rows=rows, matvec_small=0)
+    mm = QuantMatmul(gpu, case.joined, *case.bindings, f16=False, tuning=tuning, glu="gelu")
+    assert mm.matvec_shape == (wg, lanes, max(1, min(4, rows // 2)))
+    case.check(mm, "gelu", 2, TOL[False])
+
+
+def test_concat_rows(gpu):
+    """Rows of a then b, copied on the device from chunked weights; None where they cannot be joined."""
+    a = Case(gpu, "Q4_0", 20, 160, t_max=1, seed=8, max_binding=1000)  # 90-byte rows, chunks of 10
+    b = Case(gpu, "Q4_0", 7, 160, t_max=1, seed=9, max_binding=1000)  # ends mid-word: padded
+    joined = concat_rows(gpu, a.weight, b.weight)
+    assert (joined.n, len(joined.chunks)) == (27, 1)
+    got = np.frombuffer(gpu.read_buffer(joined.chunks[0].buffer, 0, joined.chunks[0].size), np.uint8)
+    dequant = oracle_dequant("Q4_0", got[: 27 * 90].reshape(-1, 18)).reshape(27, 160)
+    np.testing.assert_array_equal(dequant, np.concatenate([a.w, b.w]))
+    assert concat_rows(gpu, b.weight, a.weight) is None  # 7 x 90 bytes: b's end is not word-aligned
+    assert concat_rows(gpu, a.weight, Case(gpu, "Q8_0", 4, 160, t_max=1).weight) is None
+    assert concat_rows(gpu, a.weight, Case(gpu, "Q4_0", 4, 320, t_max=1).weight) is None
+    small = NarrowDevice(gpu, 65535)
+    small.limits["max_storage_buffer_binding_size"] = 26 * 90
+    assert concat_rows(small, a.weight, b.weight) is None
+    with pytest.raises(ValueError, match="one binding"):
+        QuantMatmul(gpu, a.weight, *a.bindings, glu="gelu")

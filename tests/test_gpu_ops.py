@@ -156,10 +156,10 @@ def test_rope_with_head_norm_and_kv_store(any_gpu, kv_f16):
     k, v, w = randn(3, n_kv * head_dim) * 2, randn(3, n_kv * head_dim), randn(head_dim)
     p = dict(n_heads=n_kv, head_dim=head_dim, n_rot=32, base=1e6, scale=1.0, neox=True)
     want = cpu.apply_rope(rmsnorm(k, w, 1e-6, head_dim).astype(np.float32), positions, p, None)
-    kb, vb, wb, pb, sb, qb, yb = (upload(gpu, a) for a in (k, v, w, positions, slots, k, k))
+    kb, vb, pb, sb, qb, yb = (upload(gpu, a) for a in (k, v, positions, slots, k, k))
     attn = ops.Attention(gpu, qb, None, None, pb, sb, yb, n_heads=n_kv, n_kv_heads=n_kv, head_dim=head_dim,
                          n_ctx=n_ctx, n_slots=2, window=0, scale=1.0, kv_f16=kv_f16)
-    gpu.submit(ops.Rope(gpu, kb, kb, pb, norm=(wb, 1e-6), kv=(attn, vb, sb), **p).dispatches(3))
+    gpu.submit(ops.Rope(gpu, kb, kb, pb, norm=(w, 1e-6), kv=(attn, vb, sb), **p).dispatches(3))
     np.testing.assert_allclose(fetch(gpu, kb, np.float32, k.shape), want, rtol=1e-4, atol=1e-4)
     dtype, tol = (np.float16, 2e-3) if kv_f16 else (np.float32, 1e-4)
     k_cache = fetch(gpu, attn.k_cache, dtype, (2, n_ctx, n_kv * head_dim))
@@ -167,6 +167,61 @@ def test_rope_with_head_norm_and_kv_store(any_gpu, kv_f16):
     np.testing.assert_allclose(k_cache[slots, positions], want, rtol=tol, atol=tol)
     np.testing.assert_allclose(v_cache[slots, positions], v, rtol=tol, atol=tol)
     assert not k_cache[0, :9].any() and not v_cache[1, 5:].any()
+
+
+def rotated(x: np.ndarray, positions: np.ndarray, n_heads: int, head_dim: int, n_rot: int, base: float,
+            scale: float, neox: bool, factors: np.ndarray | None) -> np.ndarray:
+    """Rotary embedding in f64, each rotated pair as a complex number times e^(i·pos·theta)."""
+    half = n_rot // 2
+    theta = scale * base ** (-2.0 * np.arange(half) / n_rot) / (1.0 if factors is None else factors)
+    turn = np.exp(1j * positions[:, None, None] * theta)  # [T, 1, half]
+    heads = x.reshape(len(x), n_heads, head_dim).astype(np.float64)
+    out = heads.copy()
+    a, b = (slice(0, half), slice(half, n_rot)) if neox else (slice(0, n_rot, 2), slice(1, n_rot, 2))
+    z = (heads[..., a] + 1j * heads[..., b]) * turn
+    out[..., a], out[..., b] = z.real, z.imag
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("neox,n_rot,freqs,kv_f16", [(True, 24, False, False), (False, 24, False, True),
+                                                     (True, 16, False, True), (False, 16, True, False)])
+def test_rope_of_queries_and_keys_in_one_dispatch(any_gpu, neox, n_rot, freqs, kv_f16):
+    # The queries (6 heads) and the keys (2 heads), each with its own per-head norm, rotated by one
+    # dispatch that also stores the keys and values of three sequences in their KV-cache slots.
+    gpu = any_gpu
+    if kv_f16 and "shader-f16" not in gpu.features:
+        pytest.skip("no shader-f16")
+    n_q, n_kv, head_dim, n_ctx, n_slots = 6, 2, 24, 48, 3
+    positions = np.array([5, 6, 7, 0, 1, 40], np.int32)
+    slots = np.array([2, 2, 2, 0, 0, 1], np.int32)
+    t = len(positions)
+    q, k, v = randn(t, n_q * head_dim) * 2, randn(t, n_kv * head_dim) * 3, randn(t, n_kv * head_dim)
+    wq, wk = randn(head_dim), randn(head_dim)
+    factors = (1.0 + RNG.random(n_rot // 2) * 3).astype(np.float32) if freqs else None
+    angles = dict(head_dim=head_dim, n_rot=n_rot, base=10000.0, scale=0.5, neox=neox)
+    want_q = rotated(rmsnorm(q, wq, 1e-6, head_dim), positions, n_q, factors=factors, **angles)
+    want_k = rotated(rmsnorm(k, wk, 0.1, head_dim), positions, n_kv, factors=factors, **angles)
+
+    qb, kb, vb, pb, sb, yb = (upload(gpu, a) for a in (q, k, v, positions, slots, q))
+    attn = ops.Attention(gpu, qb, None, None, pb, sb, yb, n_heads=n_q, n_kv_heads=n_kv, head_dim=head_dim,
+                         n_ctx=n_ctx, n_slots=n_slots, window=0, scale=1.0, kv_f16=kv_f16)
+    rope = ops.Rope(gpu, kb, kb, pb, n_heads=n_kv, freq_factors=factors, norm=(wk, 0.1), kv=(attn, vb, sb),
+                    also=ops.RopeHeads(qb, n_q, norm=(wq, 1e-6)), **angles)
+    dispatches = rope.dispatches(t)
+    assert [groups for _, _, groups in dispatches] == [(n_q + n_kv, t, 1)]
+    gpu.submit(dispatches)
+
+    np.testing.assert_allclose(fetch(gpu, qb, np.float32, q.shape), want_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fetch(gpu, kb, np.float32, k.shape), want_k, rtol=1e-4, atol=1e-4)
+    dtype, tol = (np.float16, 3e-3) if kv_f16 else (np.float32, 1e-4)
+    k_cache = fetch(gpu, attn.k_cache, dtype, (n_slots, n_ctx, n_kv * head_dim)).astype(np.float32)
+    v_cache = fetch(gpu, attn.v_cache, dtype, (n_slots, n_ctx, n_kv * head_dim)).astype(np.float32)
+    np.testing.assert_allclose(k_cache[slots, positions], want_k, rtol=tol, atol=tol)
+    np.testing.assert_allclose(v_cache[slots, positions], v, rtol=tol, atol=tol)
+    # only the keys' part stores: no other cache row was written
+    written = np.zeros((n_slots, n_ctx), bool)
+    written[slots, positions] = True
+    assert not k_cache[~written].any() and not v_cache[~written].any()
 
 
 # ---------------------------------------------------------------------------------------------

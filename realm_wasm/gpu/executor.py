@@ -17,8 +17,21 @@ from ..gguf import TensorInfo
 from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
 from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch, ReadBack
-from .matmul import GpuWeight, QuantMatmul
-from .ops import SAMPLING_ROW_BYTES, Add, Attention, Embed, Gather, Glu, RmsNorm, Rope, Sampler, pack_sampling, scratch
+from .matmul import GpuWeight, QuantMatmul, concat_rows
+from .ops import (
+    SAMPLING_ROW_BYTES,
+    Add,
+    Attention,
+    Embed,
+    Gather,
+    Glu,
+    RmsNorm,
+    Rope,
+    RopeHeads,
+    Sampler,
+    pack_sampling,
+    scratch,
+)
 from .weights import FileWeights, StreamedWeights
 
 WeightStore = FileWeights | StreamedWeights
@@ -180,6 +193,7 @@ class SampledIds:
 # however small, so `fusions` first merges neighbouring ops into fused kernels:
 #   rmsnorm(B, per head) ... rope(B)              -> Rope(norm=)             (Q/K norm + RoPE)
 #   rope(k) ... attention(q, k, v)                -> Rope(kv=) stores k and v  (+ KV-cache store)
+#   rope(q) ... rope(k), same angles              -> Rope(also=) at rope(k)  (q and k in one dispatch)
 #   rmsnorm(o) ; add(x, o) -> x [; rmsnorm(x)->h] -> RmsNorm(residual=, then=) (post-norm + add + next norm)
 
 
@@ -187,12 +201,13 @@ class SampledIds:
 class Fusions:
     rope_norm: dict[int, Op]  # rope index -> the per-head rmsnorm folded into it
     rope_store: dict[int, int]  # rope (of k) index -> attention index whose KV store it does
+    rope_pair: dict[int, int]  # rope index -> an earlier rope (of q) done in the same dispatch
     residual: dict[int, tuple[Op, Op | None]]  # post-norm index -> (its add, the next pre-norm or None)
     skipped: set[int]  # ops done inside another op's kernel
 
 
 def fusions(ops: list[Op]) -> Fusions:
-    f = Fusions({}, {}, {}, set())
+    f = Fusions({}, {}, {}, {}, set())
 
     def untouched(buf: str, lo: int, hi: int) -> bool:
         return all(buf not in (*ops[j].ins, ops[j].out) for j in range(lo + 1, hi))
@@ -220,6 +235,20 @@ def fusions(ops: list[Op]) -> Fusions:
                              and after.out != nxt.out) else None
             f.residual[i] = (nxt, then)
             f.skipped.update({i + 1} | ({i + 2} if then else set()))
+
+    # A rope takes in the nearest earlier rope with the same angles (positions, rotation, freq
+    # factors) whose buffer nothing touches until then: that one moves here, so it must not store.
+    def angles(op: Op) -> tuple:
+        return op.weights, {k: v for k, v in op.params.items() if k != "n_heads"}
+
+    ropes = [i for i, op in enumerate(ops) if op.kind == "rope"]
+    for i in ropes:
+        earlier = [j for j in ropes if j < i and j not in f.rope_store and j not in f.rope_pair
+                   and j not in f.skipped and ops[j].out != ops[i].out and angles(ops[j]) == angles(ops[i])
+                   and untouched(ops[j].out, j, i)]
+        if earlier:
+            f.rope_pair[i] = earlier[-1]
+            f.skipped.add(earlier[-1])
     return f
 
 
@@ -232,7 +261,7 @@ def build_launches(ex: GpuExecutor) -> list[Launch]:
         if i in fused.skipped:
             continue
         if op.kind == "rope":
-            launches.append(_rope(ex, op, fused.rope_norm.get(i), fused.rope_store.get(i)))
+            launches.append(_rope(ex, i, fused))
         elif op.kind == "attention":
             launches.append(Launch("T", _attention_kernel(ex, i, stored=i in fused.rope_store.values())))
         elif op.kind == "rmsnorm" and i in fused.residual:
@@ -267,27 +296,42 @@ def _matmul(ex: GpuExecutor, op: Op) -> Launch:
 
 
 def _glu(ex: GpuExecutor, op: Op) -> Launch:
-    width = ex.width(op.out)
+    width, act = ex.width(op.out), op.params["act"]
+    x, rows = ex.acts[op.ins[0]], ex.counts["T"]
+    gate_w, up_w = (ex.weight(name) for name in op.weights)
+    # gate and up rows in one weight: a decode step's GLU is one mat-vec dispatch
+    joined = concat_rows(ex.device, gate_w, up_w, label=f"{op.weights[0]} + up")
+    if joined is not None:
+        for name in op.weights:  # the joined copy is all the kernels read
+            ex.store.release(ex.plan.weights[name])
+        return Launch("T", QuantMatmul(ex.device, joined, x, ex.acts[op.out], rows, glu=act))
     size = 4 * width * ex.capacity["T"]
     # every layer's gate/up projections are temporaries: one pair of buffers serves them all
     gate, up = ((scratch(ex.device, f"glu {part}", size), 0, size) for part in ("gate", "up"))
-    x, rows = ex.acts[op.ins[0]], ex.counts["T"]
-    return Launch("T", QuantMatmul(ex.device, ex.weight(op.weights[0]), x, gate, rows),
-                  QuantMatmul(ex.device, ex.weight(op.weights[1]), x, up, rows),
-                  Glu(ex.device, gate, up, ex.acts[op.out], width=width, act=op.params["act"]))
+    return Launch("T", QuantMatmul(ex.device, gate_w, x, gate, rows), QuantMatmul(ex.device, up_w, x, up, rows),
+                  Glu(ex.device, gate, up, ex.acts[op.out], width=width, act=act))
 
 
-def _rope(ex: GpuExecutor, op: Op, norm: Op | None = None, store_for: int | None = None) -> Launch:
-    p = op.params
+def _rope(ex: GpuExecutor, index: int, fused: Fusions) -> Launch:
+    """Rope op `index` with what `fusions` folded into it: its norm, a KV store, an earlier rope."""
+    ops = ex.plan.ops
+    op, p = ops[index], ops[index].params
+
+    def norm(rope: int) -> tuple[np.ndarray, float] | None:
+        folded = fused.rope_norm.get(rope)
+        return (ex.host_vector(folded.weights[0]), folded.params["eps"]) if folded else None
+
     freqs = ex.host_vector(op.weights[0]) if op.weights else None
-    kv = None
-    if store_for is not None:
-        attention = ex.plan.ops[store_for]
-        kv = (_attention_kernel(ex, store_for, stored=True), ex.acts[attention.ins[2]], ex.inputs["slots"])
+    kv = also = None
+    if index in fused.rope_store:
+        attention = fused.rope_store[index]
+        kv = (_attention_kernel(ex, attention, stored=True), ex.acts[ops[attention].ins[2]], ex.inputs["slots"])
+    if index in fused.rope_pair:
+        other = fused.rope_pair[index]
+        also = RopeHeads(ex.acts[ops[other].out], ops[other].params["n_heads"], norm(other))
     return Launch("T", Rope(ex.device, ex.acts[op.ins[0]], ex.acts[op.out], ex.inputs["positions"],
                             n_heads=p["n_heads"], head_dim=p["head_dim"], n_rot=p["n_rot"], base=p["base"],
-                            scale=p["scale"], neox=p["neox"], freq_factors=freqs,
-                            norm=(ex.vector(norm.weights[0]), norm.params["eps"]) if norm else None, kv=kv))
+                            scale=p["scale"], neox=p["neox"], freq_factors=freqs, norm=norm(index), kv=kv, also=also))
 
 
 def _attention_kernel(ex: GpuExecutor, index: int, stored: bool) -> Attention:

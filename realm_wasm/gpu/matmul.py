@@ -5,6 +5,10 @@ batches); each type adds only its dequant snippet (shaders/dequant_<type>.wgsl).
 than the device's storage-binding limit is uploaded as several row ranges, one buffer and one
 dispatch each. Everything is built once at load time; `QuantMatmul.dispatches(t)` is what a step
 puts into its command buffer.
+
+A gated FFN, y = act(W_gate x) * (W_up x), runs as one QuantMatmul in GLU mode on the two weights
+joined row-wise on the device (`concat_rows`): one mat-vec dispatch at decode, which computes
+both dot products of an output row and writes act(g) * u.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import compose
-from .device import COPY_DST, STORAGE, BindGroup, Binding, Buffer, Device, Dispatch, Pipeline
+from .device import COPY_DST, COPY_SRC, STORAGE, BindGroup, Binding, Buffer, Device, Dispatch, Pipeline
 
 
 class QuantFormat(Protocol):
@@ -57,28 +61,47 @@ class Tuning:
     """Kernel shapes for one class of adapter (measure with bench/bench_matvec.py before changing)."""
 
     f16: bool  # f16 arithmetic where the device has shader-f16 (CPU adapters emulate it: slower)
-    matvec_wg: int  # threads per mat-vec workgroup (a power of two)
-    matvec_rows: int  # rows per mat-vec workgroup
+    # Mat-vec: a team of `lanes` threads shares each weight row, `wg` threads (a power of two) per
+    # workgroup; each team reads `rows` (1-8) weight rows at once, reusing each x load for all.
+    matvec_wg: int
+    matvec_lanes: int  # a power of two; short rows get fewer (see matvec_shape)
+    matvec_lane_pairs: int  # the fewest pairs of 8-element groups a lane should get (0: keep `lanes`)
+    matvec_rows: int
+    # Weights of fewer elements are latency-bound (a few µs, whatever the kernel does with its
+    # bytes): there the kernel runs as many threads as it can, one row per team of `lanes` lanes.
+    matvec_small: int
     matvec_max_t: int  # steps with at most this many rows use the mat-vec kernel
     # Mat-mat tiles, most efficient first, each with the fewest workgroups a step's grid needs for
     # it to be chosen: the tiles' efficiency only shows when the GPU has enough of them to run at once.
     tiles: tuple[tuple[Tile, int], ...]
 
+    def __post_init__(self) -> None:
+        powers = (self.matvec_wg, self.matvec_lanes)
+        if any(v & (v - 1) for v in powers) or self.matvec_lanes > self.matvec_wg or not 1 <= self.matvec_rows <= 8:
+            raise ValueError(f"{self}: mat-vec wg and lanes are powers of two (lanes <= wg), rows 1 to 8")
+
 
 # Keyed by `device.is_fallback_adapter`: CPU adapters (lavapipe, SwiftShader) pay a lot per barrier
-# and per thread, so they get fewer, fatter threads (on lavapipe the mat-vec kernel wins up to 8
-# rows, the mat-mat one from 16). GPU rows measured on an H100 (132 multiprocessors) with
-# bench/bench_matvec.py: a mat-mat workgroup walks K serially, so a small grid takes ~30 us at
+# and per thread, so they get fewer, fatter threads: a mat-vec row per thread (no reduction at all),
+# 4 rows each; on lavapipe the mat-vec kernel wins up to 8 rows, the mat-mat one from 16.
+# GPU mat-vec shapes measured on an H100 with bench/bench_matvec.py (weights cycled through DRAM):
+# 2 rows per team of 32 lanes at 4096 x 4096 (a lane gets 8 pairs of groups), 2 rows per team of 8
+# at 262144 x 640 (Q8_0: 91 µs, 59% of peak; 16 lanes 96 µs, 32 lanes 125 µs); small weights
+# (2048 x 640: 4.9 µs) one row per team of 32 (2 rows: 5.0-8.2 µs, 8 lanes: 6.7 µs and up).
+# GPU mat-mat: a workgroup walks K serially, so a small grid takes ~30 us at
 # K=640 (~80 us at K=2048) whatever T is, while the mat-vec kernel's time grows with T (each row
-# re-reads the weights, from L2): mat-vec up to 12 rows (the crossover lies between 8 and 16 for
-# most shapes). Above, 64 x 64 tiles do the most work per staged byte once the grid has a
-# workgroup for most multiprocessors (32-deep slices once it has several), smaller tiles with
-# deeper slices before.
+# re-reads the weights, from L2): mat-vec up to 12 rows (the crossover lay between 8 and 16 for
+# most shapes with the previous mat-vec kernel). Above, 64 x 64 tiles do the most work per staged
+# byte once the grid has a workgroup for most multiprocessors (32-deep slices once it has several),
+# smaller tiles with deeper slices before.
 TUNING = {
-    False: Tuning(f16=True, matvec_wg=256, matvec_rows=2, matvec_max_t=12,
+    False: Tuning(f16=True, matvec_wg=256, matvec_lanes=32, matvec_lane_pairs=4, matvec_rows=2, matvec_small=1 << 22,
+                  matvec_max_t=12,
                   tiles=((Tile(64, 64, 8, 4, 32), 512), (Tile(64, 64, 8, 4, 64), 80), (Tile(64, 32, 4, 4, 128), 80),
                          (Tile(32, 32, 4, 4, 128), 0))),
-    True: Tuning(f16=False, matvec_wg=32, matvec_rows=16, matvec_max_t=8, tiles=((Tile(64, 32, 4, 4), 0),)),
+    True: Tuning(f16=False, matvec_wg=32, matvec_lanes=1, matvec_lane_pairs=2, matvec_rows=4, matvec_small=0,
+                 matvec_max_t=8,
+                 tiles=((Tile(64, 32, 4, 4), 0),)),
 }
 
 
@@ -107,23 +130,31 @@ def row_bytes(quant: QuantFormat, k: int) -> int:
     return k // quant.block_size * quant.type_size
 
 
+def rows_per_binding(device: Device, quant: QuantFormat, k: int, max_binding: int | None = None) -> int:
+    """Most rows of an [n, k] tensor one binding holds (`max_binding` bytes, default the device's
+    max_storage_buffer_binding_size), a multiple of the rows that end on a word boundary: chunks
+    start at word-aligned tensor offsets, so word-aligned pieces stay aligned in them."""
+    rb = row_bytes(quant, k)
+    limit = (max_binding or device.limits["max_storage_buffer_binding_size"]) // 4 * 4
+    step = 4 // math.gcd(rb, 4)
+    return limit // rb // step * step
+
+
 def allocate_weight(
     device: Device, quant: QuantFormat, n: int, k: int, *, max_binding: int | None = None, label: str = ""
 ) -> GpuWeight:
     """Empty device buffers for an [n, k] tensor, as row ranges of at most `max_binding` bytes
     (default: the device's max_storage_buffer_binding_size). Fill them with `write_weight`."""
     rb = row_bytes(quant, k)
-    limit = (max_binding or device.limits["max_storage_buffer_binding_size"]) // 4 * 4
-    # Chunks start at word-aligned tensor offsets, so word-aligned pieces stay aligned in them.
-    step = 4 // math.gcd(rb, 4)
-    per_chunk = limit // rb // step * step
+    per_chunk = rows_per_binding(device, quant, k, max_binding)
     if per_chunk == 0:
-        raise ValueError(f"{label or quant.name}: {step} row(s) of {rb} bytes exceed the binding limit {limit}")
+        raise ValueError(f"{label or quant.name}: rows of {rb} bytes exceed the binding limit")
     chunks = []
     for row0 in range(0, n, per_chunk):
         rows = min(per_chunk, n - row0)
         size = -(-rows * rb // 4) * 4
-        buf = device.create_buffer(size, STORAGE | COPY_DST, f"{label}[{row0}:{row0 + rows}]")
+        # COPY_SRC: concat_rows copies weights on the device
+        buf = device.create_buffer(size, STORAGE | COPY_DST | COPY_SRC, f"{label}[{row0}:{row0 + rows}]")
         chunks.append(WeightChunk(buf, row0, rows, size))
     return GpuWeight(quant, n, k, tuple(chunks))
 
@@ -165,6 +196,24 @@ def upload_weight(
     weight = allocate_weight(device, quant, n, k, max_binding=max_binding, label=label)
     write_weight(device, weight, 0, data)
     return weight
+
+
+def concat_rows(device: Device, a: GpuWeight, b: GpuWeight, label: str = "") -> GpuWeight | None:
+    """One [a.n + b.n, k] weight holding a's rows then b's (a gated FFN's gate and up projections,
+    for QuantMatmul's GLU mode), copied on the device. None where the two cannot be joined:
+    different types or K, a's bytes not ending on a word boundary (buffer copies move whole
+    words), or more rows than one binding holds (GLU reads a row's gate and up in one binding)."""
+    if a.quant.name != b.quant.name or a.k != b.k:
+        return None
+    rb = row_bytes(a.quant, a.k)
+    if a.n * rb % 4 or a.n + b.n > rows_per_binding(device, a.quant, a.k):
+        return None
+    joined = allocate_weight(device, a.quant, a.n + b.n, a.k, label=label)
+    dst = joined.chunks[0].buffer
+    copies = [((c.buffer, 0, c.size), (dst, start + c.row0 * rb, c.size))
+              for part, start in ((a, 0), (b, a.n * rb)) for c in part.chunks]
+    device.submit([], copies=copies)
+    return joined
 
 
 def check_snippet(quant: QuantFormat) -> None:
@@ -220,11 +269,30 @@ def pick_tile(tiles: TileTable, n: int, t: int) -> Tile:
                 max((tile for tile, _ in tiles), key=groups))
 
 
+def matvec_shape(tune: Tuning, n: int, k: int, max_threads: int, glu: bool = False) -> tuple[int, int, int]:
+    """(threads per workgroup, lanes per row team, output rows per team) of the mat-vec kernel for
+    an [n, k] weight: a small one gets one row per team of `matvec_lanes`; otherwise lanes halve
+    until each gets `matvec_lane_pairs` pairs of 8-element groups (short rows would idle them). A
+    GLU team's gate and up rows share `matvec_rows` (at most 4 each)."""
+    wg = min(tune.matvec_wg, max_threads)
+    lanes = min(tune.matvec_lanes, wg)
+    if n * k < tune.matvec_small:
+        return wg, lanes, 1
+    while lanes > 1 and k // 16 < lanes * tune.matvec_lane_pairs:
+        lanes //= 2
+    return wg, lanes, max(1, min(4, tune.matvec_rows // 2)) if glu else tune.matvec_rows
+
+
 class QuantMatmul:
     """y[t, :] = W · x[t, :] for t < T, for one weight and fixed x / y / row-count bindings.
 
     `rows` binds a uniform vec4<u32> whose .x the step sets to T (the mat-mat kernel reads it);
     `x` holds [T_max, K] f32, `y` receives [T_max, N] f32.
+
+    With `glu` ("gelu" or "silu"), W is [2H, K], gate rows then up rows (`concat_rows`), in one
+    binding, and y receives [T_max, H]: y[t, n] = act(W[n] · x[t]) * (W[H + n] · x[t]). The mat-vec
+    kernel does it in one dispatch; bigger steps run the mat-mat kernel into a shared scratch
+    [T_max, 2H] buffer, then ops.Glu.
     """
 
     def __init__(
@@ -238,49 +306,64 @@ class QuantMatmul:
         f16: bool | None = None,
         subgroups: bool | None = None,
         tuning: Tuning | None = None,
+        glu: str | None = None,
     ) -> None:
         check_snippet(weight.quant)
         self.device, self.weight, self.x, self.y, self.rows = device, weight, x, y, rows
         self.tuning = tuning or TUNING[device.is_fallback_adapter]
         self.f16 = self.tuning.f16 and "shader-f16" in device.features if f16 is None else f16
         self.subgroups = "subgroups" in device.features if subgroups is None else subgroups
+        # width: output columns; the mat-mat kernel writes all N rows' sums to matmat_y
+        self.glu, self.width, self.matmat_y, self.glu_op = glu, weight.n, y, None
+        if glu:
+            from . import ops  # ops builds on this module
+
+            if glu not in ops.ACTIVATIONS or weight.n % 2 or len(weight.chunks) > 1:
+                raise ValueError(f"GLU {glu!r} needs a known activation and an even row count in one binding")
+            self.width = weight.n // 2
+            size = y[2] // (4 * self.width) * weight.n * 4  # as many rows as y holds, both halves
+            self.matmat_y = (ops.scratch(device, "glu gate+up", size), 0, size)
+            self.glu_op = ops.Glu(device, self.matmat_y, self.matmat_y, y, width=self.width, act=glu,
+                                  row_stride=weight.n, up_offset=self.width)
+        self.matvec_shape = matvec_shape(self.tuning, weight.n, weight.k,
+                                         device.limits["max_compute_invocations_per_workgroup"], bool(glu))
         self.matvec = [self._matvec(c) for c in weight.chunks]
         self.tiles = fit_tiles(self.tuning.tiles, device.limits, self.f16, weight.k)
         self.matmat: dict[Tile, list[Launch]] = {}  # built at first use: most steps need one or two tiles
 
-    def _consts(self, chunk: WeightChunk, rows_per_group: int) -> tuple[dict[str, int], tuple[int, int]]:
-        """Shape constants of one chunk and its (x, y) grid of workgroups of `rows_per_group` rows."""
-        grid = fold_grid(-(-chunk.rows // rows_per_group), self.device.limits["max_compute_workgroups_per_dimension"])
-        shape = {"K": self.weight.k, "N": chunk.rows, "Y_STRIDE": self.weight.n, "ROW0": chunk.row0}
-        return {**shape, "GRID_X": grid[0]}, grid
+    def _grid(self, rows: int, rows_per_group: int) -> tuple[int, int]:
+        """(x, y) workgroups covering `rows` output rows, `rows_per_group` each."""
+        return fold_grid(-(-rows // rows_per_group), self.device.limits["max_compute_workgroups_per_dimension"])
 
     def _matvec(self, chunk: WeightChunk) -> Launch:
-        tune, k = self.tuning, self.weight.k
-        consts, grid = self._consts(chunk, tune.matvec_rows)
-        # Short rows (e.g. K=640: 80 groups of 8) would idle most of a wide workgroup.
-        consts.update(R=tune.matvec_rows, WG=min(tune.matvec_wg, max(32, 1 << (k // 8 - 1).bit_length())))
-        reduce = "reduce_subgroup.wgsl" if self.subgroups else "reduce_shared.wgsl"
-        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "matvec.wgsl")
-        label = f"matvec {self.weight.quant.name} {self.weight.n}x{k}"
+        wg, lanes, r = self.matvec_shape
+        n = self.width if self.glu else chunk.rows  # GLU: output rows (one chunk, checked above)
+        grid = self._grid(n, wg // lanes * r)
+        consts = dict(K=self.weight.k, N=n, Y_STRIDE=self.width, ROW0=chunk.row0, GRID_X=grid[0], R=r, LANES=lanes,
+                      WG=wg, GLU=bool(self.glu), GELU=self.glu == "gelu")
+        reduce = "reduce_lanes_subgroup.wgsl" if self.subgroups else "reduce_lanes_shared.wgsl"
+        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "matvec.wgsl")
+        label = " ".join(filter(None, ("matvec", self.weight.quant.name, f"{self.weight.n}x{self.weight.k}", self.glu)))
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, subgroups=self.subgroups, label=label)
         w = (chunk.buffer, 0, chunk.size)
         return pipe, self.device.create_bind_group(pipe, [w, self.x, self.y]), grid
 
     def _matmat(self, chunk: WeightChunk, tile: Tile) -> Launch:
-        consts, grid = self._consts(chunk, tile.tn)
-        consts.update(TN=tile.tn, TT=tile.tt, RN=tile.rn, RT=tile.rt, BK=tile.bk)
+        grid = self._grid(chunk.rows, tile.tn)
+        consts = dict(K=self.weight.k, N=chunk.rows, Y_STRIDE=self.weight.n, ROW0=chunk.row0, GRID_X=grid[0],
+                      TN=tile.tn, TT=tile.tt, RN=tile.rn, RT=tile.rt, BK=tile.bk)
         parts = ("blocks.wgsl", self.weight.quant.shader, "matmul.wgsl")
         label = f"matmul {self.weight.quant.name} {self.weight.n}x{self.weight.k} {tile}"
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, label=label)
         w = (chunk.buffer, 0, chunk.size)
-        return pipe, self.device.create_bind_group(pipe, [w, self.x, self.y, self.rows]), grid
+        return pipe, self.device.create_bind_group(pipe, [w, self.x, self.matmat_y, self.rows]), grid
 
     def tile(self, t: int) -> Tile:
         return pick_tile(self.tiles, self.weight.n, t)
 
     def dispatches(self, t: int) -> list[Dispatch]:
         """The dispatches computing T = t rows (the `rows` uniform must hold t when they run)."""
-        for name, (_, _, size), width in (("x", self.x, self.weight.k), ("y", self.y, self.weight.n)):
+        for name, (_, _, size), width in (("x", self.x, self.weight.k), ("y", self.y, self.width)):
             if t * width * 4 > size:
                 raise ValueError(f"{t} rows of {width} f32 do not fit the {size}-byte {name} binding")
         if t <= self.tuning.matvec_max_t:
@@ -289,4 +372,5 @@ class QuantMatmul:
         if tile not in self.matmat:
             self.matmat[tile] = [self._matmat(c, tile) for c in self.weight.chunks]
         tiles = -(-t // tile.tt)
-        return [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat[tile]]
+        steps = [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat[tile]]
+        return steps + (self.glu_op.dispatches(t) if self.glu_op else [])

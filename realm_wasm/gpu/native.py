@@ -84,15 +84,71 @@ record_dispatches = _raw_recorder() or _recorder_through_wgpu_py
 STAGING_BYTES = 4096  # a step's sampled ids (1,024 rows) fit one reusable read-back buffer
 
 
+def _raw_reads():
+    """Submit, map and wait for a read-back with wgpu-native's C functions.
+
+    wgpu-py maps through a thread that blocks in wgpuDevicePoll until the whole queue is idle;
+    with the next decode step always queued behind, that thread and the host recording the step
+    after contend for the device (measured on the H100: ~0.6 ms a step). Here the submit returns
+    its index, and the read-back waits, on the calling thread, for that submission only. Uses
+    wgpu-py's private cffi handles like `_raw_recorder`; None where they are not there.
+    """
+    try:
+        from wgpu.backends.wgpu_native._api import ffi, lib, libf
+    except ImportError:
+        return None
+
+    @ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
+    def on_mapped(status, _message, box, _unused):
+        ffi.from_handle(box)[0] = status
+
+    def submit_and_map(device: wgpu.GPUDevice, commands, staging: Buffer, size: int):
+        handles = ffi.new("WGPUCommandBuffer[1]", [commands._internal])
+        index = ffi.new("WGPUSubmissionIndex *", libf.wgpuQueueSubmitForIndex(device.queue._internal, 1, handles))
+        status = [None]
+        box = ffi.new_handle(status)  # must outlive the callback: `read` refers to it
+        info = ffi.new("WGPUBufferMapCallbackInfo *", {"mode": lib.WGPUCallbackMode_AllowProcessEvents,
+                                                       "callback": on_mapped, "userdata1": box})
+        libf.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, size, info[0])
+
+        def read() -> bytes:
+            while status[0] is None:
+                libf.wgpuDevicePoll(device._internal, True, index)
+            if status[0] != lib.WGPUMapAsyncStatus_Success:
+                code = ffi.from_handle(box)[0]
+                raise RuntimeError(f"the read-back buffer could not be mapped (status {code}): device is lost")
+            data = bytes(ffi.buffer(lib.wgpuBufferGetConstMappedRange(staging._internal, 0, size), size))
+            lib.wgpuBufferUnmap(staging._internal)
+            return data
+
+        return read
+
+    return submit_and_map
+
+
+def _reads_through_wgpu_py(device: wgpu.GPUDevice, commands, staging: Buffer, size: int):
+    device.queue.submit([commands])
+    mapped = staging.map_async("READ_NOSYNC", 0, size)
+
+    def read() -> bytes:
+        mapped.sync_wait()
+        data = bytes(staging.read_mapped(0, size))
+        staging.unmap()
+        return data
+
+    return read
+
+
+submit_and_map = _raw_reads() or _reads_through_wgpu_py
+
+
 class NativeReadBack:
-    def __init__(self, device: NativeDevice, staging: Buffer, size: int, mapped) -> None:
-        self.device, self.staging, self.size, self.mapped = device, staging, size, mapped
+    def __init__(self, device: NativeDevice, staging: Buffer, read) -> None:
+        self.device, self.staging, self.read = device, staging, read
 
     def result(self) -> bytes:
         with self.device._calls():
-            self.mapped.sync_wait()
-            data = bytes(self.staging.read_mapped(0, self.size))
-            self.staging.unmap()
+            data = self.read()
         if self.staging.size == STAGING_BYTES:
             self.device._staging.append(self.staging)
         else:
@@ -183,11 +239,11 @@ class NativeDevice:
                 buf, offset, size = read
                 staging = self._take_staging(size)
                 encoder.copy_buffer_to_buffer(buf, offset, staging, 0, size)
-            self.device.queue.submit([encoder.finish()])
             if staging is None:
+                self.device.queue.submit([encoder.finish()])
                 return None
             # mapping starts now and completes when the GPU has run this submit
-            return NativeReadBack(self, staging, size, staging.map_async("READ_NOSYNC", 0, size))
+            return NativeReadBack(self, staging, submit_and_map(self.device, encoder.finish(), staging, size))
 
     def _take_staging(self, size: int) -> Buffer:
         if size > STAGING_BYTES:  # big read-backs (all logits) are rare: a buffer of their own

@@ -12,11 +12,12 @@ needs a step uniform. RmsNorm and Add run in place when given the same binding f
 output; Rope always runs in place.
 
 Fusions, because a dispatch costs ~2-4 us however small (H100, wgpu-py): a Rope also applies the
-Q/K norm before rotating (`norm=`) and, for the keys, can be the attention's KV store (`kv=`, with
-the Attention built with k = v = None); an RmsNorm can add into the residual (`residual=True`) and
-then compute the next pre-norm (`then=`). A gemma layer's non-matmul ops are thus 6 dispatches:
-rope q, rope k (+ store), attention (2), post-attention norm + add + FFN norm, GLU, post-FFN
-norm + add + next layer's attention norm (unfused, one per plan op: 11).
+Q/K norm before rotating (`norm=`), for the keys can be the attention's KV store (`kv=`, with
+the Attention built with k = v = None), and rotates the queries in the same dispatch (`also=`);
+an RmsNorm can add into the residual (`residual=True`) and then compute the next pre-norm
+(`then=`). A gemma layer's non-matmul ops are thus 6 dispatches: rope q + k (+ store),
+attention (2 for short steps), post-attention norm + add + FFN norm, GLU, post-FFN norm + add +
+next layer's attention norm (unfused, one per plan op: 11).
 """
 
 from __future__ import annotations
@@ -136,23 +137,36 @@ class RmsNorm(_Op):
         self.row_bindings = (("x", x, width * 4), ("y", y, width * 4), ("h", h, width * 4 if then else 0))
 
 
+@dataclass(frozen=True)
+class RopeHeads:
+    """Another activation a Rope rotates in the same dispatch, by the same angles (the queries
+    beside the keys): `norm` as Rope's; never stored."""
+
+    x: Binding  # [T, n_heads * head_dim], rotated in place
+    n_heads: int
+    norm: tuple[np.ndarray, float] | None = None
+
+
 class Rope(_Op):
     """Rotary embedding, in place, of every head's first n_rot dims at `positions` (NeoX or
     adjacent pairs), theta_i = position * scale * base^(-2i / n_rot) / freq_factors[i].
 
     Rope runs in place: `y` must be `x`.
-    `norm` = (weight binding of head_dim floats, eps) first applies a per-head RMSNorm (Q/K norms).
+    `norm` = (weight of head_dim floats, eps) first applies a per-head RMSNorm (Q/K norms).
     `kv` = (attention, v, slots) then stores the rotated heads and v's into that attention's KV
     cache, for an Attention built with k = v = None: the keys' norm, rope and KV store in one
     dispatch. (With n_rot=0 it only stores: the Attention's own store when given k and v.)
+    `also` rotates another activation's heads in the same dispatch: the queries with the keys.
     """
 
     def __init__(self, device: Device, x: Binding, y: Binding, positions: Binding, *, n_heads: int,
                  head_dim: int, n_rot: int, base: float, scale: float, neox: bool,
-                 freq_factors: np.ndarray | None = None, norm: tuple[Binding, float] | None = None,
-                 kv: tuple[Attention, Binding, Binding] | None = None) -> None:
+                 freq_factors: np.ndarray | None = None, norm: tuple[np.ndarray, float] | None = None,
+                 kv: tuple[Attention, Binding, Binding] | None = None, also: RopeHeads | None = None) -> None:
         if not _same(x, y):
             raise ValueError("rope runs in place: pass the same binding as x and y")
+        if also is not None and _same(also.x, x):
+            raise ValueError("rope: `also` must be another activation than x")
         if n_rot % 2 or n_rot > head_dim:
             raise ValueError(f"rope: n_rot {n_rot} must be even and at most head_dim {head_dim}")
         half = n_rot // 2
@@ -161,10 +175,20 @@ class Rope(_Op):
             inv = inv / np.asarray(freq_factors, np.float64)[:half]
         turns = np.zeros(max(half, 1), np.float32)
         turns[:half] = inv * scale / (2 * math.pi)
-        table = device.create_buffer(turns.nbytes, STORAGE | COPY_DST, "rope turns")
-        device.write_buffer(table, 0, turns.tobytes())
-        table_binding = (table, 0, turns.nbytes)
+        also_heads, also_norm = (also.n_heads, also.norm) if also else (0, None)
+        # One read-only table: the turns, then the norm weights of x and of `also` (where normed).
+        weights = [np.asarray(n[0], np.float32) for n in (norm, also_norm) if n]
+        if any(w.shape != (head_dim,) for w in weights):
+            raise ValueError(f"rope: norm weights must hold head_dim ({head_dim}) floats")
+        data = np.concatenate([turns, *weights])
+        table = (device.create_buffer(data.nbytes, STORAGE | COPY_DST, "rope table"), 0, data.nbytes)
+        device.write_buffer(table[0], 0, data.tobytes())
+        w_at, also_w_at = len(turns), len(turns) + (head_dim if norm else 0)
         row = n_heads * head_dim
+        # Unused bindings still need writable buffers that alias nothing.
+        unused = scratch(device, "unused", 768)
+        idle = [(unused, at, 256) for at in (0, 256, 512)]
+        also_x = also.x if also else idle[2]
         if kv is not None:
             attention, v, slots = kv
             if (attention.n_kv_heads, attention.head_dim) != (n_heads, head_dim):
@@ -173,21 +197,21 @@ class Rope(_Op):
             caches = [attention.k_cache, attention.v_cache]
             cache_shape = dict(N_CTX=attention.n_ctx, N_SLOTS=attention.n_slots)
         else:
-            # Unused cache slots still need two writable buffers that alias nothing.
-            unused = scratch(device, "unused", 512)
-            v, slots, caches = table_binding, positions, [(unused, 0, 256), (unused, 256, 256)]
+            v, slots, caches = table, positions, idle[:2]
             cache_shape = dict(N_CTX=1, N_SLOTS=1)
         wg = 1 << max(5, (half - 1).bit_length())
         consts = dict(N_HEADS=n_heads, HEAD_DIM=head_dim, N_ROT=n_rot, NEOX=bool(neox), NORM=norm is not None,
-                      EPS=float(norm[1]) if norm else 0.0, STORE=kv is not None, **cache_shape, WG=wg, R=1)
+                      EPS=float(norm[1]) if norm else 0.0, W_AT=w_at, STORE=kv is not None, **cache_shape,
+                      ALSO_HEADS=also_heads, ALSO_NORM=also_norm is not None,
+                      ALSO_EPS=float(also_norm[1]) if also_norm else 0.0, ALSO_W_AT=also_w_at, WG=wg, R=1)
         subgroups = "subgroups" in device.features
         pipe = compose.pipeline(device, (_reduce_part(device), "rope.wgsl"), consts, subgroups=subgroups,
-                                f16=kv is not None and kv[0].kv_f16, label=f"rope {n_heads}x{head_dim}")
-        bindings = [x, positions, table_binding, norm[0] if norm else table_binding, slots, v, *caches]
+                                f16=kv is not None and kv[0].kv_f16, label=f"rope {also_heads}+{n_heads}x{head_dim}")
+        bindings = [x, positions, table, slots, v, *caches, also_x]
         self.label = "rope"
-        self.steps = [(pipe, device.create_bind_group(pipe, bindings), (n_heads, 1))]
+        self.steps = [(pipe, device.create_bind_group(pipe, bindings), (also_heads + n_heads, 1))]
         self.row_bindings = (("x", x, row * 4), ("positions", positions, 4), ("slots", slots, 4 if kv else 0),
-                             ("v", v, row * 4 if kv else 0))
+                             ("v", v, row * 4 if kv else 0), ("also", also_x, also_heads * head_dim * 4))
 
 
 class Add(_Op):
@@ -206,18 +230,21 @@ class Add(_Op):
 
 
 class Glu(_Op):
-    """y = act(gate) * up elementwise (the gate and up projections come from two matmuls)."""
+    """y = act(gate) * up elementwise. gate and up rows are `row_stride` floats apart (default
+    `width`), up `up_offset` floats into its binding: a mat-mat result of [rows, 2 * width], gate
+    columns first, is bound as both with row_stride = 2 * width and up_offset = width."""
 
     def __init__(self, device: Device, gate: Binding, up: Binding, y: Binding, *, width: int, act: str,
-                 tuning: Tuning | None = None) -> None:
+                 tuning: Tuning | None = None, row_stride: int | None = None, up_offset: int = 0) -> None:
         tune = tuning or TUNING[device.is_fallback_adapter]
         if act not in ACTIVATIONS:
             raise ValueError(f"glu: unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
-        consts = dict(WIDTH=width, GELU=ACTIVATIONS[act], WG=tune.wg)
-        pipe = compose.pipeline(device, ("glu.wgsl",), consts, label=f"glu {act} {width}")
+        stride = row_stride or width
+        consts = dict(WIDTH=width, STRIDE=stride, UP=up_offset, GELU=ACTIVATIONS[act], WG=tune.wg)
+        pipe = compose.pipeline(device, ("glu_act.wgsl", "glu.wgsl"), consts, label=f"glu {act} {width}")
         self.label = "glu"
         self.steps = [(pipe, device.create_bind_group(pipe, [y, gate, up]), (_groups(width, tune.wg), 1))]
-        self.row_bindings = (("gate", gate, width * 4), ("up", up, width * 4), ("y", y, width * 4))
+        self.row_bindings = (("gate", gate, stride * 4), ("up", up, stride * 4), ("y", y, width * 4))
 
 
 class Gather(_Op):
@@ -260,7 +287,7 @@ class Attention:
     f32 (f16 with `kv_f16`). Given the step's `k` and `v`, the attention first stores them there
     (one more dispatch); with k = v = None the keys' Rope does (`kv=(this, v, slots)`). Steps of up
     to `tuning.attn_split_max_t` tokens split each token's key range over `tuning.attn_split`
-    workgroups and merge them in another dispatch.
+    workgroups, the last of which to finish merges their results (still one dispatch).
     """
 
     def __init__(self, device: Device, q: Binding, k: Binding | None, v: Binding | None, positions: Binding,
@@ -294,18 +321,21 @@ class Attention:
         split = tune.attn_split if tune.attn_split_max_t > 0 else 1
         part_bytes = max(16, tune.attn_split_max_t * n_heads * split * record)
         partials = (scratch(device, "attention partials", part_bytes), 0, part_bytes)
-        bindings = [y, partials, self.k_cache, self.v_cache, q, positions, slots]
+        blocks = n_kv_heads * group // hb
+        # one arrival counter per (token, workgroup block) of a split step; zero when idle
+        count_bytes = max(16, tune.attn_split_max_t * blocks * 4)
+        arrived = (scratch(device, "attention arrivals", count_bytes), 0, count_bytes)
+        bindings = [y, partials, self.k_cache, self.v_cache, q, positions, slots, arrived]
         shape = dict(HD=head_dim, G=group, HB=hb, NH=n_heads, NKV=n_kv_heads, N_CTX=n_ctx, WINDOW=window,
                      SCALE=float(scale), WG=tune.attn_wg)
 
-        def stage(stage: int, n_split: int) -> tuple:
-            pipe = compose.pipeline(device, ("attention.wgsl",), dict(shape, SPLIT=n_split, STAGE=stage),
-                                    f16=kv_f16, label=f"{label} stage {stage}")
-            return pipe, device.create_bind_group(pipe, bindings)
+        def kernel(n_split: int) -> tuple:
+            pipe = compose.pipeline(device, ("attention.wgsl",), dict(shape, SPLIT=n_split), f16=kv_f16,
+                                    label=f"{label} split {n_split}")
+            return (pipe, device.create_bind_group(pipe, bindings)), (n_split, blocks)
 
-        blocks = n_kv_heads * group // hb
-        self.direct = [(stage(0, 1), (1, blocks))]
-        self.split = [(stage(0, split), (split, blocks)), (stage(1, split), (n_heads, 1))] if split > 1 else []
+        self.direct = kernel(1)
+        self.split = kernel(split) if split > 1 else None
         self.row_bindings = (("q", q, n_heads * head_dim * 4), ("positions", positions, 4), ("slots", slots, 4),
                              ("y", y, n_heads * head_dim * 4))
         self.store = None if k is None else Rope(device, k, k, positions, n_heads=n_kv_heads, head_dim=head_dim,
@@ -313,9 +343,9 @@ class Attention:
 
     def dispatches(self, n: int) -> list[Dispatch]:
         _check_rows(self.label, n, *self.row_bindings)
-        steps = self.split if self.split and n <= self.tuning.attn_split_max_t else self.direct
+        (pipe, bg), (gx, gz) = self.split if self.split and n <= self.tuning.attn_split_max_t else self.direct
         stored = self.store.dispatches(n) if self.store else []
-        return stored + [(pipe, bg, (gx, n, gz)) for (pipe, bg), (gx, gz) in steps]
+        return [*stored, (pipe, bg, (gx, n, gz))]
 
 
 def nucleus_threshold(top_p: float) -> float:

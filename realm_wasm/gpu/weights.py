@@ -25,7 +25,19 @@ def matrix_shape(t: TensorInfo) -> tuple[int, int]:
     return int(np.prod(t.shape[:-1], dtype=np.int64)), t.shape[-1]
 
 
-class FileWeights:
+class DeviceMatrices:
+    """The matrices a store holds on the device, by tensor name."""
+
+    matrices: dict[str, GpuWeight]
+
+    def release(self, t: TensorInfo) -> None:
+        """Free a matrix whose bytes were copied elsewhere on the device (a GLU's joined gate and up
+        weights): queued work that reads it still completes, in WebGPU and wgpu alike."""
+        for chunk in self.matrices.pop(t.name).chunks:
+            chunk.buffer.destroy()
+
+
+class FileWeights(DeviceMatrices):
     """Weights read from a GGUF file (memory-mapped) and uploaded on first use."""
 
     def __init__(self, device: Device, weight_bytes: Callable[[TensorInfo], np.ndarray]) -> None:
@@ -43,7 +55,7 @@ class FileWeights:
         return dequantize(self.weight_bytes(t), t.type_id, t.shape).reshape(-1)
 
 
-class StreamedWeights:
+class StreamedWeights(DeviceMatrices):
     """Weights filled piece by piece from a stream of the GGUF file's bytes (`feed`).
 
     Matrices (2-D tensors) get device buffers up front and each piece of the stream is written
