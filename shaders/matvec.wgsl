@@ -76,8 +76,9 @@ fn store(t: u32, first: u32, r: u32, value: f32) {
     }
 }
 
-@compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, lane: Lane) {
+// The rows of workgroup `wid`. The entry point (matvec_main.wgsl, or matvec_norm.wgsl which adds
+// a residual RMSNorm after it) is composed after this file.
+fn matvec(wid: vec3<u32>, lane: Lane) {
     let t = wid.z;
     let first = ((wid.y * GRID_X + wid.x) * TEAMS + lane.index / LANES) * R;
     // Rows past N (last workgroup) re-read row N-1; their sums are never written.

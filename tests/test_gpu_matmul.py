@@ -24,6 +24,7 @@ from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW  # noqa: E402
 from realm_wasm.gpu.matmul import (  # noqa: E402
     TUNING,
     QuantMatmul,
+    ResidualNorm,
     Tile,
     allocate_weight,
     concat_rows,
@@ -273,7 +274,8 @@ def test_compose_directives_per_host():
 
 
 def test_pipelines_are_cached_and_features_checked(gpu):
-    parts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_lanes_shared.wgsl", "glu_act.wgsl", "matvec.wgsl")
+    parts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_lanes_shared.wgsl", "glu_act.wgsl", "matvec.wgsl",
+             "matvec_main.wgsl")
     consts = dict(K=64, N=8, R=1, LANES=4, WG=32, GLU=False, GELU=False, GRID_X=1, Y_STRIDE=8, ROW0=0)
     assert compose.pipeline(gpu, parts, consts) is compose.pipeline(gpu, parts, consts)
 
@@ -382,3 +384,47 @@ def test_concat_rows(gpu):
     assert concat_rows(small, a.weight, b.weight) is None
     with pytest.raises(ValueError, match="one binding"):
         QuantMatmul(gpu, a.weight, *a.bindings, glu="gelu")
+
+
+def rms_normed(v: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("then", [True, False], ids=["then-next-norm", "residual-only"])
+@pytest.mark.parametrize("table", [False, True], ids=["gpu-table", "cpu-table"])
+def test_matvec_then_residual_norm(gpu, then, table):
+    """The mat-vec's last workgroup runs the residual RMSNorm of its output (and the next pre-norm);
+    bigger steps run the mat-mat kernel, then ops.RmsNorm. Repeated steps check the arrival
+    counters are left at zero."""
+    n, k, eps = 300, 256, 1e-6
+    case = Case(gpu, "Q8_0", n, k, t_max=40, seed=5)
+    rng = np.random.default_rng(6)
+    w, w2 = (rng.standard_normal(n, dtype=np.float32) for _ in range(2))
+    resid0 = rng.standard_normal((40, n), dtype=np.float32)
+    buf = {name: gpu.create_buffer(a.nbytes, STORAGE_RW) for name, a in (("w", w), ("w2", w2), ("resid", resid0))}
+    h = gpu.create_buffer(resid0.nbytes, STORAGE_RW)
+    for name, a in (("w", w), ("w2", w2)):
+        gpu.write_buffer(buf[name], 0, a.tobytes())
+    binding = {name: (b, 0, b.size) for name, b in buf.items()}
+    after = (binding["w2"], (h, 0, h.size)) if then else None
+    norm = ResidualNorm(binding["w"], binding["resid"], eps, after)
+    mm = case.matmul(f16=False, tuning=TUNING[table], norm=norm)
+    for t in (1, 3, 1, 37):  # mat-vec steps (twice one token: counters reset), then mat-mat + RmsNorm
+        gpu.write_buffer(buf["resid"], 0, resid0.tobytes())
+        gpu.write_buffer(case.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
+        assert len(mm.dispatches(t)) == (1 if t <= TUNING[table].matvec_max_t else 2)
+        gpu.submit(mm.dispatches(t))
+        y = case.x[:t].astype(np.float64) @ case.w.T.astype(np.float64)
+        want_resid = resid0[:t] + rms_normed(y, w, eps)
+        got_resid = np.frombuffer(gpu.read_buffer(buf["resid"], 0, t * n * 4), np.float32).reshape(t, n)
+        np.testing.assert_allclose(got_resid, want_resid, rtol=1e-4, atol=1e-4)
+        if then:
+            got_h = np.frombuffer(gpu.read_buffer(h, 0, t * n * 4), np.float32).reshape(t, n)
+            np.testing.assert_allclose(got_h, rms_normed(want_resid, w2, eps), rtol=1e-4, atol=1e-4)
+
+
+def test_residual_norm_needs_one_plain_binding(gpu):
+    case = Case(gpu, "Q8_0", 64, 256, t_max=2, max_binding=32 * 272)
+    vec = gpu.create_buffer(64 * 4 * 2, STORAGE_RW)
+    with pytest.raises(ValueError, match="plain weight in one binding"):
+        case.matmul(norm=ResidualNorm((vec, 0, 256), (vec, 0, 512), 1e-6))

@@ -17,7 +17,7 @@ from ..gguf import TensorInfo
 from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
 from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch, ReadBack
-from .matmul import GpuWeight, QuantMatmul, concat_rows
+from .matmul import GpuWeight, QuantMatmul, ResidualNorm, concat_rows
 from .ops import (
     SAMPLING_ROW_BYTES,
     Add,
@@ -203,11 +203,12 @@ class Fusions:
     rope_store: dict[int, int]  # rope (of k) index -> attention index whose KV store it does
     rope_pair: dict[int, int]  # rope index -> an earlier rope (of q) done in the same dispatch
     residual: dict[int, tuple[Op, Op | None]]  # post-norm index -> (its add, the next pre-norm or None)
+    matmul_norm: dict[int, int]  # matmul index -> the residual post-norm of its output, done by its kernel
     skipped: set[int]  # ops done inside another op's kernel
 
 
 def fusions(ops: list[Op]) -> Fusions:
-    f = Fusions({}, {}, {}, {}, set())
+    f = Fusions({}, {}, {}, {}, {}, set())
 
     def untouched(buf: str, lo: int, hi: int) -> bool:
         return all(buf not in (*ops[j].ins, ops[j].out) for j in range(lo + 1, hi))
@@ -235,6 +236,9 @@ def fusions(ops: list[Op]) -> Fusions:
                              and after.out != nxt.out) else None
             f.residual[i] = (nxt, then)
             f.skipped.update({i + 1} | ({i + 2} if then else set()))
+            # the post-norm of the matmul just before it: that kernel's last workgroup may run it
+            if i and ops[i - 1].kind == "matmul" and ops[i - 1].out == op.out:
+                f.matmul_norm[i - 1] = i
 
     # A rope takes in the nearest earlier rope with the same angles (positions, rotation, freq
     # factors) whose buffer nothing touches until then: that one moves here, so it must not store.
@@ -256,11 +260,16 @@ def build_launches(ex: GpuExecutor) -> list[Launch]:
     ops = ex.plan.ops
     fused = fusions(ops)
     ex.attentions = {}  # attention op index -> its kernel (a rope may build it first, to store into it)
-    launches = []
+    launches, done = [], set()
     for i, op in enumerate(ops):
-        if i in fused.skipped:
+        if i in fused.skipped or i in done:
             continue
-        if op.kind == "rope":
+        if op.kind == "matmul" and i in fused.matmul_norm:
+            norm = fused.matmul_norm[i]
+            launch = _matmul_then_norm(ex, op, ops[norm], *fused.residual[norm])
+            launches.append(launch or _matmul(ex, op))
+            done.update({norm} if launch else set())
+        elif op.kind == "rope":
             launches.append(_rope(ex, i, fused))
         elif op.kind == "attention":
             launches.append(Launch("T", _attention_kernel(ex, i, stored=i in fused.rope_store.values())))
@@ -293,6 +302,18 @@ def _matmul(ex: GpuExecutor, op: Op) -> Launch:
     rows = ex.rows_of(op)
     return Launch(rows, QuantMatmul(ex.device, ex.weight(op.weights[0]), ex.acts[op.ins[0]], ex.acts[op.out],
                                     ex.counts[rows]))
+
+
+def _matmul_then_norm(ex: GpuExecutor, op: Op, norm: Op, add: Op, then: Op | None) -> Launch | None:
+    """A matmul whose kernel also runs the residual post-norm of its output (`_residual_norm`), or
+    None where it cannot: a norm per head rather than per row, or a weight in several bindings."""
+    weight, rows = ex.weight(op.weights[0]), ex.rows_of(op)
+    if norm.params["group"] != ex.width(op.out) or len(weight.chunks) > 1:
+        return None
+    after = (ex.vector(then.weights[0]), ex.acts[then.out]) if then else None
+    residual = ResidualNorm(ex.vector(norm.weights[0]), ex.acts[add.out], norm.params["eps"], after)
+    return Launch(rows, QuantMatmul(ex.device, weight, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts[rows],
+                                    norm=residual))
 
 
 def _glu(ex: GpuExecutor, op: Op) -> Launch:

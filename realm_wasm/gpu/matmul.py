@@ -8,7 +8,8 @@ puts into its command buffer.
 
 A gated FFN, y = act(W_gate x) * (W_up x), runs as one QuantMatmul in GLU mode on the two weights
 joined row-wise on the device (`concat_rows`): one mat-vec dispatch at decode, which computes
-both dot products of an output row and writes act(g) * u.
+both dot products of an output row and writes act(g) * u. A mat-vec can also run the residual
+RMSNorm of its output in its last workgroup (`ResidualNorm`, shaders/matvec_norm.wgsl).
 """
 
 from __future__ import annotations
@@ -283,6 +284,17 @@ def matvec_shape(tune: Tuning, n: int, k: int, max_threads: int, glu: bool = Fal
     return wg, lanes, max(1, min(4, tune.matvec_rows // 2)) if glu else tune.matvec_rows
 
 
+@dataclass(frozen=True)
+class ResidualNorm:
+    """What a mat-vec can do after its rows (shaders/matvec_norm.wgsl): resid += rmsnorm(y) * w,
+    then, with `then` = (w2, h), h = rmsnorm(resid) * w2 — ops.RmsNorm(residual=True, then=)."""
+
+    w: Binding
+    resid: Binding
+    eps: float
+    then: tuple[Binding, Binding] | None = None
+
+
 class QuantMatmul:
     """y[t, :] = W · x[t, :] for t < T, for one weight and fixed x / y / row-count bindings.
 
@@ -293,6 +305,9 @@ class QuantMatmul:
     binding, and y receives [T_max, H]: y[t, n] = act(W[n] · x[t]) * (W[H + n] · x[t]). The mat-vec
     kernel does it in one dispatch; bigger steps run the mat-mat kernel into a shared scratch
     [T_max, 2H] buffer, then ops.Glu.
+
+    With `norm` (a weight in one binding), the mat-vec's last workgroup also runs that residual
+    RMSNorm over y's rows (one dispatch); bigger steps run it as ops.RmsNorm after the mat-mat.
     """
 
     def __init__(
@@ -307,6 +322,7 @@ class QuantMatmul:
         subgroups: bool | None = None,
         tuning: Tuning | None = None,
         glu: str | None = None,
+        norm: ResidualNorm | None = None,
     ) -> None:
         check_snippet(weight.quant)
         self.device, self.weight, self.x, self.y, self.rows = device, weight, x, y, rows
@@ -325,6 +341,19 @@ class QuantMatmul:
             self.matmat_y = (ops.scratch(device, "glu gate+up", size), 0, size)
             self.glu_op = ops.Glu(device, self.matmat_y, self.matmat_y, y, width=self.width, act=glu,
                                   row_stride=weight.n, up_offset=self.width)
+        self.norm, self.norm_op = norm, None
+        if norm:
+            from . import ops  # ops builds on this module
+
+            if glu or len(weight.chunks) > 1:
+                raise ValueError("a mat-vec's residual norm needs a plain weight in one binding")
+            self.norm_op = ops.RmsNorm(device, y, norm.w, norm.resid, width=weight.n, group=weight.n, eps=norm.eps,
+                                       residual=True, then=norm.then)
+            size = 4 * self.tuning.matvec_max_t
+            self.arrived = (ops.scratch(device, "matvec arrivals", size), 0, size)
+            # without `then`, the unread w2 is bound to w and the unwritten h to a scratch buffer
+            w2, h = norm.then or (norm.w, (ops.scratch(device, "unused h", 16), 0, 16))
+            self.norm_bindings = [norm.w, norm.resid, h, w2]
         self.matvec_shape = matvec_shape(self.tuning, weight.n, weight.k,
                                          device.limits["max_compute_invocations_per_workgroup"], bool(glu))
         self.matvec = [self._matvec(c) for c in weight.chunks]
@@ -342,11 +371,16 @@ class QuantMatmul:
         consts = dict(K=self.weight.k, N=n, Y_STRIDE=self.width, ROW0=chunk.row0, GRID_X=grid[0], R=r, LANES=lanes,
                       WG=wg, GLU=bool(self.glu), GELU=self.glu == "gelu")
         reduce = "reduce_lanes_subgroup.wgsl" if self.subgroups else "reduce_lanes_shared.wgsl"
-        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "matvec.wgsl")
-        label = " ".join(filter(None, ("matvec", self.weight.quant.name, f"{self.weight.n}x{self.weight.k}", self.glu)))
+        entry = "matvec_norm.wgsl" if self.norm else "matvec_main.wgsl"
+        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "matvec.wgsl", entry)
+        bindings = [(chunk.buffer, 0, chunk.size), self.x, self.y]
+        if self.norm:
+            consts.update(EPS=float(self.norm.eps), THEN=self.norm.then is not None, WGS=grid[0] * grid[1])
+            bindings += [*self.norm_bindings, self.arrived]
+        label = " ".join(filter(None, ("matvec", self.weight.quant.name, f"{self.weight.n}x{self.weight.k}", self.glu,
+                                       "+ norm" if self.norm else None)))
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, subgroups=self.subgroups, label=label)
-        w = (chunk.buffer, 0, chunk.size)
-        return pipe, self.device.create_bind_group(pipe, [w, self.x, self.y]), grid
+        return pipe, self.device.create_bind_group(pipe, bindings), grid
 
     def _matmat(self, chunk: WeightChunk, tile: Tile) -> Launch:
         grid = self._grid(chunk.rows, tile.tn)
@@ -373,4 +407,5 @@ class QuantMatmul:
             self.matmat[tile] = [self._matmat(c, tile) for c in self.weight.chunks]
         tiles = -(-t // tile.tt)
         steps = [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat[tile]]
-        return steps + (self.glu_op.dispatches(t) if self.glu_op else [])
+        after = self.glu_op or self.norm_op
+        return steps + (after.dispatches(t) if after else [])

@@ -11,13 +11,13 @@ Conventions: activations are f32 [rows, width], row-major; `tokens`, `positions`
 needs a step uniform. RmsNorm and Add run in place when given the same binding for input and
 output; Rope always runs in place.
 
-Fusions, because a dispatch costs ~2-4 us however small (H100, wgpu-py): a Rope also applies the
+Fusions, because a dispatch costs ~5 us however small (H100, wgpu-py): a Rope also applies the
 Q/K norm before rotating (`norm=`), for the keys can be the attention's KV store (`kv=`, with
 the Attention built with k = v = None), and rotates the queries in the same dispatch (`also=`);
 an RmsNorm can add into the residual (`residual=True`) and then compute the next pre-norm
-(`then=`). A gemma layer's non-matmul ops are thus 6 dispatches: rope q + k (+ store),
-attention (2 for short steps), post-attention norm + add + FFN norm, GLU, post-FFN norm + add +
-next layer's attention norm (unfused, one per plan op: 11).
+(`then=`), and at decode the mat-vec before it runs that norm itself (matmul.ResidualNorm); split
+attention is merged by its last workgroup. A gemma layer's non-matmul ops are thus 2 dispatches at
+decode: rope q + k (+ store) and attention (unfused, one per plan op: 11).
 """
 
 from __future__ import annotations
