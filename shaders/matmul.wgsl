@@ -9,7 +9,8 @@
 // Registers are indexed by constants only: drivers do not unroll Naga's loops (each carries a
 // loop-bounding counter), and a register array indexed in a loop would live in memory.
 // Up to 32 products are summed in F (f16 when enabled), those sums in f32.
-// Consts: K, N, TN, TT, RN, RT, BK, GRID_X, Y_STRIDE, ROW0 (TN, TT multiples of RN, RT; BK of 8).
+// Consts: K, N, TN, TT, RN, RT, BK, GRID_X, ROW0 (TN, TT multiples of RN, RT; BK of 8) and
+// rows_out.wgsl's (where rows land in y).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -116,7 +117,7 @@ fn store(s: mat4x4<f32>, n0: u32, t0: u32) {
         let t = t0 + c;
         for (var r = 0u; r < 4u; r++) {
             if t < params.x && n0 + r < N {
-                y[t * Y_STRIDE + ROW0 + n0 + r] = s[c][r];
+                y[out_index(t, ROW0 + n0 + r)] = s[c][r];
             }
         }
     }

@@ -11,7 +11,7 @@
 // with GLU, the up rows of rows 0-3) in `hi`: an array indexed in a loop lands in local memory on
 // NVIDIA (Naga's loop guards stop the driver unrolling, gfx-rs/wgpu#7698).
 // Consts: K, N, R (1-8, 1-4 with GLU), LANES, WG, GLU, GRID_X (workgroups per grid row: big N folds
-// into y), Y_STRIDE, ROW0, and GELU for glu_act.wgsl.
+// into y), ROW0, GELU for glu_act.wgsl and rows_out.wgsl's (where rows land in y).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -72,7 +72,7 @@ fn add_group(acc: ptr<function, Sums>, rows: Rows, t: u32, gi: u32) {
 
 fn store(t: u32, first: u32, r: u32, value: f32) {
     if r < R && first + r < N {
-        y[t * Y_STRIDE + ROW0 + first + r] = value;
+        y[out_index(t, ROW0 + first + r)] = value;
     }
 }
 

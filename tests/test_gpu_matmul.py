@@ -274,9 +274,10 @@ def test_compose_directives_per_host():
 
 
 def test_pipelines_are_cached_and_features_checked(gpu):
-    parts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_lanes_shared.wgsl", "glu_act.wgsl", "matvec.wgsl",
-             "matvec_main.wgsl")
-    consts = dict(K=64, N=8, R=1, LANES=4, WG=32, GLU=False, GELU=False, GRID_X=1, Y_STRIDE=8, ROW0=0)
+    parts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_lanes_shared.wgsl", "glu_act.wgsl", "rows_out.wgsl",
+             "matvec.wgsl", "matvec_main.wgsl")
+    consts = dict(K=64, N=8, R=1, LANES=4, WG=32, GLU=False, GELU=False, GRID_X=1, ROW0=0, Y_STRIDE=8, Y2_FROM=8,
+                  Y2_AT=0, N_ALL=8)
     assert compose.pipeline(gpu, parts, consts) is compose.pipeline(gpu, parts, consts)
 
     class Bare(NarrowDevice):
@@ -428,3 +429,28 @@ def test_residual_norm_needs_one_plain_binding(gpu):
     vec = gpu.create_buffer(64 * 4 * 2, STORAGE_RW)
     with pytest.raises(ValueError, match="plain weight in one binding"):
         case.matmul(norm=ResidualNorm((vec, 0, 256), (vec, 0, 512), 1e-6))
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["gpu-table", "cpu-table"])
+def test_joined_projections_write_two_regions(gpu, table):
+    """q and k joined (`concat_rows`) in one kernel: rows below n0 land in y, the rest in a region
+    after it in the same buffer, for mat-vec and mat-mat steps; nothing else is written."""
+    n_q, n_k, k = 96, 40, 256
+    q, kk = (Case(gpu, "Q5_0", n, k, t_max=40, seed=s) for n, s in ((n_q, 8), (n_k, 9)))
+    joined = concat_rows(gpu, q.weight, kk.weight)
+    at = 40 * n_q * 4 + 64  # an aligned gap the kernel must leave alone
+    out = gpu.create_buffer(at + 40 * n_k * 4, STORAGE_RW)
+    y, y2 = (out, 0, 40 * n_q * 4), (out, at, 40 * n_k * 4)
+    mm = QuantMatmul(gpu, joined, q.bindings[0], y, q.bindings[2], second=(n_q, y2), f16=False, tuning=TUNING[table])
+    for t in (1, 3, 37):
+        gpu.write_buffer(out, 0, np.full(out.size // 4, np.nan, np.float32).tobytes())
+        gpu.write_buffer(q.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
+        gpu.submit(mm.dispatches(t))
+        got = np.frombuffer(gpu.read_buffer(out, 0, out.size), np.float32)
+        x = q.x[:t].astype(np.float64)
+        np.testing.assert_allclose(got[: t * n_q].reshape(t, n_q), x @ q.w.T, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(got[at // 4 : at // 4 + t * n_k].reshape(t, n_k), x @ kk.w.T, rtol=2e-3,
+                                   atol=2e-3)
+        assert np.isnan(got[t * n_q : at // 4]).all() and np.isnan(got[at // 4 + t * n_k :]).all()
+    with pytest.raises(ValueError, match="second output must follow y"):
+        QuantMatmul(gpu, joined, q.bindings[0], y2, q.bindings[2], second=(n_q, y))

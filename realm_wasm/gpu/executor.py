@@ -8,6 +8,7 @@ logits or only the sampled token ids are read back.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,9 @@ class GpuExecutor:
         self.counts = {rows: (device.create_buffer(16, UNIFORM_RW, f"{rows} count"), 0, 16) for rows in "TR"}
         self.acts = {name: self.buffer(4 * width * self.capacity[rows], name)
                      for name, (rows, width) in plan.buffers.items()}
+        self.joined = joined_matmuls(plan)
+        for first, second in {(plan.ops[i].out, plan.ops[j].out) for i, j in self.joined.items()}:
+            self._colocate(first, second)  # a joined pair's outputs: two regions of one buffer
         self.launches = build_launches(self)
 
         n_vocab, r_max = plan.n_vocab, self.capacity["R"]
@@ -93,6 +97,14 @@ class GpuExecutor:
 
     def buffer(self, size: int, label: str) -> Binding:
         return (self.device.create_buffer(max(size, 16), STORAGE_RW, label), 0, max(size, 16))
+
+    def _colocate(self, first: str, second: str) -> None:
+        """Put activation `second` right after `first` in one buffer (a joined mat-vec writes both)."""
+        (_, _, size1), (_, _, size2) = self.acts[first], self.acts[second]
+        align = self.device.limits.get("min_storage_buffer_offset_alignment", 256)
+        at = -(-size1 // align) * align
+        buf = self.device.create_buffer(at + size2, STORAGE_RW, f"{first} + {second}")
+        self.acts[first], self.acts[second] = (buf, 0, size1), (buf, at, size2)
 
     def weight(self, name: str) -> GpuWeight:
         """A matrix in its GGML bytes on the device (the tied embedding serves embed and head)."""
@@ -256,6 +268,24 @@ def fusions(ops: list[Op]) -> Fusions:
     return f
 
 
+def joined_matmuls(plan: Plan) -> dict[int, int]:
+    """matmul index -> the matmul right after it that one kernel computes with it: the same input,
+    weights of one type and row length used nowhere else (a layer's q and k; v too where it
+    shares their type, but a kernel joins two). Each activation pairs with one partner only."""
+    ops, pairs, partner = plan.ops, {}, {}
+    uses = Counter(name for op in ops for name in op.weights)
+    for i, (a, b) in enumerate(zip(ops, ops[1:], strict=False)):
+        if not (a.kind == b.kind == "matmul" and a.ins == b.ins and a.out != b.out and i not in pairs.values()):
+            continue
+        wa, wb = (plan.weights[op.weights[0]] for op in (a, b))
+        if (wa.type_id, wa.dims[0]) != (wb.type_id, wb.dims[0]) or uses[wa.name] + uses[wb.name] > 2:
+            continue
+        if partner.get(a.out, b.out) == b.out and partner.get(b.out, a.out) == a.out:
+            partner[a.out], partner[b.out] = b.out, a.out
+            pairs[i] = i + 1
+    return pairs
+
+
 def build_launches(ex: GpuExecutor) -> list[Launch]:
     ops = ex.plan.ops
     fused = fusions(ops)
@@ -264,7 +294,11 @@ def build_launches(ex: GpuExecutor) -> list[Launch]:
     for i, op in enumerate(ops):
         if i in fused.skipped or i in done:
             continue
-        if op.kind == "matmul" and i in fused.matmul_norm:
+        if op.kind == "matmul" and i in ex.joined:
+            launch = _joined_matmul(ex, op, ops[i + 1])
+            launches.append(launch or _matmul(ex, op))
+            done.update({i + 1} if launch else set())
+        elif op.kind == "matmul" and i in fused.matmul_norm:
             norm = fused.matmul_norm[i]
             launch = _matmul_then_norm(ex, op, ops[norm], *fused.residual[norm])
             launches.append(launch or _matmul(ex, op))
@@ -302,6 +336,20 @@ def _matmul(ex: GpuExecutor, op: Op) -> Launch:
     rows = ex.rows_of(op)
     return Launch(rows, QuantMatmul(ex.device, ex.weight(op.weights[0]), ex.acts[op.ins[0]], ex.acts[op.out],
                                     ex.counts[rows]))
+
+
+def _joined_matmul(ex: GpuExecutor, op: Op, other: Op) -> Launch | None:
+    """Two matmuls of one input (q and k) as one weight on the device and one kernel, or None where
+    the joined weight would not fit one binding."""
+    first, second = (ex.weight(o.weights[0]) for o in (op, other))
+    joined = concat_rows(ex.device, first, second, label=f"{op.weights[0]} + {other.out}")
+    if joined is None:
+        return None
+    for o in (op, other):  # the joined copy is all the kernels read
+        ex.store.release(ex.plan.weights[o.weights[0]])
+    rows = ex.rows_of(op)
+    return Launch(rows, QuantMatmul(ex.device, joined, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts[rows],
+                                    second=(first.n, ex.acts[other.out])))
 
 
 def _matmul_then_norm(ex: GpuExecutor, op: Op, norm: Op, add: Op, then: Op | None) -> Launch | None:

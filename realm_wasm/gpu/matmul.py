@@ -9,7 +9,8 @@ puts into its command buffer.
 A gated FFN, y = act(W_gate x) * (W_up x), runs as one QuantMatmul in GLU mode on the two weights
 joined row-wise on the device (`concat_rows`): one mat-vec dispatch at decode, which computes
 both dot products of an output row and writes act(g) * u. A mat-vec can also run the residual
-RMSNorm of its output in its last workgroup (`ResidualNorm`, shaders/matvec_norm.wgsl).
+RMSNorm of its output in its last workgroup (`ResidualNorm`, shaders/matvec_norm.wgsl), and two
+projections of one input joined the same way (q and k) are one kernel writing two outputs.
 """
 
 from __future__ import annotations
@@ -308,6 +309,10 @@ class QuantMatmul:
 
     With `norm` (a weight in one binding), the mat-vec's last workgroup also runs that residual
     RMSNorm over y's rows (one dispatch); bigger steps run it as ops.RmsNorm after the mat-mat.
+
+    With `second` = (n0, y2), W joins two projections of the same x (`concat_rows`: a layer's q
+    and k): rows below n0 go to y ([T_max, n0]), the others to y2 ([T_max, N - n0]), which must
+    lie after y in the same buffer (shaders/rows_out.wgsl). One dispatch computes both.
     """
 
     def __init__(
@@ -323,6 +328,7 @@ class QuantMatmul:
         tuning: Tuning | None = None,
         glu: str | None = None,
         norm: ResidualNorm | None = None,
+        second: tuple[int, Binding] | None = None,
     ) -> None:
         check_snippet(weight.quant)
         self.device, self.weight, self.x, self.y, self.rows = device, weight, x, y, rows
@@ -341,11 +347,21 @@ class QuantMatmul:
             self.matmat_y = (ops.scratch(device, "glu gate+up", size), 0, size)
             self.glu_op = ops.Glu(device, self.matmat_y, self.matmat_y, y, width=self.width, act=glu,
                                   row_stride=weight.n, up_offset=self.width)
+        # where rows land in y (rows_out.wgsl): all in y, or from n0 on in a second region (`second`)
+        self.out = dict(Y_STRIDE=self.width, Y2_FROM=weight.n, Y2_AT=0, N_ALL=weight.n)
+        self.y_checks = [("y", self.y, self.width)]
+        if second:
+            n0, (buf2, off2, size2) = second
+            if glu or not 0 < n0 < weight.n or buf2 is not y[0] or off2 < y[1] + y[2] or off2 % 4:
+                raise ValueError("a joined projection's second output must follow y in y's buffer")
+            self.out.update(Y_STRIDE=n0, Y2_FROM=n0, Y2_AT=(off2 - y[1]) // 4)
+            self.y_checks = [("y", self.y, n0), ("y2", second[1], weight.n - n0)]
+            self.y = self.matmat_y = (y[0], y[1], off2 + size2 - y[1])  # one binding holds both
         self.norm, self.norm_op = norm, None
         if norm:
             from . import ops  # ops builds on this module
 
-            if glu or len(weight.chunks) > 1:
+            if glu or second or len(weight.chunks) > 1:
                 raise ValueError("a mat-vec's residual norm needs a plain weight in one binding")
             self.norm_op = ops.RmsNorm(device, y, norm.w, norm.resid, width=weight.n, group=weight.n, eps=norm.eps,
                                        residual=True, then=norm.then)
@@ -368,11 +384,11 @@ class QuantMatmul:
         wg, lanes, r = self.matvec_shape
         n = self.width if self.glu else chunk.rows  # GLU: output rows (one chunk, checked above)
         grid = self._grid(n, wg // lanes * r)
-        consts = dict(K=self.weight.k, N=n, Y_STRIDE=self.width, ROW0=chunk.row0, GRID_X=grid[0], R=r, LANES=lanes,
-                      WG=wg, GLU=bool(self.glu), GELU=self.glu == "gelu")
+        consts = dict(K=self.weight.k, N=n, ROW0=chunk.row0, GRID_X=grid[0], R=r, LANES=lanes,
+                      WG=wg, GLU=bool(self.glu), GELU=self.glu == "gelu", **self.out)
         reduce = "reduce_lanes_subgroup.wgsl" if self.subgroups else "reduce_lanes_shared.wgsl"
         entry = "matvec_norm.wgsl" if self.norm else "matvec_main.wgsl"
-        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "matvec.wgsl", entry)
+        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "rows_out.wgsl", "matvec.wgsl", entry)
         bindings = [(chunk.buffer, 0, chunk.size), self.x, self.y]
         if self.norm:
             consts.update(EPS=float(self.norm.eps), THEN=self.norm.then is not None, WGS=grid[0] * grid[1])
@@ -384,9 +400,11 @@ class QuantMatmul:
 
     def _matmat(self, chunk: WeightChunk, tile: Tile) -> Launch:
         grid = self._grid(chunk.rows, tile.tn)
-        consts = dict(K=self.weight.k, N=chunk.rows, Y_STRIDE=self.weight.n, ROW0=chunk.row0, GRID_X=grid[0],
-                      TN=tile.tn, TT=tile.tt, RN=tile.rn, RT=tile.rt, BK=tile.bk)
-        parts = ("blocks.wgsl", self.weight.quant.shader, "matmul.wgsl")
+        # GLU: all rows go to the [T, 2H] scratch
+        out = dict(self.out, Y_STRIDE=self.weight.n) if self.glu else self.out
+        consts = dict(K=self.weight.k, N=chunk.rows, ROW0=chunk.row0, GRID_X=grid[0],
+                      TN=tile.tn, TT=tile.tt, RN=tile.rn, RT=tile.rt, BK=tile.bk, **out)
+        parts = ("blocks.wgsl", self.weight.quant.shader, "rows_out.wgsl", "matmul.wgsl")
         label = f"matmul {self.weight.quant.name} {self.weight.n}x{self.weight.k} {tile}"
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, label=label)
         w = (chunk.buffer, 0, chunk.size)
@@ -397,7 +415,7 @@ class QuantMatmul:
 
     def dispatches(self, t: int) -> list[Dispatch]:
         """The dispatches computing T = t rows (the `rows` uniform must hold t when they run)."""
-        for name, (_, _, size), width in (("x", self.x, self.weight.k), ("y", self.y, self.width)):
+        for name, (_, _, size), width in (("x", self.x, self.weight.k), *self.y_checks):
             if t * width * 4 > size:
                 raise ValueError(f"{t} rows of {width} f32 do not fit the {size}-byte {name} binding")
         if t <= self.tuning.matvec_max_t:
