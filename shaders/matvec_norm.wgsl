@@ -31,6 +31,67 @@ fn block_sum(i: u32, v: f32) -> f32 {
     return total;
 }
 
+// Element n of row `row` of resid (to_h false) or h (to_h true), where n < N.
+fn put(to_h: bool, row: u32, n: u32, value: f32) {
+    if n < N {
+        if to_h {
+            h[row + n] = value;
+        } else {
+            resid[row + n] = value;
+        }
+    }
+}
+
+fn put4(to_h: bool, row: u32, at: vec4<u32>, v: vec4<f32>) {
+    put(to_h, row, at.x, v.x);
+    put(to_h, row, at.y, v.y);
+    put(to_h, row, at.z, v.z);
+    put(to_h, row, at.w, v.w);
+}
+
+// Each thread owns elements i, i + WG, i + 2 WG, i + 3 WG of the row (N <= 4 WG): all it needs is
+// loaded at once, so the tail waits on memory once rather than once per pass.
+fn norm_in_registers(t: u32, lane: u32) {
+    let row = t * N;
+    let at = vec4<u32>(lane) + vec4<u32>(0u, WG, 2u * WG, 3u * WG);
+    let live = at < vec4<u32>(N);
+    let i = min(at, vec4<u32>(N - 1u));  // lanes past N re-read element N - 1, weighted 0
+    let yv = select(vec4<f32>(), vec4<f32>(y[row + i.x], y[row + i.y], y[row + i.z], y[row + i.w]), live);
+    let rv = vec4<f32>(resid[row + i.x], resid[row + i.y], resid[row + i.z], resid[row + i.w]);
+    let wv = vec4<f32>(norm_w[i.x], norm_w[i.y], norm_w[i.z], norm_w[i.w]);
+    let w2v = vec4<f32>(norm_w2[i.x], norm_w2[i.y], norm_w2[i.z], norm_w2[i.w]);
+    let inv = inverseSqrt(block_sum(lane, dot(yv, yv)) / f32(N) + EPS);
+    let v = select(vec4<f32>(), rv + yv * inv * wv, live);
+    put4(false, row, at, v);
+    if THEN {
+        let inv2 = inverseSqrt(block_sum(lane, dot(v, v)) / f32(N) + EPS);
+        put4(true, row, at, v * inv2 * w2v);
+    }
+}
+
+// Rows longer than 4 WG: a pass for the sum of squares, one for the residual, one for h.
+fn norm_in_passes(t: u32, lane: u32) {
+    let row = t * N;
+    var ss = 0.0;
+    for (var i = lane; i < N; i += WG) {
+        let v = y[row + i];
+        ss += v * v;
+    }
+    let inv = inverseSqrt(block_sum(lane, ss) / f32(N) + EPS);
+    var ss_out = 0.0;
+    for (var i = lane; i < N; i += WG) {
+        let v = resid[row + i] + y[row + i] * inv * norm_w[i];
+        resid[row + i] = v;
+        ss_out += v * v;
+    }
+    if THEN {
+        let inv2 = inverseSqrt(block_sum(lane, ss_out) / f32(N) + EPS);
+        for (var i = lane; i < N; i += WG) {
+            h[row + i] = resid[row + i] * inv2 * norm_w2[i];
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, lane: Lane) {
     matvec(wid, lane);
@@ -43,24 +104,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, lane: Lane) {
         return;
     }
     storageBarrier();
-    let row = t * N;
-    var ss = 0.0;
-    for (var i = lane.index; i < N; i += WG) {
-        let v = y[row + i];
-        ss += v * v;
-    }
-    let inv = inverseSqrt(block_sum(lane.index, ss) / f32(N) + EPS);
-    var ss_out = 0.0;
-    for (var i = lane.index; i < N; i += WG) {
-        let v = resid[row + i] + y[row + i] * inv * norm_w[i];
-        resid[row + i] = v;
-        ss_out += v * v;
-    }
-    if THEN {
-        let inv2 = inverseSqrt(block_sum(lane.index, ss_out) / f32(N) + EPS);
-        for (var i = lane.index; i < N; i += WG) {
-            h[row + i] = resid[row + i] * inv2 * norm_w2[i];
-        }
+    if N <= 4u * WG {
+        norm_in_registers(t, lane.index);
+    } else {
+        norm_in_passes(t, lane.index);
     }
     if lane.index == 0u {
         atomicStore(&arrived[t], 0u);  // ready for the next mat-vec and step
