@@ -324,9 +324,14 @@ def _rmsnorm(ex: GpuExecutor, op: Op) -> Launch:
                                           width=ex.width(op.out), group=op.params["group"], eps=op.params["eps"]))
 
 
+def _next_norm(ex: GpuExecutor, then: Op | None) -> tuple[Binding, Binding] | None:
+    """(weight, output) of the pre-norm a residual norm computes next, if any."""
+    return (ex.vector(then.weights[0]), ex.acts[then.out]) if then else None
+
+
 def _residual_norm(ex: GpuExecutor, norm: Op, add: Op, then: Op | None) -> Launch:
     """add.out += rmsnorm(norm.in) [then then.out = rmsnorm(add.out)]: one dispatch."""
-    after = (ex.vector(then.weights[0]), ex.acts[then.out]) if then else None
+    after = _next_norm(ex, then)
     return Launch(ex.rows_of(add), RmsNorm(ex.device, ex.acts[norm.ins[0]], ex.vector(norm.weights[0]),
                                            ex.acts[add.out], width=ex.width(add.out), group=norm.params["group"],
                                            eps=norm.params["eps"], residual=True, then=after))
@@ -338,18 +343,27 @@ def _matmul(ex: GpuExecutor, op: Op) -> Launch:
                                     ex.counts[rows]))
 
 
+def _joined_weight(ex: GpuExecutor, first: str, second: str) -> GpuWeight | None:
+    """Weights `first` and `second` as one, rows of one then the other, copied on the device (the
+    originals are freed: the joined copy is all the kernels read), or None where they cannot be
+    joined (`concat_rows`)."""
+    joined = concat_rows(ex.device, ex.weight(first), ex.weight(second), label=f"{first} + {second}")
+    if joined is not None:
+        for name in (first, second):
+            ex.store.release(ex.plan.weights[name])
+    return joined
+
+
 def _joined_matmul(ex: GpuExecutor, op: Op, other: Op) -> Launch | None:
     """Two matmuls of one input (q and k) as one weight on the device and one kernel, or None where
     the joined weight would not fit one binding."""
-    first, second = (ex.weight(o.weights[0]) for o in (op, other))
-    joined = concat_rows(ex.device, first, second, label=f"{op.weights[0]} + {other.out}")
+    n_first = ex.weight(op.weights[0]).n
+    joined = _joined_weight(ex, op.weights[0], other.weights[0])
     if joined is None:
         return None
-    for o in (op, other):  # the joined copy is all the kernels read
-        ex.store.release(ex.plan.weights[o.weights[0]])
     rows = ex.rows_of(op)
     return Launch(rows, QuantMatmul(ex.device, joined, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts[rows],
-                                    second=(first.n, ex.acts[other.out])))
+                                    second=(n_first, ex.acts[other.out])))
 
 
 def _matmul_then_norm(ex: GpuExecutor, op: Op, norm: Op, add: Op, then: Op | None) -> Launch | None:
@@ -358,8 +372,7 @@ def _matmul_then_norm(ex: GpuExecutor, op: Op, norm: Op, add: Op, then: Op | Non
     weight, rows = ex.weight(op.weights[0]), ex.rows_of(op)
     if norm.params["group"] != ex.width(op.out) or len(weight.chunks) > 1:
         return None
-    after = (ex.vector(then.weights[0]), ex.acts[then.out]) if then else None
-    residual = ResidualNorm(ex.vector(norm.weights[0]), ex.acts[add.out], norm.params["eps"], after)
+    residual = ResidualNorm(ex.vector(norm.weights[0]), ex.acts[add.out], norm.params["eps"], _next_norm(ex, then))
     return Launch(rows, QuantMatmul(ex.device, weight, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts[rows],
                                     norm=residual))
 
@@ -367,13 +380,11 @@ def _matmul_then_norm(ex: GpuExecutor, op: Op, norm: Op, add: Op, then: Op | Non
 def _glu(ex: GpuExecutor, op: Op) -> Launch:
     width, act = ex.width(op.out), op.params["act"]
     x, rows = ex.acts[op.ins[0]], ex.counts["T"]
-    gate_w, up_w = (ex.weight(name) for name in op.weights)
     # gate and up rows in one weight: a decode step's GLU is one mat-vec dispatch
-    joined = concat_rows(ex.device, gate_w, up_w, label=f"{op.weights[0]} + up")
+    joined = _joined_weight(ex, *op.weights)
     if joined is not None:
-        for name in op.weights:  # the joined copy is all the kernels read
-            ex.store.release(ex.plan.weights[name])
         return Launch("T", QuantMatmul(ex.device, joined, x, ex.acts[op.out], rows, glu=act))
+    gate_w, up_w = (ex.weight(name) for name in op.weights)
     size = 4 * width * ex.capacity["T"]
     # every layer's gate/up projections are temporaries: one pair of buffers serves them all
     gate, up = ((scratch(ex.device, f"glu {part}", size), 0, size) for part in ("gate", "up"))

@@ -106,17 +106,18 @@ def _raw_reads():
         handles = ffi.new("WGPUCommandBuffer[1]", [commands._internal])
         index = ffi.new("WGPUSubmissionIndex *", libf.wgpuQueueSubmitForIndex(device.queue._internal, 1, handles))
         status = [None]
-        box = ffi.new_handle(status)  # must outlive the callback: `read` refers to it
+        box = ffi.new_handle(status)  # must outlive the callback: `read` holds it until then
         info = ffi.new("WGPUBufferMapCallbackInfo *", {"mode": lib.WGPUCallbackMode_AllowProcessEvents,
                                                        "callback": on_mapped, "userdata1": box})
         libf.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, size, info[0])
 
         def read() -> bytes:
+            nonlocal box
             while status[0] is None:
                 libf.wgpuDevicePoll(device._internal, True, index)
+            box = None  # the callback has run: its handle may go
             if status[0] != lib.WGPUMapAsyncStatus_Success:
-                code = ffi.from_handle(box)[0]
-                raise RuntimeError(f"the read-back buffer could not be mapped (status {code}): device is lost")
+                raise RuntimeError(f"the read-back buffer could not be mapped (status {status[0]}): device is lost")
             data = bytes(ffi.buffer(lib.wgpuBufferGetConstMappedRange(staging._internal, 0, size), size))
             lib.wgpuBufferUnmap(staging._internal)
             return data
