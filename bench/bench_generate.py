@@ -1,6 +1,6 @@
 """End-to-end prefill and decode speed of Realm's executors, with llama.cpp as the reference in the same run.
 
-    python bench/bench_generate.py --backends cpu wgpu --prefill 512 --decode 64
+    python bench/bench_generate.py --backends numpy webgpu --prefill 512 --decode 64
 
 Prints a table: tokens/s for prefill and decode and the effective bandwidth of decode (the GGUF's
 tensor bytes read once per token). llama.cpp (llama-cpp-python) is measured when it is installed.
@@ -71,7 +71,7 @@ def bench_llama_cpp(path, n_prefill: int, n_decode: int, repeats: int, threads: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model")
-    ap.add_argument("--backends", nargs="+", default=["cpu"])
+    ap.add_argument("--backends", nargs="+", default=["numpy"])
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)

@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
-    parser.add_argument("--backend", default="auto", help="cpu (numpy), wgpu, or auto (wgpu when an adapter exists)")
+    parser.add_argument("--backend", default="auto", help="auto, webgpu or numpy (realm_wasm.backends)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         keys = write_tenants(Path(tmp), args.tenants)

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--prefill", type=int, default=256)
     args = ap.parse_args()
-    engine = Engine.load(Path(args.model) if args.model else default_model_path(), backend="wgpu", n_ctx=1024)
+    engine = Engine.load(Path(args.model) if args.model else default_model_path(), backend="webgpu", n_ctx=1024)
     rng = np.random.default_rng(0)
     prompt = [2] + [int(t) for t in rng.integers(1000, 20000, args.prefill - 1)]
     engine.executor.forward(Batch.for_sequence(prompt, 0))

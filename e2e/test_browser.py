@@ -233,7 +233,7 @@ def test_auto_uses_numpy_on_swiftshader_and_a_reload_reads_the_model_from_the_ca
     # sampling settings reach the engine: the same seed draws the same tokens as numpy natively
     sampling = {"temperature": "0.8", "top-k": "12", "top-p": "0.9", "seed": "42"}
     ids = generate(page, 3, "Once upon a time", **sampling)
-    engine = Engine.load(default_model, backend="cpu", n_ctx=64)
+    engine = Engine.load(default_model, backend="numpy", n_ctx=64)
     native = SamplingParams(temperature=0.8, top_k=12, top_p=0.9, seed=42)
     expected = [e.token_id for e in engine.generate("Once upon a time", 3, native) if e.token_id is not None]
     assert ids == expected

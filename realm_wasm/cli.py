@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .backends import BACKENDS
+
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
 
 
@@ -121,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ctx", type=int, default=4096, help="context length (tokens)")
-    gen.add_argument("--backend", default="auto", choices=("auto", "wgpu", "cpu"),
-                     help="auto: WebGPU (wgpu-py) when an adapter exists, else numpy")
+    gen.add_argument("--backend", default="auto", choices=BACKENDS,
+                     help="auto: WebGPU (wgpu-py) on a hardware adapter, else numpy")
     gen.add_argument("--no-escapes", dest="escapes", action="store_false",
                      help="take the prompt literally (default: \\n and \\t in it are newline and tab)")
     gen.set_defaults(func=cmd_generate)
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
     serve.add_argument("--model", help="GGUF the API serves (default: the bundled gemma-3-270m)")
     serve.add_argument("--tenants", help="tenants TOML file (API keys, limits); without it: open, loopback only")
-    serve.add_argument("--backend", default="auto", choices=("auto", "wgpu", "cpu"))
+    serve.add_argument("--backend", default="auto", choices=BACKENDS)
     serve.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     serve.add_argument("--ctx", type=int, default=2048, help="context length per sequence")
     serve.set_defaults(func=cmd_serve)

@@ -133,7 +133,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, cache: 
 class CpuExecutor:
     """Runs a Plan with numpy. `forward(batch)` returns logits [R, n_vocab]."""
 
-    name = "cpu"
+    name = "numpy"
     max_logit_rows = 1 << 20
     queues_ahead = False  # runs each step when submitted
 

@@ -10,8 +10,10 @@ from typing import Protocol
 
 import numpy as np
 
+from .backends import check_backend, choose
+from .errors import ContextOverflow
 from .gguf import GGUFHeader, read_gguf
-from .gpu.device import GPUUnavailable
+from .gpu.device import Device, GPUUnavailable
 from .models import build_plan
 from .plan import Batch, Plan
 from .sampling import SamplingParams
@@ -39,10 +41,6 @@ class Executor(Protocol):
 
 class Pending(Protocol):
     def result(self) -> list[int]: ...
-
-
-class ContextOverflow(ValueError):
-    """The prompt plus the requested tokens do not fit the context."""
 
 
 @dataclass(frozen=True)
@@ -136,24 +134,26 @@ class Engine:
             yield TokenEvent(None, tail, n + 1, time.perf_counter() - t0)
 
 
-def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int) -> Executor:
-    """`cpu` (numpy), `wgpu` (WebGPU through wgpu-py) or `auto`: wgpu on a hardware adapter, numpy
-    where there is none or only a CPU-emulated one (lavapipe, SwiftShader), on which numpy decodes
-    several times faster. Imported on demand: wgpu is CPython-only."""
-    if backend not in ("auto", "cpu", "wgpu"):
-        raise ValueError(f"unknown backend {backend!r} (available: auto, cpu, wgpu)")
-    if backend != "cpu":
-        try:
-            from .gpu.executor import GpuExecutor
-            from .gpu.native import NativeDevice
+def native_device() -> tuple[Device | None, str]:
+    """This machine's WebGPU device through wgpu-py (CPython), or None and why there is none."""
+    try:
+        from .gpu.native import NativeDevice
+    except ImportError as e:
+        return None, f"wgpu-py is not installed ({e}; pip install 'realm[gpu]')"
+    try:
+        return NativeDevice.create(), ""
+    except GPUUnavailable as e:
+        return None, str(e)
 
-            device = NativeDevice.create()
-            if backend == "wgpu" or not device.is_fallback_adapter:
-                return GpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, device=device,
-                                   max_tokens=PREFILL_CHUNK)
-        except (ImportError, GPUUnavailable):
-            if backend == "wgpu":
-                raise
+
+def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int) -> Executor:
+    """The executor `backends.choose` picks for this machine (see there for the vocabulary)."""
+    device, unavailable = native_device() if check_backend(backend) != "numpy" else (None, "")
+    choice = choose(backend, plan, device, unavailable)
+    if choice.executor == "webgpu":
+        from .gpu.executor import GpuExecutor
+
+        return GpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, device=device, max_tokens=PREFILL_CHUNK)
     from .cpu import CpuExecutor
 
     return CpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx)

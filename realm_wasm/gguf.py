@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import BadModel
 from .quants import UnknownQuantType, quant_type
 
 GGUF_MAGIC = b"GGUF"
@@ -29,7 +30,7 @@ MAX_KV = 1 << 20
 MAX_STRING = 1 << 24  # 16 MiB: no key, token or template is near this
 
 
-class GGUFError(ValueError):
+class GGUFError(BadModel):
     """A GGUF file is malformed or unsupported; the message names the problem."""
 
 

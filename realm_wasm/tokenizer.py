@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import BadModel
+
 _KEY = "tokenizer.ggml."
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
@@ -34,7 +36,7 @@ _END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end
 _SPM_SPACE = "\u2581"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BadModel):
     """The metadata describes no tokenizer this module runs, or text/ids cannot be mapped."""
 
 

@@ -14,9 +14,9 @@ from realm_wasm.engine import Engine
 CASES = load_cases()
 
 
-@pytest.fixture(scope="module", params=["cpu", "wgpu"])
+@pytest.fixture(scope="module", params=["numpy", "webgpu"])
 def engine(request) -> Engine:
-    if request.param == "wgpu":
+    if request.param == "webgpu":
         request.getfixturevalue("gpu")  # skips where no WebGPU adapter exists
     return Engine.load(os.environ.get("REALM_TEST_MODEL") or default_model_path(), backend=request.param, n_ctx=1024)
 

@@ -70,7 +70,7 @@ def model_path(tmp_path_factory):
 
 
 def load(path, n_slots: int) -> Engine:
-    return Engine.load(path, backend="cpu", n_ctx=N_CTX, n_slots=n_slots)
+    return Engine.load(path, backend="numpy", n_ctx=N_CTX, n_slots=n_slots)
 
 
 @pytest.fixture(scope="module")

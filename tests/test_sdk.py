@@ -34,7 +34,7 @@ GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def served():
-    return load_model(default_model_path(), backend="cpu", n_ctx=N_CTX, n_slots=4)
+    return load_model(default_model_path(), backend="numpy", n_ctx=N_CTX, n_slots=4)
 
 
 @pytest.fixture(scope="module")

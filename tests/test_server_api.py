@@ -106,7 +106,7 @@ def auth(tenant: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served() -> ServedModel:
-    return load_model(default_model_path(), backend="cpu", n_ctx=N_CTX, n_slots=8)
+    return load_model(default_model_path(), backend="numpy", n_ctx=N_CTX, n_slots=8)
 
 
 @pytest.fixture(scope="module")

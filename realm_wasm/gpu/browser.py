@@ -6,7 +6,7 @@ Pyodide only: it imports `js` and `pyodide` at load, as native.py imports wgpu-p
 async function, `runPythonAsync` or `callPromising` (web/worker.js does).
 
 Errors come back from WebGPU asynchronously: `device.lost` and `uncapturederror` events are
-recorded as they arrive and raised, as `DeviceLost`, `MemoryError` or `GPUError`, by the next call
+recorded as they arrive and raised, as `DeviceLost`, `GPUOutOfMemory` or `GPUError`, by the next call
 that touches the device, so a failure never turns into silent garbage.
 """
 
@@ -19,7 +19,20 @@ import js
 from pyodide.code import run_js
 from pyodide.ffi import JsException, can_run_sync, create_once_callable, create_proxy, run_sync, to_js
 
-from .device import COPY_DST, MAP_READ, BindGroup, Binding, Buffer, Copy, DeviceLost, Dispatch, GPUUnavailable, Pipeline
+from .device import (
+    COPY_DST,
+    MAP_READ,
+    BindGroup,
+    Binding,
+    Buffer,
+    Copy,
+    DeviceLost,
+    Dispatch,
+    GPUError,
+    GPUOutOfMemory,
+    GPUUnavailable,
+    Pipeline,
+)
 
 FEATURES = ("shader-f16", "subgroups", "timestamp-query")
 
@@ -47,10 +60,6 @@ _write_from_python = run_js("""(queue, buffer, offset, data) => {
         view.release();
     }
 }""")
-
-
-class GPUError(RuntimeError):
-    """WebGPU rejected a call (a validation or internal error): a bug or an unsupported adapter."""
 
 
 def snake_case(name: str) -> str:
@@ -106,7 +115,7 @@ class BrowserDevice:
         error = event.error
         kind = error.constructor.name
         if kind == "GPUOutOfMemoryError":
-            self.errors.append(MemoryError(f"the GPU ran out of memory: {error.message}"))
+            self.errors.append(GPUOutOfMemory(f"the GPU ran out of memory: {error.message}"))
         else:
             self.errors.append(GPUError(f"WebGPU {kind}: {error.message}"))
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from ..errors import RealmError
+
 # Buffer usage flags, numerically equal to WebGPU's GPUBufferUsage so hosts pass them through.
 MAP_READ = 0x0001
 COPY_SRC = 0x0004
@@ -34,12 +36,36 @@ Dispatch = tuple[Pipeline, BindGroup, tuple[int, int, int]]  # (pipeline, bind g
 Copy = tuple[Binding, Binding]  # (source, destination): a buffer-to-buffer copy of the source's size
 
 
-class GPUUnavailable(RuntimeError):
+class GPUUnavailable(RealmError, RuntimeError):
     """No WebGPU adapter (or device) could be obtained on this host."""
 
+    code = "no-webgpu"
 
-class DeviceLost(RuntimeError):
-    """The device stopped working (driver reset, out of memory, destroyed); results are gone."""
+
+class UnsupportedOnGPU(RealmError, ValueError):
+    """The model needs something no GPU kernel does (a tensor type without a WGSL snippet, a KV
+    cache over the binding limit): `--backend auto` runs such a model on numpy instead."""
+
+    code = "unsupported-on-gpu"
+
+
+class GPUError(RealmError, RuntimeError):
+    """WebGPU rejected a call (a validation or internal error): a bug, or an adapter Realm does not
+    support. Both hosts raise it (and its subclasses) for whatever their WebGPU reports."""
+
+    code = "gpu"
+
+
+class GPUOutOfMemory(GPUError, MemoryError):
+    """The device could not allocate a buffer (the model, its KV cache or scratch is too large)."""
+
+    code = "out-of-memory"
+
+
+class DeviceLost(GPUError):
+    """The device stopped working (driver reset, destroyed); its buffers and results are gone."""
+
+    code = "device-lost"
 
 
 class Device(Protocol):

@@ -53,7 +53,7 @@ class GpuExecutor:
     """`forward(batch)` -> logits [R, n_vocab]; `forward_sample(batch, rows)` -> sampled ids [R];
     `submit_sample` queues a sampled step and returns at once."""
 
-    name = "wgpu"
+    name = "webgpu"
     queues_ahead = True  # submit_sample returns once the step is queued
 
     def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, n_slots: int = 1,

@@ -17,6 +17,8 @@ from .device import (
     Copy,
     DeviceLost,
     Dispatch,
+    GPUError,
+    GPUOutOfMemory,
     GPUUnavailable,
     Pipeline,
 )
@@ -117,7 +119,7 @@ def _raw_reads():
                 libf.wgpuDevicePoll(device._internal, True, index)
             box = None  # the callback has run: its handle may go
             if status[0] != lib.WGPUMapAsyncStatus_Success:
-                raise RuntimeError(f"the read-back buffer could not be mapped (status {status[0]}): device is lost")
+                raise DeviceLost(f"the read-back buffer could not be mapped (status {status[0]}): the device is lost")
             data = bytes(ffi.buffer(lib.wgpuBufferGetConstMappedRange(staging._internal, 0, size), size))
             lib.wgpuBufferUnmap(staging._internal)
             return data
@@ -188,13 +190,22 @@ class NativeDevice:
 
     @contextmanager
     def _calls(self) -> Iterator[None]:
-        """Name device loss: wgpu-py 0.32 has no `device.lost`; calls on a lost device raise a
-        generic validation error saying so."""
+        """wgpu-py's errors as the seam's: out of memory, device loss, any other GPU error.
+
+        Device loss has no event to wait for in wgpu-py 0.32 (`device.lost` is not implemented and
+        wgpu-native's callback only logs): calls on a lost device fail with an error whose text
+        says so, and a read-back that cannot be mapped means the same (`_raw_reads`)."""
         try:
             yield
-        except Exception as e:
+        except GPUError:
+            raise
+        except wgpu.GPUOutOfMemoryError as e:
+            raise GPUOutOfMemory(f"the GPU ran out of memory: {e}") from e
+        except (wgpu.GPUError, RuntimeError) as e:
             if any(phrase in str(e).lower() for phrase in LOST_PHRASES):
                 raise DeviceLost(f"GPU device {self.name!r} was lost; its buffers and results are gone") from e
+            if isinstance(e, wgpu.GPUError):
+                raise GPUError(f"WebGPU {type(e).__name__}: {e}") from e
             raise
 
     def create_buffer(self, size: int, usage: int, label: str = "") -> Buffer:
