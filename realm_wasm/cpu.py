@@ -144,6 +144,7 @@ class CpuExecutor:
                   if eager_limit is not None and 4 * int(np.prod(t.shape)) > eager_limit
                   else dequantize(weight_bytes(t), t.type_id, t.shape) for name, t in plan.weights.items()}
         self.cache = KVCache(plan, n_slots, n_ctx)
+        self.n_slots = n_slots
 
     def forward(self, batch: Batch) -> np.ndarray:
         if len(batch) == 0:

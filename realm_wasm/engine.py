@@ -1,8 +1,13 @@
-"""Sessions over one loaded model: prompt -> prefill -> decode loop -> streamed text."""
+"""One loaded model and its executor; `generate` streams a completion through the one loop.
+
+`Engine.generate` is a one-request use of `scheduler.Scheduler`, the loop the server runs for
+many: tokenize, submit, step until the request finishes, yield its tokens. `Engine.load` is the
+CPython way in (a GGUF file, WebGPU through wgpu-py or numpy); the page builds an `Engine` from a
+streamed model instead (web/realm_web_host.py).
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +22,15 @@ from .gpu.device import Device, GPUUnavailable
 from .models import build_plan
 from .plan import Batch, Plan
 from .sampling import SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
+from .scheduler import GREEDY, PREFILL_CHUNK, Finished, Request, Scheduler, TokenEvent
+from .tokenizer import Tokenizer
 
-PREFILL_CHUNK = 256  # tokens per prefill step: bounds activation memory on every executor
-GREEDY = SamplingParams()
+__all__ = ["GREEDY", "PREFILL_CHUNK", "ContextOverflow", "Engine", "Executor", "Model", "TokenEvent"]
 
 
 class Executor(Protocol):
-    name: str
+    name: str  # "webgpu" | "numpy"
+    n_slots: int  # KV-cache slots: sequences it can hold at once
     max_logit_rows: int  # rows of logits one step can return
     queues_ahead: bool  # submit_sample returns before the step has run (a GPU queue)
 
@@ -54,19 +60,14 @@ class Model:
         return cls(header, Tokenizer.from_metadata(header.metadata), build_plan(header))
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int | None  # None: a last event carrying only text the decoder held back
-    text: str  # the new complete UTF-8 text this token made (may be "")
-    index: int  # 0 for the first generated token
-    elapsed_s: float  # since generate() started
-
-
 class Engine:
-    """One model, one executor; sequences live in KV-cache slots (slot 0 for `generate`)."""
+    """One model, one executor and its KV-cache slots (`generate` uses slot 0)."""
 
     def __init__(self, model: Model, executor: Executor, n_ctx: int) -> None:
         self.model, self.executor, self.n_ctx = model, executor, n_ctx
+        # the tokens whose keys and values each slot holds, kept by whoever steps it (KV reuse)
+        self.slot_tokens: list[tuple[int, ...]] = [()] * executor.n_slots
+        self._scheduler: Scheduler | None = None
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", n_ctx: int = 4096, n_slots: int = 1) -> Engine:
@@ -81,9 +82,11 @@ class Engine:
 
     def prefill(self, ids: Sequence[int], start: int = 0, slot: int = 0,
                 all_logits: bool = False) -> Iterator[np.ndarray]:
-        """Feed tokens in chunks; yields each chunk's logits (all rows, or only the last row)."""
+        """Feed tokens in chunks, outside any generation; yields each chunk's logits (all rows, or
+        only the last row). For teacher forcing: the slot's cached tokens are forgotten."""
         if start + len(ids) > self.n_ctx:
             raise ContextOverflow(f"{start + len(ids)} tokens do not fit the context of {self.n_ctx}")
+        self.slot_tokens[slot] = ()
         size = min(PREFILL_CHUNK, self.executor.max_logit_rows) if all_logits else PREFILL_CHUNK
         for i in range(0, len(ids), size):
             chunk = list(ids[i:i + size])
@@ -92,46 +95,31 @@ class Engine:
             if all_logits or last:
                 yield logits
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 64,
-                 sampling: SamplingParams = GREEDY, stop_at_eos: bool = True) -> Iterator[TokenEvent]:
-        """Stream generated tokens for a prompt (text, or token ids including BOS)."""
-        t0 = time.perf_counter()
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
+                 stop_at_eos: bool = True, stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
+        """Stream generated tokens for a prompt (text, or token ids including BOS); the text of
+        `stop` sequences ends it (they are not returned). Errors of the run raise here."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("empty prompt")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if len(ids) + max_tokens > self.n_ctx:
-            raise ContextOverflow(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the "
-                                  f"context of {self.n_ctx} tokens")
-        # all but the last chunk only fill the KV cache; the last is the first sampling step
-        pos = (len(ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
-        last = ids[pos:]
-        for _ in self.prefill(ids[:pos]):
-            pass
-        decoder = StreamDecoder(self.tokenizer)
-        # A GPU runs one step ahead: step n + 1 is queued (its token the GPU's own sample of step n)
-        # before step n's id is read back, so the GPU never waits for the host between tokens. A
-        # step queued past an end of text only writes a KV entry past the sequence, never read.
-        ahead = self.executor.queues_ahead
-        step = self.executor.submit_sample(Batch.for_sequence(last, pos), [(sampling, 0)])
-        for n in range(max_tokens):
-            pos += len(last)
-            more = n + 1 < max_tokens
-            if more and ahead:
-                step_ahead = self.executor.submit_sample(Batch.for_sequence([0], pos), [(sampling, n + 1)],
-                                                         follow=True)
-            [token] = step.result()
-            if stop_at_eos and token in self.tokenizer.eot_ids:
-                break
-            yield TokenEvent(token, decoder.feed(token), n, time.perf_counter() - t0)
-            last = [token]
-            if more:
-                step = step_ahead if ahead else self.executor.submit_sample(Batch.for_sequence(last, pos),
-                                                                            [(sampling, n + 1)])
-        tail = decoder.flush()
-        if tail:
-            yield TokenEvent(None, tail, n + 1, time.perf_counter() - t0)
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self, n_slots=1)
+        events: list[TokenEvent | Finished] = []
+        self._scheduler.submit(Request(ids, max_tokens, sampling, stop=tuple(stop), stop_at_eos=stop_at_eos),
+                               events.append)
+        done = False
+        try:
+            while not done:
+                self._scheduler.step()
+                for event in events:
+                    if isinstance(event, Finished):
+                        done = True
+                        if event.exception is not None:
+                            raise event.exception
+                    else:
+                        yield event
+                events.clear()
+        finally:
+            if not done:  # the caller stopped reading: end the request, free the slot
+                self._scheduler.cancel_all()
 
 
 def native_device() -> tuple[Device | None, str]:

@@ -1,12 +1,29 @@
-"""Continuous batching: many sequences of many tenants share one model, one forward pass per step.
+"""The one generation loop: continuous batching of many sequences, run one step ahead on a GPU.
+
+Every way of generating goes through here: `Engine.generate` (the CLI, benchmarks, the page) is a
+one-request use of it, the server steps one per model for all its tenants.
 
 A fixed pool of KV-cache slots bounds memory: a request waits in its tenant's queue until a slot is
-free, runs there until it finishes or is cancelled, and gives the slot back. Every `step()` builds
-ONE `Batch`: one decode token of every running sequence first (they are cheap and latency-bound),
-then prefill chunks of newly admitted prompts sharing what is left of `max_step_tokens` evenly.
-Each sequence's logits row is sampled (by the executor: on the GPU only token ids come back) with
-its own `SamplingParams` and step counter, so its tokens never depend on what else was in the
-batch (up to float rounding of the batched matmuls).
+free, runs there until it finishes or is cancelled, and gives the slot back. Every step is ONE
+`Batch`: one decode token of every running sequence first (cheap and latency-bound), then prefill
+chunks of newly admitted prompts sharing what is left of `max_step_tokens` evenly. Each
+sequence's logits row is sampled by the executor (on the GPU only token ids come back) with its
+own `SamplingParams` and step counter, so its tokens never depend on what else was in the batch
+(up to float rounding of the batched matmuls).
+
+Running ahead: on an executor that queues (a GPU), when every running sequence is decoding and
+nothing waits to be admitted, step n + 1 is submitted before step n's ids are read, its tokens
+copied on the device from step n's samples, so the GPU never idles while the host reads, streams
+and checks stop conditions. A sequence that ends at step n leaves one wasted row in step n + 1 (its
+KV entry past the sequence is never read); the step after is built from the host again.
+
+Everything that ends a generation lives here, once: end of text, stop sequences (cut from the
+text, holding back a tail that may begin one), the length limit, and the UTF-8 bytes of a
+character split across tokens (flushed at the end).
+
+KV reuse: a slot remembers the tokens whose keys and values it holds. A new request goes to the
+free slot sharing the longest prefix with its prompt and feeds only the rest (a chat's next turn
+re-reads only the new message), when at least `MIN_REUSE` tokens are shared.
 
 Fairness: when a slot frees, the next request comes from the waiting tenant with the fewest running
 sequences per unit of its `share`; ties go to the tenant admitted least recently (round-robin).
@@ -31,13 +48,23 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .engine import GREEDY, PREFILL_CHUNK, ContextOverflow, Engine, TokenEvent
+from .errors import ContextOverflow, InvalidRequest
 from .plan import Batch
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from .engine import Engine, Pending
+
+PREFILL_CHUNK = 256  # tokens per step by default: bounds activation memory on every executor
+# Fewer shared tokens are re-read rather than reused: a step of up to ~16 tokens costs about what
+# one decode step costs (mat-vec kernels), so reusing them saves nothing measurable.
+MIN_REUSE = 16
+GREEDY = SamplingParams()
 
 
 @dataclass(frozen=True)
@@ -51,11 +78,21 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TokenEvent:
+    token_id: int | None  # None: a last event carrying only text the decoder held back
+    text: str  # the new complete UTF-8 text this token made (may be "")
+    index: int  # 0 for the first generated token
+    elapsed_s: float  # since the request was submitted
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: str  # "stop" (end of text or a stop sequence), "length", "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not recomputed
+    exception: BaseException | None = field(default=None, compare=False, repr=False)  # with "error"
 
 
 Event = TokenEvent | Finished
@@ -105,14 +142,26 @@ class _Sequence:
     decoder: StreamDecoder
     stop: StopText
     t0: float
-    tokens: list[int] = field(default_factory=list)  # prompt, then every generated token
-    fed: int = 0  # tokens already in the KV cache; tokens[fed:] go into the next steps
-    generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # prompt, then every generated token read back
+    fed: int = 0  # positions written into the KV cache (including steps still on the device)
+    requested: int = 0  # samples asked for (including steps still on the device): the next step counter
+    generated: int = 0  # samples read back and streamed
+    cached: int = 0  # prompt tokens reused from the slot's KV cache
     slot: int = -1
 
     @property
     def pending(self) -> int:
+        """Known tokens not yet fed (valid when no step of this sequence is on the device)."""
         return len(self.tokens) - self.fed
+
+
+@dataclass
+class _Step:
+    """A submitted forward pass whose sampled ids have not been read back yet."""
+
+    pending: Pending
+    sampled: list[_Sequence]  # the sequences whose logit rows it samples, in row order
+    fed: list[tuple[_Sequence, int]]  # every sequence in it and how many of its tokens
 
 
 class Scheduler:
@@ -121,20 +170,24 @@ class Scheduler:
     def __init__(self, engine: Engine, n_slots: int, max_step_tokens: int = PREFILL_CHUNK,
                  shares: dict[str, float] | None = None) -> None:
         if n_slots < 1:
-            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+            raise InvalidRequest(f"n_slots must be >= 1, got {n_slots}")
         # every running sequence may need one decode row; what is left must let prefill progress
         if max_step_tokens <= n_slots:
-            raise ValueError(f"max_step_tokens ({max_step_tokens}) must exceed n_slots ({n_slots})")
+            raise InvalidRequest(f"max_step_tokens ({max_step_tokens}) must exceed n_slots ({n_slots})")
         if n_slots > engine.executor.max_logit_rows:
-            raise ValueError(f"n_slots ({n_slots}) is more than the {engine.executor.max_logit_rows} logit rows "
-                             f"the {engine.executor.name} executor returns per step")
+            raise InvalidRequest(f"n_slots ({n_slots}) is more than the {engine.executor.max_logit_rows} logit rows "
+                                 f"the {engine.executor.name} executor returns per step")
+        if n_slots > len(engine.slot_tokens):
+            raise InvalidRequest(f"n_slots ({n_slots}) is more than the engine's {len(engine.slot_tokens)} KV slots")
         self.engine, self.n_slots, self.max_step_tokens = engine, n_slots, max_step_tokens
         self.shares = dict(shares or {})
         self._ids = itertools.count(1)
         self._inbox: deque[tuple[str, object]] = deque()  # ("submit", _Sequence) | ("cancel", id)
         self._queues: dict[str, deque[_Sequence]] = {}  # tenant -> waiting sequences, oldest first
         self._running: dict[int, _Sequence] = {}  # id -> sequence, in admission order
-        self._free_slots = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._free_slots = list(range(n_slots))
+        self._freed_at = [-1] * n_slots  # step counter when each slot was last freed
+        self._in_flight: _Step | None = None  # the step on the device, when running ahead
         self._last_admitted: dict[str, int] = {}  # tenant -> admission counter, for round-robin
         self._admissions = 0
         self._steps = self._generated = 0
@@ -144,16 +197,16 @@ class Scheduler:
     def submit(self, request: Request, sink: Sink) -> int:
         """Check the request, queue it, and return its id (for `cancel`).
 
-        Raises ValueError (ContextOverflow when it cannot fit the context) at once, from the
+        Raises InvalidRequest (ContextOverflow when it cannot fit the context) at once, from the
         calling thread; every later outcome, errors included, reaches `sink` as events."""
         ids = [int(t) for t in request.prompt_ids]
         vocab = self.engine.tokenizer.vocab_size
         if not ids:
-            raise ValueError("empty prompt")
+            raise InvalidRequest("empty prompt")
         if not all(0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt has token ids outside the vocab of {vocab}")
+            raise InvalidRequest(f"prompt has token ids outside the vocab of {vocab}")
         if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be >= 1, got {request.max_tokens}")
         if len(ids) + request.max_tokens > self.engine.n_ctx:
             raise ContextOverflow(f"prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds "
                                   f"the context of {self.engine.n_ctx} tokens")
@@ -176,35 +229,31 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        """Anything queued, running or not yet seen: keep calling `step()`."""
-        return bool(self._inbox or self._running or any(self._queues.values()))
+        """Anything queued, running, on the device or not yet seen: keep calling `step()`."""
+        return bool(self._inbox or self._running or self._in_flight or any(self._queues.values()))
 
     def step(self) -> bool:
-        """Admit, run one forward pass, sample and stream. False when there was nothing to do."""
+        """Admit, run one forward pass, sample and stream. False when there was nothing to do.
+
+        With a step already on the device, this queues the next one behind it when it can, then
+        reads the earlier one's ids: each call streams one step's tokens."""
         self._drain_inbox()
-        self._admit()
-        if not self._running:
-            return False
-        plan = self._plan_step()
-        batch, sampled = self._build_batch(plan)
-        # each row is sampled with its own sequence's parameters and step counter (on the device)
-        rows = [(seq.request.sampling, seq.generated) for seq in sampled] or [(GREEDY, 0)]
-        try:
-            tokens = self.engine.executor.forward_sample(batch, rows)
-        except Exception as e:  # fail this step's sequences, keep serving the others
-            for seq, _ in plan:
-                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
-            return True
-        self._steps += 1
-        for seq, n in plan:
-            seq.fed += n
-        for seq, token in zip(sampled, tokens, strict=False):  # a padding row has no sequence
-            self._advance(seq, token)
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            self._admit()
+            if not self._running:
+                return False
+            step = self._submit(self._plan_step())
+        if self._can_follow(step):
+            self._in_flight = self._submit_follow(step)
+        self._receive(step)
         return True
 
     def cancel_all(self) -> None:
         """Finish every queued and running request as cancelled (at shutdown)."""
         self._drain_inbox()
+        if self._in_flight is not None:
+            self._discard(self._in_flight)
         for queue in self._queues.values():
             while queue:
                 self._finish(queue.popleft(), "cancelled")
@@ -242,10 +291,28 @@ class Scheduler:
             tenant = min(waiting, key=lambda t: ((running[t] + 1) / self.shares.get(t, 1.0),
                                                  self._last_admitted.get(t, -1)))
             seq = self._queues[tenant].popleft()
-            seq.slot = self._free_slots.pop()
+            self._take_slot(seq)
             self._running[seq.id] = seq
             self._admissions += 1
             self._last_admitted[tenant] = self._admissions
+
+    def _take_slot(self, seq: _Sequence) -> None:
+        """The free slot whose cached tokens share the longest prefix with the prompt (that prefix
+        is not fed again; one token at least is, for its logits); without one, the slot freed
+        longest ago, so that recent conversations keep their KV."""
+        cached = self.engine.slot_tokens
+
+        def reuse(slot: int) -> int:
+            old, new = cached[slot], seq.tokens
+            n = min(len(old), len(new) - 1)
+            shared = next((i for i in range(n) if old[i] != new[i]), n)
+            return shared if shared >= MIN_REUSE else 0
+
+        slot = max(self._free_slots, key=lambda s: (reuse(s), -self._freed_at[s]))
+        self._free_slots.remove(slot)
+        seq.slot = slot
+        seq.fed = seq.cached = reuse(slot)
+        cached[slot] = ()  # rewritten from position `fed` on: valid again when the sequence ends
 
     def _plan_step(self) -> list[tuple[_Sequence, int]]:
         """How many pending tokens of each running sequence go into this step."""
@@ -265,9 +332,9 @@ class Scheduler:
                     break
         return [(seq, take[seq]) for seq in self._running.values() if seq in take]
 
-    @staticmethod
-    def _build_batch(plan: list[tuple[_Sequence, int]]) -> tuple[Batch, list[_Sequence]]:
-        """The step's Batch, and the sequences that get a logits row (those whose chunk ends their input)."""
+    def _submit(self, plan: list[tuple[_Sequence, int]]) -> _Step:
+        """A step built on the host: the planned tokens of each sequence; the sequences whose chunk
+        ends their input get a logits row."""
         tokens, positions, slots, rows, sampled = [], [], [], [], []
         for seq, n in plan:
             tokens += seq.tokens[seq.fed:seq.fed + n]
@@ -280,7 +347,65 @@ class Scheduler:
             rows.append(len(tokens) - 1)
         batch = Batch(np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
                       np.asarray(slots, np.int32), np.asarray(rows, np.int32))
-        return batch, sampled
+        return self._launch(batch, sampled, plan, follow=False)
+
+    def _can_follow(self, step: _Step) -> bool:
+        """Whether the next step is known before `step`'s ids are: every running sequence is in it,
+        decoding, below its length limit, and no request waits for a free slot."""
+        if not self.engine.executor.queues_ahead or self._inbox or isinstance(step.pending, _Failed):
+            return False
+        if self._free_slots and any(self._queues.values()):
+            return False
+        return (len(step.sampled) == len(self._running) and all(seq.id in self._running for seq in step.sampled)
+                and all(seq.requested < seq.request.max_tokens for seq in step.sampled))
+
+    def _submit_follow(self, step: _Step) -> _Step:
+        """One decode token per sequence of `step`, each the id the device samples there."""
+        seqs = step.sampled
+        n = len(seqs)
+        batch = Batch(np.zeros(n, np.int32), np.array([s.fed for s in seqs], np.int32),
+                      np.array([s.slot for s in seqs], np.int32), np.arange(n, dtype=np.int32))
+        return self._launch(batch, list(seqs), [(s, 1) for s in seqs], follow=True)
+
+    def _launch(self, batch: Batch, sampled: list[_Sequence], fed: list[tuple[_Sequence, int]],
+                follow: bool) -> _Step:
+        # each row is sampled with its own sequence's parameters and step counter (on the device)
+        rows = [(seq.request.sampling, seq.requested) for seq in sampled] or [(GREEDY, 0)]
+        try:
+            pending = self.engine.executor.submit_sample(batch, rows, follow=follow)
+        except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving the others
+            pending = _Failed(e)
+        for seq, n in fed:
+            seq.fed += n
+        for seq in sampled:
+            seq.requested += 1
+        return _Step(pending, sampled, fed)
+
+    def _receive(self, step: _Step) -> None:
+        """Read a step's sampled ids and stream them (an error fails the step's sequences only)."""
+        try:
+            tokens = step.pending.result()
+        except Exception as e:  # noqa: BLE001
+            self._fail(step, e)
+            return
+        self._steps += 1
+        for seq, token in zip(step.sampled, tokens, strict=False):  # a padding row has no sequence
+            if self._running.get(seq.id) is seq:  # not finished or cancelled meanwhile
+                self._advance(seq, token)
+
+    def _fail(self, step: _Step, error: Exception) -> None:
+        if self._in_flight is not None:  # queued behind the failed step: it shares its fate
+            self._discard(self._in_flight)
+        for seq, _ in step.fed:
+            if self._running.get(seq.id) is seq:
+                self._finish(seq, "error", error=error)
+
+    def _discard(self, step: _Step) -> None:
+        self._in_flight = None
+        try:
+            step.pending.result()
+        except Exception:  # noqa: BLE001 - its sequences are being finished anyway
+            pass
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Stream the sequence's new token; finish on end of text, a stop sequence or length."""
@@ -299,7 +424,7 @@ class Scheduler:
         else:
             seq.tokens.append(token)
 
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None, flush: bool = True) -> None:
+    def _finish(self, seq: _Sequence, reason: str, error: Exception | None = None, flush: bool = True) -> None:
         """Release the text still held back (unless a stop sequence cut it), free the slot, report."""
         if flush and reason in ("stop", "length"):
             text, _ = seq.stop.feed(seq.decoder.flush())
@@ -307,11 +432,25 @@ class Scheduler:
             if tail:
                 self._emit(seq, TokenEvent(None, tail, seq.generated, time.perf_counter() - seq.t0))
         if self._running.pop(seq.id, None) is not None:
+            # the slot holds the KV of every known token it was fed; a failed step's are unknown
+            self.engine.slot_tokens[seq.slot] = () if error else tuple(seq.tokens[:min(seq.fed, len(seq.tokens))])
             self._free_slots.append(seq.slot)
-        self._emit(seq, Finished(reason, len(seq.request.prompt_ids), seq.generated, error))
+            self._freed_at[seq.slot] = self._steps
+        message = f"{type(error).__name__}: {error}" if error else None
+        self._emit(seq, Finished(reason, len(seq.request.prompt_ids), seq.generated, message, seq.cached, error))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         try:
             seq.sink(event)
-        except Exception:  # nobody can read this sequence any more: stop it, keep serving the others
+        except Exception:  # noqa: BLE001 - nobody can read this sequence any more: stop it, serve the others
             self._inbox.append(("cancel", seq.id))
+
+
+class _Failed:
+    """A step the executor refused at submission: its error surfaces when its ids are read."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def result(self) -> list[int]:
+        raise self.error

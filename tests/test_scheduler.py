@@ -5,6 +5,8 @@ The oracle for every batched run is `Engine.generate` running the same request a
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import gguf
 import numpy as np
 import pytest
@@ -108,7 +110,9 @@ class Recorder:
 
 
 class RecordingExecutor:
-    """Wraps an executor to keep every Batch it runs."""
+    """Wraps an executor to keep every Batch it runs (each step run when submitted, as numpy does)."""
+
+    queues_ahead = False
 
     def __init__(self, inner) -> None:
         self.inner, self.name, self.max_logit_rows, self.batches = inner, inner.name, inner.max_logit_rows, []
@@ -116,6 +120,12 @@ class RecordingExecutor:
     def forward_sample(self, batch, rows):
         self.batches.append(batch)
         return self.inner.forward_sample(batch, rows)
+
+    def submit_sample(self, batch, rows, follow=False):
+        assert not follow, "an executor that does not queue is never asked to follow"
+        done = Future()
+        done.set_result(self.forward_sample(batch, rows))
+        return done
 
 
 def run_all(scheduler: Scheduler, limit: int = 1000) -> int:
@@ -351,3 +361,70 @@ def test_batched_on_the_gpu_executor_matches_running_alone(model_path, gpu):
         scheduler.submit(Request(engine.tokenizer.encode(prompt), 8, stop_at_eos=False), sink)
     run_all(scheduler)
     assert [s.tokens for s in sinks] == expect
+
+
+class Follows:
+    """Wraps an executor, counting the steps queued with `follow` (their tokens sampled on the device)."""
+
+    def __init__(self, inner, queues_ahead: bool) -> None:
+        self.inner, self.queues_ahead, self.follows, self.steps = inner, queues_ahead, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def submit_sample(self, batch, rows, follow=False):
+        self.follows += follow
+        self.steps += 1
+        return self.inner.submit_sample(batch, rows, follow=follow)
+
+
+def test_running_ahead_on_the_gpu_gives_what_stepping_from_the_host_gives(model_path, gpu):
+    """Step n + 1 queued before step n's ids are read: same tokens as waiting for each step, also
+    when sequences end mid-run (length, end of text) and a request arrives while running ahead."""
+    f = read_gguf(model_path)
+    model = Model.from_header(f.header)
+    hot = SamplingParams(temperature=1.2, top_k=30, seed=3)
+    runs = {}
+    for ahead in (False, True):
+        engine = Engine(model, GpuExecutor(model.plan, f.tensor_bytes, n_slots=3, n_ctx=N_CTX, device=gpu), N_CTX)
+        engine.executor = executor = Follows(engine.executor, queues_ahead=ahead)
+        scheduler = Scheduler(engine, n_slots=3, max_step_tokens=32)
+        sinks = [Recorder() for _ in range(4)]
+        scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 14, stop_at_eos=False), sinks[0])
+        scheduler.submit(Request(engine.tokenizer.encode("abc"), 6, hot, stop_at_eos=False), sinks[1])
+        scheduler.submit(Request(engine.tokenizer.encode("x"), 20, hot), sinks[2])  # may end at end of text
+        for _ in range(5):
+            scheduler.step()
+        scheduler.submit(Request(engine.tokenizer.encode("0123456789"), 5, stop_at_eos=False), sinks[3])
+        run_all(scheduler)
+        runs[ahead] = ([s.tokens for s in sinks], [s.finished for s in sinks], executor)
+    (host_tokens, host_ends, host), (ahead_tokens, ahead_ends, queued) = runs[False], runs[True]
+    assert ahead_tokens == host_tokens and ahead_ends == host_ends
+    assert host.follows == 0 and queued.follows >= 10
+    assert [len(t) for t in host_tokens[:2]] == [14, 6]
+
+
+def test_a_follow_up_prompt_reuses_the_kv_of_its_prefix(model_path, alone):
+    """A chat's next turn: the slot that served the first turn keeps its KV entries, and the second
+    prompt (first prompt + answer + a new message) feeds only what is new, with the same tokens."""
+    engine = load(model_path, 2)
+    scheduler = Scheduler(engine, n_slots=2)
+    first = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    turn1 = Recorder()
+    scheduler.submit(Request(first, 8, stop_at_eos=False), turn1)
+    run_all(scheduler)
+    # the last generated token was never fed: the slot holds the prompt and the first 7
+    second = first + turn1.tokens + engine.tokenizer.encode(" and then", add_bos=False)
+    turn2, other = Recorder(), Recorder()
+    scheduler.submit(Request(engine.tokenizer.encode("abc"), 3, stop_at_eos=False), other)  # takes the other slot
+    scheduler.submit(Request(second, 6, stop_at_eos=False), turn2)
+    run_all(scheduler)
+    assert turn1.finished.cached_tokens == 0
+    assert turn2.finished.cached_tokens == len(first) + 7
+    fresh = load(model_path, 1)
+    expect = [e.token_id for e in fresh.generate(second, 6, stop_at_eos=False) if e.token_id is not None]
+    assert turn2.tokens == expect
+    short = Recorder()  # a shared prefix under MIN_REUSE tokens is fed again
+    scheduler.submit(Request(engine.tokenizer.encode("abcd"), 2, stop_at_eos=False), short)
+    run_all(scheduler)
+    assert short.finished.cached_tokens == 0

@@ -56,13 +56,9 @@ class GpuExecutor:
     name = "webgpu"
     queues_ahead = True  # submit_sample returns once the step is queued
 
-    def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, n_slots: int = 1,
-                 n_ctx: int = 2048, device: Device | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+    def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, *, device: Device,
+                 n_slots: int = 1, n_ctx: int = 2048, max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_logit_rows: int | None = None) -> None:
-        if device is None:
-            from .native import NativeDevice  # CPython only; the browser passes its own device
-
-            device = NativeDevice.create()
         self.device, self.plan, self.n_slots, self.n_ctx = device, plan, n_slots, n_ctx
         # a callable gives a tensor's bytes (a GGUF file); a store was filled some other way (a stream)
         self.store = FileWeights(device, weights) if callable(weights) else weights
