@@ -28,8 +28,9 @@ import time
 import numpy as np
 
 from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW
-from realm_wasm.gpu.matmul import TUNING, QuantMatmul, Tile, Tuning, upload_weight
+from realm_wasm.gpu.matmul import QuantMatmul, upload_weight
 from realm_wasm.gpu.native import NativeDevice
+from realm_wasm.gpu.tuning import TUNING, Tile, Tuning
 from realm_wasm.quants import QUANTS_BY_NAME
 
 TYPES = "F32,F16,BF16,Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q8_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_K,IQ4_NL,IQ4_XS,TQ1_0,TQ2_0,MXFP4"

@@ -12,7 +12,9 @@ from test_llama import make_model
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.gguf import read_gguf
 from realm_wasm.gpu import executor as gpu_executor
-from realm_wasm.gpu.executor import GpuExecutor, fusions
+from realm_wasm.gpu import fuse as fuse_module
+from realm_wasm.gpu.executor import GpuExecutor
+from realm_wasm.gpu.fuse import Kernel, describe, fuse
 from realm_wasm.gpu.weights import StreamedWeights
 from realm_wasm.models import build_plan
 from realm_wasm.plan import Batch, Op
@@ -182,22 +184,41 @@ def gemma(tmp_path_factory):
     return f, build_plan(f.header)
 
 
-def without_rope_pairs(ops):
-    """`fusions` as before ropes were paired: the queries' rope is a dispatch of its own."""
-    f = fusions(ops)
-    f.skipped -= set(f.rope_pair.values())
-    f.rope_pair.clear()
-    return f
+def without_rope_pairs(plan, limit):
+    """The fused program as before ropes were paired: the queries' rope (with its norm) is a kernel
+    of its own again, where the queries' rope op stands."""
+    kernels = []
+    for k in fuse(plan, limit):
+        if "pair" in k.fused:
+            roles = dict(k.fused)
+            q, q_norm = roles.pop("pair"), roles.pop("pair_norm", None)
+            kernels.append(Kernel("rope", q, {"norm": q_norm} if q_norm is not None else {}))
+            k = Kernel("rope", k.op, roles)
+        kernels.append(k)
+    return sorted(kernels, key=lambda k: k.op)
 
 
 def decode_dispatches(ex: GpuExecutor) -> int:
     return sum(len(launch.dispatches({"T": 1, "R": 1})) for launch in ex.launches)
 
 
+def dispatches_per_layer(ex: GpuExecutor) -> list[int]:
+    """Dispatches of a one-token step in each layer, by the program's layers (describe's sections)."""
+    counts: dict[int, int] = {}
+    layer = None
+    for kernel, launch in zip(ex.program, ex.launches, strict=True):
+        layer = fuse_module._layer(ex.plan, kernel) if fuse_module._layer(ex.plan, kernel) is not None else layer
+        if layer is not None and ex.plan.ops[kernel.op].kind != "gather":
+            counts[layer] = counts.get(layer, 0) + len(launch.dispatches({"T": 1, "R": 1}))
+        if ex.plan.ops[kernel.op].kind == "gather":
+            break
+    return [counts[i] for i in sorted(counts)]
+
+
 def test_gemma3_ropes_q_and_k_in_one_dispatch_and_matches_numpy(gemma, gpu, monkeypatch):
     cpu, paired = executors(gemma, gpu)
     with monkeypatch.context() as m:
-        m.setattr(gpu_executor, "fusions", without_rope_pairs)
+        m.setattr(gpu_executor, "fuse", without_rope_pairs)
         _, unpaired = executors(gemma, gpu)
     assert decode_dispatches(unpaired) - decode_dispatches(paired) == GEMMA_LAYERS
     # two sequences prefilling past the sliding window, then both decoding in one step
@@ -212,19 +233,73 @@ def test_gemma3_ropes_q_and_k_in_one_dispatch_and_matches_numpy(gemma, gpu, monk
         close(unpaired.forward(batch), want)
 
 
+def rope_pairs(plan) -> dict[int, int]:
+    """keys' rope op -> the queries' rope op its kernel also computes."""
+    return {k.op: k.fused["pair"] for k in fuse(plan) if "pair" in k.fused}
+
+
 def test_ropes_pair_only_with_the_same_angles_and_nothing_in_between(gemma, model):
-    ops = gemma[1].ops
+    plan = gemma[1]
+    ops = plan.ops
     ropes = [i for i, op in enumerate(ops) if op.kind == "rope"]
-    f = fusions(ops)
+    kernels = {k.op: k for k in fuse(plan)}
     # every layer: the keys' rope (norm + KV store) also does the queries' (norm)
-    assert f.rope_pair == {k: q for q, k in zip(ropes[::2], ropes[1::2], strict=True)}
-    assert set(f.rope_pair) == set(f.rope_store) and set(ropes) <= set(f.rope_norm)
-    assert set(fusions(model[1].ops).rope_pair) == set(fusions(model[1].ops).rope_store)  # llama: no norms
+    assert rope_pairs(plan) == {k: q for q, k in zip(ropes[::2], ropes[1::2], strict=True)}
+    assert all(set(kernels[k].fused) == {"norm", "store", "pair", "pair_norm"} for k in ropes[1::2])
+    llama = {k.op: k for k in fuse(model[1])}
+    assert all(set(llama[k].fused) == {"store", "pair"} for k in rope_pairs(model[1]))  # llama: no norms
     q0, k0 = ropes[0], ropes[1]
     # frequency factors on the queries only: different angles
     freqs = [dataclasses.replace(op, weights=("rope_freqs.weight",)) if i == q0 else op for i, op in enumerate(ops)]
     # something reads q between the two ropes: the queries' rope must stay where it is
     reads_q = ops[:k0] + [Op("add", "o", ("q", "q"))] + ops[k0:]
     for changed in (freqs, reads_q):
-        f = fusions(changed)
-        assert q0 not in f.rope_pair.values() and q0 not in f.skipped and len(f.rope_pair) == GEMMA_LAYERS - 1
+        pairs = rope_pairs(dataclasses.replace(plan, ops=changed))
+        assert q0 not in pairs.values() and len(pairs) == GEMMA_LAYERS - 1
+
+
+def test_the_program_pins_dispatches_per_layer(gemma, model, gpu):
+    """A decode step: 7 dispatches per gemma3 layer (q+k, v, rope q,k + norms + KV store, attention,
+    o + residual norm, GLU, down + residual norm), layer 0 also its pre-norm. 13 per layer of the
+    test llama: no post-norms to fuse the residual adds into (add, norm), and its gate (Q4_0 or
+    Q8_0) and up (Q5_1) weights cannot be joined (gate, up, activation)."""
+    _, ex = executors(gemma, gpu)
+    assert dispatches_per_layer(ex) == [8] + [7] * (GEMMA_LAYERS - 1)
+    _, ex = executors(model, gpu)
+    n_layers = model[1].kv.n_layers
+    assert dispatches_per_layer(ex) == [13] * n_layers
+    lines = describe(gemma[1], fuse(gemma[1]))
+    assert lines[1] == ("layer 0: norm h | matmul q+k | matmul v | rope q,k + norm + kv store | attention (window 4) "
+                        "| matmul o + norm + residual x + norm h | glu gelu | matmul f + norm + residual x + norm h")
+
+
+def reorder_layers(plan):
+    """The same model with every layer's ops in another legal order: v first, then each of q and k
+    normed and rotated right after its own projection."""
+    ops, out = plan.ops, []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if op.kind == "matmul" and op.out == "q":  # q, k, v, qnorm, knorm, rope q, rope k -> v, q, qn, rq, k, kn, rk
+            q, k, v, qn, kn, rq, rk = ops[i:i + 7]
+            out += [v, q, qn, rq, k, kn, rk]
+            i += 7
+        else:
+            out.append(op)
+            i += 1
+    return dataclasses.replace(plan, ops=out)
+
+
+def test_ops_in_another_legal_order_fuse_alike(gemma, gpu):
+    f, plan = gemma
+    moved = reorder_layers(plan)
+    assert [op.kind for op in moved.ops] != [op.kind for op in plan.ops]
+    moved.validate()
+    # the same kernels, in another order where the ops stand elsewhere
+    assert sorted((k.kind, sorted(k.fused)) for k in fuse(moved)) == sorted((k.kind, sorted(k.fused))
+                                                                            for k in fuse(plan))
+    cpu = CpuExecutor(plan, f.tensor_bytes, n_ctx=64)
+    dev = GpuExecutor(moved, f.tensor_bytes, n_ctx=64, device=gpu, max_tokens=32)
+    assert dispatches_per_layer(dev) == [8] + [7] * (GEMMA_LAYERS - 1)
+    for batch in (Batch.for_sequence([3, 17, 42, 8, 8, 91], 0, all_logits=True), Batch.for_sequence([5], 6)):
+        close(dev.forward(batch), cpu.forward(batch))

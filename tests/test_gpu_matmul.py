@@ -22,10 +22,8 @@ gguf = pytest.importorskip("gguf")
 from realm_wasm.gpu import compose  # noqa: E402
 from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW  # noqa: E402
 from realm_wasm.gpu.matmul import (  # noqa: E402
-    TUNING,
     QuantMatmul,
     ResidualNorm,
-    Tile,
     allocate_weight,
     concat_rows,
     fit_tiles,
@@ -35,6 +33,7 @@ from realm_wasm.gpu.matmul import (  # noqa: E402
     upload_weight,
     write_weight,
 )
+from realm_wasm.gpu.tuning import TUNING, Tile  # noqa: E402
 from realm_wasm.quants import QUANTS_BY_NAME  # noqa: E402
 
 G = gguf.GGMLQuantizationType

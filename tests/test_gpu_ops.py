@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from realm_wasm.sampling import SamplingParams, sample
 ops = pytest.importorskip("realm_wasm.gpu.ops")
 from realm_wasm.gpu.device import STORAGE_RW  # noqa: E402
 from realm_wasm.gpu.matmul import upload_weight  # noqa: E402
+from realm_wasm.gpu.tuning import TUNING  # noqa: E402
 
 RNG = np.random.default_rng(7)
 
@@ -262,8 +264,8 @@ def test_embed_dequantizes_rows(gpu, name):
 # ---------------------------------------------------------------------------------------------
 # attention
 
-SPLIT = ops.Tuning(wg=64, attn_wg=32, attn_split=3, attn_split_max_t=4)
-DIRECT = ops.Tuning(wg=64, attn_wg=64, attn_split=1, attn_split_max_t=0)
+SPLIT = dataclasses.replace(TUNING[True], attn_wg=32, attn_split=3, attn_split_max_t=4)
+DIRECT = dataclasses.replace(TUNING[True], attn_wg=64, attn_split=1, attn_split_max_t=0)
 
 
 class AttentionCase:

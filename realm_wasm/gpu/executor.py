@@ -1,16 +1,15 @@
 """Runs a Plan on a WebGPU device: wgpu-py natively, js.navigator.gpu in the browser.
 
-At load: weights go to the device once (in their GGML bytes), every op becomes a kernel object with
-its pipelines and bind groups built (`ops.py`, `matmul.py`). Per step: the step's inputs (a few
-int32 per token) are written, one command buffer with every dispatch is submitted, and either the
-logits or only the sampled token ids are read back.
+At load: `fuse.fuse` turns the plan into the fused program (a list of kernel specs), weights go to
+the device once (in their GGML bytes), and each kernel spec is built by its row of `BUILDERS` into
+kernel objects with their pipelines and bind groups (`ops.py`, `matmul.py`). Per step: the step's
+inputs (a few int32 per token) are written, one command buffer with every dispatch is submitted,
+and either the logits or only the sampled token ids are read back.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from ..gguf import TensorInfo
 from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
 from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch, ReadBack
+from .fuse import Kernel, fuse, stored_attentions
 from .matmul import GpuWeight, QuantMatmul, ResidualNorm, concat_rows
 from .ops import (
     SAMPLING_ROW_BYTES,
@@ -76,10 +76,15 @@ class GpuExecutor:
         self.counts = {rows: (device.create_buffer(16, UNIFORM_RW, f"{rows} count"), 0, 16) for rows in "TR"}
         self.acts = {name: self.buffer(4 * width * self.capacity[rows], name)
                      for name, (rows, width) in plan.buffers.items()}
-        self.joined = joined_matmuls(plan)
-        for first, second in {(plan.ops[i].out, plan.ops[j].out) for i, j in self.joined.items()}:
-            self._colocate(first, second)  # a joined pair's outputs: two regions of one buffer
-        self.launches = build_launches(self)
+        self.program = fuse(plan, device.limits["max_storage_buffer_binding_size"])
+        for kernel in self.program:  # a joined pair's outputs: two regions of one buffer
+            if "second" in kernel.fused:
+                self._colocate(plan.ops[kernel.op].out, plan.ops[kernel.fused["second"]].out)
+        # every attention's KV cache is built first: the rope that stores into it needs its buffers
+        stored = stored_attentions(self.program)
+        self.attentions = {k.op: _attention(self, k.op, stored=k.op in stored)
+                           for k in self.program if k.kind == "attention"}
+        self.launches = [BUILDERS[kernel.kind](self, kernel) for kernel in self.program]
 
         n_vocab, r_max = plan.n_vocab, self.capacity["R"]
         self.sampling_params = self.buffer(SAMPLING_ROW_BYTES * r_max, "sampling params")
@@ -197,244 +202,131 @@ class SampledIds:
         return np.frombuffer(self.read.result(), np.int32).tolist()
 
 
-# One builder per op kind: the plan's op -> its kernels on the device. A dispatch costs a few µs
-# however small, so `fusions` first merges neighbouring ops into fused kernels:
-#   rmsnorm(B, per head) ... rope(B)              -> Rope(norm=)             (Q/K norm + RoPE)
-#   rope(k) ... attention(q, k, v)                -> Rope(kv=) stores k and v  (+ KV-cache store)
-#   rope(q) ... rope(k), same angles              -> Rope(also=) at rope(k)  (q and k in one dispatch)
-#   rmsnorm(o) ; add(x, o) -> x [; rmsnorm(x)->h] -> RmsNorm(residual=, then=) (post-norm + add + next norm)
+# One builder per kernel kind of the fused program (`fuse.py`): the kernel spec -> its kernel
+# objects on the device, reading and writing the executor's buffers.
 
-
-@dataclass
-class Fusions:
-    rope_norm: dict[int, Op]  # rope index -> the per-head rmsnorm folded into it
-    rope_store: dict[int, int]  # rope (of k) index -> attention index whose KV store it does
-    rope_pair: dict[int, int]  # rope index -> an earlier rope (of q) done in the same dispatch
-    residual: dict[int, tuple[Op, Op | None]]  # post-norm index -> (its add, the next pre-norm or None)
-    matmul_norm: dict[int, int]  # matmul index -> the residual post-norm of its output, done by its kernel
-    skipped: set[int]  # ops done inside another op's kernel
-
-
-def fusions(ops: list[Op]) -> Fusions:
-    f = Fusions({}, {}, {}, {}, {}, set())
-
-    def untouched(buf: str, lo: int, hi: int) -> bool:
-        return all(buf not in (*ops[j].ins, ops[j].out) for j in range(lo + 1, hi))
-
-    for i, op in enumerate(ops):
-        if op.kind == "rope" and not op.weights:
-            b = op.out
-            norms = [j for j in range(i) if ops[j].kind == "rmsnorm" and ops[j].ins[0] == ops[j].out == b
-                     and ops[j].params["group"] == op.params["head_dim"] and untouched(b, j, i)]
-            if norms:
-                f.rope_norm[i] = ops[norms[-1]]
-                f.skipped.add(norms[-1])
-        if op.kind == "attention":
-            q, k, v = op.ins
-            ropes = [j for j in range(i) if ops[j].kind == "rope" and ops[j].out == k and untouched(k, j, i)]
-            # the rope stores v too, so v must be final by then
-            if ropes and all(ops[j].out != v for j in range(ropes[-1], i)):
-                f.rope_store[ropes[-1]] = i
-        nxt = ops[i + 1] if i + 1 < len(ops) else None
-        if (op.kind == "rmsnorm" and op.ins[0] == op.out and nxt is not None and nxt.kind == "add"
-                and nxt.ins[1] == op.out and nxt.ins[0] == nxt.out
-                and i not in f.skipped):
-            after = ops[i + 2] if i + 2 < len(ops) else None
-            then = after if (after is not None and after.kind == "rmsnorm" and after.ins[0] == nxt.out
-                             and after.out != nxt.out) else None
-            f.residual[i] = (nxt, then)
-            f.skipped.update({i + 1} | ({i + 2} if then else set()))
-            # the post-norm of the matmul just before it: that kernel's last workgroup may run it
-            if i and ops[i - 1].kind == "matmul" and ops[i - 1].out == op.out:
-                f.matmul_norm[i - 1] = i
-
-    # A rope takes in the nearest earlier rope with the same angles (positions, rotation, freq
-    # factors) whose buffer nothing touches until then: that one moves here, so it must not store.
-    def angles(op: Op) -> tuple:
-        return op.weights, {k: v for k, v in op.params.items() if k != "n_heads"}
-
-    ropes = [i for i, op in enumerate(ops) if op.kind == "rope"]
-    for i in ropes:
-        earlier = [j for j in ropes if j < i and j not in f.rope_store and j not in f.rope_pair
-                   and j not in f.skipped and ops[j].out != ops[i].out and angles(ops[j]) == angles(ops[i])
-                   and untouched(ops[j].out, j, i)]
-        if earlier:
-            f.rope_pair[i] = earlier[-1]
-            f.skipped.add(earlier[-1])
-    return f
-
-
-def joined_matmuls(plan: Plan) -> dict[int, int]:
-    """matmul index -> the matmul right after it that one kernel computes with it: the same input,
-    weights of one type and row length used nowhere else (a layer's q and k; v too where it
-    shares their type, but a kernel joins two). Each activation pairs with one partner only."""
-    ops, pairs, partner = plan.ops, {}, {}
-    uses = Counter(name for op in ops for name in op.weights)
-    for i, (a, b) in enumerate(zip(ops, ops[1:], strict=False)):
-        if not (a.kind == b.kind == "matmul" and a.ins == b.ins and a.out != b.out and i not in pairs.values()):
-            continue
-        wa, wb = (plan.weights[op.weights[0]] for op in (a, b))
-        if (wa.type_id, wa.dims[0]) != (wb.type_id, wb.dims[0]) or uses[wa.name] + uses[wb.name] > 2:
-            continue
-        if partner.get(a.out, b.out) == b.out and partner.get(b.out, a.out) == a.out:
-            partner[a.out], partner[b.out] = b.out, a.out
-            pairs[i] = i + 1
-    return pairs
-
-
-def build_launches(ex: GpuExecutor) -> list[Launch]:
-    ops = ex.plan.ops
-    fused = fusions(ops)
-    ex.attentions = {}  # attention op index -> its kernel (a rope may build it first, to store into it)
-    launches, done = [], set()
-    for i, op in enumerate(ops):
-        if i in fused.skipped or i in done:
-            continue
-        if op.kind == "matmul" and i in ex.joined:
-            launch = _joined_matmul(ex, op, ops[i + 1])
-            launches.append(launch or _matmul(ex, op))
-            done.update({i + 1} if launch else set())
-        elif op.kind == "matmul" and i in fused.matmul_norm:
-            norm = fused.matmul_norm[i]
-            launch = _matmul_then_norm(ex, op, ops[norm], *fused.residual[norm])
-            launches.append(launch or _matmul(ex, op))
-            done.update({norm} if launch else set())
-        elif op.kind == "rope":
-            launches.append(_rope(ex, i, fused))
-        elif op.kind == "attention":
-            launches.append(Launch("T", _attention_kernel(ex, i, stored=i in fused.rope_store.values())))
-        elif op.kind == "rmsnorm" and i in fused.residual:
-            launches.append(_residual_norm(ex, op, *fused.residual[i]))
-        else:
-            launches.append(BUILDERS[op.kind](ex, op))
-    return launches
-
-
-def _embed(ex: GpuExecutor, op: Op) -> Launch:
+def _embed(ex: GpuExecutor, k: Kernel) -> Launch:
+    op = ex.plan.ops[k.op]
     return Launch("T", Embed(ex.device, ex.weight(op.weights[0]), ex.inputs["tokens"], ex.acts[op.out],
                              scale=op.params["scale"]))
 
 
-def _rmsnorm(ex: GpuExecutor, op: Op) -> Launch:
-    return Launch(ex.rows_of(op), RmsNorm(ex.device, ex.acts[op.ins[0]], ex.vector(op.weights[0]), ex.acts[op.out],
-                                          width=ex.width(op.out), group=op.params["group"], eps=op.params["eps"]))
-
-
-def _next_norm(ex: GpuExecutor, then: Op | None) -> tuple[Binding, Binding] | None:
-    """(weight, output) of the pre-norm a residual norm computes next, if any."""
+def _next_norm(ex: GpuExecutor, k: Kernel) -> tuple[Binding, Binding] | None:
+    """(weight, output) of the pre-norm a residual norm computes next (role "then"), if any."""
+    then = ex.plan.ops[k.fused["then"]] if "then" in k.fused else None
     return (ex.vector(then.weights[0]), ex.acts[then.out]) if then else None
 
 
-def _residual_norm(ex: GpuExecutor, norm: Op, add: Op, then: Op | None) -> Launch:
-    """add.out += rmsnorm(norm.in) [then then.out = rmsnorm(add.out)]: one dispatch."""
-    after = _next_norm(ex, then)
-    return Launch(ex.rows_of(add), RmsNorm(ex.device, ex.acts[norm.ins[0]], ex.vector(norm.weights[0]),
-                                           ex.acts[add.out], width=ex.width(add.out), group=norm.params["group"],
-                                           eps=norm.params["eps"], residual=True, then=after))
+def _rmsnorm(ex: GpuExecutor, k: Kernel) -> Launch:
+    """A norm; with role "add", a post-norm added into the residual (then the next pre-norm)."""
+    op = ex.plan.ops[k.op]
+    if "add" not in k.fused:
+        return Launch(ex.rows_of(op), RmsNorm(ex.device, ex.acts[op.ins[0]], ex.vector(op.weights[0]),
+                                              ex.acts[op.out], width=ex.width(op.out), group=op.params["group"],
+                                              eps=op.params["eps"]))
+    add = ex.plan.ops[k.fused["add"]]
+    return Launch(ex.rows_of(add), RmsNorm(ex.device, ex.acts[op.ins[0]], ex.vector(op.weights[0]), ex.acts[add.out],
+                                           width=ex.width(add.out), group=op.params["group"], eps=op.params["eps"],
+                                           residual=True, then=_next_norm(ex, k)))
 
 
-def _matmul(ex: GpuExecutor, op: Op) -> Launch:
-    rows = ex.rows_of(op)
-    return Launch(rows, QuantMatmul(ex.device, ex.weight(op.weights[0]), ex.acts[op.ins[0]], ex.acts[op.out],
-                                    ex.counts[rows]))
+def _matmul(ex: GpuExecutor, k: Kernel) -> Launch:
+    """y = W·x; with role "second", two projections of x from one joined weight; with "norm",
+    the mat-vec's last workgroup also runs the residual post-norm (and the next pre-norm)."""
+    op, rows = ex.plan.ops[k.op], ex.rows_of(ex.plan.ops[k.op])
+    x, y = ex.acts[op.ins[0]], ex.acts[op.out]
+    if "second" in k.fused:
+        other = ex.plan.ops[k.fused["second"]]
+        n_first = ex.weight(op.weights[0]).n
+        joined = _joined_weight(ex, op.weights[0], other.weights[0])
+        return Launch(rows, QuantMatmul(ex.device, joined, x, y, ex.counts[rows], second=(n_first, ex.acts[other.out])))
+    norm = None
+    if "norm" in k.fused:
+        post, add = ex.plan.ops[k.fused["norm"]], ex.plan.ops[k.fused["add"]]
+        norm = ResidualNorm(ex.vector(post.weights[0]), ex.acts[add.out], post.params["eps"], _next_norm(ex, k))
+    return Launch(rows, QuantMatmul(ex.device, ex.weight(op.weights[0]), x, y, ex.counts[rows], norm=norm))
 
 
-def _joined_weight(ex: GpuExecutor, first: str, second: str) -> GpuWeight | None:
-    """Weights `first` and `second` as one, rows of one then the other, copied on the device (the
-    originals are freed: the joined copy is all the kernels read), or None where they cannot be
-    joined (`concat_rows`)."""
+def _joined_weight(ex: GpuExecutor, first: str, second: str) -> GpuWeight:
+    """Weights `first` and `second` as one, rows of one then the other, copied on the device; the
+    originals are freed (the joined copy is all the kernels read). `fuse` checked that they join."""
     joined = concat_rows(ex.device, ex.weight(first), ex.weight(second), label=f"{first} + {second}")
-    if joined is not None:
-        for name in (first, second):
-            ex.store.release(ex.plan.weights[name])
+    if joined is None:
+        raise AssertionError(f"fuse joined {first} and {second}, which concat_rows cannot join")
+    for name in (first, second):
+        ex.store.release(ex.plan.weights[name])
     return joined
 
 
-def _joined_matmul(ex: GpuExecutor, op: Op, other: Op) -> Launch | None:
-    """Two matmuls of one input (q and k) as one weight on the device and one kernel, or None where
-    the joined weight would not fit one binding."""
-    n_first = ex.weight(op.weights[0]).n
-    joined = _joined_weight(ex, op.weights[0], other.weights[0])
-    if joined is None:
-        return None
-    rows = ex.rows_of(op)
-    return Launch(rows, QuantMatmul(ex.device, joined, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts[rows],
-                                    second=(n_first, ex.acts[other.out])))
-
-
-def _matmul_then_norm(ex: GpuExecutor, op: Op, norm: Op, add: Op, then: Op | None) -> Launch | None:
-    """A matmul whose kernel also runs the residual post-norm of its output (`_residual_norm`), or
-    None where it cannot: a norm per head rather than per row, or a weight in several bindings."""
-    weight, rows = ex.weight(op.weights[0]), ex.rows_of(op)
-    if norm.params["group"] != ex.width(op.out) or len(weight.chunks) > 1:
-        return None
-    residual = ResidualNorm(ex.vector(norm.weights[0]), ex.acts[add.out], norm.params["eps"], _next_norm(ex, then))
-    return Launch(rows, QuantMatmul(ex.device, weight, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts[rows],
-                                    norm=residual))
-
-
-def _glu(ex: GpuExecutor, op: Op) -> Launch:
-    width, act = ex.width(op.out), op.params["act"]
-    x, rows = ex.acts[op.ins[0]], ex.counts["T"]
-    # gate and up rows in one weight: a decode step's GLU is one mat-vec dispatch
+def _glu(ex: GpuExecutor, k: Kernel) -> Launch:
+    """act(W_gate·x) * (W_up·x) from gate and up joined in one weight: one mat-vec at decode."""
+    op = ex.plan.ops[k.op]
     joined = _joined_weight(ex, *op.weights)
-    if joined is not None:
-        return Launch("T", QuantMatmul(ex.device, joined, x, ex.acts[op.out], rows, glu=act))
+    return Launch("T", QuantMatmul(ex.device, joined, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts["T"],
+                                   glu=op.params["act"]))
+
+
+def _glu_split(ex: GpuExecutor, k: Kernel) -> Launch:
+    """The GLU where gate and up cannot be joined: two matmuls into scratch, then the activation."""
+    op = ex.plan.ops[k.op]
+    width, x, rows = ex.width(op.out), ex.acts[op.ins[0]], ex.counts["T"]
     gate_w, up_w = (ex.weight(name) for name in op.weights)
     size = 4 * width * ex.capacity["T"]
     # every layer's gate/up projections are temporaries: one pair of buffers serves them all
     gate, up = ((scratch(ex.device, f"glu {part}", size), 0, size) for part in ("gate", "up"))
     return Launch("T", QuantMatmul(ex.device, gate_w, x, gate, rows), QuantMatmul(ex.device, up_w, x, up, rows),
-                  Glu(ex.device, gate, up, ex.acts[op.out], width=width, act=act))
+                  Glu(ex.device, gate, up, ex.acts[op.out], width=width, act=op.params["act"]))
 
 
-def _rope(ex: GpuExecutor, index: int, fused: Fusions) -> Launch:
-    """Rope op `index` with what `fusions` folded into it: its norm, a KV store, an earlier rope."""
+def _rope(ex: GpuExecutor, k: Kernel) -> Launch:
+    """RoPE with what fuse folded in: its Q/K norm ("norm"), the queries' rope and norm ("pair",
+    "pair_norm") and the KV-cache store of an attention ("store")."""
     ops = ex.plan.ops
-    op, p = ops[index], ops[index].params
+    op, p = ops[k.op], ops[k.op].params
 
-    def norm(rope: int) -> tuple[np.ndarray, float] | None:
-        folded = fused.rope_norm.get(rope)
-        return (ex.host_vector(folded.weights[0]), folded.params["eps"]) if folded else None
+    def norm(role: str) -> tuple[np.ndarray, float] | None:
+        if role not in k.fused:
+            return None
+        folded = ops[k.fused[role]]
+        return ex.host_vector(folded.weights[0]), folded.params["eps"]
 
     freqs = ex.host_vector(op.weights[0]) if op.weights else None
     kv = also = None
-    if index in fused.rope_store:
-        attention = fused.rope_store[index]
-        kv = (_attention_kernel(ex, attention, stored=True), ex.acts[ops[attention].ins[2]], ex.inputs["slots"])
-    if index in fused.rope_pair:
-        other = fused.rope_pair[index]
-        also = RopeHeads(ex.acts[ops[other].out], ops[other].params["n_heads"], norm(other))
+    if "store" in k.fused:
+        attention = ops[k.fused["store"]]
+        kv = (ex.attentions[k.fused["store"]], ex.acts[attention.ins[2]], ex.inputs["slots"])
+    if "pair" in k.fused:
+        other = ops[k.fused["pair"]]
+        also = RopeHeads(ex.acts[other.out], other.params["n_heads"], norm("pair_norm"))
     return Launch("T", Rope(ex.device, ex.acts[op.ins[0]], ex.acts[op.out], ex.inputs["positions"],
                             n_heads=p["n_heads"], head_dim=p["head_dim"], n_rot=p["n_rot"], base=p["base"],
-                            scale=p["scale"], neox=p["neox"], freq_factors=freqs, norm=norm(index), kv=kv, also=also))
+                            scale=p["scale"], neox=p["neox"], freq_factors=freqs, norm=norm("norm"), kv=kv, also=also))
 
 
-def _attention_kernel(ex: GpuExecutor, index: int, stored: bool) -> Attention:
-    """The attention of op `index` (built once); with `stored`, a rope writes its KV cache."""
-    if index not in ex.attentions:
-        op = ex.plan.ops[index]
-        p = op.params
-        q, k, v = (ex.acts[name] for name in op.ins)
-        ex.attentions[index] = Attention(
-            ex.device, q, None if stored else k, None if stored else v, ex.inputs["positions"], ex.inputs["slots"],
-            ex.acts[op.out], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
-            n_ctx=ex.n_ctx, n_slots=ex.n_slots, window=p["window"], scale=p["scale"], kv_f16=ex.kv_f16,
-            label=f"attention {p['layer']}")
-    return ex.attentions[index]
+def _attention(ex: GpuExecutor, index: int, stored: bool) -> Attention:
+    """Attention op `index` with its KV cache; with `stored`, a rope writes that cache."""
+    op = ex.plan.ops[index]
+    p = op.params
+    q, k, v = (ex.acts[name] for name in op.ins)
+    return Attention(ex.device, q, None if stored else k, None if stored else v, ex.inputs["positions"],
+                     ex.inputs["slots"], ex.acts[op.out], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
+                     head_dim=p["head_dim"], n_ctx=ex.n_ctx, n_slots=ex.n_slots, window=p["window"],
+                     scale=p["scale"], kv_f16=ex.kv_f16, label=f"attention {p['layer']}")
 
 
-def _add(ex: GpuExecutor, op: Op) -> Launch:
+def _add(ex: GpuExecutor, k: Kernel) -> Launch:
+    op = ex.plan.ops[k.op]
     a, b = (ex.acts[name] for name in op.ins)
     return Launch(ex.rows_of(op), Add(ex.device, a, b, ex.acts[op.out], width=ex.width(op.out)))
 
 
-def _gather(ex: GpuExecutor, op: Op) -> Launch:
+def _gather(ex: GpuExecutor, k: Kernel) -> Launch:
+    op = ex.plan.ops[k.op]
     return Launch("R", Gather(ex.device, ex.acts[op.ins[0]], ex.inputs["logit_rows"], ex.acts[op.out],
                               width=ex.width(op.out)))
 
 
-# rope and attention are built in build_launches (they may be fused with their neighbours)
-BUILDERS: dict[str, Callable[[GpuExecutor, Op], Launch]] = {
-    "embed": _embed, "rmsnorm": _rmsnorm, "matmul": _matmul, "glu": _glu, "add": _add, "gather": _gather,
+BUILDERS: dict[str, Callable[[GpuExecutor, Kernel], Launch]] = {
+    "embed": _embed, "rmsnorm": _rmsnorm, "matmul": _matmul, "glu": _glu, "glu_split": _glu_split,
+    "rope": _rope, "attention": lambda ex, k: Launch("T", ex.attentions[k.op]), "add": _add, "gather": _gather,
 }

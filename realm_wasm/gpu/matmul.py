@@ -23,6 +23,7 @@ from typing import Protocol
 
 from . import compose
 from .device import COPY_DST, COPY_SRC, STORAGE, BindGroup, Binding, Buffer, Device, Dispatch, Pipeline
+from .tuning import Tile, Tuning, tuning_for
 
 
 class QuantFormat(Protocol):
@@ -32,79 +33,6 @@ class QuantFormat(Protocol):
     block_size: int  # elements per block
     type_size: int  # bytes per block
     shader: str  # e.g. "dequant_q4_k.wgsl"
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One mat-mat kernel shape: a workgroup computes tn weight rows x tt tokens, each thread an
-    rn x rt register tile (4 or 8 each), reading K in bk-wide slices."""
-
-    tn: int
-    tt: int
-    rn: int
-    rt: int
-    bk: int = 32
-
-    def __post_init__(self) -> None:
-        if {self.rn, self.rt} - {4, 8} or self.tn % self.rn or self.tt % self.rt or self.bk % 8:
-            raise ValueError(f"{self}: register tiles are 4 or 8 wide, dividing the tile; bk a multiple of 8")
-
-    @property
-    def threads(self) -> int:
-        return self.tn // self.rn * (self.tt // self.rt)
-
-    def workgroup_bytes(self, f16: bool) -> int:
-        """Workgroup memory of the weight and x tiles (rows padded by one vec4, see matmul.wgsl)."""
-        return self.bk * (self.tn // 4 + self.tt // 4 + 2) * (8 if f16 else 16)
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Kernel shapes for one class of adapter (measure with bench/bench_matvec.py before changing)."""
-
-    f16: bool  # f16 arithmetic where the device has shader-f16 (CPU adapters emulate it: slower)
-    # Mat-vec: a team of `lanes` threads shares each weight row, `wg` threads (a power of two) per
-    # workgroup; each team reads `rows` (1-8) weight rows at once, reusing each x load for all.
-    matvec_wg: int
-    matvec_lanes: int  # a power of two; short rows get fewer (see matvec_shape)
-    matvec_lane_pairs: int  # the fewest pairs of 8-element groups a lane should get (0: keep `lanes`)
-    matvec_rows: int
-    # Weights of fewer elements are latency-bound (a few µs, whatever the kernel does with its
-    # bytes): there the kernel runs as many threads as it can, one row per team of `lanes` lanes.
-    matvec_small: int
-    matvec_max_t: int  # steps with at most this many rows use the mat-vec kernel
-    # Mat-mat tiles, most efficient first, each with the fewest workgroups a step's grid needs for
-    # it to be chosen: the tiles' efficiency only shows when the GPU has enough of them to run at once.
-    tiles: tuple[tuple[Tile, int], ...]
-
-    def __post_init__(self) -> None:
-        powers = (self.matvec_wg, self.matvec_lanes)
-        if any(v & (v - 1) for v in powers) or self.matvec_lanes > self.matvec_wg or not 1 <= self.matvec_rows <= 8:
-            raise ValueError(f"{self}: mat-vec wg and lanes are powers of two (lanes <= wg), rows 1 to 8")
-
-
-# Keyed by `device.is_fallback_adapter`: CPU adapters (lavapipe, SwiftShader) pay a lot per barrier
-# and per thread, so they get fewer, fatter threads: a mat-vec row per thread (no reduction at all),
-# 4 rows each; on lavapipe the mat-vec kernel wins up to 8 rows, the mat-mat one from 16.
-# GPU mat-vec shapes measured on an H100 with bench/bench_matvec.py (weights cycled through DRAM):
-# 2 rows per team of 32 lanes at 4096 x 4096 (a lane gets 8 pairs of groups), 2 rows per team of 8
-# at 262144 x 640 (Q8_0: 91 µs, 59% of peak; 16 lanes 96 µs, 32 lanes 125 µs); small weights
-# (2048 x 640: 4.9 µs) one row per team of 32 (2 rows: 5.0-8.2 µs, 8 lanes: 6.7 µs and up).
-# GPU mat-mat: a workgroup walks K serially, so a small grid takes ~30 us at
-# K=640 (~80 us at K=2048) whatever T is, while the mat-vec kernel's time grows with T (each row
-# re-reads the weights, from L2): mat-vec up to 12 rows (the crossover lay between 8 and 16 for
-# most shapes with the previous mat-vec kernel). Above, 64 x 64 tiles do the most work per staged
-# byte once the grid has a workgroup for most multiprocessors (32-deep slices once it has several),
-# smaller tiles with deeper slices before.
-TUNING = {
-    False: Tuning(f16=True, matvec_wg=256, matvec_lanes=32, matvec_lane_pairs=4, matvec_rows=2, matvec_small=1 << 22,
-                  matvec_max_t=12,
-                  tiles=((Tile(64, 64, 8, 4, 32), 512), (Tile(64, 64, 8, 4, 64), 80), (Tile(64, 32, 4, 4, 128), 80),
-                         (Tile(32, 32, 4, 4, 128), 0))),
-    True: Tuning(f16=False, matvec_wg=32, matvec_lanes=1, matvec_lane_pairs=2, matvec_rows=4, matvec_small=0,
-                 matvec_max_t=8,
-                 tiles=((Tile(64, 32, 4, 4), 0),)),
-}
 
 
 @dataclass(frozen=True)
@@ -134,12 +62,16 @@ def row_bytes(quant: QuantFormat, k: int) -> int:
 
 def rows_per_binding(device: Device, quant: QuantFormat, k: int, max_binding: int | None = None) -> int:
     """Most rows of an [n, k] tensor one binding holds (`max_binding` bytes, default the device's
-    max_storage_buffer_binding_size), a multiple of the rows that end on a word boundary: chunks
-    start at word-aligned tensor offsets, so word-aligned pieces stay aligned in them."""
+    max_storage_buffer_binding_size): `rows_within`."""
+    return rows_within(max_binding or device.limits["max_storage_buffer_binding_size"], quant, k)
+
+
+def rows_within(binding_bytes: int, quant: QuantFormat, k: int) -> int:
+    """Most rows of an [n, k] tensor `binding_bytes` hold, a multiple of the rows that end on a word
+    boundary: chunks start at word-aligned tensor offsets, so word-aligned pieces stay aligned in them."""
     rb = row_bytes(quant, k)
-    limit = (max_binding or device.limits["max_storage_buffer_binding_size"]) // 4 * 4
     step = 4 // math.gcd(rb, 4)
-    return limit // rb // step * step
+    return binding_bytes // 4 * 4 // rb // step * step
 
 
 def allocate_weight(
@@ -332,7 +264,7 @@ class QuantMatmul:
     ) -> None:
         check_snippet(weight.quant)
         self.device, self.weight, self.x, self.y, self.rows = device, weight, x, y, rows
-        self.tuning = tuning or TUNING[device.is_fallback_adapter]
+        self.tuning = tuning or tuning_for(device)
         self.f16 = self.tuning.f16 and "shader-f16" in device.features if f16 is None else f16
         self.subgroups = "subgroups" in device.features if subgroups is None else subgroups
         # width: output columns; the mat-mat kernel writes all N rows' sums to matmat_y

@@ -34,29 +34,11 @@ from ..sampling import TOP_K_CAP, SamplingParams
 from . import compose
 from .device import COPY_DST, STORAGE, STORAGE_RW, Binding, Buffer, Device, Dispatch
 from .matmul import GpuWeight, check_snippet
+from .tuning import Tuning, tuning_for
 
 ACTIVATIONS = {"gelu": True, "silu": False}  # act name -> glu.wgsl's GELU const
 
-SAMPLE_WG = 256  # threads of a sampling workgroup: at least TOP_K_CAP
 _M32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Kernel shapes for one class of adapter."""
-
-    wg: int  # threads of the elementwise and norm workgroups (a power of two)
-    attn_wg: int  # threads of an attention workgroup (at least head_dim / 4 and attn_split)
-    attn_split: int  # KV-range chunks per token (workgroups in parallel) for short steps; 1: never
-    attn_split_max_t: int  # steps of at most this many tokens split the KV range
-
-
-# Keyed by `device.is_fallback_adapter`: CPU adapters pay a lot per barrier and gain nothing from
-# more workgroups than cores, so they get small workgroups and no split attention.
-TUNING = {
-    False: Tuning(wg=256, attn_wg=256, attn_split=32, attn_split_max_t=16),
-    True: Tuning(wg=64, attn_wg=64, attn_split=1, attn_split_max_t=0),
-}
 
 
 def _reduce_part(device: Device) -> str:
@@ -114,7 +96,7 @@ class RmsNorm(_Op):
     def __init__(self, device: Device, x: Binding, w: Binding, y: Binding, *, width: int, group: int,
                  eps: float, residual: bool = False, then: tuple[Binding, Binding] | None = None,
                  tuning: Tuning | None = None) -> None:
-        tune = tuning or TUNING[device.is_fallback_adapter]
+        tune = tuning or tuning_for(device)
         if width % group:
             raise ValueError(f"rmsnorm: width {width} is not a multiple of the group {group}")
         w_len = w[2] // 4
@@ -219,7 +201,7 @@ class Add(_Op):
 
     def __init__(self, device: Device, a: Binding, b: Binding, y: Binding, *, width: int,
                  tuning: Tuning | None = None) -> None:
-        tune = tuning or TUNING[device.is_fallback_adapter]
+        tune = tuning or tuning_for(device)
         in_place = _same(a, y)
         pipe = compose.pipeline(device, ("add.wgsl",), dict(WIDTH=width, IN_PLACE=in_place, WG=tune.wg),
                                 label=f"add {width}")
@@ -236,7 +218,7 @@ class Glu(_Op):
 
     def __init__(self, device: Device, gate: Binding, up: Binding, y: Binding, *, width: int, act: str,
                  tuning: Tuning | None = None, row_stride: int | None = None, up_offset: int = 0) -> None:
-        tune = tuning or TUNING[device.is_fallback_adapter]
+        tune = tuning or tuning_for(device)
         if act not in ACTIVATIONS:
             raise ValueError(f"glu: unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
         stride = row_stride or width
@@ -252,7 +234,7 @@ class Gather(_Op):
 
     def __init__(self, device: Device, x: Binding, rows: Binding, y: Binding, *, width: int,
                  tuning: Tuning | None = None) -> None:
-        tune = tuning or TUNING[device.is_fallback_adapter]
+        tune = tuning or tuning_for(device)
         pipe = compose.pipeline(device, ("gather.wgsl",), dict(WIDTH=width, WG=tune.wg), label=f"gather {width}")
         self.label = "gather"
         self.steps = [(pipe, device.create_bind_group(pipe, [y, x, rows]), (_groups(width, tune.wg), 1))]
@@ -265,7 +247,7 @@ class Embed(_Op):
 
     def __init__(self, device: Device, table: GpuWeight, tokens: Binding, y: Binding, *, scale: float,
                  tuning: Tuning | None = None) -> None:
-        tune = tuning or TUNING[device.is_fallback_adapter]
+        tune = tuning or tuning_for(device)
         check_snippet(table.quant)
         width = table.k
         wg = min(tune.wg, 1 << max(5, (width // 8 - 1).bit_length()))
@@ -295,7 +277,7 @@ class Attention:
                  n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, n_slots: int, window: int,
                  scale: float, kv_f16: bool = False, tuning: Tuning | None = None,
                  label: str = "attention") -> None:
-        self.tuning = tune = tuning or TUNING[device.is_fallback_adapter]
+        self.tuning = tune = tuning or tuning_for(device)
         if n_heads % n_kv_heads or head_dim % 4:
             raise ValueError(f"{label}: {n_heads} heads over {n_kv_heads} KV heads of dim {head_dim} "
                              "(need whole groups and a dim divisible by 4)")
@@ -374,19 +356,21 @@ class Sampler(_Op):
     host reads back `tokens` (int32 [R])."""
 
     def __init__(self, device: Device, logits: Binding, params: Binding, tokens: Binding, *,
-                 n_vocab: int) -> None:
-        if n_vocab < TOP_K_CAP:
-            raise ValueError(f"sample: a vocabulary of {n_vocab} is smaller than the candidate cap {TOP_K_CAP}")
+                 n_vocab: int, tuning: Tuning | None = None) -> None:
+        wg = (tuning or tuning_for(device)).sample_wg
+        if n_vocab < TOP_K_CAP or wg < TOP_K_CAP:
+            raise ValueError(f"sample: a vocabulary of {n_vocab} or a workgroup of {wg} is smaller than the "
+                             f"candidate cap {TOP_K_CAP}")
         # Stage 1 keeps k of every chunk, stage 2 ranks NB * k: chunks of ~sqrt(V * CAP) logits
         # balance the two (4096 for a 262,144-token vocabulary).
-        per_thread = 4 * _groups(math.isqrt(n_vocab * TOP_K_CAP), 4 * SAMPLE_WG)
-        n_chunks = _groups(n_vocab, SAMPLE_WG * per_thread)
+        per_thread = 4 * _groups(math.isqrt(n_vocab * TOP_K_CAP), 4 * wg)
+        n_chunks = _groups(n_vocab, wg * per_thread)
         max_rows = logits[2] // (4 * n_vocab)
         cand_bytes = max(1, max_rows) * n_chunks * TOP_K_CAP * 8
         cand = (device.create_buffer(cand_bytes, STORAGE_RW, "sampling candidates"), 0, cand_bytes)
-        consts = dict(V=n_vocab, CAP=TOP_K_CAP, NB=n_chunks, WG=SAMPLE_WG)
+        consts = dict(V=n_vocab, CAP=TOP_K_CAP, NB=n_chunks, WG=wg)
         bindings = [logits, params, cand, tokens]
-        per_thread_2 = 4 * _groups(n_chunks * TOP_K_CAP, 4 * SAMPLE_WG)
+        per_thread_2 = 4 * _groups(n_chunks * TOP_K_CAP, 4 * wg)
         self.label = "sample"
         self.steps = []
         for stage, e, grid_x in ((1, per_thread, n_chunks), (2, per_thread_2, 1)):
