@@ -122,7 +122,7 @@ def test_paris_on_webgpu_with_the_weights_streamed_past_the_wasm_heap(
 
 # Raise what WebGPU would report, on the loaded model's real GPUDevice.
 DISPATCH_GPU_ERROR = """([kind, message]) => {
-    const device = self.pyodide.runPython("from realm_web_host import HOST; HOST.loaded.backend.device.device");
+    const device = self.pyodide.runPython("from realm_web_host import HOST; HOST.loaded.device.device");
     device.dispatchEvent(new GPUUncapturedErrorEvent("uncapturederror", {error: new self[kind](message)}));
 }"""
 
@@ -142,7 +142,7 @@ def test_webgpu_errors_and_device_loss_get_their_own_messages(open_page, server)
         page.wait_for_function("!document.getElementById('generate').disabled")
 
     worker.evaluate("() => self.pyodide.runPython('from realm_web_host import HOST; "
-                    "HOST.loaded.backend.device.device').destroy()")
+                    "HOST.loaded.device.device').destroy()")
     page.click("#generate")
     page.wait_for_selector("#error[data-code='device-lost']")
     assert "The GPU device was lost." in page.inner_text("#error")

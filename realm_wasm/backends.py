@@ -60,5 +60,5 @@ def choose(backend: str, plan: Plan, device: Device | None, unavailable: str = "
             raise
         return Choice("numpy", f"{e}: numpy executor on the CPU")
     if backend == "auto" and device.is_fallback_adapter:
-        return Choice("numpy", f"the WebGPU adapter is a CPU emulation ({device.name}): numpy executor on the CPU")
+        return Choice("numpy", f"WebGPU adapter is a CPU fallback ({device.name}): using the numpy executor")
     return Choice("webgpu", f"WebGPU on {device.name}")

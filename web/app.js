@@ -4,34 +4,18 @@
 const $ = (id) => document.getElementById(id);
 
 // Prompt styles for a base model (no chat template): it answers "Question: …\nAnswer:" well, then
-// goes on with a new "Question:", where the page stops it.
+// goes on with a new "Question:", which ends the generation (a stop sequence, cut in Python).
 const STYLES = {
-  completion: { prompt: (text) => text, stopAt: null },
-  qa: { prompt: (text) => `Question: ${text.trim()}\nAnswer:`, stopAt: "\nQuestion:" },
+  completion: { prompt: (text) => text, stop: [] },
+  qa: { prompt: (text) => `Question: ${text.trim()}\nAnswer:`, stop: ["\nQuestion:"] },
 };
 
-function trimAtStop() {
-  const answer = $("answer");
-  const at = state.stopAt ? answer.textContent.indexOf(state.stopAt) : -1;
-  if (at < 0) return;
-  answer.textContent = answer.textContent.slice(0, at);
-  state.stopAt = null;
-  state.pastStop = true;
-  send({ type: "stop" });
-}
-
+// Titles of the errors only the page and the worker raise; the runtime's come from Python with
+// the "ready" message (realm_wasm/errors.py TITLES).
 const ERROR_TITLES = {
-  "no-webgpu": "WebGPU is not available.",
-  "device-lost": "The GPU device was lost.",
-  "out-of-memory": "Out of memory.",
-  gpu: "WebGPU reported an error.",
-  "bad-model": "This is not a usable model file.",
   network: "The download failed.",
   busy: "Busy.",
-  "no-model": "No model is loaded.",
-  "bad-request": "Invalid request.",
   boot: "The runtime did not start.",
-  runtime: "Runtime error.",
   crashed: "The runtime crashed.",
 };
 
@@ -197,6 +181,7 @@ function onMessage(msg) {
       const t = msg.timings;
       $("runtime-timings").textContent = `Pyodide ${ms(t.pyodideMs)}, numpy ${ms(t.numpyMs)}, `
         + `runtime ${ms(t.runtimeMs)} (total ${ms(t.totalMs)})`;
+      Object.assign(ERROR_TITLES, msg.errorTitles);
       renderGpu(msg.gpu);
       setBody("runtime", "ready");
       setBody("realmVersion", v.realm);
@@ -217,9 +202,7 @@ function onMessage(msg) {
       setBody("model", "none");
       break;
     case "token":
-      if (state.pastStop) break;  // tokens already under way when the page asked the worker to stop
       $("answer").append(msg.text);
-      trimAtStop();
       if (msg.tokenId !== null) state.tokenIds.push(msg.tokenId);
       $("output").dataset.tokenIds = state.tokenIds.join(",");
       renderStats(msg);
@@ -331,8 +314,6 @@ function wireControls() {
     state.busy = "generate";
     const style = STYLES[$("style").value];
     const prompt = style.prompt($("prompt").value);
-    state.stopAt = style.stopAt;
-    state.pastStop = false;
     $("output-prompt").textContent = prompt;
     $("answer").textContent = "";
     state.tokenIds = [];
@@ -348,6 +329,7 @@ function wireControls() {
       topK: Math.round(readNumber("top-k", 0)),
       topP: readNumber("top-p", 1),
       seed: Math.round(readNumber("seed", 0)),
+      stop: style.stop,
     });
     refreshButtons();
   });

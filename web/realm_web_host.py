@@ -10,12 +10,15 @@ Model sink interface (what worker.js drives while a model file streams in):
                              # itself (a JsProxy, valid only during the call)
     await sink.end()         # -> LoadedModel, after the last chunk
     sink.abort()             # instead of end() when the download failed or was stopped
-Any exception from these methods ends the download; GGUFError means a bad model file.
+Any exception from these methods ends the download; its class name maps to a RealmError code
+through `HOST.error_codes()` (worker.js labels errors with it).
 
-Where the weights go depends on the executor. WebGPU: the header is parsed from the first bytes,
-then every chunk is copied once, transiently, out of JS and written into device buffers
-(`StreamedWeights`): the model never sits in the wasm heap. numpy: the file's bytes are kept in the
-heap (that executor computes from them).
+The header is parsed from the first bytes, the model (tokenizer, plan) built from it, and the
+executor chosen (`realm_wasm.backends.choose`, as the CLI and the server choose), so a bad or
+GPU-unsupported model is known before the download goes on. WebGPU: every later chunk is copied
+once, transiently, out of JS and written into device buffers (`StreamedWeights`): the model never
+sits in the wasm heap. numpy: the file's bytes are kept in the heap (that executor computes from
+them).
 
 Generation (`HOST.generate`) is an async generator: worker.js awaits each event, which lets the
 WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.py).
@@ -32,8 +35,10 @@ from typing import Any, Protocol
 import numpy as np
 
 import realm_wasm
+from realm_wasm.backends import Choice, check_backend, choose
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.engine import PREFILL_CHUNK, Engine, Executor, Model
+from realm_wasm.errors import TITLES, RealmError
 from realm_wasm.gguf import GGUFError, GGUFHeader, GGUFNeedMoreData, parse_header
 from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
@@ -44,17 +49,21 @@ N_CTX = 2048  # context of the page's engine (the KV cache is sized for it at lo
 EAGER_LIMIT = 64 << 20  # numpy: weights above this many f32 bytes stay quantized (the 671 MB embedding)
 
 
-class NoModel(RuntimeError):
+class NoModel(RealmError, RuntimeError):
     """Generation was asked for before any model finished loading."""
 
+    code = "no-model"
 
-@dataclass(frozen=True)
-class Backend:
-    """Which executor runs the model, on what, and why."""
 
-    executor: str  # "webgpu" | "numpy"
-    note: str  # what the page says about the choice
-    device: Any = None  # the BrowserDevice when executor == "webgpu"
+def error_codes() -> dict[str, str]:
+    """Exception class name -> RealmError code, for worker.js to label what Python raises (a
+    PythonError reaches JS with its class name only). MemoryError: the wasm heap ran out."""
+    codes, todo = {"MemoryError": "out-of-memory"}, [RealmError]
+    while todo:
+        cls = todo.pop()
+        codes[cls.__name__] = cls.code
+        todo += cls.__subclasses__()
+    return codes
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,8 @@ class LoadedModel:
     header: GGUFHeader
     size: int  # bytes received
     engine: Engine
-    backend: Backend
+    choice: Choice  # which executor runs it, and why
+    device: Any = None  # the BrowserDevice when the executor is "webgpu"
 
     def describe(self) -> dict[str, Any]:
         meta = self.header.metadata
@@ -74,50 +84,33 @@ class LoadedModel:
             "ggufVersion": self.header.version,
             "tensorTypes": dict(Counter(t.type_name for t in self.header.tensors.values())),
             "bytes": self.size,
-            "backend": self.backend.executor,
-            "backendNote": self.backend.note,
+            "backend": self.choice.executor,
+            "backendNote": self.choice.note,
             "nCtx": self.engine.n_ctx,
         }
 
     def close(self) -> None:
-        if self.backend.device is not None:
-            self.backend.device.close()
+        if self.device is not None:
+            self.device.close()
 
 
-async def choose_backend(asked: str) -> Backend:
-    """`asked`: "webgpu" or "numpy" force one; "auto" takes WebGPU unless the adapter is a CPU
-    fallback (SwiftShader), where the numpy executor decodes faster (bench/bench_browser.py)."""
-    if asked == "numpy":
-        return Backend("numpy", "numpy executor on the CPU (asked for)")
-    if asked not in ("auto", "webgpu"):
-        raise ValueError(f"unknown backend {asked!r} (auto, webgpu or numpy)")
+async def open_device(backend: str) -> tuple[Any, str]:
+    """The page's WebGPU device (None for "numpy") and, without one, why."""
+    if check_backend(backend) == "numpy":
+        return None, ""
     from realm_wasm.gpu.browser import BrowserDevice  # imports `js`: Pyodide only
 
     try:
-        device = await BrowserDevice.create()
+        return await BrowserDevice.create(), ""
     except GPUUnavailable as e:
-        if asked == "webgpu":
-            raise
-        return Backend("numpy", f"no WebGPU ({e}): numpy executor on the CPU")
-    if asked == "auto" and device.is_fallback_adapter:
-        device.close()
-        return Backend("numpy", f"WebGPU adapter is a CPU fallback ({device.name}): using the numpy executor")
-    return Backend("webgpu", f"WebGPU on {device.name}", device)
+        return None, str(e)
 
 
 class WeightKeeper(Protocol):
-    """Where a sink puts the file's bytes, and the executor it builds from them."""
+    """Where a sink puts the file's bytes once the header is parsed, and the executor it builds."""
 
-    def begin(self, total: int | None) -> None:
-        """The file's size, when the response said it."""
-
-    def take(self, chunk: Any, start: int, end: int) -> None:
-        """Bytes [start, end) of the file: `chunk`, a JS Uint8Array."""
-
-    def prefix(self) -> memoryview:
-        """The bytes taken so far, at least while the header is not parsed."""
-
-    def header_parsed(self, header: GGUFHeader) -> None: ...
+    def take(self, data: Any, start: int) -> None:
+        """Bytes [start, start + len) of the file: a JS Uint8Array, or bytes (the header's prefix)."""
 
     async def executor(self, model: Model, n_ctx: int) -> Executor: ...
 
@@ -126,30 +119,14 @@ class WeightKeeper(Protocol):
 
 
 class DeviceWeights:
-    """WebGPU: tensor bytes go into device buffers as they arrive; only the header's prefix stays."""
+    """WebGPU: tensor bytes go into device buffers as they arrive."""
 
-    def __init__(self, device: Any) -> None:
-        self.device = device
-        self.head = bytearray()
-        self.store: StreamedWeights | None = None
+    def __init__(self, device: Any, header: GGUFHeader) -> None:
+        self.device, self.store = device, StreamedWeights(device, header)
 
-    def begin(self, total: int | None) -> None:
-        pass  # device buffers are sized from the header
-
-    def take(self, chunk: Any, start: int, end: int) -> None:
-        data = chunk.to_bytes()  # the one copy out of JS, freed once written to the device
-        if self.store is None:
-            self.head += data
-        else:
-            self.store.feed(start, data)
-
-    def prefix(self) -> memoryview:
-        return memoryview(self.head)
-
-    def header_parsed(self, header: GGUFHeader) -> None:
-        self.store = StreamedWeights(self.device, header)
-        self.store.feed(0, self.head)
-        self.head = bytearray()
+    def take(self, data: Any, start: int) -> None:
+        # a JS chunk is copied out once, and freed once written to the device
+        self.store.feed(start, data if isinstance(data, bytes | bytearray) else data.to_bytes())
 
     async def executor(self, model: Model, n_ctx: int) -> Executor:
         # the page decodes one sequence: 8 logit rows (8 MiB for a 262k vocab) rather than 256 MiB
@@ -159,29 +136,24 @@ class DeviceWeights:
         return executor
 
     def release(self) -> None:
-        self.store, self.head = None, bytearray()
+        self.store = None
         self.device.close()
 
 
 class HeapWeights:
     """numpy: the whole file stays in the wasm heap, where the executor reads its weights."""
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)  # allocated once, from the header's own account of the file
 
-    def begin(self, total: int | None) -> None:
-        self.data = bytearray(total or 0)  # allocated once when the size is known
-
-    def take(self, chunk: Any, start: int, end: int) -> None:
-        if end > len(self.data):  # no (or a wrong) Content-Length: grow
+    def take(self, data: Any, start: int) -> None:
+        end = start + len(data)
+        if end > len(self.data):  # bytes past the last tensor (padding): keep them, growing
             self.data += bytes(end - len(self.data))
-        chunk.assign_to(memoryview(self.data)[start:end])
-
-    def prefix(self) -> memoryview:
-        return memoryview(self.data)
-
-    def header_parsed(self, header: GGUFHeader) -> None:
-        pass  # the bytes stay where they are
+        if isinstance(data, bytes | bytearray):
+            self.data[start:end] = data
+        else:
+            data.assign_to(memoryview(self.data)[start:end])
 
     async def executor(self, model: Model, n_ctx: int) -> Executor:
         data = np.frombuffer(self.data, np.uint8)
@@ -193,30 +165,48 @@ class HeapWeights:
 
 
 class ModelSink:
-    """Parses the GGUF header from the first bytes and checks the file's length; the keeper keeps
-    the bytes and builds the executor."""
+    """Parses the GGUF header from the first bytes, builds the model (tokenizer, plan) from it and
+    chooses the executor (`backends.choose`: the same rules as the CLI's and the server's); the
+    keeper it picks then takes every later byte and builds the executor."""
 
-    def __init__(self, backend: Backend, keeper: WeightKeeper) -> None:
-        self.backend, self.keeper = backend, keeper
+    def __init__(self, backend: str, device: Any, unavailable: str) -> None:
+        self.backend, self.device, self.unavailable = backend, device, unavailable
         self.total: int | None = None
         self.received = 0
         self.needed = 0  # parse again once this many bytes have arrived
+        self.prefix = bytearray()  # the bytes before the header is parsed
         self.header: GGUFHeader | None = None
+        self.model: Model | None = None
+        self.choice: Choice | None = None
+        self.keeper: WeightKeeper | None = None
 
     def begin(self, total_size: int | None) -> None:
         self.total = total_size
-        self.keeper.begin(total_size)
 
     def feed(self, chunk: Any) -> None:
         start, self.received = self.received, self.received + chunk.length
-        self.keeper.take(chunk, start, self.received)
-        if self.header is None and self.received >= self.needed:
-            try:
-                self.header = parse_header(self.keeper.prefix()[:self.received], file_size=self.total)
-            except GGUFNeedMoreData as e:
-                self.needed = e.needed
-                return
-            self.keeper.header_parsed(self.header)
+        if self.keeper is not None:
+            self.keeper.take(chunk, start)
+            return
+        self.prefix += chunk.to_bytes()
+        if self.received < self.needed:
+            return
+        try:
+            self.header = parse_header(memoryview(self.prefix), file_size=self.total)
+        except GGUFNeedMoreData as e:
+            self.needed = e.needed
+            return
+        self.model = Model.from_header(self.header)  # a bad model fails now, not after the download
+        self.choice = choose(self.backend, self.model.plan, self.device, self.unavailable)
+        if self.choice.executor == "webgpu":
+            self.keeper = DeviceWeights(self.device, self.header)
+        else:
+            if self.device is not None:  # the model runs on numpy after all: free the GPU
+                self.device.close()
+                self.device = None
+            self.keeper = HeapWeights(self.total or self.header.data_size)
+        prefix, self.prefix = self.prefix, bytearray()
+        self.keeper.take(bytes(prefix), 0)
 
     async def end(self) -> LoadedModel:
         if self.header is None:
@@ -227,13 +217,15 @@ class ModelSink:
         if self.received < self.header.data_size:
             raise GGUFError(f"truncated GGUF: tensor data runs to byte {self.header.data_size} "
                             f"but the file has {self.received} bytes")
-        model = Model.from_header(self.header)
-        n_ctx = min(N_CTX, model.plan.n_ctx_train)
-        engine = Engine(model, await self.keeper.executor(model, n_ctx), n_ctx)
-        return LoadedModel(self.header, self.received, engine, self.backend)
+        n_ctx = min(N_CTX, self.model.plan.n_ctx_train)
+        engine = Engine(self.model, await self.keeper.executor(self.model, n_ctx), n_ctx)
+        return LoadedModel(self.header, self.received, engine, self.choice, self.device)
 
     def abort(self) -> None:
-        self.keeper.release()
+        if self.keeper is not None:
+            self.keeper.release()  # a DeviceWeights closes its device
+        elif self.device is not None:
+            self.device.close()
 
 
 class WorkerHost:
@@ -253,22 +245,34 @@ class WorkerHost:
 
     async def open_model(self, url: str, backend: str = "auto") -> ModelSink:
         self.unload()  # the previous model goes away whether or not this one loads
-        chosen = await choose_backend(backend)
-        keeper = DeviceWeights(chosen.device) if chosen.device is not None else HeapWeights()
-        return ModelSink(chosen, keeper)
+        return ModelSink(backend, *await open_device(backend))
 
     def model_ready(self, loaded: LoadedModel) -> dict[str, Any]:
         self.loaded = loaded
         return loaded.describe()
 
+    async def gpu(self) -> dict[str, Any]:
+        """The adapter the page would use ({"available": False, "reason"} without one)."""
+        from realm_wasm.gpu.browser import describe_adapter  # imports `js`: Pyodide only
+
+        return await describe_adapter()
+
+    def error_codes(self) -> dict[str, str]:
+        return error_codes()
+
+    def error_titles(self) -> dict[str, str]:
+        return dict(TITLES)
+
     async def generate(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-                       seed: int) -> AsyncIterator[dict[str, Any]]:
-        """Token events for worker.js: {"tokenId": int | None, "text": str}."""
+                       seed: int, stop: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Token events for worker.js: {"tokenId": int | None, "text": str}; the text of `stop`
+        sequences ends the generation (it is not sent)."""
         if self.loaded is None:
             raise NoModel("load a model before generating")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         try:
-            for event in self.loaded.engine.generate(prompt, max_tokens=max_tokens, sampling=sampling):
+            for event in self.loaded.engine.generate(prompt, max_tokens=max_tokens, sampling=sampling,
+                                                     stop=tuple(stop or ())):
                 yield {"tokenId": event.token_id, "text": event.text}
         except DeviceLost:
             self.unload()  # its buffers went with the device: the model has to be loaded again

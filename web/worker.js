@@ -12,7 +12,8 @@
 //        download a model (from the Cache API when it holds `url`, else the network, storing it
 //        there on the way) and stream it, chunk by chunk, into the Python model sink.
 //        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
-//   {type: "generate", id, prompt, maxTokens, temperature, topK, topP, seed}
+//   {type: "generate", id, prompt, maxTokens, temperature, topK, topP, seed, stop}
+//        stop: strings that end the generation (cut from the text, in Python: realm_wasm/scheduler.py)
 //   {type: "stop"}               stop the running load or generation (it ends with its usual event)
 //   {type: "clearCache"}         delete every cached model file
 //
@@ -20,7 +21,7 @@
 //   {type: "status", text}                                  boot progress, for display
 //   {type: "ready", versions: {realm, python, numpy, pyodide}, timings: {pyodideMs, numpyMs,
 //        runtimeMs, totalMs}, gpu: {available, reason} | {available, vendor, architecture, device,
-//        description, isFallbackAdapter, features: [...], limits: {...}}}
+//        description, isFallbackAdapter, features: [...], limits: {...}}, errorTitles: {code: title}}
 //   {type: "progress", id, loaded, total, percent, fromCache}   total/percent null when unknown
 //   {type: "loaded", id, model: {architecture, name, tensorCount, tensorTypes, bytes, backend,
 //        backendNote, nCtx, ...}, fromCache, ms, wasmHeapBytes}
@@ -35,8 +36,9 @@
 //   {type: "warning", code, message}                             something degraded, work goes on
 //        code: "no-webgpu" (models run on the CPU) | "cache"
 //   {type: "error", id, code, message, fatal}
-//        code: "no-webgpu" | "device-lost" | "out-of-memory" | "gpu" | "bad-model" | "network" |
-//              "busy" | "no-model" | "bad-request" | "boot" | "runtime" | "crashed".
+//        code: a RealmError code (realm_wasm/errors.py: "bad-model", "bad-request", "context-overflow",
+//              "no-webgpu", "unsupported-on-gpu", "gpu", "out-of-memory", "device-lost", "no-model", ...),
+//              or the worker's own: "network" | "busy" | "boot" | "runtime" | "crashed".
 //        fatal: true when this worker cannot go on (Pyodide died or never booted): the page
 //        should start a new worker.
 
@@ -47,21 +49,9 @@ let pyodide = null;
 let host = null; // the Python WorkerHost (PyProxy)
 let job = null; // {kind, id, stopped, abort}: the one load or generation running now
 
-// Python exception class name -> error code the page understands. The runtime signals these
-// conditions by raising them (realm_wasm.gguf.GGUFError, realm_wasm.gpu.device.DeviceLost, ...).
-const PYTHON_ERRORS = {
-  GGUFError: "bad-model",
-  GGUFNeedMoreData: "bad-model",
-  UnknownQuantType: "bad-model",
-  TokenizerError: "bad-model",
-  DeviceLost: "device-lost",
-  GPUUnavailable: "no-webgpu",
-  GPUError: "gpu",
-  MemoryError: "out-of-memory",
-  NoModel: "no-model",
-  ContextOverflow: "bad-request",
-  ValueError: "bad-request",
-};
+// Python exception class name -> error code the page understands, from Python (HOST.error_codes():
+// every RealmError subclass and its code), filled at init.
+let pythonErrors = {};
 
 const post = (msg) => self.postMessage(msg);
 
@@ -72,7 +62,7 @@ function describeError(err, fallbackCode) {
     const text = String(err.message).trim();
     const at = text.search(new RegExp(`^([\\w.]+\\.)?${err.type}: `, "m"));
     const message = at < 0 ? text.split("\n").pop() : text.slice(text.indexOf(": ", at) + 2);
-    return { code: PYTHON_ERRORS[err.type] || fallbackCode, message, fatal: false };
+    return { code: pythonErrors[err.type] || fallbackCode, message, fatal: false };
   }
   const text = String((err && err.message) || err);
   if (err instanceof RangeError && /allocat|memory/i.test(text)) {
@@ -102,32 +92,6 @@ function toPlain(proxy) {
   const value = proxy.toJs({ dict_converter: Object.fromEntries });
   proxy.destroy();
   return value;
-}
-
-async function probeGpu() {
-  if (!("gpu" in navigator)) {
-    return { available: false, reason: "this browser has no WebGPU (navigator.gpu is missing)" };
-  }
-  const adapter = await navigator.gpu.requestAdapter();
-  if (!adapter) {
-    return { available: false, reason: "WebGPU is present but no GPU adapter was offered" };
-  }
-  const info = adapter.info || {};
-  const limits = {};
-  for (const name of ["maxBufferSize", "maxStorageBufferBindingSize", "maxComputeInvocationsPerWorkgroup",
-    "maxComputeWorkgroupStorageSize"]) {
-    limits[name] = adapter.limits[name];
-  }
-  return {
-    available: true,
-    vendor: info.vendor || "",
-    architecture: info.architecture || "",
-    device: info.device || "",
-    description: info.description || "",
-    isFallbackAdapter: Boolean(info.isFallbackAdapter ?? adapter.isFallbackAdapter),
-    features: [...adapter.features].sort(),
-    limits,
-  };
 }
 
 async function cacheReport() {
@@ -177,14 +141,17 @@ async function init({ pyodideBaseUrl, bundleUrl, hostUrl }) {
   pyodide.runPython(`import sys\nif ${JSON.stringify(dir)} not in sys.path: sys.path.insert(0, ${JSON.stringify(dir)})`);
   host = pyodide.pyimport("realm_web_host").HOST;
   const versions = { ...toPlain(host.versions()), pyodide: pyodide.version };
+  pythonErrors = toPlain(host.error_codes());
+  const errorTitles = toPlain(host.error_titles());
   const t3 = performance.now();
 
-  const gpu = await probeGpu();
+  const gpu = toPlain(await host.gpu()); // the one GPU probe, in Python (realm_wasm/gpu/browser.py)
   post({
     type: "ready",
     versions,
     timings: { pyodideMs: t1 - t0, numpyMs: t2 - t1, runtimeMs: t3 - t2, totalMs: t3 - t0 },
     gpu,
+    errorTitles,
   });
   if (!gpu.available) {
     post({ type: "warning", code: "no-webgpu",
@@ -326,7 +293,7 @@ async function forgetCached(url, stored) {
   }
 }
 
-async function generate({ id, prompt, maxTokens, temperature, topK, topP, seed }) {
+async function generate({ id, prompt, maxTokens, temperature, topK, topP, seed, stop = [] }) {
   job = { kind: "generate", id, stopped: false, abort: null };
   const started = performance.now();
   let tokens = 0;
@@ -335,7 +302,7 @@ async function generate({ id, prompt, maxTokens, temperature, topK, topP, seed }
   let events = null;
   try {
     events = host.generate.callKwargs({
-      prompt, max_tokens: maxTokens, temperature, top_k: topK, top_p: topP, seed,
+      prompt, max_tokens: maxTokens, temperature, top_k: topK, top_p: topP, seed, stop: pyodide.toPy(stop),
     });
     for (;;) {
       if (job.stopped) {

@@ -70,6 +70,37 @@ def _js_dict(d: dict) -> Any:
     return to_js(d, dict_converter=js.Object.fromEntries)
 
 
+async def request_adapter(power_preference: str = "high-performance") -> Any:
+    """The browser's WebGPU adapter, or GPUUnavailable saying why there is none Realm can use."""
+    gpu = getattr(js.navigator, "gpu", None)
+    if gpu is None:
+        raise GPUUnavailable("this browser has no WebGPU (navigator.gpu is missing)")
+    if not can_run_sync():
+        raise GPUUnavailable("this browser cannot let Python wait for GPU results (no JavaScript Promise Integration)")
+    adapter = await gpu.requestAdapter(_js_dict({"powerPreference": power_preference}))
+    if adapter is None:
+        raise GPUUnavailable("WebGPU is present but no GPU adapter was offered")
+    return adapter
+
+
+async def describe_adapter() -> dict[str, Any]:
+    """What the page shows about the GPU (probed once, here): the adapter's identity, whether it
+    is a CPU emulation, its features and the limits the kernels choose by."""
+    try:
+        adapter = await request_adapter()
+    except GPUUnavailable as e:
+        return {"available": False, "reason": str(e)}
+    info = adapter.info
+    return {"available": True, "vendor": info.vendor, "architecture": info.architecture, "device": info.device,
+            "description": info.description, "isFallbackAdapter": _is_fallback(adapter),
+            "features": sorted(str(f) for f in adapter.features),
+            "limits": {name: int(getattr(adapter.limits, name)) for name in LIMITS}}
+
+
+def _is_fallback(adapter: Any) -> bool:
+    return bool(getattr(adapter.info, "isFallbackAdapter", None) or getattr(adapter, "isFallbackAdapter", False))
+
+
 class BrowserDevice:
     """One GPUDevice with the adapter's own limits and the optional features Realm uses."""
 
@@ -79,8 +110,7 @@ class BrowserDevice:
         self.adapter, self.device, self.queue = adapter, device, device.queue
         info = adapter.info
         self.name = " ".join(filter(None, (info.vendor, info.architecture, info.device, info.description)))
-        self.is_fallback_adapter = bool(getattr(info, "isFallbackAdapter", None)
-                                        or getattr(adapter, "isFallbackAdapter", False))
+        self.is_fallback_adapter = _is_fallback(adapter)
         self.features = frozenset(f for f in FEATURES if device.features.has(f))
         self.limits = {snake_case(name): int(getattr(device.limits, name)) for name in LIMITS}
         self.lost: str | None = None  # why the device stopped working, once it has
@@ -92,15 +122,7 @@ class BrowserDevice:
 
     @classmethod
     async def create(cls, power_preference: str = "high-performance") -> BrowserDevice:
-        gpu = getattr(js.navigator, "gpu", None)
-        if gpu is None:
-            raise GPUUnavailable("this browser has no WebGPU (navigator.gpu is missing)")
-        if not can_run_sync():
-            raise GPUUnavailable("this browser cannot let Python wait for GPU results "
-                                 "(no JavaScript Promise Integration)")
-        adapter = await gpu.requestAdapter(_js_dict({"powerPreference": power_preference}))
-        if adapter is None:
-            raise GPUUnavailable("WebGPU is present but no GPU adapter was offered")
+        adapter = await request_adapter(power_preference)
         features = [f for f in FEATURES if adapter.features.has(f)]
         limits = {name: getattr(adapter.limits, name) for name in LIMITS}
         try:
