@@ -221,7 +221,9 @@ class Generation:
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         """OpenAI's stream chunks: (chat) one announcing the role, one per piece of text, one with the
-        finish reason, then one with the usage when asked. Raises the ApiError of a failed generation."""
+        finish reason ("stop", "length", or "cancelled" when this generation's own client cancelled
+        it), then one with the usage when asked. Raises the ApiError of a generation that failed or
+        that the server cancelled."""
         shape, shaper = self.job.shape, TextShaper(self.job.shape.strip_leading_space)
         if shape.opening is not None:
             yield self.chunk(shape.opening, None)
@@ -232,8 +234,8 @@ class Generation:
                 if text:
                     yield self.chunk(shape.delta(text), None)
                 continue
-            if event.reason not in ("stop", "length") and not (event.reason == "cancelled"
-                                                                 and self.cancelled_by_client):
+            asked_to_stop = event.reason == "cancelled" and self.cancelled_by_client
+            if event.reason not in ("stop", "length") and not asked_to_stop:
                 raise failure(event)
             yield self.chunk(shape.closing, event.reason)
             if include_usage:
