@@ -40,7 +40,7 @@ from harness import (  # noqa: E402
     wait_ready,
 )
 
-from realm_wasm.cli import cache_dir, default_model_path  # noqa: E402
+from realm_wasm.model_files import cache_dir, default_model_path  # noqa: E402
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
 WLLAMA = "@wllama/wllama@3.8.1"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from realm_wasm.cli import default_model_path
 from realm_wasm.engine import Engine
 from realm_wasm.gguf import read_gguf
+from realm_wasm.model_files import default_model_path
 
 
 def bench_realm(path, backend: str, n_prefill: int, n_decode: int, repeats: int) -> dict:

@@ -2,11 +2,13 @@
 
     python bench/bench_server.py --requests 32 --max-tokens 32 --slots 8
 
-Starts `python -m server.api` (the default model unless --model, a temporary tenants file) in its
-own process on a free port. Runs each distinct prompt alone first (greedy: the expected text, and
-the latency of a request with the server to itself), then all requests at once, and prints a table:
-requests completed, how many match their text run alone, p50/p95 latency and time to first token,
-aggregate generated tokens/s, and /health latency while the server is loaded.
+Starts `realm serve` (as `python -m realm_server serve`; the default model unless --model, a
+temporary tenants file) in its own process on a free port; like any `realm serve` it first makes
+sure web/vendor (Pyodide) and the runtime bundle are in place. Runs each distinct prompt alone
+first (greedy: the expected text, and the latency of a request with the server to itself), then
+all requests at once, and prints a table: requests completed, how many match their text run
+alone, p50/p95 latency and time to first token, aggregate generated tokens/s, and /health latency
+while the server is loaded.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.tenants import hash_key  # noqa: E402  (the repo root goes on sys.path first)
+from realm_server.tenants import hash_key  # noqa: E402  (the repo root goes on sys.path first)
 
 PROMPTS = ["Question: What is the capital of France?\nAnswer:", "Once upon a time", "The three primary colors are",
            "def fibonacci(n):", "The largest planet in the solar system is", "Water boils at",
@@ -151,7 +153,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         keys = write_tenants(Path(tmp), args.tenants)
         port = free_port()
-        command = [sys.executable, "-m", "server.api", "--tenants", str(Path(tmp) / "tenants.toml"),
+        command = [sys.executable, "-m", "realm_server", "serve", "--tenants", str(Path(tmp) / "tenants.toml"),
                    "--port", str(port), "--slots", str(args.slots), "--ctx", str(args.ctx), "--backend", args.backend]
         log = (Path(tmp) / "server.log").open("w")
         server = subprocess.Popen(command + (["--model", args.model] if args.model else []), cwd=ROOT,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from realm_wasm.cli import default_model_path
 from realm_wasm.engine import Engine
+from realm_wasm.model_files import default_model_path
 from realm_wasm.plan import Batch
 
 

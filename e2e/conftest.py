@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from harness import CHROMIUM, ROOT, LiveServer, build_site_assets, chromium_flags, live_server
 
-from realm_wasm.cli import default_model_path
+from realm_wasm.model_files import default_model_path
 
 # llama.cpp's outputs for the default model (tests/golden.py reads the same folder)
 GOLDEN_DIR = Path(os.environ.get("REALM_GOLDEN_DIR") or ROOT.parent / "shared" / "golden") / "gemma-3-270m-q4_k_m"

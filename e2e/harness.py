@@ -17,7 +17,8 @@ from pathlib import Path
 
 import uvicorn
 
-from server.static import RequestRecord, StaticSettings, create_app
+from realm_server.app import create_app
+from realm_server.static import RequestRecord, StaticSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -71,7 +72,7 @@ def live_server(model_dirs: tuple[Path, ...], default_model: str) -> Iterator[Li
     sock.bind(("127.0.0.1", 0))
     live = LiveServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}/")
     settings = StaticSettings(model_dirs=model_dirs, default_model=default_model, on_request=live.log)
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    uv = uvicorn.Server(uvicorn.Config(create_app(static=settings), log_level="warning", access_log=False))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -9,7 +9,7 @@ import pytest
 
 
 def realm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "realm_wasm", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "realm_server", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_generate_answers_paris():
@@ -36,3 +36,26 @@ def test_bad_model_file_is_a_one_line_error(tmp_path, content, message):
 def test_invalid_sampling_parameters_are_rejected():
     r = realm("generate", "--prompt", "hi", "--top-p", "0")
     assert r.returncode == 2 and "top_p" in r.stderr
+
+
+def test_api_keys_for_the_tenants_file():
+    digest_of_abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2's example
+    assert realm("key", "hash", "abc").stdout == digest_of_abc + "\n"
+    new = realm("key", "new")
+    key, digest = (line.split()[-1] for line in new.stdout.splitlines())
+    assert key.startswith("realm-") and len(key) > 40
+    assert realm("key", "hash", key).stdout == digest + "\n"
+
+
+@pytest.mark.parametrize("tenants, host, message", [
+    ("[[tenant]\n", "127.0.0.1", "not valid TOML"),
+    (None, "0.0.0.0", "127.0.0.1 only"),
+])
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path, tenants, host, message):
+    args = ["serve", "--host", host, "--model", str(tmp_path / "never-read.gguf")]
+    if tenants is not None:
+        (tmp_path / "tenants.toml").write_text(tenants)
+        args += ["--tenants", str(tmp_path / "tenants.toml")]
+    r = realm(*args)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from golden import load_cases
 
-from realm_wasm.cli import default_model_path
 from realm_wasm.engine import Engine
+from realm_wasm.model_files import default_model_path
 
 CASES = load_cases()
 

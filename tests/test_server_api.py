@@ -21,10 +21,14 @@ from starlette.testclient import TestClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from realm_wasm.cli import default_model_path
-from server.api import ServedModel, create_app, load_model
-from server.chat_template import PLAIN_STOP, ChatTemplate, ChatTemplateError
-from server.tenants import Limiter, Tenant, Tenants, TenantsConfigError, check_bind_host, hash_key, load_tenants
+from realm_server.app import create_app
+from realm_server.errors import STATUS_BY_CODE, api_error
+from realm_server.service import ServedModel, load_model
+from realm_server.tenants import Limiter, Tenant, Tenants, TenantsConfigError, check_bind_host, hash_key, load_tenants
+from realm_wasm.chat_template import PLAIN_STOP, ChatTemplate, ChatTemplateError
+from realm_wasm.errors import ContextOverflow, RealmError
+from realm_wasm.gpu.device import DeviceLost
+from realm_wasm.model_files import default_model_path
 
 MODEL = "gemma-3-270m-q4_k_m"
 N_CTX = 512
@@ -33,7 +37,7 @@ PROMPTS = ["Question: What is the capital of France?\nAnswer:", "Once upon a tim
            "def fibonacci(n):", "The largest planet in the solar system is", "Water boils at"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 KEYS = {tenant: f"{tenant}-secret-key" for tenant in
-        ("alpha", "beta", "delta", "epsilon", "gamma", "solo", "tiny", "styled")}
+        ("alpha", "beta", "delta", "epsilon", "gamma", "solo", "tiny")}
 TENANTS_TOML = f"""
 [[tenant]]
 id = "alpha"
@@ -68,11 +72,6 @@ max_concurrent = 1
 id = "tiny"
 key_sha256 = "{hash_key(KEYS['tiny'])}"
 tokens_per_minute = 40
-
-[[tenant]]
-id = "styled"
-key_sha256 = "{hash_key(KEYS['styled'])}"
-lora_allowed = ["house-style"]
 """
 
 
@@ -284,11 +283,8 @@ def test_requests_without_a_valid_key_get_401(http, headers, status):
 
 @pytest.mark.parametrize("tenant, extra, status, param", [
     ("gamma", {}, 403, "model"),  # model not in its list
-    ("alpha", {"lora": "house-style"}, 403, "lora"),  # adapter not allowed
-    ("styled", {"lora": "other"}, 403, "lora"),
-    ("styled", {"lora": "house-style"}, 400, "lora"),  # allowed, but no such adapter is loaded
 ])
-def test_models_and_settings_the_tenant_may_not_use(http, tenant, extra, status, param):
+def test_models_the_tenant_may_not_use(http, tenant, extra, status, param):
     r = http.post("/v1/completions", headers=auth(tenant), json={"model": MODEL, "prompt": "hi", "max_tokens": 1,
                                                                  **extra})
     assert (r.status_code, r.json()["error"]["param"]) == (status, param)
@@ -640,3 +636,17 @@ def test_a_gguf_chat_template_renders_in_a_sandbox(served):
     with pytest.raises(ChatTemplateError):
         escape.render(CHAT)
     assert ChatTemplate(served.engine.tokenizer, "{% if %}").source == "plain"  # does not compile
+
+
+# --- runtime errors: one table from code to HTTP status --------------------------------------------
+
+def test_every_runtime_error_code_has_an_http_status():
+    def subclasses(cls: type) -> list[type]:
+        return [cls] + [s for sub in cls.__subclasses__() for s in subclasses(sub)]
+
+    codes = {cls.code for cls in subclasses(RealmError)}
+    assert {"bad-request", "bad-model", "no-model", "device-lost", "unsupported-on-gpu"} <= codes  # all imported
+    assert codes <= set(STATUS_BY_CODE)
+    overflow, lost = api_error(ContextOverflow("too long"), "prompt"), api_error(DeviceLost("gone"))
+    assert (overflow.status, overflow.param, overflow.body()["error"]["code"]) == (400, "prompt", "context-overflow")
+    assert (lost.status, lost.message, lost.body()["error"]["type"]) == (503, "gone", "server_busy")

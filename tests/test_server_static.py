@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from server.static import RequestRecord, StaticSettings, create_app
+from realm_server.app import create_app
+from realm_server.static import RequestRecord, StaticSettings
 
 MODEL = bytes(range(256)) * 40  # 10240 bytes whose every slice is recognisable
 
@@ -47,7 +48,7 @@ def make_client(site: dict[str, Path], records: list[RequestRecord], **overrides
     options = {"default_model": "tiny.gguf", **overrides}
     settings = StaticSettings(web_dir=site["web"], pyodide_dir=site["pyodide"], dist_dir=site["dist"],
                               model_dirs=(site["a"], site["b"]), on_request=records.append, **options)
-    return TestClient(create_app(settings))
+    return TestClient(create_app(static=settings))
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import re
 import pytest
 from golden import GOLDEN_DIR, load_cases
 
-from realm_wasm.cli import default_model_path
 from realm_wasm.gguf import read_gguf
+from realm_wasm.model_files import default_model_path
 from realm_wasm.tokenizer import (
     _PRE_TOKENIZERS,
     CONTROL,

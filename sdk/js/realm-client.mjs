@@ -6,7 +6,7 @@
 //   const { text } = await client.complete("The capital of France is", { max_tokens: 8, temperature: 0 });
 //   for await (const chunk of client.stream("Once upon a time", { max_tokens: 40 })) console.log(chunk.text);
 //
-// Parameters use the API's own names (max_tokens, temperature, top_p, top_k, seed, stop, lora);
+// Parameters use the API's own names (max_tokens, temperature, top_p, top_k, seed, stop);
 // `model` defaults to the first model the server lists. Node 20 has WebSocket only with
 // --experimental-websocket; otherwise pass one in: new RealmClient({ WebSocket: (await import("ws")).default }).
 

@@ -21,7 +21,6 @@ class GenerationParams(TypedDict, total=False):
     top_k: int
     seed: int
     stop: str | Sequence[str]
-    lora: str
 
 
 @dataclass(frozen=True)

@@ -14,29 +14,25 @@ is `application/wasm`, and module workers need a JavaScript type.
 
 Paths never leave their root: `..`, absolute paths, backslashes and symlinks that point outside
 all answer 404. The ASGI server hands us the percent-decoded path, so `%2e%2e` is caught the same.
-
-    python -m server.static [--port 8000] [--model-dir DIR ...] [--pyodide-base-url URL]
+`app.create_app(static=StaticSettings(...))` serves these routes (`realm serve` adds the API).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import quote
 
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from realm_wasm.cli import DEFAULT_MODEL, cache_dir
+from realm_wasm.model_files import DEFAULT_MODEL, cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 READ_CHUNK = 1 << 20
@@ -275,32 +271,3 @@ def static_routes(settings: StaticSettings) -> list[BaseRoute]:
         Route("/models/{name}", model),
         Route("/{path:path}", serve_from(settings.web_dir)),
     ]
-
-
-def create_app(settings: StaticSettings | None = None, api_routes: Sequence[BaseRoute] = (),
-               lifespan: Callable | None = None) -> Starlette:
-    """A Starlette app serving the static part (after `api_routes`: the static routes end in a
-    catch-all), with the request log hook installed."""
-    settings = settings or StaticSettings()
-    return Starlette(routes=[*api_routes, *static_routes(settings)], lifespan=lifespan,
-                     middleware=[Middleware(RequestLog, hook=settings.on_request)])
-
-
-def main() -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(description="Serve Realm's page, Pyodide, bundle and models.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-dir", type=Path, action="append",
-                        help=f"folder of .gguf files served at /models/ (repeatable; default {cache_dir()})")
-    parser.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
-    args = parser.parse_args()
-    settings = StaticSettings(pyodide_base_url=args.pyodide_base_url,
-                              model_dirs=tuple(args.model_dir or (cache_dir(),)))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False)
-
-
-if __name__ == "__main__":
-    main()

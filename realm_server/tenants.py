@@ -1,4 +1,4 @@
-"""Tenants: who may call the API, with which models, how much, and their per-tenant settings.
+"""Tenants: who may call the API, with which models, and how much.
 
 The config is a TOML file with one `[[tenant]]` table per tenant:
 
@@ -9,21 +9,18 @@ The config is a TOML file with one `[[tenant]]` table per tenant:
     max_concurrent = 4                    # requests queued or running at once (429 beyond)
     tokens_per_minute = 20000             # prompt + max_tokens reserved per request (429 beyond)
     share = 2.0                           # weight when tenants compete for KV slots (default 1)
-    lora = "acme-style"                   # LoRA adapter its requests use by default (optional)
-    lora_allowed = ["acme-style", "acme-terse"]   # adapters it may ask for (default: [lora])
 
-Keys are stored only as SHA-256 digests: API keys are long random strings (`new-key` below makes
-them), so a fast hash is enough, and the file can leak without leaking the keys. Omitted limits
-mean unlimited. Without a config the server runs open (no keys, one tenant "local" with every
-model) and must listen on a loopback address only.
+Keys are stored only as SHA-256 digests: API keys are long random strings (`realm key new`
+makes them), so a fast hash is enough, and the file can leak without leaking the keys. Omitted
+limits mean unlimited. Without a config the server runs open (no keys, one tenant "local" with
+every model) and must listen on a loopback address only.
 
-    python -m server.tenants new-key      # print a fresh key and the digest to put in the file
-    python -m server.tenants hash KEY     # print the digest of an existing key
+    realm key new         # print a fresh key and the digest to put in the file
+    realm key hash KEY    # print the digest of an existing key
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import ipaddress
 import math
@@ -34,11 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
+
 OPEN_TENANT = "local"
 ALL_MODELS = "*"
 
 
-class TenantsConfigError(ValueError):
+class TenantsConfigError(ConfigError):
     """The tenants file is missing, not TOML, or has a wrong key or value (named in the message)."""
 
 
@@ -49,18 +48,18 @@ class Tenant:
     max_concurrent: int | None = None
     tokens_per_minute: int | None = None
     share: float = 1.0
-    lora: str | None = None
-    lora_allowed: frozenset[str] = frozenset()
 
     def may_use_model(self, name: str) -> bool:
         return ALL_MODELS in self.models or name in self.models
 
-    def may_use_lora(self, name: str) -> bool:
-        return name in self.lora_allowed
-
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random API key (256 bits)."""
+    return "realm-" + secrets.token_urlsafe(32)
 
 
 def _is_str_list(v: object) -> bool:
@@ -79,8 +78,6 @@ _FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "max_concurrent": (_positive_int, "a positive integer"),
     "tokens_per_minute": (_positive_int, "a positive integer"),
     "share": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "a positive number"),
-    "lora": (lambda v: isinstance(v, str) and v != "", "an adapter name"),
-    "lora_allowed": (_is_str_list, "a list of adapter names"),
 }
 _REQUIRED = ("id", "key_sha256")
 
@@ -157,24 +154,18 @@ def _parse_tenant(table: dict, where: str) -> tuple[Tenant, list[str]]:
     bad = [d for d in digests if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
     if bad or not digests:
         raise TenantsConfigError(f"{where}: key_sha256 must hold 64-digit hex digests "
-                                 "(python -m server.tenants hash KEY)")
-    lora = table.get("lora")
-    allowed = set(table.get("lora_allowed", []))
-    if lora is not None and "lora_allowed" in table and lora not in allowed:
-        raise TenantsConfigError(f"{where}: lora {lora!r} is not in lora_allowed")
-    if lora is not None:
-        allowed.add(lora)
+                                 "(realm key hash KEY)")
     tenant = Tenant(id=table["id"], models=frozenset(table.get("models", [ALL_MODELS])),
                     max_concurrent=table.get("max_concurrent"), tokens_per_minute=table.get("tokens_per_minute"),
-                    share=float(table.get("share", 1.0)), lora=lora, lora_allowed=frozenset(allowed))
+                    share=float(table.get("share", 1.0)))
     return tenant, digests
 
 
 def check_bind_host(host: str, tenants: Tenants) -> None:
-    """Open access (no tenants file) may only listen on loopback; raise ValueError otherwise."""
+    """Open access (no tenants file) may only listen on loopback; raise ConfigError otherwise."""
     if tenants.open and not is_loopback(host):
-        raise ValueError(f"without a tenants config the server runs open and listens on 127.0.0.1 only, "
-                         f"not {host!r}: pass a tenants file to serve other hosts")
+        raise ConfigError(f"without a tenants config the server runs open and listens on 127.0.0.1 only, "
+                          f"not {host!r}: pass a tenants file to serve other hosts")
 
 
 def is_loopback(host: str) -> bool:
@@ -235,21 +226,3 @@ class Limiter:
 
 def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.tenants", description="API keys for the tenants file.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("new-key", help="print a new random API key and its key_sha256")
-    hash_cmd = sub.add_parser("hash", help="print the key_sha256 of a key")
-    hash_cmd.add_argument("key")
-    args = parser.parse_args()
-    if args.command == "new-key":
-        key = "realm-" + secrets.token_urlsafe(32)
-        print(f"api key:    {key}\nkey_sha256: {hash_key(key)}")
-    else:
-        print(hash_key(args.key))
-
-
-if __name__ == "__main__":
-    main()

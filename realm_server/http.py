@@ -1,0 +1,182 @@
+"""The API over HTTP: OpenAI-compatible routes, JSON answers and server-sent events.
+
+    POST /v1/completions, POST /v1/chat/completions   OpenAI-compatible; "stream": true answers with
+                                                      server-sent events ending in `data: [DONE]`
+    GET  /v1/models, /v1/models/{name}                the models the caller's tenant may use
+    GET  /health                                      liveness and slot usage per model (no key needed)
+    GET  /openapi.json                                OpenAPI 3.1 description of all of the above
+
+Errors are JSON (errors.py): 400 bad input (invalid JSON, wrong type, out of range, prompt longer
+than the context), 401 missing or unknown API key, 403 a model the tenant may not use, 404 unknown
+model or route, 413 body too large, 429 tenant limits (with Retry-After), 503 every tenant together
+is over the server's in-flight cap (with Retry-After). Fields the API does not know are ignored.
+A client that goes away (closed stream, dropped connection) cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from realm_wasm.errors import RealmError
+
+from .errors import ApiError, api_error
+from .schema import openapi_document, parse_json_object
+from .service import Generation, Service
+from .tenants import Tenant
+
+log = logging.getLogger("realm.server")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), error.status, headers=error.headers)
+
+
+def endpoint(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """An HTTP handler whose refusals (ApiError, or a RealmError by its code) become JSON error
+    responses, as do its unexpected failures (logged with their traceback)."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return error_response(e)
+        except RealmError as e:
+            return error_response(api_error(e))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(ApiError(500, "internal error"))
+
+    return run
+
+
+def bearer(conn: HTTPConnection) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header, if there is one."""
+    scheme, _, key = conn.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def caller(service: Service, conn: HTTPConnection, api_key: str | None) -> Tenant:
+    return service.authenticate(conn.client.host if conn.client else "", api_key)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past `limit` bytes (before reading it when Content-Length says so)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body is over the limit of {limit} bytes")
+    return parse_json_object(bytes(body))
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def sse_events(generation: Generation) -> AsyncIterator[dict[str, Any] | str]:
+    """The generation's chunks, then "[DONE]"; a failed generation's last event is its error."""
+    try:
+        async for chunk in generation.chunks(generation.job.include_usage):
+            yield chunk
+    except ApiError as e:
+        yield e.body()
+        return
+    yield "[DONE]"
+
+
+class EventStream:
+    """A server-sent-events response that ends, and cancels its generation, when the client leaves."""
+
+    def __init__(self, events: AsyncIterator[dict[str, Any] | str], on_close: Callable[[], None]) -> None:
+        self.events, self.on_close = events, on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]})
+
+        async def pump() -> None:
+            async for event in self.events:
+                data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+                await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(wait_disconnect(receive))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a send to a closed socket may fail
+            self.on_close()
+
+
+def http_routes(service: Service) -> list[BaseRoute]:
+    """The API's HTTP routes; the last one answers every other /v1/ path with a JSON 404."""
+
+    async def generate(request: Request, kind: str) -> Response:
+        tenant = caller(service, request, bearer(request))
+        body = await read_json(request, service.settings.max_body_bytes)
+        job = await service.prepare(tenant, body, kind)
+        generation = service.start(job, tenant)
+        if job.stream:
+            return EventStream(sse_events(generation), generation.cancel)
+        answer = asyncio.ensure_future(generation.answer())
+        watch = asyncio.ensure_future(wait_disconnect(request.receive))
+        try:
+            await asyncio.wait([answer, watch], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not answer.done():  # the client left (or we are being shut down): stop generating
+                answer.cancel()
+                generation.cancel()
+        if answer.cancelled():
+            return Response(status_code=499)  # nobody reads this
+        return JSONResponse(answer.result())
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    async def list_models(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        data = [service.model_card(service.models[name]) for name in service.model_names(tenant)]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        return JSONResponse(service.model_card(service.model_for(tenant, request.path_params["name"])))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(service.health())
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def not_found(request: Request) -> Response:
+        raise ApiError(404, f"no route {request.method} {request.url.path}")
+
+    return [
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
+        Route("/v1/models", endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{name:path}", endpoint(get_model), methods=["GET"]),
+        Route("/health", endpoint(health), methods=["GET"]),
+        Route("/openapi.json", endpoint(openapi), methods=["GET"]),
+        Route("/v1/{path:path}", endpoint(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]

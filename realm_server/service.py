@@ -1,0 +1,429 @@
+"""The inference API without its transport: models, tenants, admission, and generations as chunks.
+
+    service = Service([load_model(path, n_slots=8)], tenants)
+    async with service.serving():                        # each model's stepping thread runs meanwhile
+        tenant = service.authenticate(client_host, api_key)          # 401 / 403
+        job = await service.prepare(tenant, body, "chat")            # every 4xx about the body
+        generation = service.start(job, tenant)                      # admission: 400 / 429 / 503
+        async for chunk in generation.chunks(include_usage=True):   # OpenAI's stream chunks
+            ...
+        answer = await generation.answer()               # or: the whole answer, from those chunks
+
+`Generation.chunks` is the one path from scheduler events to what a client reads: the SSE stream
+sends its chunks as they are, the JSON answer joins them (`answer`), the WebSocket turns them into
+token and done messages. A generation that ends any other way than "stop" or "length" raises its
+ApiError, except one its own client cancelled: that one finishes with "cancelled".
+
+Every model runs in its own background thread that steps a `realm_wasm.scheduler.Scheduler` (the
+executor is not thread-safe); its events reach asyncio through `loop.call_soon_threadsafe`. A client
+that goes away cancels its generation, which frees its KV slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from realm_wasm.chat_template import ChatTemplate, ChatTemplateError
+from realm_wasm.engine import PREFILL_CHUNK, Engine
+from realm_wasm.sampling import SamplingParams
+from realm_wasm.scheduler import Event, Finished, Scheduler, TokenEvent
+from realm_wasm.scheduler import Request as GenerationRequest
+
+from .errors import ApiError
+from .schema import CHAT_SCHEMA, COMPLETION_SCHEMA, validate
+from .tenants import Limiter, Tenant, Tenants, is_loopback, retry_after_header
+
+log = logging.getLogger("realm.server")
+
+
+# --- models and their stepping threads -------------------------------------------------------------
+
+@dataclass
+class ServedModel:
+    """One loaded model as the API serves it."""
+
+    name: str
+    engine: Engine
+    n_slots: int  # the engine's executor must have been built with this many KV slots
+    max_step_tokens: int = PREFILL_CHUNK
+    chat: ChatTemplate = field(init=False)
+    max_prompt_chars: int = field(init=False)  # longer text cannot fit the context: refused untokenized
+
+    def __post_init__(self) -> None:
+        tokenizer = self.engine.tokenizer
+        self.chat = ChatTemplate.from_metadata(tokenizer, self.engine.model.header.metadata)
+        self.max_prompt_chars = self.engine.n_ctx * max(len(t) for t in tokenizer.tokens)
+
+
+def load_model(path: str | Path, name: str | None = None, backend: str = "auto", n_ctx: int = 2048,
+               n_slots: int = 4) -> ServedModel:
+    """Load a GGUF file for serving, named after the file unless `name` is given."""
+    path = Path(path)
+    engine = Engine.load(path, backend=backend, n_ctx=n_ctx, n_slots=n_slots)
+    return ServedModel(name or path.name.removesuffix(".gguf"), engine, n_slots)
+
+
+class ModelWorker:
+    """Steps one model's scheduler on a background thread; delivers events on the asyncio loop."""
+
+    def __init__(self, model: ServedModel, shares: dict[str, float]) -> None:
+        self.model = model
+        self.scheduler = Scheduler(model.engine, model.n_slots, model.max_step_tokens, shares)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"realm-{model.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                worked = self.scheduler.step()
+            except Exception:  # a bug, not bad input: fail what runs rather than hang every client
+                log.exception("scheduler step failed for %s", self.model.name)
+                self.scheduler.cancel_all()
+                continue
+            if not worked:
+                self._wake.wait()
+                self._wake.clear()
+        self.scheduler.cancel_all()
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> int:
+        """Queue a generation; `on_event` runs on the calling asyncio loop for every event."""
+        loop = asyncio.get_running_loop()
+
+        def sink(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody listens
+                loop.call_soon_threadsafe(on_event, event)
+
+        seq_id = self.scheduler.submit(request, sink)
+        self._wake.set()
+        return seq_id
+
+    def cancel(self, seq_id: int) -> None:
+        self.scheduler.cancel(seq_id)
+        self._wake.set()
+
+
+# --- jobs: a checked request, then a running generation --------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    """How one endpoint's JSON looks (OpenAI's text completion vs chat completion)."""
+
+    object: str
+    chunk_object: str
+    id_prefix: str
+    choice: Callable[[str], dict[str, Any]]  # the full text -> the answer choice's payload
+    delta: Callable[[str], dict[str, Any]]  # a streamed piece -> the chunk choice's payload
+    text: Callable[[dict[str, Any]], str]  # a chunk choice -> its piece of text (delta's inverse)
+    opening: dict[str, Any] | None  # the payload of a first chunk before any text
+    closing: dict[str, Any]  # the payload of the chunk that carries the finish reason
+    strip_leading_space: bool  # chat content starts at its first visible character
+
+
+SHAPES = {
+    "completion": Shape("text_completion", "text_completion", "cmpl-",
+                        choice=lambda text: {"text": text, "logprobs": None},
+                        delta=lambda text: {"text": text, "logprobs": None},
+                        text=lambda choice: choice["text"],
+                        opening=None, closing={"text": "", "logprobs": None}, strip_leading_space=False),
+    "chat": Shape("chat.completion", "chat.completion.chunk", "chatcmpl-",
+                  choice=lambda text: {"message": {"role": "assistant", "content": text}},
+                  delta=lambda text: {"delta": {"content": text}},
+                  text=lambda choice: choice["delta"].get("content", ""),
+                  opening={"delta": {"role": "assistant", "content": ""}}, closing={"delta": {}},
+                  strip_leading_space=True),
+}
+
+
+@dataclass
+class Job:
+    """A validated request: what to generate, for which endpoint, and how to answer."""
+
+    kind: str  # a SHAPES key
+    model: ServedModel
+    request: GenerationRequest
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def shape(self) -> Shape:
+        return SHAPES[self.kind]
+
+
+class TextShaper:
+    """Drops a chat answer's leading whitespace (the plain template leaves a space after 'Assistant:')."""
+
+    def __init__(self, strip_leading: bool) -> None:
+        self.stripping = strip_leading
+
+    def __call__(self, text: str) -> str:
+        if self.stripping:
+            text = text.lstrip()
+            self.stripping = not text
+        return text
+
+
+def usage(event: Finished) -> dict[str, int]:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+def failure(event: Finished) -> ApiError:
+    """The error for a generation that ended without finishing (the worker failed or shut down)."""
+    if event.reason == "cancelled":
+        return ApiError(503, "the generation was cancelled (the server is shutting down)")
+    return ApiError(500, f"generation failed: {event.error}")
+
+
+class Generation:
+    """A job running on its model's scheduler: its events queue here until `chunks` reads them."""
+
+    def __init__(self, job: Job, worker: ModelWorker) -> None:
+        self.job, self.worker = job, worker
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.seq_id = -1
+        self.finished = False
+        self.cancelled_by_client = False
+
+    def cancel(self) -> None:
+        """Stop generating (the client asked, or left); the slot frees at the next step."""
+        if not self.finished:
+            self.cancelled_by_client = True
+            self.worker.cancel(self.seq_id)
+
+    def chunk(self, payload: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        shape = self.job.shape
+        return {"id": shape.id_prefix + self.job.id, "object": shape.chunk_object, "created": self.job.created,
+                "model": self.job.model.name, "choices": [{"index": 0, **payload, "finish_reason": finish_reason}]}
+
+    async def chunks(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI's stream chunks: (chat) one announcing the role, one per piece of text, one with the
+        finish reason ("stop", "length", or "cancelled" when this generation's own client cancelled
+        it), then one with the usage when asked. Raises the ApiError of a generation that failed or
+        that the server cancelled."""
+        shape, shaper = self.job.shape, TextShaper(self.job.shape.strip_leading_space)
+        if shape.opening is not None:
+            yield self.chunk(shape.opening, None)
+        while True:
+            event = await self.events.get()
+            if isinstance(event, TokenEvent):
+                text = shaper(event.text)
+                if text:
+                    yield self.chunk(shape.delta(text), None)
+                continue
+            asked_to_stop = event.reason == "cancelled" and self.cancelled_by_client
+            if event.reason not in ("stop", "length") and not asked_to_stop:
+                raise failure(event)
+            yield self.chunk(shape.closing, event.reason)
+            if include_usage:
+                yield {**self.chunk({}, None), "choices": [], "usage": usage(event)}
+            return
+
+    async def answer(self) -> dict[str, Any]:
+        """The whole (non-streamed) answer, joined from the chunks the stream would have sent."""
+        parts, finish_reason, used = [], None, None
+        async for chunk in self.chunks(include_usage=True):
+            text, reason, chunk_usage = read_chunk(self.job.shape, chunk)
+            parts.append(text)
+            finish_reason, used = reason or finish_reason, chunk_usage or used
+        shape = self.job.shape
+        choice = {"index": 0, **shape.choice("".join(parts)), "finish_reason": finish_reason}
+        return {"id": shape.id_prefix + self.job.id, "object": shape.object, "created": self.job.created,
+                "model": self.job.model.name, "choices": [choice], "usage": used}
+
+
+def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, int] | None]:
+    """A chunk's piece of text, finish reason and usage (each empty where the chunk has none)."""
+    if not chunk["choices"]:
+        return "", None, chunk["usage"]
+    choice = chunk["choices"][0]
+    return shape.text(choice), choice["finish_reason"], None
+
+
+# --- the service -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ApiSettings:
+    max_body_bytes: int = 1 << 20
+    max_in_flight: int = 256  # requests queued or running over all tenants (503 beyond)
+    default_max_tokens: int = 256
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+class Service:
+    """`models` served to `tenants` (None: open access, loopback clients only) under `settings`."""
+
+    def __init__(self, models: Sequence[ServedModel], tenants: Tenants | None = None,
+                 settings: ApiSettings = ApiSettings()) -> None:
+        names = [m.name for m in models]
+        if not models or len(set(names)) != len(names):
+            raise ValueError(f"need at least one model and unique names, got {names}")
+        self.models = {m.name: m for m in models}
+        self.tenants = tenants or Tenants.open_access()
+        self.settings = settings
+        self.limiters = {t.id: Limiter(t) for t in self.tenants.by_id.values()}
+        self.workers = {m.name: ModelWorker(m, self.tenants.shares) for m in models}
+        self.in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Run every model's stepping thread while the context is open (the app's lifespan)."""
+        for worker in self.workers.values():
+            worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers.values()))
+
+    # --- who is calling ---
+
+    def authenticate(self, client_host: str, api_key: str | None) -> Tenant:
+        if self.tenants.open and not is_loopback(client_host):
+            raise ApiError(403, "this server has no tenants configured and serves loopback clients only")
+        tenant = self.tenants.authenticate(api_key)
+        if tenant is None:
+            message = "invalid API key" if api_key else "missing API key (send Authorization: Bearer KEY)"
+            raise ApiError(401, message, headers={"WWW-Authenticate": "Bearer"})
+        return tenant
+
+    def model_for(self, tenant: Tenant, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise ApiError(404, f"model {name!r} does not exist (see GET /v1/models)", "model", code="model_not_found")
+        if not tenant.may_use_model(name):
+            raise ApiError(403, f"tenant {tenant.id!r} may not use model {name!r}", "model")
+        return model
+
+    def model_names(self, tenant: Tenant) -> list[str]:
+        return [name for name in self.models if tenant.may_use_model(name)]
+
+    @staticmethod
+    def model_card(model: ServedModel) -> dict[str, Any]:
+        return {"id": model.name, "object": "model", "created": 0, "owned_by": "realm",
+                "context_length": model.engine.n_ctx, "chat_template": model.chat.source}
+
+    def health(self) -> dict[str, Any]:
+        models = {}
+        for name, worker in self.workers.items():
+            s = worker.scheduler.stats()
+            models[name] = {"executor": worker.model.engine.executor.name, "slots": s.n_slots,
+                            "running": s.running, "queued": s.queued, "tokens_generated": s.tokens_generated}
+        return {"status": "ok", "models": models}
+
+    # --- from a request body to a running generation ---
+
+    async def prepare(self, tenant: Tenant, body: dict[str, Any], kind: str) -> Job:
+        """Validate a completion/chat body into a Job: every 4xx about the request's content is raised here."""
+        validate(body, CHAT_SCHEMA if kind == "chat" else COMPLETION_SCHEMA, "")
+        model = self.model_for(tenant, body["model"])
+        ids, template_stop = await self.prompt_ids(model, body, kind)
+        n_ctx = model.engine.n_ctx
+        if len(ids) >= n_ctx:
+            raise ApiError(400, f"prompt is {len(ids)} tokens; the context of {model.name!r} holds {n_ctx}, "
+                           "with room for at least one generated token", "messages" if kind == "chat" else "prompt")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = min(self.settings.default_max_tokens, n_ctx - len(ids))
+        elif len(ids) + max_tokens > n_ctx:
+            param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+            raise ApiError(400, f"prompt of {len(ids)} tokens + {param} {max_tokens} exceeds the context of "
+                           f"{n_ctx} tokens of {model.name!r}", param)
+        stop = body.get("stop") or ()
+        seed = body.get("seed")
+        sampling = SamplingParams(
+            temperature=float(_default(body.get("temperature"), 1.0)), top_k=int(body.get("top_k") or 0),
+            top_p=float(_default(body.get("top_p"), 1.0)),
+            seed=(secrets.randbits(32) if seed is None else seed) & 0xFFFFFFFF)
+        request = GenerationRequest(ids, max_tokens, sampling, tenant.id,
+                                    stop=(*([stop] if isinstance(stop, str) else stop), *template_stop))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return Job(kind, model, request, bool(body.get("stream")), include_usage)
+
+    async def prompt_ids(self, model: ServedModel, body: dict[str, Any],
+                         kind: str) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids of the prompt (chat: rendered with the model's template) and the template's stops."""
+        tokenizer = model.engine.tokenizer
+        if kind == "chat":
+            try:
+                # templates and tokenizing are pure Python: off the event loop
+                chat = await asyncio.to_thread(model.chat.render, body["messages"])
+            except ChatTemplateError as e:
+                raise ApiError(400, str(e), "messages") from e
+            text, add_bos, stop, param = chat.text, chat.add_bos, chat.stop, "messages"
+        else:
+            prompt = body["prompt"]
+            if isinstance(prompt, list) and isinstance(prompt[0], int):
+                if max(prompt) >= tokenizer.vocab_size:
+                    raise ApiError(400, f"prompt has token ids outside the vocab of {tokenizer.vocab_size}", "prompt")
+                return prompt, ()
+            text, add_bos, stop, param = (prompt[0] if isinstance(prompt, list) else prompt), True, (), "prompt"
+        if len(text) > model.max_prompt_chars:
+            raise ApiError(400, f"prompt of {len(text)} characters cannot fit the context of "
+                           f"{model.engine.n_ctx} tokens of {model.name!r}", param)
+        return await asyncio.to_thread(tokenizer.encode, text, add_bos), stop
+
+    def start(self, job: Job, tenant: Tenant) -> Generation:
+        """Admit a job under the server's and the tenant's limits and hand it to its model's scheduler."""
+        req = job.request
+        cost = len(req.prompt_ids) + req.max_tokens
+        limiter = self.limiters[tenant.id]
+        worker = self.workers[job.model.name]
+        if limiter.exceeds_bucket(cost):
+            raise ApiError(400, f"prompt tokens + max_tokens = {cost} is more than tenant {tenant.id!r} may use "
+                           f"in a minute ({tenant.tokens_per_minute})", "max_tokens")
+        if not worker.alive:
+            raise ApiError(503, f"the worker of {job.model.name!r} is not running (is the app's lifespan in use?)")
+        if self.in_flight >= self.settings.max_in_flight:
+            raise ApiError(503, f"the server has {self.in_flight} requests in flight; retry shortly",
+                           headers={"Retry-After": "1"})
+        refused = limiter.try_acquire(cost)
+        if refused is not None:
+            wait, reason = refused
+            raise ApiError(429, reason, headers={"Retry-After": retry_after_header(wait)})
+        self.in_flight += 1
+        generation = Generation(job, worker)
+        t0 = time.perf_counter()
+
+        def deliver(event: Event) -> None:  # on the loop, whether or not anyone still reads
+            if isinstance(event, Finished):
+                generation.finished = True
+                self.in_flight -= 1
+                limiter.release(req.max_tokens - event.completion_tokens)
+                log.info("%s %s tenant=%s model=%s prompt=%d completion=%d finish=%s %.2fs", job.kind, job.id,
+                         tenant.id, job.model.name, event.prompt_tokens, event.completion_tokens, event.reason,
+                         time.perf_counter() - t0)
+            generation.events.put_nowait(event)
+
+        try:
+            generation.seq_id = worker.submit(req, deliver)
+        except BaseException:  # refused at once (prepare() checked this already): no Finished will release it
+            self.in_flight -= 1
+            limiter.release(req.max_tokens)
+            raise
+        return generation

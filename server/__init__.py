@@ -1,1 +1,0 @@
-"""Realm's HTTP server (Starlette): the page, Pyodide and model files (`static`) and the native API."""
