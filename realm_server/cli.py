@@ -2,6 +2,7 @@
 
     realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] ...
     realm serve [--host H] [--port P] [--model FILE] [--tenants FILE] [--slots N] [--ctx N] ...
+    realm plan [--model FILE] [--binding-limit BYTES]      # the fused program the GPU runs, per layer
     realm key new | realm key hash KEY
 
 A RealmError (a missing or corrupt model file, invalid sampling settings, a bad tenants file, no
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from realm_wasm.backends import BACKENDS
 from realm_wasm.errors import RealmError
+from realm_wasm.gpu.fuse import DEFAULT_BINDING_LIMIT
 from realm_wasm.model_files import cache_dir, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, access_log=False)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    """The model's forward pass as the GPU runs it: its fused kernels, layer by layer."""
+    from realm_wasm.gguf import read_gguf
+    from realm_wasm.gpu.fuse import describe, fuse
+    from realm_wasm.models import build_plan
+
+    header = read_gguf(resolve_model(args.model)).header
+    plan = build_plan(header)
+    kernels = fuse(plan, args.binding_limit)
+    print(f"{plan.arch}: {plan.kv.n_layers} layers, {len(plan.ops)} ops -> {len(kernels)} kernels "
+          f"(storage bindings of {args.binding_limit} bytes)")
+    for line in describe(plan, kernels):
+        print(line)
+
+
 def cmd_key_new(args: argparse.Namespace) -> None:
     from .tenants import hash_key, new_key
 
@@ -129,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--slots", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
     serve.add_argument("--ctx", type=positive_int, default=2048, help="context length per sequence")
     serve.set_defaults(func=cmd_serve)
+
+    plan = sub.add_parser("plan", help="print the fused program the GPU runs for a model, layer by layer")
+    plan.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
+    plan.add_argument("--binding-limit", type=positive_int, default=DEFAULT_BINDING_LIMIT,
+                      help="the device's max storage-binding size (default: WebGPU's 128 MiB)")
+    plan.set_defaults(func=cmd_plan)
 
     key = sub.add_parser("key", help="API keys for the tenants file")
     key_sub = key.add_subparsers(dest="key_command", required=True)

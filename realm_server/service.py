@@ -34,11 +34,12 @@ from typing import Any
 
 from realm_wasm.chat_template import ChatTemplate, ChatTemplateError
 from realm_wasm.engine import PREFILL_CHUNK, Engine
+from realm_wasm.errors import RealmError
 from realm_wasm.sampling import SamplingParams
 from realm_wasm.scheduler import Event, Finished, Scheduler, TokenEvent
 from realm_wasm.scheduler import Request as GenerationRequest
 
-from .errors import ApiError
+from .errors import ApiError, api_error
 from .schema import CHAT_SCHEMA, COMPLETION_SCHEMA, validate
 from .tenants import Limiter, Tenant, Tenants, is_loopback, retry_after_header
 
@@ -195,6 +196,10 @@ def failure(event: Finished) -> ApiError:
     """The error for a generation that ended without finishing (the worker failed or shut down)."""
     if event.reason == "cancelled":
         return ApiError(503, "the generation was cancelled (the server is shutting down)")
+    if isinstance(event.exception, RealmError):  # out of memory, a lost device: by its code
+        error = api_error(event.exception)
+        error.message = f"generation failed: {error.message}"
+        return error
     return ApiError(500, f"generation failed: {event.error}")
 
 

@@ -59,3 +59,21 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path, tenants, host
     r = realm(*args)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_prints_the_fused_program_per_layer():
+    """The default model: 18 gemma3 layers, 7 kernels each after layer 0 (which also runs its own
+    pre-norm); the sliding-window layers say so, the global ones (5, 11, 17) do not."""
+    r = realm("plan")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "gemma3: 18 layers, 310 ops -> 131 kernels (storage bindings of 134217728 bytes)"
+    assert lines[1] == "prologue: embed x"
+    layers = {line.split(":")[0]: line.split(": ", 1)[1].split(" | ") for line in lines[2:-1]}
+    assert list(layers) == ["layer 0", "layers 1-4", "layer 5", "layers 6-10", "layer 11", "layers 12-16", "layer 17"]
+    assert layers["layers 1-4"] == ["matmul q+k", "matmul v", "rope q,k + norm + kv store", "attention (window 512)",
+                                    "matmul o + norm + residual x + norm h", "glu gelu",
+                                    "matmul f + norm + residual x + norm h"]
+    assert layers["layer 0"] == ["norm h", *layers["layers 1-4"]]
+    assert layers["layer 5"][3] == "attention"
+    assert lines[-1] == "head: gather xl | norm xl | matmul logits"

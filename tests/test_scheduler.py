@@ -22,7 +22,9 @@ CHARS = "\u2581" + "".join(chr(c) for c in range(33, 125))  # "▁" spells a spa
 VOCAB = 3 + len(CHARS)  # <unk>, <s>, </s>, then one token per character
 
 
-def write_tiny_model(path) -> None:
+def write_tiny_model(path, v_dtype=np.float32) -> None:
+    """A random llama GGUF; `v_dtype` float64 makes the attention's v projection a type no GPU
+    kernel reads (F64)."""
     rng = np.random.default_rng(7)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(N_CTX)
@@ -41,8 +43,8 @@ def write_tiny_model(path) -> None:
     w.add_eos_token_id(2)
     w.add_add_space_prefix(False)
 
-    def add(name, shape, scale=0.4):
-        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+    def add(name, shape, scale=0.4, dtype=np.float32):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(dtype))
 
     add("token_embd.weight", (VOCAB, D), 1.0)
     add("output_norm.weight", (D,), 1.0)
@@ -53,7 +55,7 @@ def write_tiny_model(path) -> None:
         add(p + "ffn_norm.weight", (D,), 1.0)
         add(p + "attn_q.weight", (HEADS * hd, D))
         add(p + "attn_k.weight", (KV_HEADS * hd, D))
-        add(p + "attn_v.weight", (KV_HEADS * hd, D))
+        add(p + "attn_v.weight", (KV_HEADS * hd, D), dtype=v_dtype)
         add(p + "attn_output.weight", (D, HEADS * hd))
         add(p + "ffn_gate.weight", (FFN, D))
         add(p + "ffn_up.weight", (FFN, D))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import wgpu
 
@@ -145,6 +148,16 @@ def _reads_through_wgpu_py(device: wgpu.GPUDevice, commands, staging: Buffer, si
 submit_and_map = _raw_reads() or _reads_through_wgpu_py
 
 
+def _quiet_window_system() -> None:
+    """Mesa's Vulkan drivers (lavapipe) print "XDG_RUNTIME_DIR is invalid or not set" twice when
+    they probe for a display; a compute device needs none, so give them an empty private one."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    path = Path(tempfile.gettempdir()) / f"realm-runtime-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
 class NativeReadBack:
     def __init__(self, device: NativeDevice, staging: Buffer, read) -> None:
         self.device, self.staging, self.read = device, staging, read
@@ -174,6 +187,7 @@ class NativeDevice:
 
     @classmethod
     def create(cls, power_preference: str = "high-performance") -> NativeDevice:
+        _quiet_window_system()
         try:
             adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
         except RuntimeError as e:  # wgpu-py raises rather than returning None
