@@ -23,6 +23,7 @@ from .models import build_plan
 from .plan import Batch, Plan
 from .sampling import SamplingParams
 from .scheduler import GREEDY, PREFILL_CHUNK, Finished, Request, Scheduler, TokenEvent
+from .speculative import DraftModel, Speculation
 from .tokenizer import Tokenizer
 
 __all__ = ["GREEDY", "PREFILL_CHUNK", "ContextOverflow", "Engine", "Executor", "Model", "TokenEvent"]
@@ -67,7 +68,13 @@ class Engine:
         self.model, self.executor, self.n_ctx = model, executor, n_ctx
         # the tokens whose keys and values each slot holds, kept by whoever steps it (KV reuse)
         self.slot_tokens: list[tuple[int, ...]] = [()] * executor.n_slots
+        self.draft: DraftModel | None = None  # drafts for requests that speculate with "draft"
         self._scheduler: Scheduler | None = None
+
+    def set_draft(self, draft: Engine | None) -> None:
+        """Use `draft` (same vocabulary, a KV slot per slot of this engine) as the draft model."""
+        self.draft = DraftModel(draft, self) if draft is not None else None
+        self._scheduler = None
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", n_ctx: int = 4096, n_slots: int = 1) -> Engine:
@@ -96,15 +103,24 @@ class Engine:
                 yield logits
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
-                 stop_at_eos: bool = True, stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
+                 stop_at_eos: bool = True, stop: Sequence[str] = (),
+                 speculation: Speculation | None = None) -> Iterator[TokenEvent]:
         """Stream generated tokens for a prompt (text, or token ids including BOS); the text of
-        `stop` sequences ends it (they are not returned). Errors of the run raise here."""
+        `stop` sequences ends it (they are not returned); `speculation` drafts tokens to verify
+        (the same tokens, faster where drafts are good). Errors of the run raise here."""
+        yield from (e for e in self.generate_events(prompt, max_tokens, sampling, stop_at_eos, stop, speculation)
+                    if isinstance(e, TokenEvent))
+
+    def generate_events(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
+                        stop_at_eos: bool = True, stop: Sequence[str] = (),
+                        speculation: Speculation | None = None) -> Iterator[TokenEvent | Finished]:
+        """`generate`, also yielding the request's `Finished` (reason, usage, drafted/accepted)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if self._scheduler is None:
-            self._scheduler = Scheduler(self, n_slots=1)
+            self._scheduler = Scheduler(self, n_slots=1, draft=self.draft)
         events: list[TokenEvent | Finished] = []
-        self._scheduler.submit(Request(ids, max_tokens, sampling, stop=tuple(stop), stop_at_eos=stop_at_eos),
-                               events.append)
+        self._scheduler.submit(Request(ids, max_tokens, sampling, stop=tuple(stop), stop_at_eos=stop_at_eos,
+                                       speculation=speculation), events.append)
         done = False
         try:
             while not done:
@@ -114,8 +130,7 @@ class Engine:
                         done = True
                         if event.exception is not None:
                             raise event.exception
-                    else:
-                        yield event
+                    yield event
                 events.clear()
         finally:
             if not done:  # the caller stopped reading: end the request, free the slot

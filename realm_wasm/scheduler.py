@@ -55,6 +55,7 @@ import numpy as np
 from .errors import ContextOverflow, InvalidRequest
 from .plan import Batch
 from .sampling import SamplingParams
+from .speculative import DraftModel, Speculation, SpeculationState, accepted_prefix
 from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Request:
     tenant: str = ""
     stop: tuple[str, ...] = ()  # text that ends generation; it is not part of the output
     stop_at_eos: bool = True
+    speculation: Speculation | None = None  # draft tokens for the target to verify (speculative.py)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Finished:
     completion_tokens: int
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not recomputed
+    drafted_tokens: int = 0  # speculation: tokens drafted, and how many of them the target accepted
+    accepted_tokens: int = 0
     exception: BaseException | None = field(default=None, compare=False, repr=False)  # with "error"
 
 
@@ -148,6 +152,7 @@ class _Sequence:
     generated: int = 0  # samples read back and streamed
     cached: int = 0  # prompt tokens reused from the slot's KV cache
     slot: int = -1
+    spec: SpeculationState | None = None  # when the request speculates
 
     @property
     def pending(self) -> int:
@@ -160,7 +165,7 @@ class _Step:
     """A submitted forward pass whose sampled ids have not been read back yet."""
 
     pending: Pending
-    sampled: list[_Sequence]  # the sequences whose logit rows it samples, in row order
+    sampled: list[tuple[_Sequence, int]]  # the sequences whose logit rows it samples, and how many, in order
     fed: list[tuple[_Sequence, int]]  # every sequence in it and how many of its tokens
 
 
@@ -168,7 +173,7 @@ class Scheduler:
     """Runs the requests of many tenants through one engine with `n_slots` KV-cache slots."""
 
     def __init__(self, engine: Engine, n_slots: int, max_step_tokens: int = PREFILL_CHUNK,
-                 shares: dict[str, float] | None = None) -> None:
+                 shares: dict[str, float] | None = None, draft: DraftModel | None = None) -> None:
         if n_slots < 1:
             raise InvalidRequest(f"n_slots must be >= 1, got {n_slots}")
         # every running sequence may need one decode row; what is left must let prefill progress
@@ -179,7 +184,7 @@ class Scheduler:
                                  f"the {engine.executor.name} executor returns per step")
         if n_slots > len(engine.slot_tokens):
             raise InvalidRequest(f"n_slots ({n_slots}) is more than the engine's {len(engine.slot_tokens)} KV slots")
-        self.engine, self.n_slots, self.max_step_tokens = engine, n_slots, max_step_tokens
+        self.engine, self.n_slots, self.max_step_tokens, self.draft = engine, n_slots, max_step_tokens, draft
         self.shares = dict(shares or {})
         self._ids = itertools.count(1)
         self._inbox: deque[tuple[str, object]] = deque()  # ("submit", _Sequence) | ("cancel", id)
@@ -210,8 +215,12 @@ class Scheduler:
         if len(ids) + request.max_tokens > self.engine.n_ctx:
             raise ContextOverflow(f"prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds "
                                   f"the context of {self.engine.n_ctx} tokens")
+        spec = request.speculation
+        if spec is not None and spec.method == "draft" and self.draft is None:
+            raise InvalidRequest("speculation with a draft model asked for, but no draft model is loaded")
         seq = _Sequence(next(self._ids), request, sink, StreamDecoder(self.engine.tokenizer),
-                        StopText(request.stop), time.perf_counter(), ids)
+                        StopText(request.stop), time.perf_counter(), ids,
+                        spec=SpeculationState.start(spec) if spec is not None else None)
         self._inbox.append(("submit", seq))
         return seq.id
 
@@ -315,10 +324,15 @@ class Scheduler:
         cached[slot] = ()  # rewritten from position `fed` on: valid again when the sequence ends
 
     def _plan_step(self) -> list[tuple[_Sequence, int]]:
-        """How many pending tokens of each running sequence go into this step."""
-        take = {seq: 1 for seq in self._running.values() if seq.pending == 1}
-        budget = self.max_step_tokens - len(take)
+        """How many tokens of each running sequence go into this step: one per decoding sequence
+        (plus its drafts), then prefill chunks sharing what is left of the step evenly."""
+        decoding = [seq for seq in self._running.values() if seq.pending == 1]
         prefilling = [seq for seq in self._running.values() if seq.pending > 1]
+        # rows: every decoding sequence's and, at most, one per prefill chunk that ends its prompt
+        rows = self.engine.executor.max_logit_rows - len(decoding) - len(prefilling)
+        self._draft(decoding, min(rows, (self.max_step_tokens - len(decoding)) // 2))
+        take = {seq: 1 + len(seq.spec.drafts if seq.spec else ()) for seq in decoding}
+        budget = self.max_step_tokens - sum(take.values())
         # share the rest evenly; what a short prompt leaves over goes round again
         while budget > 0 and prefilling:
             share = max(1, budget // len(prefilling))
@@ -332,17 +346,44 @@ class Scheduler:
                     break
         return [(seq, take[seq]) for seq in self._running.values() if seq in take]
 
+    def _draft(self, decoding: list[_Sequence], budget: int) -> None:
+        """Drafts for the decoding sequences that speculate, within `budget` tokens (and rows)."""
+        wanted: list[tuple[_Sequence, int]] = []
+        for seq in decoding:
+            spec = seq.spec
+            if spec is None:
+                continue
+            if spec.wait > 0:  # backing off: a plain decode step
+                spec.wait -= 1
+                continue
+            k = min(spec.speculation.max_draft, seq.request.max_tokens - seq.generated - 1, budget)
+            if k > 0:
+                wanted.append((seq, k))
+                budget -= k
+        by_model = [(seq, k) for seq, k in wanted if seq.spec.speculation.method == "draft"]
+        drafted = self.draft.propose([(seq.slot, seq.tokens, k) for seq, k in by_model]) if by_model else []
+        for (seq, _), drafts in zip(by_model, drafted, strict=True):
+            seq.spec.drafts = drafts
+        for seq, k in wanted:
+            if seq.spec.lookup is not None:
+                seq.spec.drafts = seq.spec.lookup.propose(seq.tokens, k)
+            if not seq.spec.drafts:
+                seq.spec.verified(0)  # nothing to draft: back off
+
     def _submit(self, plan: list[tuple[_Sequence, int]]) -> _Step:
-        """A step built on the host: the planned tokens of each sequence; the sequences whose chunk
-        ends their input get a logits row."""
+        """A step built on the host: the planned tokens of each sequence (a speculating one's last
+        token and its drafts); the sequences whose chunk ends their input get logits rows, one, or
+        one per fed token when they verify drafts."""
         tokens, positions, slots, rows, sampled = [], [], [], [], []
         for seq, n in plan:
-            tokens += seq.tokens[seq.fed:seq.fed + n]
+            drafts = seq.spec.drafts if seq.spec else []
+            known = n - len(drafts)
+            tokens += seq.tokens[seq.fed:seq.fed + known] + drafts
             positions += range(seq.fed, seq.fed + n)
             slots += [seq.slot] * n
-            if n == seq.pending:
-                rows.append(len(tokens) - 1)
-                sampled.append(seq)
+            if known == seq.pending:
+                rows += range(len(tokens) - 1 - len(drafts), len(tokens))
+                sampled.append((seq, 1 + len(drafts)))
         if not rows:  # executors return at least one row: sample one and leave it unread
             rows.append(len(tokens) - 1)
         batch = Batch(np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
@@ -350,35 +391,41 @@ class Scheduler:
         return self._launch(batch, sampled, plan, follow=False)
 
     def _can_follow(self, step: _Step) -> bool:
-        """Whether the next step is known before `step`'s ids are: every running sequence is in it,
-        decoding, below its length limit, and no request waits for a free slot."""
+        """Whether the next step is known before `step`'s ids are: every running sequence is in it
+        with one row (no drafts to verify, none to draft next), below its length limit, and no
+        request waits for a free slot."""
         if not self.engine.executor.queues_ahead or self._inbox or isinstance(step.pending, _Failed):
             return False
         if self._free_slots and any(self._queues.values()):
             return False
-        return (len(step.sampled) == len(self._running) and all(seq.id in self._running for seq in step.sampled)
-                and all(seq.requested < seq.request.max_tokens for seq in step.sampled))
+        return (len(step.sampled) == len(self._running)
+                and all(n == 1 and seq.id in self._running and seq.requested < seq.request.max_tokens
+                        and (seq.spec is None or seq.spec.wait > 0) for seq, n in step.sampled))
 
     def _submit_follow(self, step: _Step) -> _Step:
         """One decode token per sequence of `step`, each the id the device samples there."""
-        seqs = step.sampled
+        seqs = [seq for seq, _ in step.sampled]
+        for seq in seqs:
+            if seq.spec is not None:  # a plain step of its back-off
+                seq.spec.wait -= 1
         n = len(seqs)
         batch = Batch(np.zeros(n, np.int32), np.array([s.fed for s in seqs], np.int32),
                       np.array([s.slot for s in seqs], np.int32), np.arange(n, dtype=np.int32))
-        return self._launch(batch, list(seqs), [(s, 1) for s in seqs], follow=True)
+        return self._launch(batch, step.sampled, [(s, 1) for s in seqs], follow=True)
 
-    def _launch(self, batch: Batch, sampled: list[_Sequence], fed: list[tuple[_Sequence, int]],
+    def _launch(self, batch: Batch, sampled: list[tuple[_Sequence, int]], fed: list[tuple[_Sequence, int]],
                 follow: bool) -> _Step:
-        # each row is sampled with its own sequence's parameters and step counter (on the device)
-        rows = [(seq.request.sampling, seq.requested) for seq in sampled] or [(GREEDY, 0)]
+        # each row is sampled with its own sequence's parameters and step counter (on the device):
+        # a verifying sequence's row i with the counter of the token it gives, as plain decoding would
+        rows = [(seq.request.sampling, seq.requested + i) for seq, n in sampled for i in range(n)] or [(GREEDY, 0)]
         try:
             pending = self.engine.executor.submit_sample(batch, rows, follow=follow)
         except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving the others
             pending = _Failed(e)
         for seq, n in fed:
             seq.fed += n
-        for seq in sampled:
-            seq.requested += 1
+        for seq, n in sampled:
+            seq.requested += n
         return _Step(pending, sampled, fed)
 
     def _receive(self, step: _Step) -> None:
@@ -389,9 +436,25 @@ class Scheduler:
             self._fail(step, e)
             return
         self._steps += 1
-        for seq, token in zip(step.sampled, tokens, strict=False):  # a padding row has no sequence
-            if self._running.get(seq.id) is seq:  # not finished or cancelled meanwhile
+        at = 0
+        for seq, n in step.sampled:
+            sampled, at = tokens[at:at + n], at + n
+            if self._running.get(seq.id) is not seq:  # finished or cancelled meanwhile
+                continue
+            if n == 1:
+                self._advance(seq, sampled[0])
+                continue
+            # verified drafts: keep the accepted ones and the target's own next token; the KV
+            # entries of the rejected drafts are rolled back (overwritten by the next step)
+            accepted = accepted_prefix(seq.spec.drafts, sampled)
+            seq.spec.verified(accepted)
+            seq.fed -= n - 1 - accepted
+            seq.requested = seq.generated
+            for token in sampled[:accepted + 1]:
+                if self._running.get(seq.id) is not seq:
+                    break
                 self._advance(seq, token)
+                seq.requested = seq.generated
 
     def _fail(self, step: _Step, error: Exception) -> None:
         if self._in_flight is not None:  # queued behind the failed step: it shares its fate
@@ -437,7 +500,9 @@ class Scheduler:
             self._free_slots.append(seq.slot)
             self._freed_at[seq.slot] = self._steps
         message = f"{type(error).__name__}: {error}" if error else None
-        self._emit(seq, Finished(reason, len(seq.request.prompt_ids), seq.generated, message, seq.cached, error))
+        drafted, accepted = (seq.spec.drafted, seq.spec.accepted) if seq.spec else (0, 0)
+        self._emit(seq, Finished(reason, len(seq.request.prompt_ids), seq.generated, message, seq.cached,
+                                 drafted, accepted, error))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         try:
