@@ -1,6 +1,7 @@
 // Decode mat-vec: y[t, ROW0 + n] = W[n] · x[t] for the N rows of one weight binding; with GLU,
 // y[t, n] = glu(W[n] · x[t], W[N + n] · x[t]) (glu_act.wgsl) for a weight of N gate rows, then N up.
-// Token t = workgroup_id.z.
+// Token t = workgroup_id.x: the workgroups of all a step's tokens for the same rows run side by
+// side, so a weight too big for L2 (an output head) is read from memory once per step, not per token.
 //
 // A team of LANES consecutive invocations owns R consecutive output rows. Each iteration a team
 // takes 2 * LANES groups of 8 elements, two per lane: neighbouring groups where a block has
@@ -79,8 +80,8 @@ fn store(t: u32, first: u32, r: u32, value: f32) {
 // The rows of workgroup `wid`. The entry point (matvec_main.wgsl, or matvec_norm.wgsl which adds
 // a residual RMSNorm after it) is composed after this file.
 fn matvec(wid: vec3<u32>, lane: Lane) {
-    let t = wid.z;
-    let first = ((wid.y * GRID_X + wid.x) * TEAMS + lane.index / LANES) * R;
+    let t = wid.x;
+    let first = ((wid.z * GRID_X + wid.y) * TEAMS + lane.index / LANES) * R;
     // Rows past N (last workgroup) re-read row N-1; their sums are never written.
     let i = vec4<u32>(0u, 1u, 2u, 3u);
     let lo_rows = min(vec4<u32>(first) + i, vec4<u32>(N - 1u)) * ROW_BYTES;

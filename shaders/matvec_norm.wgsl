@@ -95,7 +95,7 @@ fn norm_in_passes(t: u32, lane: u32) {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, lane: Lane) {
     matvec(wid, lane);
-    let t = wid.z;
+    let t = wid.x;
     storageBarrier();  // publish this workgroup's rows of y, then count it in
     if lane.index == 0u {
         last_in = atomicAdd(&arrived[t], 1u) == WGS - 1u;

@@ -351,7 +351,7 @@ class QuantMatmul:
             if t * width * 4 > size:
                 raise ValueError(f"{t} rows of {width} f32 do not fit the {size}-byte {name} binding")
         if t <= self.tuning.matvec_max_t:
-            return [(pipe, bg, (gx, gy, t)) for pipe, bg, (gx, gy) in self.matvec]
+            return [(pipe, bg, (t, gx, gy)) for pipe, bg, (gx, gy) in self.matvec]  # token-major: see matvec.wgsl
         tile = self.tile(t)
         if tile not in self.matmat:
             self.matmat[tile] = [self._matmat(c, tile) for c in self.weight.chunks]
