@@ -49,9 +49,32 @@ LIMITS = (
     "maxComputeWorkgroupSizeY",
     "maxComputeWorkgroupSizeZ",
     "maxComputeWorkgroupsPerDimension",
+    "minStorageBufferOffsetAlignment",
+    "minUniformBufferOffsetAlignment",
 )
 
 # queue.writeBuffer straight from a Python buffer: a view of the wasm heap, where to_js would copy.
+# A whole step in one call from Python: ~400 setPipeline / setBindGroup / dispatchWorkgroups calls
+# through Pyodide's FFI cost more than the GPU's whole decode step (measured on an H200: the page
+# decoded at a third of native speed), one call with a prepared array costs one crossing.
+_submit_step = run_js("""(device, queue, copies, steps, readBuffer, readOffset, readSize, staging) => {
+    const encoder = device.createCommandEncoder();
+    for (let i = 0; i < copies.length; i += 5) {
+        encoder.copyBufferToBuffer(copies[i], copies[i + 1], copies[i + 2], copies[i + 3], copies[i + 4]);
+    }
+    const pass = encoder.beginComputePass();
+    for (let i = 0; i < steps.length; i += 5) {
+        pass.setPipeline(steps[i]);
+        pass.setBindGroup(0, steps[i + 1]);
+        pass.dispatchWorkgroups(steps[i + 2], steps[i + 3], steps[i + 4]);
+    }
+    pass.end();
+    if (staging) encoder.copyBufferToBuffer(readBuffer, readOffset, staging, 0, readSize);
+    queue.submit([encoder.finish()]);
+    // mapping starts now and completes when the GPU has run this submit
+    return staging ? staging.mapAsync(GPUMapMode.READ, 0, readSize) : null;
+}""")
+
 _write_from_python = run_js("""(queue, buffer, offset, data) => {
     const view = data.getBuffer("u8");
     try {
@@ -116,6 +139,7 @@ class BrowserDevice:
         self.lost: str | None = None  # why the device stopped working, once it has
         self.errors: list[Exception] = []  # reported by WebGPU, not raised yet
         self._staging: list[tuple[int, Buffer]] = []  # idle MAP_READ buffers (size, buffer)
+        self._programs: dict[int, tuple[list[Dispatch], Any]] = {}  # id(dispatch list) -> (it, its JS array)
         self._on_error = create_proxy(self._uncaptured)
         device.onuncapturederror = self._on_error
         device.lost.then(create_once_callable(self._lost))
@@ -206,25 +230,24 @@ class BrowserDevice:
     def submit(self, dispatches: list[Dispatch], *, copies: Sequence[Copy] = (),
                read: Binding | None = None) -> BrowserReadBack | None:
         self.check()
-        encoder = self.device.createCommandEncoder()
-        for (src, src_off, size), (dst, dst_off, _) in copies:
-            encoder.copyBufferToBuffer(src, src_off, dst, dst_off, size)
-        cpass = encoder.beginComputePass()
-        for pipeline, bind_group, (x, y, z) in dispatches:
-            cpass.setPipeline(pipeline)
-            cpass.setBindGroup(0, bind_group)
-            cpass.dispatchWorkgroups(x, y, z)
-        cpass.end()
-        staging = None
-        if read is not None:
-            buf, offset, size = read
-            staging = self._take_staging(size)
-            encoder.copyBufferToBuffer(buf, offset, staging[1], 0, size)
-        self.queue.submit(to_js([encoder.finish()]))
+        staging = self._take_staging(read[2]) if read is not None else None
+        flat_copies = [v for (src, so, size), (dst, do, _) in copies for v in (src, so, dst, do, size)]
+        mapped = _submit_step(self.device, self.queue, to_js(flat_copies), self._program(dispatches),
+                              *(read if read is not None else (None, 0, 0)), staging[1] if staging else None)
         if staging is None:
             return None
-        # mapping starts now and completes when the GPU has run this submit
-        return BrowserReadBack(self, staging, size, staging[1].mapAsync(MAP_READ, 0, size))
+        return BrowserReadBack(self, staging, read[2], mapped)
+
+    def _program(self, dispatches: list[Dispatch]) -> Any:
+        """The dispatches as one flat JS array [pipeline, bind group, x, y, z, ...], made once per
+        list: the executor keeps one list per step shape, and a decode step repeats one shape."""
+        key = id(dispatches)
+        if key not in self._programs or self._programs[key][0] is not dispatches:
+            if len(self._programs) >= 64:
+                self._programs.clear()
+            flat = [v for pipeline, bind_group, groups in dispatches for v in (pipeline, bind_group, *groups)]
+            self._programs[key] = (dispatches, to_js(flat))
+        return self._programs[key][1]
 
 
 class BrowserReadBack:

@@ -16,7 +16,7 @@ import numpy as np
 from ..gguf import TensorInfo
 from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
-from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM_RW, Binding, Device, Dispatch, ReadBack
+from .device import COPY_DST, COPY_SRC, STORAGE, STORAGE_RW, UNIFORM, Binding, Device, Dispatch, ReadBack
 from .fuse import Kernel, fuse, stored_attentions
 from .matmul import GpuWeight, QuantMatmul, ResidualNorm, concat_rows
 from .ops import (
@@ -70,10 +70,8 @@ class GpuExecutor:
         self.kv_f16 = "shader-f16" in device.features  # as llama.cpp and the numpy executor store it
         self.vectors: dict[str, Binding] = {}
 
-        self.inputs = {name: self.buffer(4 * self.capacity["R" if name == "logit_rows" else "T"], name)
-                       for name in STEP_INPUTS}
-        # matmul kernels read their row count from a uniform (x of a vec4<u32>)
-        self.counts = {rows: (device.create_buffer(16, UNIFORM_RW, f"{rows} count"), 0, 16) for rows in "TR"}
+        self.step = StepInputs(device, self.capacity)
+        self.inputs, self.counts = self.step.inputs, self.step.counts
         self.acts = {name: self.buffer(4 * width * self.capacity[rows], name)
                      for name, (rows, width) in plan.buffers.items()}
         self.program = fuse(plan, device.limits["max_storage_buffer_binding_size"])
@@ -87,9 +85,8 @@ class GpuExecutor:
         self.launches = [BUILDERS[kernel.kind](self, kernel) for kernel in self.program]
 
         n_vocab, r_max = plan.n_vocab, self.capacity["R"]
-        self.sampling_params = self.buffer(SAMPLING_ROW_BYTES * r_max, "sampling params")
         self.sampled = self.buffer(4 * r_max, "sampled ids")
-        self.sampler = Launch("R", Sampler(device, self.acts["logits"], self.sampling_params, self.sampled,
+        self.sampler = Launch("R", Sampler(device, self.acts["logits"], self.step.sampling, self.sampled,
                                            n_vocab=n_vocab))
         self._step_dispatches: dict[tuple[int, int, bool], list[Dispatch]] = {}
         self._last_sampled_rows = 0  # logit rows of the last sampled step (what a follow-up step reads)
@@ -131,7 +128,7 @@ class GpuExecutor:
 
     # -- per step --------------------------------------------------------------------------------
 
-    def _write_step(self, batch: Batch) -> dict[str, int]:
+    def _write_step(self, batch: Batch, sampling: bytes = b"") -> dict[str, int]:
         counts = {"T": len(batch), "R": len(batch.logit_rows)}
         for rows, n in counts.items():
             if not 0 < n <= self.capacity[rows]:
@@ -143,10 +140,7 @@ class GpuExecutor:
             raise ValueError(f"slot out of range 0..{self.n_slots - 1}")
         if int(batch.logit_rows.max()) >= counts["T"]:
             raise ValueError("a logit row past the step's tokens")
-        for name in STEP_INPUTS:
-            self.device.write_buffer(self.inputs[name][0], 0, np.ascontiguousarray(getattr(batch, name), np.int32))
-        for rows, n in counts.items():
-            self.device.write_buffer(self.counts[rows][0], 0, np.array([n, 0, 0, 0], np.uint32).tobytes())
+        self.step.write(batch, counts, sampling)
         return counts
 
     def _dispatches(self, counts: dict[str, int], sample: bool = False) -> list[Dispatch]:
@@ -175,21 +169,62 @@ class GpuExecutor:
         """Queue a sampled step without waiting for it. With `follow`, the step's tokens are the
         ids the previous submitted step sampled (its logit row r feeds token r; batch.tokens is
         ignored): the GPU copies them, so step n + 1 can be queued before step n's ids are read."""
-        counts = self._write_step(batch)
-        if len(rows) != counts["R"]:
-            raise ValueError(f"{len(rows)} sampling rows for {counts['R']} logit rows")
-        self.device.write_buffer(self.sampling_params[0], 0, pack_sampling(rows))
+        if len(rows) != len(batch.logit_rows):
+            raise ValueError(f"{len(rows)} sampling rows for {len(batch.logit_rows)} logit rows")
+        counts = self._write_step(batch, pack_sampling(rows))
         copies = []
         if follow:
             if self._last_sampled_rows != counts["T"]:
                 raise ValueError(f"a follow-up step of {counts['T']} tokens after a step that sampled "
                                  f"{self._last_sampled_rows}")
             size = 4 * counts["T"]
-            copies = [((self.sampled[0], 0, size), (self.inputs["tokens"][0], 0, size))]
+            tokens = self.inputs["tokens"]
+            copies = [((self.sampled[0], 0, size), (tokens[0], tokens[1], size))]
         self._last_sampled_rows = counts["R"]
         read = self.device.submit(self._dispatches(counts, sample=True), copies=copies,
                                   read=(self.sampled[0], 0, 4 * counts["R"]))
         return SampledIds(read)
+
+
+class StepInputs:
+    """Everything a step's kernels read from the host, in one buffer written once per step (a
+    write costs a host call, through an FFI in the page): the token ids, positions, KV slots and
+    logit rows (int32 per row), the row counts the mat-mat kernels read from a uniform (x of a
+    vec4<u32>) and the sampler's per-row parameters, each at an offset bindings may start at."""
+
+    def __init__(self, device: Device, capacity: dict[str, int]) -> None:
+        align = max(device.limits.get("min_storage_buffer_offset_alignment", 256),
+                    device.limits.get("min_uniform_buffer_offset_alignment", 256))
+        sizes = {name: 4 * capacity["R" if name == "logit_rows" else "T"] for name in STEP_INPUTS}
+        sizes |= {"T count": 16, "R count": 16, "sampling": SAMPLING_ROW_BYTES * capacity["R"]}
+        self.offsets, end = {}, 0
+        for name, size in sizes.items():
+            self.offsets[name] = end
+            end = -(-(end + size) // align) * align
+        self.buffer = device.create_buffer(end, STORAGE | UNIFORM | COPY_SRC | COPY_DST, "step inputs")
+        self.device, self.data = device, bytearray(end)
+        at = {name: (self.buffer, self.offsets[name], size) for name, size in sizes.items()}
+        self.inputs = {name: at[name] for name in STEP_INPUTS}
+        self.counts = {rows: at[f"{rows} count"] for rows in "TR"}
+        self.sampling = at["sampling"]
+
+    def write(self, batch: Batch, counts: dict[str, int], sampling: bytes) -> None:
+        """The step's inputs, in one write up to the last byte it uses."""
+        data, used = self.data, 0
+        for name in STEP_INPUTS:
+            raw = np.ascontiguousarray(getattr(batch, name), np.int32).tobytes()
+            at = self.offsets[name]
+            data[at:at + len(raw)] = raw
+            used = max(used, at + len(raw))
+        for rows, n in counts.items():
+            at = self.offsets[f"{rows} count"]
+            data[at:at + 4] = n.to_bytes(4, "little")
+            used = max(used, at + 16)
+        if sampling:
+            at = self.offsets["sampling"]
+            data[at:at + len(sampling)] = sampling
+            used = at + len(sampling)
+        self.device.write_buffer(self.buffer, 0, memoryview(data)[:-(-used // 4) * 4])
 
 
 class SampledIds:

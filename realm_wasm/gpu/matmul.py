@@ -306,7 +306,10 @@ class QuantMatmul:
                                          device.limits["max_compute_invocations_per_workgroup"], bool(glu))
         self.matvec = [self._matvec(c) for c in weight.chunks]
         self.tiles = fit_tiles(self.tuning.tiles, device.limits, self.f16, weight.k)
-        self.matmat: dict[Tile, list[Launch]] = {}  # built at first use: most steps need one or two tiles
+        # every tile a step may pick, built now: a pipeline compiled at first use would stall that
+        # step (in the page, the first prompt's time to first token)
+        self.matmat: dict[Tile, list[Launch]] = {tile: [self._matmat(c, tile) for c in weight.chunks]
+                                                 for tile, _ in self.tiles}
 
     def _grid(self, rows: int, rows_per_group: int) -> tuple[int, int]:
         """(x, y) workgroups covering `rows` output rows, `rows_per_group` each."""
@@ -353,8 +356,6 @@ class QuantMatmul:
         if t <= self.tuning.matvec_max_t:
             return [(pipe, bg, (t, gx, gy)) for pipe, bg, (gx, gy) in self.matvec]  # token-major: see matvec.wgsl
         tile = self.tile(t)
-        if tile not in self.matmat:
-            self.matmat[tile] = [self._matmat(c, tile) for c in self.weight.chunks]
         tiles = -(-t // tile.tt)
         steps = [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat[tile]]
         after = self.glu_op or self.norm_op
