@@ -8,7 +8,9 @@ sure web/vendor (Pyodide) and the runtime bundle are in place. Runs each distinc
 first (greedy: the expected text, and the latency of a request with the server to itself), then
 all requests at once, and prints a table: requests completed, how many match their text run
 alone, p50/p95 latency and time to first token, aggregate generated tokens/s, and /health latency
-while the server is loaded.
+while the server is loaded. First, in this process, the engine decodes --decode-tokens alone
+(`Engine.generate`, the same loop the server runs), and one stream through the server does the
+same: their decode tokens/s side by side (first token to last) say what the server's transport costs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,29 @@ from realm_server.tenants import hash_key  # noqa: E402  (the repo root goes on 
 PROMPTS = ["Question: What is the capital of France?\nAnswer:", "Once upon a time", "The three primary colors are",
            "def fibonacci(n):", "The largest planet in the solar system is", "Water boils at",
            "A haiku about the sea:\n", "The recipe for pancakes:\n1."]
+
+
+def engine_decode(model: str | None, backend: str, n_ctx: int, tokens: int) -> tuple[float, str]:
+    """Decode tokens/s of the engine alone, in this process: first generated token to last."""
+    from realm_wasm.engine import Engine
+    from realm_wasm.model_files import resolve_model
+
+    engine = Engine.load(resolve_model(model), backend=backend, n_ctx=n_ctx)
+    times = [e.elapsed_s for e in engine.generate(PROMPTS[1], tokens, stop_at_eos=False) if e.token_id is not None]
+    return (len(times) - 1) / (times[-1] - times[0]), engine.executor.name
+
+
+async def stream_decode(url: str, key: str, tokens: int) -> float:
+    """Decode tokens/s of one stream through the server: first text chunk to last (one chunk per token)."""
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+        model = (await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).json()["data"][0]["id"]
+        body = {"model": model, "prompt": PROMPTS[1], "max_tokens": tokens, "temperature": 0, "stream": True}
+        arrivals = []
+        async with c.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.perf_counter())
+    return (len(arrivals) - 2) / (arrivals[-2] - arrivals[0])  # the last chunk only says why it ended
 
 
 @dataclass
@@ -149,7 +174,9 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
     parser.add_argument("--backend", default="auto", help="auto, webgpu or numpy (realm_wasm.backends)")
+    parser.add_argument("--decode-tokens", type=int, default=256, help="tokens of the one-stream decode comparison")
     args = parser.parse_args()
+    engine_rate, engine_executor = engine_decode(args.model, args.backend, args.ctx, args.decode_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         keys = write_tenants(Path(tmp), args.tenants)
         port = free_port()
@@ -175,6 +202,11 @@ def main() -> None:
             executor = httpx.get(url + "/health").json()["models"]
             print(f"{os.cpu_count()} CPUs, {args.slots} KV slots, executor "
                   f"{', '.join(m['executor'] for m in executor.values())}\n")
+            server_rate = asyncio.run(stream_decode(url, next(iter(keys.values())), args.decode_tokens))
+            print(f"| one sequence, {args.decode_tokens} tokens | decode tok/s |\n| --- | ---: |\n"
+                  f"| Engine.generate ({engine_executor}), this process | {engine_rate:.1f} |\n"
+                  f"| one stream through realm serve (SSE) | {server_rate:.1f} |\n"
+                  f"| ratio | {server_rate / engine_rate:.3f} |\n")
             asyncio.run(run(url, keys, args.requests, args.max_tokens))
         finally:
             server.terminate()

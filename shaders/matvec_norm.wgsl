@@ -1,11 +1,12 @@
 // A mat-vec followed by the residual RMSNorm of its output (rmsnorm.wgsl's RESIDUAL + THEN, over
 // whole rows), in one dispatch: every workgroup writes its rows of y[t], then counts itself in;
 // the one that arrives last, which sees all of y[t], runs the norm:
-//     resid[t] += y[t] / rms(y[t]) * norm_w          (a post-norm and its residual add)
+//     resid[t] += y[t] / rms(y[t]) * norm_w          (a post-norm and its residual add; without
+//                                                     POST_NORM, resid[t] += y[t]: the add alone)
 //     h[t] = resid[t] / rms(resid[t]) * norm_w2     (THEN: the next pre-norm)
 // A separate norm dispatch would cost as much again as the norm's work (~5 µs on a big GPU).
 // Needs matvec.wgsl with one weight binding holding every row (ROW0 = 0, Y_STRIDE = N).
-// Consts (besides matvec.wgsl's): EPS, THEN, WGS (workgroups per token: GRID_X * grid rows).
+// Consts (besides matvec.wgsl's): EPS, POST_NORM, THEN, WGS (workgroups per token: GRID_X * grid rows).
 
 @group(0) @binding(3) var<storage, read> norm_w: array<f32>;
 @group(0) @binding(4) var<storage, read_write> resid: array<f32>;
@@ -60,8 +61,11 @@ fn norm_in_registers(t: u32, lane: u32) {
     let rv = vec4<f32>(resid[row + i.x], resid[row + i.y], resid[row + i.z], resid[row + i.w]);
     let wv = vec4<f32>(norm_w[i.x], norm_w[i.y], norm_w[i.z], norm_w[i.w]);
     let w2v = vec4<f32>(norm_w2[i.x], norm_w2[i.y], norm_w2[i.z], norm_w2[i.w]);
-    let inv = inverseSqrt(block_sum(lane, dot(yv, yv)) / f32(N) + EPS);
-    let v = select(vec4<f32>(), rv + yv * inv * wv, live);
+    var scale = vec4<f32>(1.0);
+    if POST_NORM {
+        scale = inverseSqrt(block_sum(lane, dot(yv, yv)) / f32(N) + EPS) * wv;
+    }
+    let v = select(vec4<f32>(), rv + yv * scale, live);
     put4(false, row, at, v);
     if THEN {
         let inv2 = inverseSqrt(block_sum(lane, dot(v, v)) / f32(N) + EPS);
@@ -72,15 +76,18 @@ fn norm_in_registers(t: u32, lane: u32) {
 // Rows longer than 4 WG: a pass for the sum of squares, one for the residual, one for h.
 fn norm_in_passes(t: u32, lane: u32) {
     let row = t * N;
-    var ss = 0.0;
-    for (var i = lane; i < N; i += WG) {
-        let v = y[row + i];
-        ss += v * v;
+    var inv = 1.0;
+    if POST_NORM {
+        var ss = 0.0;
+        for (var i = lane; i < N; i += WG) {
+            let v = y[row + i];
+            ss += v * v;
+        }
+        inv = inverseSqrt(block_sum(lane, ss) / f32(N) + EPS);
     }
-    let inv = inverseSqrt(block_sum(lane, ss) / f32(N) + EPS);
     var ss_out = 0.0;
     for (var i = lane; i < N; i += WG) {
-        let v = resid[row + i] + y[row + i] * inv * norm_w[i];
+        let v = resid[row + i] + y[row + i] * select(1.0, inv * norm_w[i], POST_NORM);
         resid[row + i] = v;
         ss_out += v * v;
     }

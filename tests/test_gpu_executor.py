@@ -260,14 +260,14 @@ def test_ropes_pair_only_with_the_same_angles_and_nothing_in_between(gemma, mode
 
 def test_the_program_pins_dispatches_per_layer(gemma, model, gpu):
     """A decode step: 7 dispatches per gemma3 layer (q+k, v, rope q,k + norms + KV store, attention,
-    o + residual norm, GLU, down + residual norm), layer 0 also its pre-norm. 13 per layer of the
-    test llama: no post-norms to fuse the residual adds into (add, norm), and its gate (Q4_0 or
-    Q8_0) and up (Q5_1) weights cannot be joined (gate, up, activation)."""
+    o + residual norm, GLU, down + residual norm), layer 0 also its pre-norm. The test llama has no
+    post-norms: o and down run the residual add and the next pre-norm themselves, so 7 too, but
+    its gate (Q4_0 or Q8_0) and up (Q5_1) weights cannot be joined (gate, up, activation: 9)."""
     _, ex = executors(gemma, gpu)
     assert dispatches_per_layer(ex) == [8] + [7] * (GEMMA_LAYERS - 1)
     _, ex = executors(model, gpu)
     n_layers = model[1].kv.n_layers
-    assert dispatches_per_layer(ex) == [13] * n_layers
+    assert dispatches_per_layer(ex) == [10] + [9] * (n_layers - 1)
     lines = describe(gemma[1], fuse(gemma[1]))
     assert lines[1] == ("layer 0: norm h | matmul q+k | matmul v | rope q,k + norm + kv store | attention (window 4) "
                         "| matmul o + norm + residual x + norm h | glu gelu | matmul f + norm + residual x + norm h")
@@ -303,3 +303,15 @@ def test_ops_in_another_legal_order_fuse_alike(gemma, gpu):
     assert dispatches_per_layer(dev) == [8] + [7] * (GEMMA_LAYERS - 1)
     for batch in (Batch.for_sequence([3, 17, 42, 8, 8, 91], 0, all_logits=True), Batch.for_sequence([5], 6)):
         close(dev.forward(batch), cpu.forward(batch))
+
+
+def test_residual_adds_without_post_norms_match_numpy_at_every_step_size(model, gpu):
+    """llama's o and down run the residual add and the next pre-norm in the mat-vec's last workgroup
+    (decode) or as one add + norm kernel after the mat-mat (steps of more than 12 tokens)."""
+    cpu, dev = executors(model, gpu)
+    kernels = [k for k in fuse(model[1]) if k.kind == "matmul" and "add" in k.fused]
+    assert len(kernels) == 2 * model[1].kv.n_layers and all("norm" not in k.fused for k in kernels)
+    tokens = list(range(3, 23))
+    close(dev.forward(Batch.for_sequence(tokens, 0, all_logits=True)),
+          cpu.forward(Batch.for_sequence(tokens, 0, all_logits=True)))
+    close(dev.forward(Batch.for_sequence([7], 20)), cpu.forward(Batch.for_sequence([7], 20)))

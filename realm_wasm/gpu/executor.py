@@ -276,9 +276,11 @@ def _matmul(ex: GpuExecutor, k: Kernel) -> Launch:
         joined = _joined_weight(ex, op.weights[0], other.weights[0])
         return Launch(rows, QuantMatmul(ex.device, joined, x, y, ex.counts[rows], second=(n_first, ex.acts[other.out])))
     norm = None
-    if "norm" in k.fused:
-        post, add = ex.plan.ops[k.fused["norm"]], ex.plan.ops[k.fused["add"]]
-        norm = ResidualNorm(ex.vector(post.weights[0]), ex.acts[add.out], post.params["eps"], _next_norm(ex, k))
+    if "add" in k.fused:  # the residual add, after the post-norm if there is one
+        post = ex.plan.ops[k.fused["norm"]] if "norm" in k.fused else None
+        add, then = ex.plan.ops[k.fused["add"]], ex.plan.ops[k.fused.get("then", k.fused["add"])]
+        norm = ResidualNorm(ex.vector(post.weights[0]) if post else None, ex.acts[add.out],
+                            (post or then).params.get("eps", 0.0), _next_norm(ex, k))
     return Launch(rows, QuantMatmul(ex.device, ex.weight(op.weights[0]), x, y, ex.counts[rows], norm=norm))
 
 
@@ -350,8 +352,14 @@ def _attention(ex: GpuExecutor, index: int, stored: bool) -> Attention:
 
 
 def _add(ex: GpuExecutor, k: Kernel) -> Launch:
+    """a + b; with role "then", a residual add x += o and the next pre-norm in one kernel."""
     op = ex.plan.ops[k.op]
     a, b = (ex.acts[name] for name in op.ins)
+    if "then" in k.fused:
+        then = ex.plan.ops[k.fused["then"]]
+        return Launch(ex.rows_of(op), RmsNorm(ex.device, b, None, ex.acts[op.out], width=ex.width(op.out),
+                                              group=ex.width(op.out), eps=then.params["eps"], residual=True,
+                                              then=_next_norm(ex, k)))
     return Launch(ex.rows_of(op), Add(ex.device, a, b, ex.acts[op.out], width=ex.width(op.out)))
 
 

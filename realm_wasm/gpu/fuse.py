@@ -10,7 +10,9 @@ reads and writes) rather than by where ops stand, so any legal order of a model'
 | --------- | ----------------------------------- | ----------------------------------------------------- |
 | matmul    | second (matmul of the same input)   | two projections from one joined weight (q and k)      |
 | matmul    | norm, add, then                     | y = W·x, then x += rmsnorm(y), then h = rmsnorm(x)     |
+| matmul    | add, then                           | y = W·x, then x += y, then h = rmsnorm(x) (no post-norm) |
 | rmsnorm   | add, then                           | x += rmsnorm(o), then h = rmsnorm(x)                  |
+| add       | then                                | x += o, then h = rmsnorm(x)                           |
 | rope      | norm, pair, pair_norm, store        | Q/K norms, RoPE of q and k, the KV-cache store        |
 | glu       | (gate and up joined in one weight)  | act(W_gate·x) * (W_up·x)                              |
 
@@ -172,6 +174,27 @@ class _Fusion:
             and self.moves({add, m}, j)))
         return add, then
 
+    def add_then(self, k: int) -> int | None:
+        """For a residual add x = x + o (no post-norm before it): the next pre-norm h = rmsnorm(x),
+        movable up to the add."""
+        add, ops = self.ops[k], self.ops
+        x = add.out
+        if add.ins[0] != x or add.ins[1] == x or not self.free(k):
+            return None
+        return self.nearest(range(k + 1, len(ops)), lambda m: (
+            ops[m].kind == "rmsnorm" and ops[m].ins[0] == x and ops[m].out != x and self.free(m)
+            and self.moves({m}, k)))
+
+    def matmul_add(self, i: int) -> int | None:
+        """A residual add of the matmul's output (with its next pre-norm, if fused), which the
+        mat-vec's last workgroup can run: its weight in one binding, the add movable up to it."""
+        mm, ops = self.ops[i], self.ops
+        if not _one_binding(self.plan, mm.weights[0], self.limit):
+            return None
+        return self.nearest(range(i + 1, len(ops)), lambda k: (
+            ops[k].kind == "add" and ops[k].ins[1] == mm.out and ops[k].ins[0] == ops[k].out != mm.out
+            and k not in self.claimed and self.moves({k, *self.fused.get(k, {}).values()}, i)))
+
     def matmul_norm(self, i: int) -> int | None:
         """A residual post-norm chain (`residual`) of a matmul's output over whole rows, which the
         mat-vec's last workgroup can run: its weight in one binding, the chain movable up to it."""
@@ -240,6 +263,9 @@ def fuse(plan: Plan, binding_limit: int = DEFAULT_BINDING_LIMIT) -> list[Kernel]
             f.fold(j, "add", add)
             if then is not None:
                 f.fold(j, "then", then)
+    for k, op in enumerate(ops):  # a residual add (no post-norm) + the next pre-norm
+        if op.kind == "add" and (m := f.add_then(k)) is not None:
+            f.fold(k, "then", m)
     partner: dict[str, str] = {}
     uses = Counter(name for op in ops for name in op.weights)
     access = f.access()
@@ -249,6 +275,9 @@ def fuse(plan: Plan, binding_limit: int = DEFAULT_BINDING_LIMIT) -> list[Kernel]
         if (j := f.matmul_norm(i)) is not None:  # ... run by the mat-vec before it
             for role, k in {"norm": j, **f.fused.pop(j)}.items():
                 f.fold(i, role, k)
+        elif (k := f.matmul_add(i)) is not None:
+            for role, m in {"add": k, **f.fused.pop(k, {})}.items():
+                f.fold(i, role, m)
         elif (j := f.matmul_pair(i, partner, uses, access)) is not None:
             f.fold(i, "second", j)
             partner[op.out], partner[ops[j].out] = ops[j].out, op.out

@@ -219,10 +219,11 @@ def matvec_shape(tune: Tuning, n: int, k: int, max_threads: int, glu: bool = Fal
 
 @dataclass(frozen=True)
 class ResidualNorm:
-    """What a mat-vec can do after its rows (shaders/matvec_norm.wgsl): resid += rmsnorm(y) * w,
-    then, with `then` = (w2, h), h = rmsnorm(resid) * w2 — ops.RmsNorm(residual=True, then=)."""
+    """What a mat-vec can do after its rows (shaders/matvec_norm.wgsl): resid += rmsnorm(y) * w
+    (resid += y with `w` None: a model without post-norms), then, with `then` = (w2, h),
+    h = rmsnorm(resid) * w2 — ops.RmsNorm(residual=True, then=)."""
 
-    w: Binding
+    w: Binding | None
     resid: Binding
     eps: float
     then: tuple[Binding, Binding] | None = None
@@ -299,9 +300,10 @@ class QuantMatmul:
                                        residual=True, then=norm.then)
             size = 4 * self.tuning.matvec_max_t
             self.arrived = (ops.scratch(device, "matvec arrivals", size), 0, size)
-            # without `then`, the unread w2 is bound to w and the unwritten h to a scratch buffer
-            w2, h = norm.then or (norm.w, (ops.scratch(device, "unused h", 16), 0, 16))
-            self.norm_bindings = [norm.w, norm.resid, h, w2]
+            # unread weights are bound to zeros, the unwritten h to a scratch buffer
+            zeros = (ops.scratch(device, "unused norm weight", 4 * weight.n), 0, 4 * weight.n)
+            w2, h = norm.then or (zeros, (ops.scratch(device, "unused h", 16), 0, 16))
+            self.norm_bindings = [norm.w or zeros, norm.resid, h, w2]
         self.matvec_shape = matvec_shape(self.tuning, weight.n, weight.k,
                                          device.limits["max_compute_invocations_per_workgroup"], bool(glu))
         self.matvec = [self._matvec(c) for c in weight.chunks]
@@ -326,7 +328,8 @@ class QuantMatmul:
         parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "rows_out.wgsl", "matvec.wgsl", entry)
         bindings = [(chunk.buffer, 0, chunk.size), self.x, self.y]
         if self.norm:
-            consts.update(EPS=float(self.norm.eps), THEN=self.norm.then is not None, WGS=grid[0] * grid[1])
+            consts.update(EPS=float(self.norm.eps), POST_NORM=self.norm.w is not None, THEN=self.norm.then is not None,
+                          WGS=grid[0] * grid[1])
             bindings += [*self.norm_bindings, self.arrived]
         label = " ".join(filter(None, ("matvec", self.weight.quant.name, f"{self.weight.n}x{self.weight.k}", self.glu,
                                        "+ norm" if self.norm else None)))

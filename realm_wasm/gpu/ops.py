@@ -88,25 +88,30 @@ class _Op:
 class RmsNorm(_Op):
     """y = x / sqrt(mean(x², per group of `group`) + eps) * w, or y += that with `residual`.
 
-    `w` holds `group` floats (shared by every group of a row, as a per-head Q/K norm) or `width`.
+    `w` holds `group` floats (shared by every group of a row, as a per-head Q/K norm) or `width`;
+    None, with `residual`, adds x itself (y += x: the residual add of a model without post-norms).
     `then` = (w2, h) also writes h = rmsnorm(new y) * w2: a post-norm, the residual add and the
     next pre-norm in one dispatch.
     """
 
-    def __init__(self, device: Device, x: Binding, w: Binding, y: Binding, *, width: int, group: int,
+    def __init__(self, device: Device, x: Binding, w: Binding | None, y: Binding, *, width: int, group: int,
                  eps: float, residual: bool = False, then: tuple[Binding, Binding] | None = None,
                  tuning: Tuning | None = None) -> None:
         tune = tuning or tuning_for(device)
         if width % group:
             raise ValueError(f"rmsnorm: width {width} is not a multiple of the group {group}")
-        w_len = w[2] // 4
+        if w is None and not residual:
+            raise ValueError("rmsnorm: without a weight only the residual add (residual=True) is left")
+        post_norm = w is not None
+        w = w if post_norm else x  # unread without a post-norm: x is bound read-only anyway
+        w_len = w[2] // 4 if post_norm else width
         if w_len not in (group, width):
             raise ValueError(f"rmsnorm: weight of {w_len} floats fits neither the group {group} nor the row {width}")
         in_place = _same(x, y)
         if in_place and residual:
             raise ValueError("rmsnorm: a residual norm cannot run in place")
         wg = min(tune.wg, 1 << max(5, (group - 1).bit_length()))
-        consts = dict(WIDTH=width, GROUP=group, W_LEN=w_len, EPS=float(eps), RESIDUAL=residual,
+        consts = dict(WIDTH=width, GROUP=group, W_LEN=w_len, EPS=float(eps), POST_NORM=post_norm, RESIDUAL=residual,
                       THEN=then is not None, IN_PLACE=in_place, WG=wg, R=1)
         subgroups = "subgroups" in device.features
         pipe = compose.pipeline(device, (_reduce_part(device), "rmsnorm.wgsl"), consts, subgroups=subgroups,
