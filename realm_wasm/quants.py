@@ -315,6 +315,13 @@ _IQ1S_GRID = _grid((-1, 0, 1), 8, (
     "rp$X4T{{D_p5YV7e^~xM<^E7<_56qcAaL=FI+lT|4v2#Y&dpW2-Egd@Fdf5G@Dheeu*|v(bMFD;1sQ1"
 ))
 
+# The codebooks by the names ggml gives them, for the GPU kernels: realm_wasm/gpu/compose.py packs
+# these same arrays into WGSL tables, so the shaders and the numpy dequantizers read identical rows.
+GRIDS: dict[str, np.ndarray] = {
+    "iq2xxs_grid": _IQ2XXS_GRID, "iq2xs_grid": _IQ2XS_GRID, "iq2s_grid": _IQ2S_GRID,
+    "iq3xxs_grid": _IQ3XXS_GRID, "iq3s_grid": _IQ3S_GRID, "iq1s_grid": _IQ1S_GRID,
+}
+
 # Sign bytes of IQ2_XXS/IQ2_XS/IQ3_XXS: 7 stored sign bits, the 8th makes the count of minus signs even.
 _KSIGNS = np.array([i | (bin(i).count("1") & 1) << 7 for i in range(128)], np.uint8)
 _IQ1_DELTA = np.float32(0.125)  # IQ1 shifts its ternary grid by +-1/8
@@ -405,7 +412,7 @@ def _iq1_m(blocks: np.ndarray) -> np.ndarray:
 # The table
 
 # name, GGML type id, elements per block, bytes per block, dequantizer, GPU-readable (a WGSL snippet
-# shaders/dequant_<name>.wgsl exists and composes with every kernel: tests/test_quants.py checks it)
+# shaders/dequant_<name>.wgsl exists and composes with every kernel: tests/test_gpu_matmul.py checks it)
 _ROWS: tuple[tuple[str, int, int, int, Callable[[np.ndarray], np.ndarray], bool], ...] = (
     ("F32", 0, 1, 4, _cast("<f4"), True),
     ("F16", 1, 1, 2, _cast("<f2"), True),
@@ -421,25 +428,25 @@ _ROWS: tuple[tuple[str, int, int, int, Callable[[np.ndarray], np.ndarray], bool]
     ("Q5_K", 13, QK_K, 176, _q5_k, True),
     ("Q6_K", 14, QK_K, 210, _q6_k, True),
     ("Q8_K", 15, QK_K, 292, _q8_k, True),
-    ("IQ2_XXS", 16, QK_K, 66, _iq2_xxs, False),
-    ("IQ2_XS", 17, QK_K, 74, _iq2_xs, False),
-    ("IQ3_XXS", 18, QK_K, 98, _iq3_xxs, False),
-    ("IQ1_S", 19, QK_K, 50, _iq1_s, False),
+    ("IQ2_XXS", 16, QK_K, 66, _iq2_xxs, True),
+    ("IQ2_XS", 17, QK_K, 74, _iq2_xs, True),
+    ("IQ3_XXS", 18, QK_K, 98, _iq3_xxs, True),
+    ("IQ1_S", 19, QK_K, 50, _iq1_s, True),
     ("IQ4_NL", 20, 32, 18, _iq4_nl, True),
-    ("IQ3_S", 21, QK_K, 110, _iq3_s, False),
-    ("IQ2_S", 22, QK_K, 82, _iq2_s, False),
+    ("IQ3_S", 21, QK_K, 110, _iq3_s, True),
+    ("IQ2_S", 22, QK_K, 82, _iq2_s, True),
     ("IQ4_XS", 23, QK_K, 136, _iq4_xs, True),
     ("I8", 24, 1, 1, _cast("i1"), False),
     ("I16", 25, 1, 2, _cast("<i2"), False),
     ("I32", 26, 1, 4, _cast("<i4"), False),
     ("I64", 27, 1, 8, _cast("<i8"), False),
     ("F64", 28, 1, 8, _cast("<f8"), False),
-    ("IQ1_M", 29, QK_K, 56, _iq1_m, False),
+    ("IQ1_M", 29, QK_K, 56, _iq1_m, True),
     ("BF16", 30, 1, 2, _bf16, True),
     ("TQ1_0", 34, QK_K, 54, _tq1_0, True),
     ("TQ2_0", 35, QK_K, 66, _tq2_0, True),
     ("MXFP4", 39, 32, 17, _mxfp4, True),
-    ("NVFP4", 40, 64, 36, _nvfp4, False),
+    ("NVFP4", 40, 64, 36, _nvfp4, True),
 )
 
 QUANT_TYPES: tuple[QuantType, ...] = tuple(
