@@ -235,6 +235,20 @@ def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# 1- and 2-bit types with one f16 scale: Q1_0 (weights +-d), Q2_0 (weights -d, 0, d, 2d)
+
+
+def _q1_0(blocks: np.ndarray) -> np.ndarray:
+    d, qs = _fields(blocks, 2, 16)  # element j is bit j of qs; a set bit is +d, a clear one -d
+    return _scaled(_unpack(qs, 1, 1).view(np.int8) * 2 - 1, _f16(d))
+
+
+def _q2_0(blocks: np.ndarray) -> np.ndarray:
+    d, qs = _fields(blocks, 2, 16)  # element j is bit pair j % 4 of qs[j / 4]
+    return _scaled(_unpack(qs, 2, 1).view(np.int8) - 1, _f16(d))
+
+
+# ---------------------------------------------------------------------------------------------
 # Ternary types: weights in {-1, 0, 1} times one f16 scale
 
 
@@ -447,6 +461,8 @@ _ROWS: tuple[tuple[str, int, int, int, Callable[[np.ndarray], np.ndarray], bool]
     ("TQ2_0", 35, QK_K, 66, _tq2_0, True),
     ("MXFP4", 39, 32, 17, _mxfp4, True),
     ("NVFP4", 40, 64, 36, _nvfp4, True),
+    ("Q1_0", 41, 128, 18, _q1_0, True),
+    ("Q2_0", 42, 64, 18, _q2_0, True),
 )
 
 QUANT_TYPES: tuple[QuantType, ...] = tuple(

@@ -43,9 +43,9 @@ QUANTIZED_BY_GGUF = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0
 # The other types get random bytes (every bit pattern) with their f16 scales made finite and small.
 F16_SCALES = {"Q8_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
               "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,),
-              "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,)}
+              "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,), "Q1_0": (0,), "Q2_0": (0,)}
 # K per block size: floats get a K that is not a multiple of 32 (the mat-mat's 8-wide K slices).
-K_FOR_BLOCK = {1: 200, 32: 160, 64: 320, 256: 512}
+K_FOR_BLOCK = {1: 200, 32: 160, 64: 320, 128: 384, 256: 512}
 N = 37  # not a multiple of any workgroup's row count or tile
 TOL = {False: 1e-5, True: 2e-3}
 
@@ -74,11 +74,18 @@ def random_weight(name: str, n: int, k: int, rng: np.random.Generator) -> tuple[
 
 
 def oracle_dequant(name: str, blocks: np.ndarray) -> np.ndarray:
-    # gguf has no Q8_K, and its Q8_1 is an old 40-byte layout; both are d * int8 codes.
+    # gguf has no Q8_K, and its Q8_1 is an old 40-byte layout; both are d * int8 codes. It cannot
+    # dequantize Q1_0 (d * +-1 by bit j of the bytes after d) nor Q2_0 (d * (q - 1) by bit pair j).
+    d = blocks[:, :2].view(np.float16).astype(np.float64)
     if name == "Q8_1":
-        return blocks[:, :2].view(np.float16).astype(np.float64) * blocks[:, 4:].view(np.int8)
+        return d * blocks[:, 4:].view(np.int8)
     if name == "Q8_K":
         return blocks[:, :4].view(np.float32).astype(np.float64) * blocks[:, 4:260].view(np.int8)
+    if name == "Q1_0":
+        return d * np.where(np.unpackbits(blocks[:, 2:], axis=1, bitorder="little"), 1.0, -1.0)
+    if name == "Q2_0":
+        codes = blocks[:, 2:, None] >> np.array([0, 2, 4, 6], np.uint8) & 3
+        return d * (codes.reshape(len(blocks), -1).astype(np.float64) - 1)
     return gguf.quants.dequantize(blocks, G[name]).astype(np.float64)
 
 
