@@ -5,7 +5,8 @@
 
 Written to explain why Realm's greedy text on ternary (TQ1_0 / TQ2_0) files differs from
 llama.cpp's; it checks any type llama.cpp writes. Needs llama-cpp-python (../shared/ENVIRONMENT.md;
-never a test dependency). For each file type it quantizes the default model (kept in --out-dir), then:
+never a test dependency). For each file type it quantizes the default model (kept in --out-dir, default
+$TMPDIR/realm-llama-quants), then:
 
 1. Kernels: every quantized tensor of the file dequantized by Realm is compared bit for bit with
    ggml's own `dequantize_row_<type>` (from the libggml that llama-cpp-python ships, called through
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -276,8 +278,10 @@ def main() -> None:
     ap.add_argument("--prompt", default="The capital of Italy is")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--variants", action="store_true", help="also round GELU and attention queries as llama.cpp")
-    ap.add_argument("--out-dir", type=Path, default=Path.home() / ".cache/realm/models")
+    # not the models folder: the server lists every file there
+    ap.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "realm-llama-quants")
     args = ap.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for ftype in args.types:
         path = args.model if ftype == "Q4_K_M" else quantize(
             args.model, ftype, args.out_dir / f"gemma-3-270m-{ftype.lower()}.gguf")
