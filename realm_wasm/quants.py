@@ -235,6 +235,20 @@ def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# 1- and 2-bit types with one f16 scale: Q1_0 (weights +-d), Q2_0 (weights -d, 0, d, 2d)
+
+
+def _q1_0(blocks: np.ndarray) -> np.ndarray:
+    d, qs = _fields(blocks, 2, 16)  # element j is bit j of qs; a set bit is +d, a clear one -d
+    return _scaled(_unpack(qs, 1, 1).view(np.int8) * 2 - 1, _f16(d))
+
+
+def _q2_0(blocks: np.ndarray) -> np.ndarray:
+    d, qs = _fields(blocks, 2, 16)  # element j is bit pair j % 4 of qs[j / 4]
+    return _scaled(_unpack(qs, 2, 1).view(np.int8) - 1, _f16(d))
+
+
+# ---------------------------------------------------------------------------------------------
 # Ternary types: weights in {-1, 0, 1} times one f16 scale
 
 
@@ -314,6 +328,13 @@ _IQ1S_GRID = _grid((-1, 0, 1), 8, (
     "BcV}uIeIA*;9XR~L2uzcrHYS+2)y-rqrtcg6e{stpn$cM#il(dTBx(R&0u-;P1DmAvG}u@dX;b%ns9v~6p49X^c}lqEMlIFjzJBb"
     "rp$X4T{{D_p5YV7e^~xM<^E7<_56qcAaL=FI+lT|4v2#Y&dpW2-Egd@Fdf5G@Dheeu*|v(bMFD;1sQ1"
 ))
+
+# The codebooks by the names ggml gives them, for the GPU kernels: realm_wasm/gpu/compose.py packs
+# these same arrays into WGSL tables, so the shaders and the numpy dequantizers read identical rows.
+GRIDS: dict[str, np.ndarray] = {
+    "iq2xxs_grid": _IQ2XXS_GRID, "iq2xs_grid": _IQ2XS_GRID, "iq2s_grid": _IQ2S_GRID,
+    "iq3xxs_grid": _IQ3XXS_GRID, "iq3s_grid": _IQ3S_GRID, "iq1s_grid": _IQ1S_GRID,
+}
 
 # Sign bytes of IQ2_XXS/IQ2_XS/IQ3_XXS: 7 stored sign bits, the 8th makes the count of minus signs even.
 _KSIGNS = np.array([i | (bin(i).count("1") & 1) << 7 for i in range(128)], np.uint8)
@@ -405,7 +426,7 @@ def _iq1_m(blocks: np.ndarray) -> np.ndarray:
 # The table
 
 # name, GGML type id, elements per block, bytes per block, dequantizer, GPU-readable (a WGSL snippet
-# shaders/dequant_<name>.wgsl exists and composes with every kernel: tests/test_quants.py checks it)
+# shaders/dequant_<name>.wgsl exists and composes with every kernel: tests/test_gpu_matmul.py checks it)
 _ROWS: tuple[tuple[str, int, int, int, Callable[[np.ndarray], np.ndarray], bool], ...] = (
     ("F32", 0, 1, 4, _cast("<f4"), True),
     ("F16", 1, 1, 2, _cast("<f2"), True),
@@ -421,25 +442,27 @@ _ROWS: tuple[tuple[str, int, int, int, Callable[[np.ndarray], np.ndarray], bool]
     ("Q5_K", 13, QK_K, 176, _q5_k, True),
     ("Q6_K", 14, QK_K, 210, _q6_k, True),
     ("Q8_K", 15, QK_K, 292, _q8_k, True),
-    ("IQ2_XXS", 16, QK_K, 66, _iq2_xxs, False),
-    ("IQ2_XS", 17, QK_K, 74, _iq2_xs, False),
-    ("IQ3_XXS", 18, QK_K, 98, _iq3_xxs, False),
-    ("IQ1_S", 19, QK_K, 50, _iq1_s, False),
+    ("IQ2_XXS", 16, QK_K, 66, _iq2_xxs, True),
+    ("IQ2_XS", 17, QK_K, 74, _iq2_xs, True),
+    ("IQ3_XXS", 18, QK_K, 98, _iq3_xxs, True),
+    ("IQ1_S", 19, QK_K, 50, _iq1_s, True),
     ("IQ4_NL", 20, 32, 18, _iq4_nl, True),
-    ("IQ3_S", 21, QK_K, 110, _iq3_s, False),
-    ("IQ2_S", 22, QK_K, 82, _iq2_s, False),
+    ("IQ3_S", 21, QK_K, 110, _iq3_s, True),
+    ("IQ2_S", 22, QK_K, 82, _iq2_s, True),
     ("IQ4_XS", 23, QK_K, 136, _iq4_xs, True),
     ("I8", 24, 1, 1, _cast("i1"), False),
     ("I16", 25, 1, 2, _cast("<i2"), False),
     ("I32", 26, 1, 4, _cast("<i4"), False),
     ("I64", 27, 1, 8, _cast("<i8"), False),
     ("F64", 28, 1, 8, _cast("<f8"), False),
-    ("IQ1_M", 29, QK_K, 56, _iq1_m, False),
+    ("IQ1_M", 29, QK_K, 56, _iq1_m, True),
     ("BF16", 30, 1, 2, _bf16, True),
     ("TQ1_0", 34, QK_K, 54, _tq1_0, True),
     ("TQ2_0", 35, QK_K, 66, _tq2_0, True),
     ("MXFP4", 39, 32, 17, _mxfp4, True),
-    ("NVFP4", 40, 64, 36, _nvfp4, False),
+    ("NVFP4", 40, 64, 36, _nvfp4, True),
+    ("Q1_0", 41, 128, 18, _q1_0, True),
+    ("Q2_0", 42, 64, 18, _q2_0, True),
 )
 
 QUANT_TYPES: tuple[QuantType, ...] = tuple(

@@ -66,6 +66,39 @@ fn lookup16(table: vec4<u32>, codes: vec4<u32>) -> vec4<F> {
 // The non-linear 4-bit grid of IQ4_NL and IQ4_XS: -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113.
 const IQ4_GRID = vec4<u32>(0xbfad9881u, 0xf6eaddcfu, 0x26190d01u, 0x71594535u);
 
+// E2M1 floats doubled (MXFP4, NVFP4): 0 1 2 3 4 6 8 12, then the same negated; the block scales
+// carry the compensating 1/2, as in ggml.
+const E2M1_GRID = vec4<u32>(0x03020100u, 0x0c080604u, 0xfdfeff00u, 0xf4f8fafcu);
+
+// The codebook I-quants (IQ1, IQ2, IQ3) pick rows of a lookup table, e.g. iq2s_grid(i): word i of
+// ggml's grid as packed by realm_wasm/gpu/compose.py (TABLES), which declares the reader where a
+// snippet calls it; the table itself sits at the end of the weight binding.
+
+// IQ2_XXS / IQ2_XS / IQ3_XXS sign byte number `index` (0..127): the 7 stored sign bits, the 8th
+// making the count of minus signs even (ggml's ksigns_iq2xs table, computed).
+fn ksigns(index: u32) -> u32 {
+    return index | ((countOneBits(index) & 1u) << 7u);
+}
+
+// The four bytes of a word (codebook values), negated where bits 0..3 of `signs` are set.
+fn signed_bytes(word: u32, signs: u32) -> vec4<F> {
+    let minus = (vec4<u32>(signs) >> vec4<u32>(0u, 1u, 2u, 3u)) & vec4<u32>(1u);
+    return vec4<F>(fields(word, 0u, 0xffu)) * (1.0 - 2.0 * vec4<F>(minus));
+}
+
+// Eight IQ2 / IQ3 values: the codebook bytes of words lo (elements 0..3) and hi (4..7), negated by
+// bits 0..7 of `signs`, times the group scale d.
+fn signed8(d: F, lo: u32, hi: u32, signs: u32) -> Dq8 {
+    return Dq8(d * signed_bytes(lo, signs), d * signed_bytes(hi, signs >> 4u));
+}
+
+// Eight IQ1 values: a ternary codebook row (nibble j = value j + 1) shifted by delta, times d.
+fn iq1_values(d: F, row: u32, delta: f32) -> Dq8 {
+    let lo = (vec4<u32>(row) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(0xfu);
+    let hi = (vec4<u32>(row) >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(0xfu);
+    return Dq8(d * vec4<F>(vec4<f32>(lo) + (delta - 1.0)), d * vec4<F>(vec4<f32>(hi) + (delta - 1.0)));
+}
+
 // Q4_K/Q5_K: 6-bit (scale, min) pair `is` (0..7) from the 12 scale bytes at word index `at`.
 // Pairs 0..3: low 6 bits of bytes is and is + 4. Pairs 4..7: nibbles of byte is + 4, topped by
 // the spare high bits of bytes is - 4 and is. Branch-free: neighbouring lanes decode different pairs.

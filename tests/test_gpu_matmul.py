@@ -19,7 +19,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from realm_wasm.gpu import compose  # noqa: E402
+from realm_wasm.gpu import compose, ops  # noqa: E402
 from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW  # noqa: E402
 from realm_wasm.gpu.matmul import (  # noqa: E402
     QuantMatmul,
@@ -34,17 +34,17 @@ from realm_wasm.gpu.matmul import (  # noqa: E402
     write_weight,
 )
 from realm_wasm.gpu.tuning import TUNING, Tile  # noqa: E402
-from realm_wasm.quants import QUANTS_BY_NAME  # noqa: E402
+from realm_wasm.quants import GRIDS, QUANT_TYPES, QUANTS_BY_NAME  # noqa: E402
 
 G = gguf.GGMLQuantizationType
-TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
-         "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4")
+TYPES = tuple(qt.name for qt in QUANT_TYPES if qt.shader)  # every type the table calls GPU-readable
 QUANTIZED_BY_GGUF = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4"}
-# The other types get random bytes (every bit pattern) with their f16 scales made finite.
+# The other types get random bytes (every bit pattern) with their f16 scales made finite and small.
 F16_SCALES = {"Q8_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
-              "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+              "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,),
+              "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,), "Q1_0": (0,), "Q2_0": (0,)}
 # K per block size: floats get a K that is not a multiple of 32 (the mat-mat's 8-wide K slices).
-K_FOR_BLOCK = {1: 200, 32: 160, 256: 512}
+K_FOR_BLOCK = {1: 200, 32: 160, 64: 320, 128: 384, 256: 512}
 N = 37  # not a multiple of any workgroup's row count or tile
 TOL = {False: 1e-5, True: 2e-3}
 
@@ -61,15 +61,30 @@ def random_weight(name: str, n: int, k: int, rng: np.random.Generator) -> tuple[
             raw[:, at : at + 2] = rng.uniform(-0.05, 0.05, (blocks, 1)).astype(np.float16).view(np.uint8)
         if name == "Q8_K":
             raw[:, :4] = rng.uniform(-0.01, 0.01, (blocks, 1)).astype(np.float32).view(np.uint8)
+        if name == "IQ1_M":  # its f16 d is the top nibbles of the four u16 scale words at 48..55
+            d = rng.uniform(-0.05, 0.05, blocks).astype(np.float16).view(np.uint16)
+            words = raw[:, 48:].copy().view("<u2")
+            words[:] = words & 0x0FFF | (d[:, None] >> np.arange(0, 16, 4, dtype=np.uint16) & 0xF) << 12
+            raw[:, 48:] = words.view(np.uint8)
+        if name == "NVFP4":  # UE4M3 scales up to 0.94 (exponents 0..7, bit 7 ignored), some 0x7F (read as 0)
+            scales = rng.integers(0, 0x40, (blocks, 4)) | rng.integers(0, 2, (blocks, 4)) << 7
+            raw[:, :4] = np.where(rng.random((blocks, 4)) < 0.1, 0x7F, scales)
     return raw.reshape(n, -1), oracle_dequant(name, raw.reshape(blocks, qt.type_size)).reshape(n, k)
 
 
 def oracle_dequant(name: str, blocks: np.ndarray) -> np.ndarray:
-    # gguf has no Q8_K, and its Q8_1 is an old 40-byte layout; both are d * int8 codes.
+    # gguf has no Q8_K, and its Q8_1 is an old 40-byte layout; both are d * int8 codes. It cannot
+    # dequantize Q1_0 (d * +-1 by bit j of the bytes after d) nor Q2_0 (d * (q - 1) by bit pair j).
+    d = blocks[:, :2].view(np.float16).astype(np.float64)
     if name == "Q8_1":
-        return blocks[:, :2].view(np.float16).astype(np.float64) * blocks[:, 4:].view(np.int8)
+        return d * blocks[:, 4:].view(np.int8)
     if name == "Q8_K":
         return blocks[:, :4].view(np.float32).astype(np.float64) * blocks[:, 4:260].view(np.int8)
+    if name == "Q1_0":
+        return d * np.where(np.unpackbits(blocks[:, 2:], axis=1, bitorder="little"), 1.0, -1.0)
+    if name == "Q2_0":
+        codes = blocks[:, 2:, None] >> np.array([0, 2, 4, 6], np.uint8) & 3
+        return d * (codes.reshape(len(blocks), -1).astype(np.float64) - 1)
     return gguf.quants.dequantize(blocks, G[name]).astype(np.float64)
 
 
@@ -103,6 +118,24 @@ class Case:
         scale = np.abs(x) @ np.abs(self.w).T
         err = np.abs(got - x @ self.w.T) / scale
         assert err.max() <= tol, f"T={t}: max relative error {err.max():.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_snippet_composes_with_every_skeleton(gpu, name):
+    """Each GPU-readable type's snippet exists, declares the table's block geometry, and compiles
+    and runs in the mat-vec, mat-mat and embedding kernels (one small step each, against numpy)."""
+    case = Case(gpu, name, 8, K_FOR_BLOCK[QUANTS_BY_NAME[name].block_size], t_max=16, seed=6)
+    mm = case.matmul(f16=False)
+    for t in (1, mm.tuning.matvec_max_t + 1):  # the last mat-vec step size, the first mat-mat one
+        case.check(mm, t, TOL[False])
+    tokens = np.array([5, 0, 7], np.int32)
+    tokens_buf = gpu.create_buffer(tokens.nbytes, STORAGE_RW)
+    gpu.write_buffer(tokens_buf, 0, tokens.tobytes())
+    y = gpu.create_buffer(len(tokens) * case.k * 4, STORAGE_RW)
+    embed = ops.Embed(gpu, case.weight, (tokens_buf, 0, tokens.nbytes), (y, 0, y.size), scale=0.5)
+    gpu.submit(embed.dispatches(len(tokens)))
+    got = np.frombuffer(gpu.read_buffer(y, 0, y.size), np.float32).reshape(len(tokens), case.k)
+    np.testing.assert_allclose(got, case.w[tokens] * 0.5, rtol=1e-6, atol=1e-30)
 
 
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
@@ -230,6 +263,22 @@ def test_weight_split_over_bindings_and_folded_grid(gpu, f16):
         case.check(mm, t, TOL[f16])
 
 
+def test_codebook_weight_split_over_bindings(gpu):
+    """A codebook type's lookup table ends every binding of its weight (the kernels read it from
+    there); the binding limit counts it: 7 IQ3_S rows of 220 bytes fit beside its 2 KiB table (16
+    would without it)."""
+    tail = compose.table_tail("dequant_iq3_s.wgsl")
+    assert len(tail) == 512 * 4
+    case = Case(gpu, "IQ3_S", N, 512, t_max=12, seed=7, piece=440, max_binding=len(tail) + 7 * 220 + 3)
+    assert [c.rows for c in case.weight.chunks] == [7] * 5 + [2]
+    for c in case.weight.chunks:
+        assert c.size == -(-c.rows * 220 // 4) * 4 + len(tail)
+        assert gpu.read_buffer(c.buffer, c.size - len(tail), len(tail)) == tail
+    mm = case.matmul(f16=False)
+    for t in (1, 12):
+        case.check(mm, t, TOL[False])
+
+
 def test_bad_shapes_are_refused(gpu):
     qt = QUANTS_BY_NAME["Q4_K"]
     with pytest.raises(ValueError, match="multiple of 256"):
@@ -270,6 +319,22 @@ def test_compose_directives_per_host():
     assert naga.splitlines()[:3] == ["enable f16;", "alias F = f16;", "const K: u32 = 64u;"]
     assert tint.splitlines()[:3] == ["enable f16;", "enable subgroups;", "alias F = f16;"]
     assert compose.compose("tint", ["blocks.wgsl"], {}).startswith("alias F = f32;")
+
+
+def test_lookup_tables_are_the_numpy_grids():
+    """The tables the codebook snippets read unpack to the grids realm_wasm.quants dequantizes with;
+    a pipeline declares readers only for the tables its code (not its comments) names, each reading
+    its words from the end of the weight binding in TABLES order."""
+    for name, (bits, offset) in compose.TABLES.items():
+        words = compose.table_words(name)
+        fields = words[:, None] >> np.arange(0, 32, bits, dtype=np.uint32) & np.uint32((1 << bits) - 1)
+        np.testing.assert_array_equal(fields.reshape(GRIDS[name].shape).astype(np.int64) - offset, GRIDS[name])
+    source = "// iq2s_grid(0) is only mentioned here\nfn f(i: u32) -> u32 { return iq1s_grid(i) + iq3s_grid(i); }"
+    assert compose.tables_used(source) == ["iq3s_grid", "iq1s_grid"]
+    iq3s, iq1s = compose.table_readers(["iq3s_grid", "iq1s_grid"])[::-1]
+    assert "arrayLength(&w) - 2048u + i" in iq1s and "arrayLength(&w) - 2560u + i" in iq3s
+    assert compose.table_tail("dequant_iq1_m.wgsl") == compose.table_words("iq1s_grid").tobytes()
+    assert compose.table_tail("dequant_q4_k.wgsl") == b""
 
 
 def test_pipelines_are_cached_and_features_checked(gpu):
@@ -337,7 +402,7 @@ def glu_half(name: str, k: int) -> int:
 
 
 @pytest.mark.parametrize("act", ["gelu", "silu"])
-@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q8_0", "Q4_K", "Q6_K", "IQ2_S"])  # IQ2_S: joined with its table
 def test_glu_matvec_and_matmat(gpu, name, act):
     """act(W_gate x) * (W_up x) from one joined weight: mat-vec (one dispatch) with both tables and
     both reductions, then mat-mat into scratch + Glu."""

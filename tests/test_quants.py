@@ -22,8 +22,11 @@ MODEL = Path.home() / ".cache/realm/models/gemma-3-270m-q4_k_m.gguf"
 
 REQUIRED = (
     "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ4_NL IQ4_XS "
-    "TQ1_0 TQ2_0 MXFP4 IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ1_S IQ1_M"
+    "TQ1_0 TQ2_0 MXFP4 NVFP4 IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ1_S IQ1_M Q1_0 Q2_0"
 ).split()
+# ggml types the installed gguf-py does not list yet: (type id, elements, bytes per block) from
+# llama.cpp's ggml.h and ggml-common.h
+NEWER_THAN_GGUF = {"Q2_0": (42, 64, 18)}
 INTEGER_TYPES = ("I8", "I16", "I32", "I64", "F64")
 
 # Byte offsets of the f16 fields (scales, mins) inside one block. Random bytes there could spell
@@ -33,6 +36,7 @@ F16_FIELDS = {
     "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
     "IQ4_NL": (0,), "IQ4_XS": (0,), "TQ1_0": (52,), "TQ2_0": (64,),
     "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,),
+    "Q1_0": (0,), "Q2_0": (0,),
 }
 
 
@@ -118,6 +122,26 @@ def test_q4_k_hand_built_block() -> None:
     assert got[1] == 0.0
 
 
+def test_q1_0_hand_built_block() -> None:
+    # element j is bit j of the 16 bytes after d: set bits are +d, clear ones -d
+    qs = bytearray(16)
+    qs[0], qs[15] = 0b1000_0101, 0x80  # elements 0, 2, 7 and 127
+    got = dequantize(struct.pack("<e", 0.75) + bytes(qs), 41, (128,))
+    want = np.full(128, -0.75, np.float32)
+    want[[0, 2, 7, 127]] = 0.75
+    assert np.array_equal(got, want)
+
+
+def test_q2_0_hand_built_block() -> None:
+    # element j is bit pair j % 4 of byte j / 4; value d * (q - 1)
+    qs = bytearray([0b01_01_01_01] * 16)  # every q = 1: zero
+    qs[0], qs[9] = 0b11_10_01_00, 0b00_11_01_01  # elements 0..3: q = 0, 1, 2, 3; 38: q = 3, 39: q = 0
+    got = dequantize(struct.pack("<e", -2.0) + bytes(qs), 42, (64,))
+    want = np.zeros(64, np.float32)
+    want[[0, 2, 3, 38, 39]] = [2.0, -2.0, -4.0, -4.0, 2.0]
+    assert np.array_equal(got, want)
+
+
 def test_tensor_nbytes() -> None:
     assert tensor_nbytes(0, 10) == 40
     assert tensor_nbytes(8, 64) == 68
@@ -141,6 +165,10 @@ def test_table_agrees_with_gguf_constants() -> None:
     assert len(QUANTS_BY_ID) == len(QUANT_TYPES) == len(QUANTS_BY_NAME)
     assert set(REQUIRED + list(INTEGER_TYPES)) <= set(QUANTS_BY_NAME)
     for qt in QUANT_TYPES:
+        if qt.name not in GGMLQuantizationType.__members__:
+            assert (qt.type_id, qt.block_size, qt.type_size) == NEWER_THAN_GGUF[qt.name]
+            assert qt.shader == f"dequant_{qt.name.lower()}.wgsl"
+            continue
         ggml_type = GGMLQuantizationType[qt.name]
         assert qt.type_id == ggml_type.value
         assert QUANTS_BY_ID[qt.type_id] is qt is quant_type(qt.type_id)

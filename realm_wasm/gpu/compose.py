@@ -2,17 +2,22 @@
 
 A pipeline = host directives + `alias F` (the arithmetic type: f16 or f32) + `const` declarations
 (shape and tile sizes, baked in so the compiler can unroll and fold) + shader files concatenated
-in order, e.g. blocks.wgsl + dequant_q4_k.wgsl + reduce_subgroup.wgsl + matvec.wgsl.
-Composed pipelines are cached per device, so building the same kernel twice costs nothing.
+in order, e.g. blocks.wgsl + dequant_q4_k.wgsl + reduce_subgroup.wgsl + matvec.wgsl, + readers of the
+lookup tables (`TABLES`) those files use. Composed pipelines are cached per device, so building the same
+kernel twice costs nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from ..quants import GRIDS
 from .device import Device, Pipeline
 
 SHADER_DIR = Path(__file__).resolve().parents[2] / "shaders"
@@ -27,6 +32,23 @@ DIRECTIVES = {
 
 CONST_TYPES = {bool: "bool", int: "u32", float: "f32"}
 
+# Lookup tables a dequant snippet may read: the I-quant codebooks, packed from the very arrays
+# realm_wasm/quants.py dequantizes with, so shaders and numpy cannot drift apart. They are not WGSL
+# constant arrays: lavapipe's compile time grows with the square of their length (a 2048-word one
+# took ~100 s, 256 words ~2 s). They travel instead at the end of each binding of a weight whose
+# snippet names them (matmul.allocate_weight appends `table_tail`), and the composer declares, for
+# each one a pipeline uses, `fn <name>(i: u32) -> u32` returning its word i.
+# Name (a quants.GRIDS key) -> (bits per value, offset added to each value to make a code >= 0);
+# values are packed row after row, lowest bits first: a grid row of 8 bytes is two words.
+TABLES = {
+    "iq2xxs_grid": (8, 0),
+    "iq2xs_grid": (8, 0),
+    "iq2s_grid": (8, 0),
+    "iq3xxs_grid": (8, 0),
+    "iq3s_grid": (8, 0),
+    "iq1s_grid": (4, 1),  # ternary values: nibble = value + 1, one row per word
+}
+
 
 @functools.cache
 def shader_source(name: str) -> str:
@@ -37,6 +59,35 @@ def shader_source(name: str) -> str:
 def wgsl_const(name: str, value: bool | int | float) -> str:
     literal = {bool: str(value).lower(), int: f"{value}u", float: f"{value!r}"}[type(value)]
     return f"const {name}: {CONST_TYPES[type(value)]} = {literal};"
+
+
+@functools.cache
+def table_words(name: str) -> np.ndarray:
+    """Lookup table `name` (see TABLES) as little-endian u32 words."""
+    bits, offset = TABLES[name]
+    codes = (GRIDS[name].astype(np.int64) + offset).reshape(-1, 32 // bits)
+    return (codes << np.arange(0, 32, bits)).sum(axis=1).astype("<u4")
+
+
+def tables_used(source: str) -> list[str]:
+    """The TABLES that WGSL `source` reads (names outside comments), in TABLES order: the order in
+    which they end a weight binding."""
+    code = re.sub(r"//.*", "", source)
+    return [name for name in TABLES if re.search(rf"\b{name}\b", code)]
+
+
+def table_tail(snippet: str) -> bytes:
+    """What follows the blocks in every binding of a weight read by dequant snippet `snippet`."""
+    return b"".join(table_words(name).tobytes() for name in tables_used(shader_source(snippet)))
+
+
+def table_readers(names: Sequence[str]) -> list[str]:
+    """WGSL functions reading the tables `names` from the end of the weight binding `w` (blocks.wgsl)."""
+    readers, from_end = [], 0
+    for name in reversed(names):
+        from_end += len(table_words(name))
+        readers.append(f"fn {name}(i: u32) -> u32 {{ return w[arrayLength(&w) - {from_end}u + i]; }}")
+    return readers
 
 
 def compose(
@@ -52,7 +103,9 @@ def compose(
     lines = [DIRECTIVES[host, feature] for feature in used if (host, feature) in DIRECTIVES]
     lines.append(f"alias F = {'f16' if f16 else 'f32'};")
     lines += [wgsl_const(name, value) for name, value in consts.items()]
-    return "\n".join(lines + [shader_source(part) for part in parts])
+    sources = [shader_source(part) for part in parts]
+    lines += table_readers(tables_used("\n".join(sources)))
+    return "\n".join(lines + sources)
 
 
 _pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

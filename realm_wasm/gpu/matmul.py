@@ -40,7 +40,7 @@ class WeightChunk:
     buffer: Buffer
     row0: int  # first weight row held
     rows: int
-    size: int  # bytes bound (rows * row bytes, padded to 4)
+    size: int  # bytes bound: rows * row bytes, padded to 4, then the type's lookup tables (table_tail)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,16 @@ def row_bytes(quant: QuantFormat, k: int) -> int:
     return k // quant.block_size * quant.type_size
 
 
+def table_tail(quant: QuantFormat) -> bytes:
+    """The lookup tables the type's kernels read from the end of each weight binding (the I-quant
+    codebooks, see compose.TABLES); empty for most types."""
+    return compose.table_tail(quant.shader) if quant.shader else b""
+
+
+def padded(nbytes: int) -> int:
+    return -(-nbytes // 4) * 4
+
+
 def rows_per_binding(device: Device, quant: QuantFormat, k: int, max_binding: int | None = None) -> int:
     """Most rows of an [n, k] tensor one binding holds (`max_binding` bytes, default the device's
     max_storage_buffer_binding_size): `rows_within`."""
@@ -67,9 +77,11 @@ def rows_per_binding(device: Device, quant: QuantFormat, k: int, max_binding: in
 
 
 def rows_within(binding_bytes: int, quant: QuantFormat, k: int) -> int:
-    """Most rows of an [n, k] tensor `binding_bytes` hold, a multiple of the rows that end on a word
-    boundary: chunks start at word-aligned tensor offsets, so word-aligned pieces stay aligned in them."""
+    """Most rows of an [n, k] tensor `binding_bytes` hold beside the type's table_tail, a multiple
+    of the rows that end on a word boundary: chunks start at word-aligned tensor offsets, so
+    word-aligned pieces stay aligned in them."""
     rb = row_bytes(quant, k)
+    binding_bytes -= len(table_tail(quant))
     step = 4 // math.gcd(rb, 4)
     return binding_bytes // 4 * 4 // rb // step * step
 
@@ -81,14 +93,17 @@ def allocate_weight(
     (default: the device's max_storage_buffer_binding_size). Fill them with `write_weight`."""
     rb = row_bytes(quant, k)
     per_chunk = rows_per_binding(device, quant, k, max_binding)
-    if per_chunk == 0:
+    if per_chunk <= 0:
         raise ValueError(f"{label or quant.name}: rows of {rb} bytes exceed the binding limit")
+    tail = table_tail(quant)
     chunks = []
     for row0 in range(0, n, per_chunk):
         rows = min(per_chunk, n - row0)
-        size = -(-rows * rb // 4) * 4
+        size = padded(rows * rb) + len(tail)
         # COPY_SRC: concat_rows copies weights on the device
         buf = device.create_buffer(size, STORAGE | COPY_DST | COPY_SRC, f"{label}[{row0}:{row0 + rows}]")
+        if tail:
+            device.write_buffer(buf, size - len(tail), tail)
         chunks.append(WeightChunk(buf, row0, rows, size))
     return GpuWeight(quant, n, k, tuple(chunks))
 
@@ -142,9 +157,9 @@ def concat_rows(device: Device, a: GpuWeight, b: GpuWeight, label: str = "") -> 
     rb = row_bytes(a.quant, a.k)
     if a.n * rb % 4 or a.n + b.n > rows_per_binding(device, a.quant, a.k):
         return None
-    joined = allocate_weight(device, a.quant, a.n + b.n, a.k, label=label)
+    joined = allocate_weight(device, a.quant, a.n + b.n, a.k, label=label)  # with its own table_tail
     dst = joined.chunks[0].buffer
-    copies = [((c.buffer, 0, c.size), (dst, start + c.row0 * rb, c.size))
+    copies = [((c.buffer, 0, padded(c.rows * rb)), (dst, start + c.row0 * rb, padded(c.rows * rb)))
               for part, start in ((a, 0), (b, a.n * rb)) for c in part.chunks]
     device.submit([], copies=copies)
     return joined
