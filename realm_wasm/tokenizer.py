@@ -39,6 +39,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
                       "<|endoftext|>", "<EOT>")
 _SPM_SPACE = "\u2581"
+MAX_VOCAB = 1 << 21  # 8x gemma-3's 262144: bounds the tables built from an untrusted vocab
 
 
 class TokenizerError(BadModel):
@@ -364,6 +365,8 @@ class Tokenizer:
         tokens = metadata.get(_KEY + "tokens")
         if tokens is None or len(tokens) == 0:
             raise TokenizerError(f"GGUF metadata has no {_KEY}tokens (the vocab)")
+        if len(tokens) > MAX_VOCAB:
+            raise TokenizerError(f"{_KEY}tokens holds {len(tokens)} tokens, more than the {MAX_VOCAB} allowed")
         self.tokens: list[str] = list(tokens)
         self.vocab_size = n = len(self.tokens)
         types = metadata.get(_KEY + "token_type")

@@ -13,6 +13,7 @@ from golden import GOLDEN_DIR, load_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from realm_wasm import tokenizer as tokenizer_module
 from realm_wasm.cli import default_model_path
 from realm_wasm.gguf import read_gguf
 from realm_wasm.tokenizer import (
@@ -331,3 +332,9 @@ def test_any_text_round_trips_with_surrogates_replaced(gemma, bpe, text):
     clean = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
     for tok in (gemma, bpe):
         assert tok.decode(tok.encode(text, add_bos=False, parse_special=False)) == clean
+
+
+def test_vocab_size_is_bounded(monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "MAX_VOCAB", 2)
+    with pytest.raises(TokenizerError, match="tokenizer.ggml.tokens holds 3 tokens, more than the 2 allowed"):
+        Tokenizer.from_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b", "c"]})
