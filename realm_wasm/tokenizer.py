@@ -55,9 +55,12 @@ def _is_int(value: Any) -> bool:
 def _is_numbers(kinds: str) -> Callable[[Any], bool]:
     """A 1-D numeric array (a GGUF array, or a list in hand-built metadata) of these numpy kinds."""
     def check(value: Any) -> bool:
-        if isinstance(value, str) or not isinstance(value, (list, tuple, np.ndarray)):
+        if not isinstance(value, (list, tuple, np.ndarray)):
             return False
-        arr = np.asarray(value)
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged nested lists
+            return False
         return arr.ndim == 1 and (arr.dtype.kind in kinds or arr.size == 0)
     return check
 

@@ -17,6 +17,7 @@ from realm_wasm import tokenizer as tokenizer_module
 from realm_wasm.cli import default_model_path
 from realm_wasm.gguf import read_gguf
 from realm_wasm.tokenizer import (
+    _METADATA_TYPES,
     _PRE_TOKENIZERS,
     CONTROL,
     NORMAL,
@@ -287,6 +288,7 @@ def test_text_no_token_spells_is_named():
     ({"tokenizer.ggml.tokens": "abc"}, "tokens must be an array of strings, got str 'abc'"),
     ({"tokenizer.ggml.scores": ["x", "y"]}, "scores must be an array of numbers"),
     ({"tokenizer.ggml.scores": np.zeros((2, 1))}, "scores must be an array of numbers"),
+    ({"tokenizer.ggml.scores": [[1.0], [2.0, 3.0]]}, "scores must be an array of numbers"),
     ({"tokenizer.ggml.token_type": np.array([1.0, 1.0])}, "token_type must be an array of integers, got an array of f"),
     ({"tokenizer.ggml.model": 1}, "tokenizer.ggml.model must be a string, got int 1"),
     ({"tokenizer.ggml.model": np.array([1])}, "tokenizer.ggml.model must be a string, got an array of int64"),
@@ -338,3 +340,27 @@ def test_vocab_size_is_bounded(monkeypatch):
     monkeypatch.setattr(tokenizer_module, "MAX_VOCAB", 2)
     with pytest.raises(TokenizerError, match="tokenizer.ggml.tokens holds 3 tokens, more than the 2 allowed"):
         Tokenizer.from_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b", "c"]})
+
+
+ANY_METADATA_VALUE = st.one_of(
+    st.none(), st.integers(-(1 << 64), 1 << 64), st.integers(-1, 6), st.floats(), st.booleans(),
+    st.sampled_from(["llama", "gpt2", "gpt-2", "default", "smollm"]), st.text(max_size=6),
+    st.lists(st.text(max_size=4), max_size=6), st.lists(st.integers(-10, 10), max_size=6).map(np.array),
+    st.lists(st.floats(width=32), max_size=6).map(lambda v: np.array(v, np.float32)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(sorted(_METADATA_TYPES)), ANY_METADATA_VALUE, max_size=4),
+       text=ANY_TEXT)
+def test_any_tokenizer_metadata_builds_or_raises_a_named_error(changes, text):
+    base = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a", "\u2581", "<0x61>", "a b"],
+            "tokenizer.ggml.merges": ["a b"]}
+    metadata = {k: v for k, v in {**base, **changes}.items() if v is not None}
+    try:
+        tok = Tokenizer.from_metadata(metadata)
+        ids = tok.encode(text)
+    except TokenizerError as e:
+        assert "tokenizer." in str(e) or "token" in str(e)
+        return
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    tok.decode(ids + list(range(tok.vocab_size)))
