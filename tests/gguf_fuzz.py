@@ -22,6 +22,7 @@ case is reproducible from (base seed, case index).
 from __future__ import annotations
 
 import random
+import re
 import resource
 import signal
 import struct
@@ -599,6 +600,7 @@ class Summary:
     max_rss: tuple[int, int] = (0, -1)  # (peak RSS above the baseline, the case that last raised it)
     failures: list[tuple[int, str, Result]] = field(default_factory=list)  # (case, notes, result)
     messages: dict[str, str] = field(default_factory=dict)  # outcome -> one example message
+    reasons: Counter = field(default_factory=Counter)  # rejection messages with names and numbers blanked
     wall_s: float = 0.0
 
     def add(self, case: Case, result: Result) -> None:
@@ -611,8 +613,17 @@ class Summary:
         if result.peak_rss - self.baseline_rss > self.max_rss[0]:
             self.max_rss = (result.peak_rss - self.baseline_rss, case.index)
         self.messages.setdefault(result.outcome, result.message[:110])
+        if result.outcome != "accepted":
+            self.reasons[f"{result.outcome}: {reason(result.message)}"] += 1
         if result.failed(self.baseline_rss):
             self.failures.append((case.index, f"{case.seed.name}: {'; '.join(case.notes)}", result))
+
+
+def reason(message: str) -> str:
+    """A rejection message with its names and numbers blanked, so equal checks count together."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message.splitlines()[0] if message else "")
+    text = re.sub(r"\b(?:gemma3|llama|mistral|tokenizer|general|fuzz)\.(?!cpp)[\w.]+", "<key>", text)
+    return re.sub(r"(?<![\w-])-?\d[\d.e+-]*(?!\w)|\bnan\b|\binf\b", "N", text)[:100]
 
 
 def fuzz(seeds: list[Seed], n_cases: int, base_seed: int = 0, full_share: float = 0.02, start: int = 0,
@@ -642,6 +653,8 @@ def format_summary(s: Summary) -> str:
     rows += [f"| {name} | {sum(c.values())} | {c[True]} | {c[False]} |" for name, c in sorted(s.by_seed.items())]
     rows += ["", "| mutation | cases | accepted | rejected |", "|---|---:|---:|---:|"]
     rows += [f"| {kind} | {sum(c.values())} | {c[True]} | {c[False]} |" for kind, c in sorted(s.by_kind.items())]
+    rows += ["", f"| most common rejections ({len(s.reasons)} kinds) | cases |", "|---|---:|"]
+    rows += [f"| {text} | {n} |" for text, n in s.reasons.most_common(25)]
     for index, notes, result in s.failures[:20]:
         rows += ["", f"FAILED case {index} ({notes}): {result.outcome}, {result.cpu_s:.2f} s CPU, "
                  f"peak RSS {(result.peak_rss - s.baseline_rss) >> 20} MiB above the baseline", result.message]
