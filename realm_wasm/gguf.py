@@ -134,8 +134,8 @@ class _Cursor:
         if n * item_bytes > room:
             bound = ("of the file" if self.limit == self.file_size
                      else f"before the {MAX_HEADER_BYTES >> 20} MiB header limit")
-            raise GGUFError(f"truncated or corrupt GGUF: {what} is {n} (at least {item_bytes} bytes each), "
-                            f"but only {room} bytes {bound} remain")
+            raise GGUFError(f"absurd {what}: {n} (at least {item_bytes} bytes each, but only {room} bytes "
+                            f"{bound} remain): truncated or corrupt GGUF")
         return n
 
     def string(self, what: str, max_bytes: int = MAX_STRING) -> str:

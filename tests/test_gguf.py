@@ -106,13 +106,13 @@ def test_hand_built_file_is_valid():
     (build(magic=b"GGML"), "not a GGUF file"),
     (build(version=1), "unsupported GGUF version 1"),
     (build(version=99), "unsupported GGUF version 99"),
-    (build(n_tensors=1 << 40), "tensor count is 1099511627776"),
-    (build(n_kv=1 << 40), "metadata count is 1099511627776"),
-    (build(n_kv=(1 << 64) - 1), "metadata count is 18446744073709551615"),
+    (build(n_tensors=1 << 40), "absurd tensor count: 1099511627776"),
+    (build(n_kv=1 << 40), "absurd metadata count: 1099511627776"),
+    (build(n_kv=(1 << 64) - 1), "absurd metadata count: 18446744073709551615"),
     (build(kv=[struct.pack("<Q", 1 << 60)]), "absurd length of metadata key #0"),
     (build(kv=[struct.pack("<Q", (1 << 64) - 1)]), "absurd length of metadata key #0"),
-    (build(kv=[s("k") + struct.pack("<I", 9) + struct.pack("<IQ", 5, 1 << 50)]), "length of k is 1125899906842624"),
-    (build(kv=[s("k") + struct.pack("<I", 9) + struct.pack("<IQ", 8, 1 << 61)]), "length of k is"),
+    (build(kv=[s("k") + struct.pack("<I", 9) + struct.pack("<IQ", 5, 1 << 50)]), "absurd length of k: 1125899906842624"),
+    (build(kv=[s("k") + struct.pack("<I", 9) + struct.pack("<IQ", 8, 1 << 61)]), "absurd length of k: 2305843009213693952"),
     (build(kv=[kv("k", 9, struct.pack("<IQ", 8, 2) + s("ok") + s(b"\xc3"))]), r"k\[1\] is not valid UTF-8"),
     (build(kv=[kv("k", 9, struct.pack("<IQ", 8, 2) + s("ok") + struct.pack("<Q", 1 << 40))]),
      r"absurd length of k\[1\]"),
@@ -176,7 +176,7 @@ def test_a_prefix_never_asks_for_more_than_the_header_limit(monkeypatch):
 
 def test_claimed_counts_are_checked_against_the_bytes_left():
     raw = build(kv=[kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 1 << 22) + s("a") * 1000)])
-    with pytest.raises(GGUFError, match="length of tokenizer.ggml.tokens is 4194304 .* bytes of the file remain"):
+    with pytest.raises(GGUFError, match="absurd length of tokenizer.ggml.tokens: 4194304 .* bytes of the file remain"):
         parse_header(raw, file_size=len(raw))
     # a prefix of a larger file: the strings are read until the prefix ends, then more is asked for
     prefix = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 1 << 22)
