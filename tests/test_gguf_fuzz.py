@@ -69,6 +69,18 @@ def test_the_harness_reports_crashes_hangs_and_unsound_files(seeds, monkeypatch)
     monkeypatch.setattr(fz, "HANG_S", 0.2)
     result = fz.run_case(case)
     assert result.outcome == "HANG" and result.failed(fz.peak_rss())
+
+    def hog(prefix, file_size):  # writes every page, so the memory is resident
+        assert len(b"\1" * (4 * fz.MEMORY_BOUND)) == 4 * fz.MEMORY_BOUND
+
+    monkeypatch.setattr(fz, "load", hog)
+    monkeypatch.setattr(fz, "HANG_S", 30.0)
+    monkeypatch.setattr(fz, "MEMORY_BOUND", 16 << 20)
+    baseline = fz.peak_rss()
+    result = fz.run_case(case)
+    assert result.outcome == "accepted" and result.raised_peak and result.failed(baseline)
+    # a later case is not blamed for a peak it did not raise
+    assert not dataclasses.replace(result, raised_peak=False).failed(baseline)
     monkeypatch.undo()
 
     # a file whose tensors overlap is a failure of the loader if it is accepted
