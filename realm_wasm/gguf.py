@@ -5,8 +5,17 @@ on the GPU, so the parser takes whatever prefix it is given and, when that is to
 `GGUFNeedMoreData` saying how many bytes it needs. Hand-written (not `gguf.GGUFReader`) because that
 reader memory-maps a whole file, which Pyodide cannot do and a streamed download does not have.
 
-Every problem with the file raises `GGUFError` (or its subclass `GGUFNeedMoreData`) whose message
-names what is wrong; nothing here allocates more than the file claims and the prefix holds.
+The file is untrusted input, so the parser is written as one: every problem raises `GGUFError` (or
+its subclass `GGUFNeedMoreData`) whose message names the field, and its time and memory grow with
+the bytes it actually reads, never with a size the file claims. Concretely:
+- nothing in the header may end past `MAX_HEADER_BYTES` or the end of the file;
+- a count or length is checked against the bytes left before anything is allocated or looped over;
+- no recursion: arrays of arrays are rejected, as llama.cpp's reader does;
+- tensor data must be laid out exactly as llama.cpp requires: in table order from the start of the
+  data section, each tensor padded to `general.alignment`, which must be a power-of-two integer.
+  This rules out overlapping, misaligned and out-of-bounds tensors in one check.
+What the metadata *means* (types and ranges of hyper-parameters) is checked by the layer that reads
+it: `models/hparams.py` for architectures, `tokenizer.py` for the vocabulary.
 """
 
 from __future__ import annotations
@@ -25,9 +34,12 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
-MAX_TENSORS = 1 << 20
-MAX_KV = 1 << 20
-MAX_STRING = 1 << 24  # 16 MiB: no key, token or template is near this
+MAX_HEADER_BYTES = 64 << 20  # header + metadata + tensor table; gemma-3's 262k-token vocab takes 6.5 MB
+MAX_TENSOR_NAME = 63  # bytes; GGML_MAX_NAME (64) counts the terminating NUL
+MAX_KEY = 1 << 10  # bytes of a metadata key ("tokenizer.ggml.add_space_prefix" is 31)
+MAX_STRING = 1 << 24  # bytes of a metadata string (a chat template is a few KB)
+MAX_DIM = 1 << 40  # elements along one tensor dimension
+MAX_ELEMENTS = 1 << 44  # elements in one tensor
 
 
 class GGUFError(BadModel):
@@ -42,15 +54,13 @@ class GGUFNeedMoreData(GGUFError):
         self.needed = needed
 
 
-# value type id -> (name, struct format or None for string/array)
-_SCALARS: dict[int, tuple[str, str]] = {
-    0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: ("int16", "<h"),
-    4: ("uint32", "<I"), 5: ("int32", "<i"), 6: ("float32", "<f"), 7: ("bool", "<?"),
-    10: ("uint64", "<Q"), 11: ("int64", "<q"), 12: ("float64", "<d"),
-}
-_NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-                 10: "<u8", 11: "<i8", 12: "<f8"}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _STRING, _ARRAY = 8, 9
+# metadata value type id -> (struct for one value, numpy dtype for an array of them)
+_NUMBERS: dict[int, tuple[struct.Struct, np.dtype]] = {
+    type_id: (struct.Struct("<" + fmt), np.dtype("<" + fmt)) for type_id, fmt in {
+        0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}.items()}
+_BOOL = 7
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class TensorInfo:
 @dataclass(frozen=True)
 class GGUFHeader:
     version: int
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # ints, floats, bools, strs; arrays as numpy arrays or lists of str
     tensors: dict[str, TensorInfo]
     data_offset: int  # where tensor data begins
     alignment: int
@@ -83,7 +93,7 @@ class GGUFHeader:
     def architecture(self) -> str:
         arch = self.metadata.get("general.architecture")
         if not isinstance(arch, str):
-            raise GGUFError("metadata has no general.architecture")
+            raise GGUFError(f"metadata has no general.architecture string (got {arch!r:.40})")
         return arch
 
     @property
@@ -96,65 +106,100 @@ class _Cursor:
 
     def __init__(self, buf: memoryview, file_size: int | None) -> None:
         self.buf, self.pos, self.file_size = buf, 0, file_size
+        # no header field may end past this: the file's end or the header limit, whichever is first
+        self.limit = MAX_HEADER_BYTES if file_size is None else min(file_size, MAX_HEADER_BYTES)
 
     def need(self, n: int, what: str) -> None:
         end = self.pos + n
-        if self.file_size is not None and end > self.file_size:
-            raise GGUFError(f"truncated GGUF: {what} at byte {self.pos} runs past the end of the file "
-                            f"({self.file_size} bytes)")
+        if end > self.limit:
+            if self.file_size is not None and end > self.file_size:
+                raise GGUFError(f"truncated GGUF: {what} at byte {self.pos} runs past the end of the file "
+                                f"({self.file_size} bytes)")
+            raise GGUFError(f"{what} at byte {self.pos} ends past byte {MAX_HEADER_BYTES}: no GGUF header "
+                            f"is that large ({MAX_HEADER_BYTES >> 20} MiB at most)")
         if end > len(self.buf):
             # ask for a generous prefix so a streamed reader does not come back byte by byte
-            raise GGUFNeedMoreData(max(end, 2 * len(self.buf)) if self.file_size is None
-                                   else min(max(end, 2 * len(self.buf)), self.file_size))
+            raise GGUFNeedMoreData(min(max(end, 2 * len(self.buf)), self.limit))
 
-    def scalar(self, fmt: str, what: str) -> Any:
-        size = struct.calcsize(fmt)
-        self.need(size, what)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
+    def scalar(self, fmt: struct.Struct, what: str) -> Any:
+        self.need(fmt.size, what)
+        (value,) = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
         return value
 
-    def count(self, what: str, limit: int, min_item_bytes: int) -> int:
-        n = self.scalar("<Q", what)
-        room = (self.file_size - self.pos) if self.file_size is not None else None
-        if n > limit:
-            raise GGUFError(f"absurd {what}: {n}")
-        if room is not None and n * min_item_bytes > room:
-            raise GGUFError(f"truncated or corrupt GGUF: {what} is {n}, but only {room} bytes remain")
+    def count(self, what: str, item_bytes: int) -> int:
+        """A u64 count of items that take at least `item_bytes` each: they must fit the bytes left."""
+        n = self.scalar(_U64, what)
+        room = self.limit - self.pos
+        if n * item_bytes > room:
+            bound = ("of the file" if self.limit == self.file_size
+                     else f"before the {MAX_HEADER_BYTES >> 20} MiB header limit")
+            raise GGUFError(f"absurd {what}: {n} (at least {item_bytes} bytes each, but only {room} bytes "
+                            f"{bound} remain): truncated or corrupt GGUF")
         return n
 
-    def string(self, what: str) -> str:
-        n = self.count(f"length of {what}", MAX_STRING, 1)
+    def string(self, what: str, max_bytes: int = MAX_STRING) -> str:
+        n = self.scalar(_U64, f"length of {what}")
+        if n > max_bytes:
+            raise GGUFError(f"absurd length of {what}: {n} bytes (at most {max_bytes})")
         self.need(n, what)
-        raw = bytes(self.buf[self.pos:self.pos + n])
+        text = self._utf8(self.pos, n, what)
         self.pos += n
+        return text
+
+    def _utf8(self, start: int, n: int, what: str) -> str:
         try:
-            return raw.decode("utf-8")
+            return str(self.buf[start:start + n], "utf-8")
         except UnicodeDecodeError:
             raise GGUFError(f"{what} is not valid UTF-8") from None
 
+    def strings(self, n: int, what: str) -> list[str]:
+        """`n` strings in a row. A vocab holds hundreds of thousands, so this is `string` in one tight
+        loop; a string the fast path cannot take (cut off, too long, not UTF-8) goes through `string`
+        itself, which reads it or raises the precise error."""
+        buf, pos, out = self.buf, self.pos, []
+        fits = min(len(buf), self.limit)
+        unpack = _U64.unpack_from
+        for i in range(n):
+            if pos + 8 <= fits:
+                size = unpack(buf, pos)[0]
+                if size <= MAX_STRING and pos + 8 + size <= fits:
+                    try:
+                        out.append(str(buf[pos + 8:pos + 8 + size], "utf-8"))
+                        pos += 8 + size
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            self.pos = pos
+            out.append(self.string(f"{what}[{i}]"))
+            pos = self.pos
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, what: str) -> Any:
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype][1], what)
+        if vtype in _NUMBERS:
+            return self.scalar(_NUMBERS[vtype][0], what)
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
-            etype = self.scalar("<I", f"element type of {what}")
-            if etype in _NUMPY_DTYPES:
-                dtype = np.dtype(_NUMPY_DTYPES[etype])
-                n = self.count(f"length of {what}", 1 << 40, dtype.itemsize)
-                self.need(n * dtype.itemsize, what)
-                arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).copy()
-                self.pos += n * dtype.itemsize
-                return arr
-            if etype == _STRING:
-                n = self.count(f"length of {what}", 1 << 32, 8)
-                return [self.string(f"{what}[{i}]") for i in range(n)]
-            if etype == _ARRAY:
-                n = self.count(f"length of {what}", 1 << 20, 12)
-                return [self.value(_ARRAY, f"{what}[{i}]") for i in range(n)]
-            raise GGUFError(f"{what}: unknown array element type {etype}")
+            return self.array(what)
         raise GGUFError(f"{what}: unknown metadata value type {vtype}")
+
+    def array(self, what: str) -> np.ndarray | list[str]:
+        etype = self.scalar(_U32, f"element type of {what}")
+        if etype == _STRING:
+            return self.strings(self.count(f"length of {what}", 8), what)
+        if etype in _NUMBERS:
+            dtype = _NUMBERS[etype][1]
+            n = self.count(f"length of {what}", dtype.itemsize)
+            self.need(n * dtype.itemsize, what)
+            arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos)
+            self.pos += n * dtype.itemsize
+            # a bool byte other than 0/1 is still true; normalise so no odd numpy bools escape
+            return arr.view(np.uint8) != 0 if etype == _BOOL else arr.copy()
+        if etype == _ARRAY:
+            raise GGUFError(f"{what} is an array of arrays, which GGUF readers (llama.cpp's too) do not support")
+        raise GGUFError(f"{what}: unknown array element type {etype}")
 
 
 def parse_header(prefix: bytes | bytearray | memoryview, file_size: int | None = None) -> GGUFHeader:
@@ -171,67 +216,79 @@ def parse_header(prefix: bytes | bytearray | memoryview, file_size: int | None =
     if bytes(buf[:4]) != GGUF_MAGIC:
         raise GGUFError(f"not a GGUF file: magic is {bytes(buf[:4])!r}, expected {GGUF_MAGIC!r}")
     cur.pos = 4
-    version = cur.scalar("<I", "version")
+    version = cur.scalar(_U32, "version")
     if version not in SUPPORTED_VERSIONS:
         raise GGUFError(f"unsupported GGUF version {version} (supported: {SUPPORTED_VERSIONS})")
-    n_tensors = cur.count("tensor count", MAX_TENSORS, 24)
-    n_kv = cur.count("metadata count", MAX_KV, 12)
+    # smallest entries: a tensor is name length, n_dims, one dim, type, offset; a key/value pair is
+    # key length, value type and a one-byte value
+    n_tensors = cur.count("tensor count", 8 + 4 + 8 + 4 + 8)
+    n_kv = cur.count("metadata count", 8 + 4 + 1)
 
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
-        key = cur.string(f"metadata key #{i}")
+        key = cur.string(f"metadata key #{i}", MAX_KEY)
         if key in metadata:
             raise GGUFError(f"duplicate metadata key {key!r}")
-        metadata[key] = cur.value(cur.scalar("<I", f"type of {key}"), key)
+        metadata[key] = cur.value(cur.scalar(_U32, f"type of {key}"), key)
+    alignment = _alignment(metadata)
 
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"general.alignment must be a power of two, got {alignment!r}")
-
-    raw_tensors = []
+    table = []
     for i in range(n_tensors):
-        name = cur.string(f"tensor name #{i}")
-        n_dims = cur.scalar("<I", f"dimension count of {name}")
+        name = cur.string(f"name of tensor #{i}", MAX_TENSOR_NAME)
+        n_dims = cur.scalar(_U32, f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise GGUFError(f"tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
-        dims = tuple(cur.scalar("<Q", f"dimension of {name}") for _ in range(n_dims))
-        type_id = cur.scalar("<I", f"type of {name}")
-        offset = cur.scalar("<Q", f"offset of {name}")
-        raw_tensors.append((name, dims, type_id, offset))
+        dims = tuple(cur.scalar(_U64, f"dimension {k} of tensor {name!r}") for k in range(n_dims))
+        type_id = cur.scalar(_U32, f"type of tensor {name!r}")
+        offset = cur.scalar(_U64, f"offset of tensor {name!r}")
+        table.append((name, dims, type_id, offset))
 
     data_offset = -(-cur.pos // alignment) * alignment
     tensors: dict[str, TensorInfo] = {}
-    for name, dims, type_id, offset in raw_tensors:
+    expected = 0  # where the next tensor must start, relative to the data section
+    for name, dims, type_id, offset in table:
         if name in tensors:
             raise GGUFError(f"duplicate tensor name {name!r}")
-        tensors[name] = _tensor_info(name, dims, type_id, offset, data_offset, alignment, file_size)
+        nbytes = _tensor_bytes(name, dims, type_id)
+        if offset != expected:
+            why = (f"is not a multiple of general.alignment {alignment}" if offset % alignment else
+                   "overlaps the tensor before it" if offset < expected else "leaves a gap before it")
+            raise GGUFError(f"tensor {name!r}: data offset {offset} {why}; tensors must follow each other in "
+                            f"table order, each padded to {alignment} bytes, so it must be {expected}")
+        start = data_offset + offset
+        if file_size is not None and start + nbytes > file_size:
+            raise GGUFError(f"tensor {name!r} (bytes {start}..{start + nbytes}) runs past the end of the "
+                            f"file ({file_size} bytes): truncated or corrupt GGUF")
+        tensors[name] = TensorInfo(name, dims, type_id, start, nbytes)
+        expected += -(-nbytes // alignment) * alignment
     return GGUFHeader(version, metadata, tensors, data_offset, alignment)
 
 
-def _tensor_info(name: str, dims: tuple[int, ...], type_id: int, offset: int, data_offset: int,
-                 alignment: int, file_size: int | None) -> TensorInfo:
+def _alignment(metadata: dict[str, Any]) -> int:
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    # bool is an int subclass in Python: without the first test `true` would pass as 1
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"general.alignment must be a power-of-two integer, got {alignment!r:.40}")
+    return alignment
+
+
+def _tensor_bytes(name: str, dims: tuple[int, ...], type_id: int) -> int:
+    """Size of a tensor's data, after checking its type and shape are ones GGML can hold."""
     try:
         qt = quant_type(type_id)
     except UnknownQuantType as e:
         raise GGUFError(f"tensor {name!r}: {e}") from None
     n = 1
     for d in dims:
-        if d <= 0 or d > 1 << 40:
+        if not 1 <= d <= MAX_DIM:
             raise GGUFError(f"tensor {name!r} has an absurd dimension {d} in {dims}")
         n *= d
-    if n > 1 << 44:
-        raise GGUFError(f"tensor {name!r} has an absurd element count {n}")
+    if n > MAX_ELEMENTS:
+        raise GGUFError(f"tensor {name!r} has an absurd element count {n} ({dims})")
     if dims[0] % qt.block_size:
         raise GGUFError(f"tensor {name!r}: row length {dims[0]} is not a multiple of "
                         f"{qt.name}'s block size {qt.block_size}")
-    if offset % alignment:
-        raise GGUFError(f"tensor {name!r}: offset {offset} is not aligned to {alignment}")
-    nbytes = n // qt.block_size * qt.type_size
-    start = data_offset + offset
-    if file_size is not None and start + nbytes > file_size:
-        raise GGUFError(f"tensor {name!r} (bytes {start}..{start + nbytes}) runs past the end of the "
-                        f"file ({file_size} bytes): truncated or corrupt GGUF")
-    return TensorInfo(name, dims, type_id, start, nbytes)
+    return n // qt.block_size * qt.type_size
 
 
 @dataclass
@@ -264,8 +321,11 @@ def read_gguf(path: str | Path) -> GGUFFile:
             want = min(size, 8 << 20)
             while True:
                 f.seek(0)
+                prefix = f.read(want)
+                if len(prefix) < want:  # the file shrank since stat(): do not ask for the same bytes forever
+                    raise GGUFError(f"model file {path} changed while it was read")
                 try:
-                    header = parse_header(f.read(want), file_size=size)
+                    header = parse_header(prefix, file_size=size)
                     break
                 except GGUFNeedMoreData as e:
                     want = e.needed

@@ -10,6 +10,11 @@
 
 In both, special tokens (control, user-defined, unknown) are cut out of the raw text first, longest
 first, as llama.cpp does, so "<start_of_turn>" in a prompt is one token.
+
+The metadata comes from an untrusted file: every key this module reads is type-checked first
+(`_METADATA_TYPES`), so a malformed vocab is a `TokenizerError` naming the key, never a crash later.
+Text is untrusted too: a lone surrogate (JSON allows "\\ud800") has no UTF-8 form, so it becomes
+U+FFFD before encoding, the character a UTF-8 decoder (llama.cpp's, HF's) makes of invalid input.
 """
 
 from __future__ import annotations
@@ -34,10 +39,77 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
                       "<|endoftext|>", "<EOT>")
 _SPM_SPACE = "\u2581"
+MAX_VOCAB = 1 << 21  # 8x gemma-3's 262144: bounds the tables built from an untrusted vocab
 
 
 class TokenizerError(BadModel):
     """The metadata describes no tokenizer this module runs, or text/ids cannot be mapped."""
+
+
+# --- the metadata this module reads, and the type each key must have ---------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # bool is an int subclass
+
+
+def _is_numbers(kinds: str) -> Callable[[Any], bool]:
+    """A 1-D numeric array (a GGUF array, or a list in hand-built metadata) of these numpy kinds."""
+    def check(value: Any) -> bool:
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            return False
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged nested lists
+            return False
+        return arr.ndim == 1 and (arr.dtype.kind in kinds or arr.size == 0)
+    return check
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {  # kind -> (test, what it means)
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "a bool"),
+    "integer": (_is_int, "an integer"),
+    "strings": (_is_strings, "an array of strings"),
+    "numbers": (_is_numbers("fiu"), "an array of numbers"),
+    "integers": (_is_numbers("iu"), "an array of integers"),
+}
+_METADATA_TYPES = {
+    _KEY + "model": "string",
+    _KEY + "pre": "string",
+    _KEY + "tokens": "strings",
+    _KEY + "scores": "numbers",
+    _KEY + "token_type": "integers",
+    _KEY + "merges": "strings",
+    _KEY + "add_bos_token": "bool",
+    _KEY + "add_space_prefix": "bool",
+    **{f"{_KEY}{name}_token_id": "integer" for name in ("bos", "eos", "unknown", "eot", "eom")},
+    "tokenizer.chat_template": "string",  # read by the server's chat templates, checked here with the rest
+}
+
+
+def _check_metadata_types(metadata: dict[str, Any]) -> None:
+    for key, kind in _METADATA_TYPES.items():
+        value = metadata.get(key)
+        test, meaning = _CHECKS[kind]
+        if value is not None and not test(value):
+            raise TokenizerError(f"{key} must be {meaning}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype}"
+    if isinstance(value, list):
+        odd = next((v for v in value if not isinstance(v, str)), None)
+        return f"an array holding {type(odd).__name__} {odd!r:.30}" if odd is not None else "an array of strings"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+_BYTE_TOKEN = re.compile("<0x[0-9A-Fa-f]{2}>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --- GPT-2's byte alphabet ---------------------------------------------------------------------
@@ -289,18 +361,25 @@ class Tokenizer:
     """Text <-> token ids for one GGUF model; build it with `Tokenizer.from_metadata`."""
 
     def __init__(self, metadata: dict[str, Any]) -> None:
+        _check_metadata_types(metadata)
         kind = metadata.get(_KEY + "model")
         if kind not in _MODELS:
             raise TokenizerError(f"unsupported {_KEY}model {kind!r} (supported: {', '.join(_MODELS)})")
         tokens = metadata.get(_KEY + "tokens")
         if tokens is None or len(tokens) == 0:
             raise TokenizerError(f"GGUF metadata has no {_KEY}tokens (the vocab)")
+        if len(tokens) > MAX_VOCAB:
+            raise TokenizerError(f"{_KEY}tokens holds {len(tokens)} tokens, more than the {MAX_VOCAB} allowed")
         self.tokens: list[str] = list(tokens)
         self.vocab_size = n = len(self.tokens)
         types = metadata.get(_KEY + "token_type")
         self._types: list[int] = [NORMAL] * n if types is None else np.asarray(types).tolist()
         if len(self._types) != n:
             raise TokenizerError(f"{_KEY}token_type has {len(self._types)} entries for {n} tokens")
+        bad_byte = next((i for i, t in enumerate(self._types) if t == BYTE and not _BYTE_TOKEN.fullmatch(tokens[i])),
+                        None)  # token_bytes reads their hex digits
+        if bad_byte is not None:
+            raise TokenizerError(f"token {bad_byte} is of type byte but spelled {tokens[bad_byte]!r:.30}, not <0xXX>")
         # Later duplicates win, as in llama.cpp's token_to_id.
         self._token_ids = {text: i for i, text in enumerate(self.tokens)}
 
@@ -335,6 +414,7 @@ class Tokenizer:
         parse_special: control tokens written in the text (e.g. "<start_of_turn>") become those
         tokens; user-defined tokens are always matched, as in llama.cpp."""
         ids = [self.bos_id] if add_bos and self.add_bos_token and self.bos_id is not None else []
+        text = _SURROGATE.sub("\ufffd", text)
         after_special = True  # SPM's space prefix goes on the first piece and after each special
         for part in _cut_specials(text, self._specials if parse_special else self._user_defined):
             if isinstance(part, int):

@@ -7,12 +7,17 @@ import json
 import random
 import re
 
+import numpy as np
 import pytest
 from golden import GOLDEN_DIR, load_cases
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from realm_wasm import tokenizer as tokenizer_module
 from realm_wasm.gguf import read_gguf
 from realm_wasm.model_files import default_model_path
 from realm_wasm.tokenizer import (
+    _METADATA_TYPES,
     _PRE_TOKENIZERS,
     CONTROL,
     NORMAL,
@@ -275,3 +280,87 @@ def test_text_no_token_spells_is_named():
     assert tok.encode("a a") == [1, 0, 1, 0]  # add_space_prefix defaults to true: "\u2581a\u2581a"
     with pytest.raises(TokenizerError, match="no token spells 'b'"):
         tok.encode("b")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tokenizer.ggml.tokens": np.arange(3, dtype=np.int32)}, "must be an array of strings, got an array of int32"),
+    ({"tokenizer.ggml.tokens": ["a", 5]}, "tokens must be an array of strings, got an array holding int 5"),
+    ({"tokenizer.ggml.tokens": "abc"}, "tokens must be an array of strings, got str 'abc'"),
+    ({"tokenizer.ggml.scores": ["x", "y"]}, "scores must be an array of numbers"),
+    ({"tokenizer.ggml.scores": np.zeros((2, 1))}, "scores must be an array of numbers"),
+    ({"tokenizer.ggml.scores": [[1.0], [2.0, 3.0]]}, "scores must be an array of numbers"),
+    ({"tokenizer.ggml.token_type": np.array([1.0, 1.0])}, "token_type must be an array of integers, got an array of f"),
+    ({"tokenizer.ggml.model": 1}, "tokenizer.ggml.model must be a string, got int 1"),
+    ({"tokenizer.ggml.model": np.array([1])}, "tokenizer.ggml.model must be a string, got an array of int64"),
+    ({"tokenizer.ggml.bos_token_id": "0"}, "bos_token_id must be an integer, got str '0'"),
+    ({"tokenizer.ggml.eos_token_id": True}, "eos_token_id must be an integer, got bool True"),
+    ({"tokenizer.ggml.eos_token_id": 1.0}, "eos_token_id must be an integer, got float 1.0"),
+    ({"tokenizer.ggml.add_bos_token": 1}, "add_bos_token must be a bool, got int 1"),
+    ({"tokenizer.ggml.add_space_prefix": np.array([True])}, "add_space_prefix must be a bool"),
+    ({"tokenizer.chat_template": ["{{ x }}"]}, "tokenizer.chat_template must be a string"),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": np.array([1, 2])}, "merges must be an array of strings"),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": ["gpt2"]},
+     "tokenizer.ggml.pre must be a string"),
+    ({"tokenizer.ggml.token_type": [1, 6]}, "token 1 is of type byte but spelled 'b', not <0xXX>"),
+])
+def test_metadata_of_the_wrong_type_is_named(changes, message):
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"], **changes}
+    with pytest.raises(TokenizerError, match=re.escape(message)):
+        Tokenizer.from_metadata(metadata)
+
+
+def test_lone_surrogates_are_encoded_as_replacement_characters(gemma, trained):
+    """A lone surrogate ("\\ud800" in JSON) has no UTF-8 form: it becomes U+FFFD, as a UTF-8 decoder
+    makes of invalid input, in both vocabularies; nothing raises."""
+    _, bpe = build_pair(trained, "smollm")
+    for tok in (gemma, bpe):
+        for text, clean in [("\ud800", "\ufffd"), ("a\udfffb", "a\ufffdb"), ("\ud83d\ude00 x", "\ufffd\ufffd x")]:
+            assert tok.encode(text) == tok.encode(clean)
+            assert tok.decode(tok.encode(text, add_bos=False)) == clean
+
+
+ANY_TEXT = st.text(st.one_of(st.characters(codec=None), st.sampled_from("\ud800\udbff\udc00\udfff \n\u2581")),
+                   max_size=40)
+
+
+@pytest.fixture(scope="module")
+def bpe(trained) -> Tokenizer:
+    return build_pair(trained, "gpt-2")[1]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=ANY_TEXT)
+def test_any_text_round_trips_with_surrogates_replaced(gemma, bpe, text):
+    clean = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    for tok in (gemma, bpe):
+        assert tok.decode(tok.encode(text, add_bos=False, parse_special=False)) == clean
+
+
+def test_vocab_size_is_bounded(monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "MAX_VOCAB", 2)
+    with pytest.raises(TokenizerError, match="tokenizer.ggml.tokens holds 3 tokens, more than the 2 allowed"):
+        Tokenizer.from_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b", "c"]})
+
+
+ANY_METADATA_VALUE = st.one_of(
+    st.none(), st.integers(-(1 << 64), 1 << 64), st.integers(-1, 6), st.floats(), st.booleans(),
+    st.sampled_from(["llama", "gpt2", "gpt-2", "default", "smollm"]), st.text(max_size=6),
+    st.lists(st.text(max_size=4), max_size=6), st.lists(st.integers(-10, 10), max_size=6).map(np.array),
+    st.lists(st.floats(width=32), max_size=6).map(lambda v: np.array(v, np.float32)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(sorted(_METADATA_TYPES)), ANY_METADATA_VALUE, max_size=4),
+       text=ANY_TEXT)
+def test_any_tokenizer_metadata_builds_or_raises_a_named_error(changes, text):
+    base = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a", "\u2581", "<0x61>", "a b"],
+            "tokenizer.ggml.merges": ["a b"]}
+    metadata = {k: v for k, v in {**base, **changes}.items() if v is not None}
+    try:
+        tok = Tokenizer.from_metadata(metadata)
+        ids = tok.encode(text)
+    except TokenizerError as e:
+        assert "tokenizer." in str(e) or "token" in str(e)
+        return
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    tok.decode(ids + list(range(tok.vocab_size)))

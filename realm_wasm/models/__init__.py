@@ -1,4 +1,5 @@
-"""One file per architecture: GGUF hyper-parameters -> Plan."""
+"""One file per architecture: its `Schema` (the metadata keys and tensors it reads, checked by
+`hparams.HParams` before anything is built) and a builder from the checked values to a Plan."""
 
 from __future__ import annotations
 

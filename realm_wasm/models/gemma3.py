@@ -7,20 +7,48 @@ import math
 
 from ..gguf import GGUFHeader
 from ..plan import KVSpec, Op, Plan
-from .hparams import HParams, decoder_buffers, logits_ops
+from .hparams import (
+    DECODER_KEYS,
+    DECODER_LAYER_TENSORS,
+    DECODER_TENSORS,
+    MAX_CONTEXT,
+    TIED_OUTPUT,
+    HParams,
+    Key,
+    Schema,
+    decoder_buffers,
+    decoder_sizes,
+    logits_ops,
+)
 
 GLOBAL_EVERY = 6  # llama.cpp's fixed gemma3 pattern: layers 5, 11, 17, ... attend globally
 LOCAL_ROPE_BASE = 10_000.0  # sliding-window layers' RoPE base (not stored in the GGUF)
 
+SCHEMA = Schema(
+    keys=DECODER_KEYS | {
+        "rope.freq_base": Key(float, 1.0, 1e12, default=1e6),  # the global layers' base
+        "attention.sliding_window": Key(int, 1, MAX_CONTEXT),
+    },
+    tensors=DECODER_TENSORS,
+    layer_tensors=DECODER_LAYER_TENSORS | {
+        "attn_q_norm.weight": ("n_embd_head",),
+        "attn_k_norm.weight": ("n_embd_head",),
+        "post_attention_norm.weight": ("n_embd",),
+        "post_ffw_norm.weight": ("n_embd",),
+    },
+    optional_tensors=TIED_OUTPUT,
+    sizes=decoder_sizes,
+)
+
 
 def build_plan(header: GGUFHeader) -> Plan:
-    hp = HParams(header)
-    n_layers, d = hp.get("block_count"), hp.get("embedding_length")
-    n_heads, n_kv = hp.get("attention.head_count"), hp.get("attention.head_count_kv")
-    hd = hp.get("attention.key_length", d // n_heads)
-    eps = hp.get("attention.layer_norm_rms_epsilon")
-    window = hp.get("attention.sliding_window")
-    rope_global = dict(base=hp.get("rope.freq_base", 1e6), scale=1.0 / hp.get("rope.scaling.factor", 1.0))
+    hp = HParams(header, SCHEMA)
+    n_layers, d = hp["block_count"], hp["embedding_length"]
+    n_heads, n_kv = hp["attention.head_count"], hp["attention.head_count_kv"]
+    hd = hp["attention.key_length"]
+    eps = hp["attention.layer_norm_rms_epsilon"]
+    window = hp["attention.sliding_window"]
+    rope_global = dict(base=hp["rope.freq_base"], scale=1.0 / hp["rope.scaling.factor"])
     rope_local = dict(base=LOCAL_ROPE_BASE, scale=1.0)
     embd = hp.tensor("token_embd.weight")
     head = header.tensors.get("output.weight", embd)
@@ -56,6 +84,5 @@ def build_plan(header: GGUFHeader) -> Plan:
         ]
     ops += logits_ops(eps, d, head)
     names = {w for op in ops for w in op.weights}
-    buffers = decoder_buffers(hp, d, n_heads, n_kv, hd, head.dims[1])
-    return Plan("gemma3", ops, hp.tensors(*sorted(names)), buffers, KVSpec(n_layers, n_kv, hd),
-                n_vocab=head.dims[1], n_ctx_train=hp.get("context_length"))
+    return Plan("gemma3", ops, hp.tensors(*sorted(names)), decoder_buffers(hp.sizes), KVSpec(n_layers, n_kv, hd),
+                n_vocab=hp.sizes["n_vocab"], n_ctx_train=hp["context_length"])

@@ -6,23 +6,55 @@ from __future__ import annotations
 
 import math
 
-from ..gguf import GGUFHeader
+from ..gguf import GGUFError, GGUFHeader
 from ..plan import KVSpec, Op, Plan
-from .hparams import HParams, decoder_buffers, logits_ops
+from .hparams import (
+    DECODER_KEYS,
+    DECODER_LAYER_TENSORS,
+    DECODER_TENSORS,
+    MAX_HEAD_DIM,
+    TIED_OUTPUT,
+    HParams,
+    Key,
+    Schema,
+    decoder_buffers,
+    decoder_sizes,
+    logits_ops,
+)
+
+
+def _sizes(hp: HParams) -> dict[str, int]:
+    sizes = decoder_sizes(hp)
+    n_rot, hd = hp["rope.dimension_count"], sizes["n_embd_head"]
+    if n_rot > hd or n_rot % 2:
+        raise GGUFError(f"{hp.name('rope.dimension_count')} = {n_rot} must be even and at most "
+                        f"{hp.name('attention.key_length')} = {hd}")
+    return sizes | {"n_rot_pairs": n_rot // 2}
+
+
+SCHEMA = Schema(
+    keys=DECODER_KEYS | {
+        # RoPE may rotate only the first dims of each head
+        "rope.dimension_count": Key(int, 2, MAX_HEAD_DIM, default=lambda hp: hp["attention.key_length"]),
+    },
+    tensors=DECODER_TENSORS,
+    layer_tensors=DECODER_LAYER_TENSORS,
+    optional_tensors=TIED_OUTPUT | {"rope_freqs.weight": ("n_rot_pairs",)},
+    sizes=_sizes,
+)
 
 
 def build_plan(header: GGUFHeader) -> Plan:
-    hp = HParams(header)
-    n_layers, d = hp.get("block_count"), hp.get("embedding_length")
-    n_heads = hp.get("attention.head_count")
-    n_kv = hp.get("attention.head_count_kv", n_heads)
-    hd = hp.get("attention.key_length", d // n_heads)
-    eps = hp.get("attention.layer_norm_rms_epsilon")
+    hp = HParams(header, SCHEMA)
+    n_layers, d = hp["block_count"], hp["embedding_length"]
+    n_heads, n_kv = hp["attention.head_count"], hp["attention.head_count_kv"]
+    hd = hp["attention.key_length"]
+    eps = hp["attention.layer_norm_rms_epsilon"]
     embd = hp.tensor("token_embd.weight")
     head = header.tensors.get("output.weight", embd)
     freqs = ("rope_freqs.weight",) if "rope_freqs.weight" in header.tensors else ()
-    rope = dict(base=hp.get("rope.freq_base", 10_000.0), scale=1.0 / hp.get("rope.scaling.factor", 1.0),
-                head_dim=hd, n_rot=hp.get("rope.dimension_count", hd), neox=False)
+    rope = dict(base=hp["rope.freq_base"], scale=1.0 / hp["rope.scaling.factor"],
+                head_dim=hd, n_rot=hp["rope.dimension_count"], neox=False)
 
     def norm(x: str, w: str, out: str) -> Op:
         return Op("rmsnorm", out, (x,), (w,), dict(eps=eps, group=d))
@@ -49,6 +81,5 @@ def build_plan(header: GGUFHeader) -> Plan:
         ]
     ops += logits_ops(eps, d, head)
     names = {w for op in ops for w in op.weights}
-    buffers = decoder_buffers(hp, d, n_heads, n_kv, hd, head.dims[1])
-    return Plan("llama", ops, hp.tensors(*sorted(names)), buffers, KVSpec(n_layers, n_kv, hd),
-                n_vocab=head.dims[1], n_ctx_train=hp.get("context_length"))
+    return Plan("llama", ops, hp.tensors(*sorted(names)), decoder_buffers(hp.sizes), KVSpec(n_layers, n_kv, hd),
+                n_vocab=hp.sizes["n_vocab"], n_ctx_train=hp["context_length"])
