@@ -151,7 +151,7 @@ class Seed:
 
 
 def gemma_path() -> Path:
-    from realm_wasm.cli import default_model_path
+    from realm_wasm.model_files import default_model_path
     return Path(default_model_path())
 
 

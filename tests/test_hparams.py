@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_llama import FFN, LAYERS, N_HEADS, N_KV, VOCAB, D, make_model
 
-from realm_wasm.cli import default_model_path
 from realm_wasm.gguf import GGUFError, GGUFHeader, TensorInfo, parse_header, read_gguf
+from realm_wasm.model_files import default_model_path
 from realm_wasm.models import build_plan, gemma3, llama
 
 Q = gguf.GGMLQuantizationType
