@@ -70,8 +70,10 @@ def test_the_harness_reports_crashes_hangs_and_unsound_files(seeds, monkeypatch)
     result = fz.run_case(case)
     assert result.outcome == "HANG" and result.failed(fz.peak_rss())
 
-    def hog(prefix, file_size):  # writes every page, so the memory is resident
-        assert len(b"\1" * (4 * fz.MEMORY_BOUND)) == 4 * fz.MEMORY_BOUND
+    def hog(prefix, file_size):  # writes every page, so the memory is resident; enough to raise
+        # the process's peak (the high-water mark earlier tests left) by more than the bound
+        size = fz.peak_rss() + 4 * fz.MEMORY_BOUND
+        assert len(b"\1" * size) == size
 
     monkeypatch.setattr(fz, "load", hog)
     monkeypatch.setattr(fz, "HANG_S", 30.0)
