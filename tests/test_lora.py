@@ -328,3 +328,149 @@ def test_gpu_refuses_adapters_over_its_rank(gemma, gpu, tmp_path):
         dev.set_adapter(0, read_adapter(made.path, plan))
     with pytest.raises(ValueError, match="adapter slot 0 holds no adapter"):
         dev.forward(Batch.for_sequence([1, 2], 0, adapters=[(0, 1.0)]))
+
+
+# --- engine and scheduler: adapters per request ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The scheduler tests' tiny llama (a one-character-per-token vocab) and two adapters for it."""
+    from test_scheduler import write_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(folder / "tiny.gguf")
+    plan = build_plan(read_gguf(folder / "tiny.gguf").header)
+    rng = np.random.default_rng(21)
+    make_adapter(folder / "a.gguf", plan, all_projections(plan, range(plan.kv.n_layers)), 4, rng, alpha=8.0)
+    make_adapter(folder / "b.gguf", plan, all_projections(plan, [1]), 8, rng, types=(Q.F16, Q.F16))
+    return {name: folder / f"{name}.gguf" for name in ("tiny", "a", "b")}
+
+
+def tiny_engine(tiny, n_slots: int, executor=None, **options):
+    from test_scheduler import N_CTX
+
+    from realm_wasm.engine import Engine, Model
+
+    if executor is None:
+        return Engine.load(tiny["tiny"], backend="numpy", n_ctx=N_CTX, n_slots=n_slots,
+                           adapters={"a": tiny["a"], "b": tiny["b"]}, **options)
+    f = read_gguf(tiny["tiny"])
+    model = Model.from_header(f.header)
+    engine = Engine(model, executor(model.plan, f.tensor_bytes, n_slots), N_CTX)
+    for name in "ab":
+        engine.load_adapter(name, tiny[name])
+    return engine
+
+
+LORAS = [(("a", 1.0),), (("b", 0.5), ("a", 0.25)), ()]
+
+
+def run_batched(engine, prompt: str, loras, max_tokens: int = 10):
+    from test_scheduler import Recorder, RecordingExecutor, run_all
+
+    from realm_wasm.scheduler import Request, Scheduler
+
+    if not engine.executor.queues_ahead:  # numpy: keep the batches to look at them
+        engine.executor = RecordingExecutor(engine.executor)
+    scheduler = Scheduler(engine, n_slots=len(loras), max_step_tokens=16)
+    sinks = [Recorder() for _ in loras]
+    for lora, sink in zip(loras, sinks, strict=True):
+        scheduler.submit(Request(engine.tokenizer.encode(prompt), max_tokens, lora=lora, stop_at_eos=False), sink)
+    run_all(scheduler)
+    return [sink.tokens for sink in sinks]
+
+
+def alone(engine, prompt: str, lora, max_tokens: int = 10) -> list[int]:
+    return [e.token_id for e in engine.generate(prompt, max_tokens, stop_at_eos=False, lora=lora)
+            if e.token_id is not None]
+
+
+def test_sequences_with_different_adapters_share_steps_and_match_running_alone(tiny):
+    single = tiny_engine(tiny, 1)
+    expect = [alone(single, "Hello, world", lora) for lora in LORAS]
+    assert len({tuple(t) for t in expect}) == 3  # each adapter changes what the model says
+    engine = tiny_engine(tiny, 3)
+    assert run_batched(engine, "Hello, world", LORAS) == expect
+    mixed = [b for b in engine.executor.batches if b.lora is not None and (b.lora[:, 0] < 0).any()]
+    assert mixed, "no step mixed sequences with and without adapters"
+    assert not engine.adapters.users or set(engine.adapters.users.values()) == {0}  # released at the end
+
+
+def test_on_the_gpu_running_ahead_with_adapters_matches_running_alone(tiny, gpu):
+    def executor(plan, weights, n_slots):
+        return GpuExecutor(plan, weights, n_slots=n_slots, n_ctx=64, device=gpu, max_tokens=32, max_adapters=2,
+                           max_lora_rank=8)
+
+    single = tiny_engine(tiny, 1, executor)
+    expect = [alone(single, "Hello, world", lora, 8) for lora in LORAS]
+    assert len({tuple(t) for t in expect}) == 3
+    assert run_batched(tiny_engine(tiny, 3, executor), "Hello, world", LORAS, 8) == expect
+
+
+def test_kv_is_reused_only_under_the_same_adapters(tiny):
+    from test_scheduler import Recorder, run_all
+
+    from realm_wasm.scheduler import Request, Scheduler
+
+    engine = tiny_engine(tiny, 1)
+    scheduler = Scheduler(engine, n_slots=1)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    for suffix, lora, reused in (("", (), False), (" again", (("a", 1.0),), False), (" again!", (("a", 1.0),), True),
+                                 (" again!!", (("a", 0.5),), False)):
+        sink = Recorder()
+        scheduler.submit(Request(engine.tokenizer.encode(prompt + suffix), 4, lora=lora, stop_at_eos=False), sink)
+        run_all(scheduler)
+        assert (sink.finished.cached_tokens > 0) == reused, suffix
+        assert sink.tokens == alone(tiny_engine(tiny, 1), prompt + suffix, lora, 4)
+
+
+def test_unloading_an_adapter_lets_its_running_sequences_finish(tiny):
+    from test_scheduler import Recorder, run_all
+
+    from realm_wasm.lora import AdapterConflict, AdapterNotFound
+    from realm_wasm.scheduler import Request, Scheduler
+
+    engine = tiny_engine(tiny, 2)
+    engine.unload_adapter("b")  # nobody uses it: its slot frees at once
+    assert [name for name, _ in engine.adapters.items()] == ["a"] and len(engine.adapters.held) == 1
+    scheduler = Scheduler(engine, n_slots=2)
+    sink = Recorder()
+    scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 10, lora=(("a", 1.0),), stop_at_eos=False),
+                     sink)
+    for _ in range(3):
+        scheduler.step()
+    unloaded = scheduler.call(lambda: engine.unload_adapter("a"))
+    scheduler.step()
+    assert unloaded.result() is None and "a" not in engine.adapters
+    with pytest.raises(AdapterNotFound, match="no adapter 'a'"):
+        scheduler.submit(Request([1, 5], 2, lora=(("a", 1.0),)), Recorder())
+    engine.load_adapter("c", tiny["b"])
+    with pytest.raises(AdapterConflict, match="all 2 adapter slots are in use"):  # "a" still runs in its slot
+        engine.load_adapter("d", tiny["b"])
+    run_all(scheduler)
+    assert sink.tokens == alone(tiny_engine(tiny, 1), "Hello, world", (("a", 1.0),))
+    engine.load_adapter("d", tiny["a"])  # the slot is free once the sequence finished
+    with pytest.raises(AdapterConflict, match="already loaded"):
+        engine.load_adapter("d", tiny["a"])
+
+
+def test_requests_for_adapters_that_cannot_apply_are_refused(tiny):
+    from test_scheduler import Recorder
+
+    from realm_wasm.errors import InvalidRequest
+    from realm_wasm.lora import AdapterConflict, AdapterNotFound
+    from realm_wasm.scheduler import Request, Scheduler
+
+    engine = tiny_engine(tiny, 1)
+    scheduler = Scheduler(engine, n_slots=1)
+    for lora, error, match in (((("zz", 1.0),), AdapterNotFound, r"no adapter 'zz' is loaded \(loaded: a, b\)"),
+                               ((("a", 1.0),) * 2, InvalidRequest, "different adapters"),
+                               (tuple((n, 1.0) for n in "abcde"), InvalidRequest, "at most 4"),
+                               ((("a", float("nan")),), InvalidRequest, "finite")):
+        with pytest.raises(error, match=match):
+            scheduler.submit(Request([1, 5], 2, lora=lora), Recorder())
+    from realm_wasm.engine import Engine
+
+    bare = Engine.load(tiny["tiny"], backend="numpy", n_ctx=64)  # no adapters asked for: no slots
+    with pytest.raises(AdapterConflict, match="without adapter slots"):
+        bare.load_adapter("a", tiny["a"])
