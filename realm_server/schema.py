@@ -167,7 +167,7 @@ def openapi_document() -> dict[str, Any]:
               for status in (400, 401, 403, 404, 413, 429, 503)}
     usage_schema = {"type": "object", "properties": {k: {"type": "integer"} for k in
                                                      ("prompt_tokens", "completion_tokens", "total_tokens")}}
-    applied = {"type": "array", "description": "the LoRA adapters the generation applied", "items": {
+    applied = {"type": "array", "description": "the LoRA adapters the generation applied (absent: none)", "items": {
         "type": "object", "properties": {"id": {"type": "string"}, "scale": {"type": "number"}}}}
 
     def generation(summary: str, request_schema: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:

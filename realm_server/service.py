@@ -205,6 +205,10 @@ class Job:
     def shape(self) -> Shape:
         return SHAPES[self.kind]
 
+    def applied(self) -> dict[str, Any]:
+        """What an answer adds to say which LoRA adapters applied (nothing when none did)."""
+        return {"lora": self.lora} if self.lora else {}
+
 
 class TextShaper:
     """Drops a chat answer's leading whitespace (the plain template leaves a space after 'Assistant:')."""
@@ -279,7 +283,7 @@ class Generation:
             asked_to_stop = event.reason == "cancelled" and self.cancelled_by_client
             if event.reason not in ("stop", "length") and not asked_to_stop:
                 raise failure(event)
-            yield {**self.chunk(shape.closing, event.reason), "lora": self.job.lora}
+            yield {**self.chunk(shape.closing, event.reason), **self.job.applied()}
             if include_usage:
                 yield {**self.chunk({}, None), "choices": [], "usage": usage(event)}
             return
@@ -294,7 +298,7 @@ class Generation:
         shape = self.job.shape
         choice = {"index": 0, **shape.choice("".join(parts)), "finish_reason": finish_reason}
         return {"id": shape.id_prefix + self.job.id, "object": shape.object, "created": self.job.created,
-                "model": self.job.model.name, "choices": [choice], "usage": used, "lora": self.job.lora}
+                "model": self.job.model.name, "choices": [choice], "usage": used, **self.job.applied()}
 
 
 def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, int] | None]:
