@@ -124,7 +124,6 @@ class Engine:
         with it, then its slot frees. Call it from the thread that steps this engine."""
         self.adapters.remove(name)
 
-
     @property
     def tokenizer(self) -> Tokenizer:
         return self.model.tokenizer

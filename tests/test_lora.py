@@ -474,3 +474,37 @@ def test_requests_for_adapters_that_cannot_apply_are_refused(tiny):
     bare = Engine.load(tiny["tiny"], backend="numpy", n_ctx=64)  # no adapters asked for: no slots
     with pytest.raises(AdapterConflict, match="without adapter slots"):
         bare.load_adapter("a", tiny["a"])
+
+
+def test_a_weight_split_over_bindings_adds_its_side_paths_per_chunk(gpu):
+    """Each of a weight's bindings (a dispatch each) adds the side paths of its own rows."""
+    from test_gpu_matmul import Case
+
+    from realm_wasm.gpu.lora import LoraPool, LoraTokens
+    from realm_wasm.lora import Adapter, LoraPair
+
+    n, k, t_max = 37, 160, 12
+    case = Case(gpu, "Q4_0", n, k, t_max=t_max, seed=4, max_binding=1000)
+    assert len(case.weight.chunks) == 4
+    rng = np.random.default_rng(8)
+    pairs = [LoraPair(rng.standard_normal((r, k)).astype(np.float32), rng.standard_normal((n, r)).astype(np.float32))
+             for r in (8, 3)]
+    tokens = LoraTokens(gpu, t_max)
+    pool = LoraPool(gpu, tokens, [("w", n)], k, slots=2, rank=8, label="w")
+    for slot, pair in enumerate(pairs):
+        pool.write(slot, Adapter(f"a{slot}", "test", 0.0, {"w": pair}))
+    mm = case.matmul(lora=pool)
+    per_token = [((0, 1.0),), ((1, -0.5), (0, 2.0)), (), ((1, 1.0),)] * 3
+    for t in (4, 12):  # the mat-vec, then the mat-mat and its LoRA kernel
+        batch = Batch(np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(1, np.int32),
+                      *lora_table(per_token[:t]))
+        tokens.write(batch)
+        gpu.write_buffer(case.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
+        gpu.submit(mm.dispatches(t, lora=True))
+        got = np.frombuffer(gpu.read_buffer(case.y, 0, t * n * 4), np.float32).reshape(t, n)
+        x = case.x[:t].astype(np.float64)
+        want = x @ case.w.T
+        for i, adapters in enumerate(per_token[:t]):
+            for slot, scale in adapters:
+                want[i] += scale * (pairs[slot].b.astype(np.float64) @ (pairs[slot].a @ x[i]))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
