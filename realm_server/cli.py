@@ -1,7 +1,7 @@
 """`realm` command line: generate text, serve the page and the API, make API keys. CPython only.
 
-    realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] ...
-    realm serve [--host H] [--port P] [--model FILE] [--tenants FILE] [--slots N] [--ctx N] ...
+    realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] [--lora FILE[:SCALE]] ...
+    realm serve [--host H] [--port P] [--model FILE] [--tenants FILE] [--slots N] [--ctx N] [--lora ID=FILE] ...
     realm plan [--model FILE] [--binding-limit BYTES]      # the fused program the GPU runs, per layer
     realm key new | realm key hash KEY
 
@@ -32,17 +32,45 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def lora_file(text: str) -> tuple[Path, float]:
+    """FILE[:SCALE] (a trailing ":number" is the scale; default 1)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
+def adapter_file(text: str) -> tuple[str, Path]:
+    """ID=FILE."""
+    adapter_id, sep, path = text.partition("=")
+    if not sep or not adapter_id or not path:
+        raise argparse.ArgumentTypeError(f"expected ID=FILE, got {text!r}")
+    return adapter_id, Path(path)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from realm_wasm.engine import Engine
     from realm_wasm.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    # each adapter under its position and file name (the same file may come twice, at two scales)
+    adapters = {f"{i}:{path.name}": (path, scale) for i, (path, scale) in enumerate(args.lora or [])}
     t0 = time.perf_counter()
-    engine = Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx)
+    engine = Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx,
+                         adapters={name: path for name, (path, _) in adapters.items()})
     load_s = time.perf_counter() - t0
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t") if args.escapes else args.prompt
     n, first = 0, None
-    for ev in engine.generate(prompt, args.max_tokens, sampling):
+    lora = [(name, scale) for name, (_, scale) in adapters.items()]
+    for ev in engine.generate(prompt, args.max_tokens, sampling, lora=lora):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
         n += ev.token_id is not None
@@ -50,8 +78,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     total = time.perf_counter() - t0 - load_s
     sys.stdout.write("\n")
     decode = (n - 1) / (total - first) if n > 1 and total > first else float("nan")
+    applied = "".join(f", LoRA {path.name} at {scale:g}" for path, scale in adapters.values())
     print(f"[{engine.executor.name}] load {load_s:.2f} s, first token {first or 0:.2f} s, "
-          f"{n} tokens, decode {decode:.1f} tok/s", file=sys.stderr)
+          f"{n} tokens, decode {decode:.1f} tok/s{applied}", file=sys.stderr)
 
 
 def prepare_web_assets() -> None:
@@ -72,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .app import create_app
+    from .errors import ConfigError
     from .service import load_model
     from .static import StaticSettings
     from .tenants import Tenants, check_bind_host, load_tenants
@@ -80,7 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_bind_host(args.host, tenants)
     model = resolve_model(args.model)
     prepare_web_assets()
-    served = load_model(model, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)
+    adapters = dict(args.lora or [])
+    if len(adapters) != len(args.lora or []):
+        raise ConfigError(f"--lora gives one id twice: {[a for a, _ in args.lora]}")
+    served = load_model(model, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots, adapters=adapters,
+                        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank)
     static = StaticSettings(pyodide_base_url=args.pyodide_base_url,
                             model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(), model.parent)))
     app = create_app([served], tenants, static=static)
@@ -133,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: WebGPU (wgpu-py) on a hardware adapter, else numpy")
     gen.add_argument("--no-escapes", dest="escapes", action="store_false",
                      help="take the prompt literally (default: \\n and \\t in it are newline and tab)")
+    gen.add_argument("--lora", action="append", type=lora_file, metavar="FILE[:SCALE]",
+                     help="apply a LoRA adapter (llama.cpp's GGUF format) at SCALE (default 1); repeatable")
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="serve the chat page, Pyodide, the runtime bundle, the models and the API")
@@ -145,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default="auto", choices=BACKENDS)
     serve.add_argument("--slots", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
     serve.add_argument("--ctx", type=positive_int, default=2048, help="context length per sequence")
+    serve.add_argument("--lora", action="append", type=adapter_file, metavar="ID=FILE",
+                       help="load a LoRA adapter as the server's, under ID (tenants use it by lora_allowed); "
+                            "repeatable")
+    serve.add_argument("--max-adapters", type=non_negative_int, default=4,
+                       help="LoRA adapters held at once, --lora ones included (the GPU reserves room for them; "
+                            "0: none)")
+    serve.add_argument("--max-lora-rank", type=positive_int, default=16,
+                       help="the highest adapter rank the GPU reserves room for (raised to fit --lora ones)")
     serve.set_defaults(func=cmd_serve)
 
     plan = sub.add_parser("plan", help="print the fused program the GPU runs for a model, layer by layer")

@@ -14,7 +14,7 @@ from realm_wasm.errors import RealmError
 
 # HTTP status -> OpenAI's error "type"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+               404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error",
                500: "server_error", 503: "server_busy"}
 
 # RealmError.code -> HTTP status: who can act on it
@@ -23,6 +23,9 @@ STATUS_BY_CODE = {
     "bad-request": 400,
     "context-overflow": 400,
     "no-model": 404,
+    "bad-adapter": 400,  # an adapter the caller uploaded or asked for that does not fit the model
+    "no-adapter": 404,
+    "adapter-conflict": 409,  # the adapter id is taken, or every adapter slot is in use
     # the server cannot run it now (its GPU is missing, full or gone): retry later or elsewhere
     "no-webgpu": 503,
     "unsupported-on-gpu": 503,  # the server picked the backend at load, not the caller

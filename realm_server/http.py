@@ -3,6 +3,8 @@
     POST /v1/completions, POST /v1/chat/completions   OpenAI-compatible; "stream": true answers with
                                                       server-sent events ending in `data: [DONE]`
     GET  /v1/models, /v1/models/{name}                the models the caller's tenant may use
+    GET  /v1/adapters                                 the LoRA adapters it may use ("lora" in a request)
+    PUT  /v1/adapters/{id}[?model=M], DELETE ...       load (body: the GGUF adapter file) / unload its own
     GET  /health                                      liveness and slot usage per model (no key needed)
     GET  /openapi.json                                OpenAPI 3.1 description of all of the above
 
@@ -79,6 +81,19 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if len(body) > limit:
             raise ApiError(413, f"body is over the limit of {limit} bytes")
     return parse_json_object(bytes(body))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body (an uploaded file); 413 past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body is over the limit of {limit} bytes")
+    return bytes(body)
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -162,6 +177,22 @@ def http_routes(service: Service) -> list[BaseRoute]:
         tenant = caller(service, request, bearer(request))
         return JSONResponse(service.model_card(service.model_for(tenant, request.path_params["name"])))
 
+    async def list_adapters(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        return JSONResponse({"object": "list", "data": await service.adapter_cards(tenant)})
+
+    async def put_adapter(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        data = await read_body(request, service.settings.max_adapter_bytes)
+        return JSONResponse(await service.load_adapter(tenant, request.path_params["id"], data,
+                                                       request.query_params.get("model")))
+
+    async def delete_adapter(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        adapter_id = request.path_params["id"]
+        await service.unload_adapter(tenant, adapter_id, request.query_params.get("model"))
+        return JSONResponse({"id": adapter_id, "object": "adapter", "deleted": True})
+
     async def health(request: Request) -> Response:
         return JSONResponse(service.health())
 
@@ -176,6 +207,9 @@ def http_routes(service: Service) -> list[BaseRoute]:
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
         Route("/v1/models", endpoint(list_models), methods=["GET"]),
         Route("/v1/models/{name:path}", endpoint(get_model), methods=["GET"]),
+        Route("/v1/adapters", endpoint(list_adapters), methods=["GET"]),
+        Route("/v1/adapters/{id}", endpoint(put_adapter), methods=["PUT"]),
+        Route("/v1/adapters/{id}", endpoint(delete_adapter), methods=["DELETE"]),
         Route("/health", endpoint(health), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi), methods=["GET"]),
         Route("/v1/{path:path}", endpoint(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),

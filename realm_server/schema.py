@@ -63,6 +63,12 @@ GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
     "presence_penalty": _nullable("number", minimum=0, maximum=0, description="only 0 is supported"),
     "frequency_penalty": _nullable("number", minimum=0, maximum=0, description="only 0 is supported"),
     "user": {"type": "string"},
+    "lora": _nullable("array", maxItems=4, items={
+        "type": "object", "required": ["id"], "properties": {
+            "id": {"type": "string", "minLength": 1, "description": "an id from GET /v1/adapters"},
+            "scale": _nullable("number", minimum=-100, maximum=100, description="default 1")}},
+        description="LoRA adapters to apply, each with its scale (y += scale * alpha / rank * B A x); "
+                    "omitted: the tenant's default adapters; []: none"),
 }
 
 COMPLETION_SCHEMA = {"type": "object", "required": ["model", "prompt"],
@@ -161,11 +167,13 @@ def openapi_document() -> dict[str, Any]:
               for status in (400, 401, 403, 404, 413, 429, 503)}
     usage_schema = {"type": "object", "properties": {k: {"type": "integer"} for k in
                                                      ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    applied = {"type": "array", "description": "the LoRA adapters the generation applied (absent: none)", "items": {
+        "type": "object", "properties": {"id": {"type": "string"}, "scale": {"type": "number"}}}}
 
     def generation(summary: str, request_schema: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
         result = {"type": "object", "properties": {
             "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
-            "model": {"type": "string"}, "usage": usage_schema,
+            "model": {"type": "string"}, "usage": usage_schema, "lora": applied,
             "choices": {"type": "array", "items": {"type": "object", "properties": {
                 "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]}, **choice}}}}}
         return {"post": {
@@ -177,6 +185,14 @@ def openapi_document() -> dict[str, Any]:
                                               "text/event-stream": {"schema": {"type": "string"}}}},
                           **errors}}}
 
+    adapter = {"type": "object", "properties": {
+        "id": {"type": "string"}, "object": {"const": "adapter"}, "model": {"type": "string"},
+        "owned_by": {"type": "string", "description": "\"server\" (loaded at start), or the tenant that loaded it"},
+        "rank": {"type": "integer"}, "alpha": {"type": "number"}, "tensors": {"type": "integer"}}}
+    adapter_errors = {**errors, "409": {**error, "description": ERROR_TYPES[409]}}
+    which_model = {"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                   "description": "the model the adapter is for (needed when the tenant may use several)"}
+    adapter_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     model = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"},
                                               "context_length": {"type": "integer"},
                                               "chat_template": {"enum": ["gguf", "plain"]}}}
@@ -206,6 +222,23 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "the model",
                                       "content": {"application/json": {"schema": model}}}, **errors}}},
+            "/v1/adapters": {"get": {
+                "summary": "LoRA adapters the caller may use: the server's it is allowed, and its own",
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "adapters", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"data": {"type": "array", "items": adapter}}}}}}, **errors}}},
+            "/v1/adapters/{id}": {
+                "put": {"summary": "Load a LoRA adapter (llama.cpp's GGUF adapter file as the body) as the "
+                                   "caller's own; needs lora_upload in the tenants file",
+                        "security": [{"bearer": []}], "parameters": [adapter_id, which_model],
+                        "requestBody": {"required": True, "content": {"application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}}}},
+                        "responses": {"200": {"description": "the adapter, loaded",
+                                              "content": {"application/json": {"schema": adapter}}},
+                                      **adapter_errors}},
+                "delete": {"summary": "Unload one of the caller's adapters (generations using it finish with it)",
+                           "security": [{"bearer": []}], "parameters": [adapter_id, which_model],
+                           "responses": {"200": {"description": "unloaded"}, **errors}}},
             "/health": {"get": {"summary": "Liveness and KV-slot use per model", "responses": {"200": {
                 "description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         },

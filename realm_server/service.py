@@ -17,6 +17,13 @@ ApiError, except one its own client cancelled: that one finishes with "cancelled
 Every model runs in its own background thread that steps a `realm_wasm.scheduler.Scheduler` (the
 executor is not thread-safe); its events reach asyncio through `loop.call_soon_threadsafe`. A client
 that goes away cancels its generation, which frees its KV slot at the next step.
+
+LoRA adapters: each model's engine holds adapters by name. Those loaded at start (`realm serve
+--lora NAME=FILE`) are the server's: a tenant uses the ones its `lora_allowed` names, and its `lora`
+default when a request names none. A tenant with `lora_upload` loads its own (`load_adapter`), which
+only it sees and uses (the engine names them "TENANT/ID"); without a tenants file the one open
+tenant's adapters are the server's. Loading and unloading run on the model's stepping thread,
+between steps; an unloaded adapter's running generations finish with it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import threading
 import time
@@ -35,11 +43,12 @@ from typing import Any
 from realm_wasm.chat_template import ChatTemplate, ChatTemplateError
 from realm_wasm.engine import PREFILL_CHUNK, Engine
 from realm_wasm.errors import RealmError
+from realm_wasm.lora import Adapter, read_adapter
 from realm_wasm.sampling import SamplingParams
 from realm_wasm.scheduler import Event, Finished, Scheduler, TokenEvent
 from realm_wasm.scheduler import Request as GenerationRequest
 
-from .errors import ApiError, api_error
+from .errors import ApiError, ConfigError, api_error
 from .schema import CHAT_SCHEMA, COMPLETION_SCHEMA, validate
 from .tenants import Limiter, Tenant, Tenants, is_loopback, retry_after_header
 
@@ -66,11 +75,25 @@ class ServedModel:
 
 
 def load_model(path: str | Path, name: str | None = None, backend: str = "auto", n_ctx: int = 2048,
-               n_slots: int = 4) -> ServedModel:
-    """Load a GGUF file for serving, named after the file unless `name` is given."""
+               n_slots: int = 4, adapters: dict[str, str | Path] | None = None, max_adapters: int = 0,
+               max_lora_rank: int = 16) -> ServedModel:
+    """Load a GGUF file for serving, named after the file unless `name` is given, with the server's
+    LoRA `adapters` (id -> file) and room for `max_adapters` in all, of rank up to `max_lora_rank`."""
     path = Path(path)
-    engine = Engine.load(path, backend=backend, n_ctx=n_ctx, n_slots=n_slots)
+    for adapter_id in adapters or {}:
+        check_adapter_id(adapter_id, ConfigError)
+    engine = Engine.load(path, backend=backend, n_ctx=n_ctx, n_slots=n_slots, adapters=adapters,
+                         max_adapters=max_adapters, max_lora_rank=max_lora_rank)
     return ServedModel(name or path.name.removesuffix(".gguf"), engine, n_slots)
+
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_adapter_id(adapter_id: str, error: Callable[[str], Exception]) -> None:
+    if not ADAPTER_ID.fullmatch(adapter_id):
+        raise error(f"adapter id {adapter_id!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                    "letter or digit")
 
 
 class ModelWorker:
@@ -124,6 +147,14 @@ class ModelWorker:
         self.scheduler.cancel(seq_id)
         self._wake.set()
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the stepping thread between two steps (what changes the engine's adapters)."""
+        if not self.alive:
+            raise ApiError(503, f"the worker of {self.model.name!r} is not running (is the app's lifespan in use?)")
+        done = self.scheduler.call(fn)
+        self._wake.set()
+        return await asyncio.wrap_future(done)
+
 
 # --- jobs: a checked request, then a running generation --------------------------------------------
 
@@ -166,12 +197,17 @@ class Job:
     request: GenerationRequest
     stream: bool
     include_usage: bool
+    lora: list[dict[str, Any]] = field(default_factory=list)  # the adapters applied, as the response says
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def shape(self) -> Shape:
         return SHAPES[self.kind]
+
+    def applied(self) -> dict[str, Any]:
+        """What an answer adds to say which LoRA adapters applied (nothing when none did)."""
+        return {"lora": self.lora} if self.lora else {}
 
 
 class TextShaper:
@@ -185,6 +221,11 @@ class TextShaper:
             text = text.lstrip()
             self.stripping = not text
         return text
+
+
+def adapter_card(adapter_id: str, model: str, adapter: Adapter, owner: str | None) -> dict[str, Any]:
+    return {"id": adapter_id, "object": "adapter", "model": model, "owned_by": owner or "server",
+            "rank": adapter.rank, "alpha": adapter.alpha, "tensors": len(adapter.pairs)}
 
 
 def usage(event: Finished) -> dict[str, int]:
@@ -242,7 +283,7 @@ class Generation:
             asked_to_stop = event.reason == "cancelled" and self.cancelled_by_client
             if event.reason not in ("stop", "length") and not asked_to_stop:
                 raise failure(event)
-            yield self.chunk(shape.closing, event.reason)
+            yield {**self.chunk(shape.closing, event.reason), **self.job.applied()}
             if include_usage:
                 yield {**self.chunk({}, None), "choices": [], "usage": usage(event)}
             return
@@ -257,7 +298,7 @@ class Generation:
         shape = self.job.shape
         choice = {"index": 0, **shape.choice("".join(parts)), "finish_reason": finish_reason}
         return {"id": shape.id_prefix + self.job.id, "object": shape.object, "created": self.job.created,
-                "model": self.job.model.name, "choices": [choice], "usage": used}
+                "model": self.job.model.name, "choices": [choice], "usage": used, **self.job.applied()}
 
 
 def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, int] | None]:
@@ -275,6 +316,7 @@ class ApiSettings:
     max_body_bytes: int = 1 << 20
     max_in_flight: int = 256  # requests queued or running over all tenants (503 beyond)
     default_max_tokens: int = 256
+    max_adapter_bytes: int = 512 << 20  # an uploaded LoRA adapter file
 
 
 def _default(value: Any, default: Any) -> Any:
@@ -295,6 +337,12 @@ class Service:
         self.limiters = {t.id: Limiter(t) for t in self.tenants.by_id.values()}
         self.workers = {m.name: ModelWorker(m, self.tenants.shares) for m in models}
         self.in_flight = 0
+        for tenant in self.tenants.by_id.values():  # a default adapter must exist, or all its requests fail
+            for name in self.model_names(tenant):
+                missing = [a for a, _ in tenant.lora if a not in self.models[name].engine.adapters]
+                if missing:
+                    raise ConfigError(f"tenant {tenant.id!r}: default adapter(s) {missing} are not loaded for "
+                                      f"model {name!r} (realm serve --lora ID=FILE)")
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
@@ -365,10 +413,14 @@ class Service:
             temperature=float(_default(body.get("temperature"), 1.0)), top_k=int(body.get("top_k") or 0),
             top_p=float(_default(body.get("top_p"), 1.0)),
             seed=(secrets.randbits(32) if seed is None else seed) & 0xFFFFFFFF)
+        asked = body.get("lora")
+        lora = [(a["id"], float(_default(a.get("scale"), 1.0))) for a in asked] if asked is not None else tenant.lora
         request = GenerationRequest(ids, max_tokens, sampling, tenant.id,
-                                    stop=(*([stop] if isinstance(stop, str) else stop), *template_stop))
+                                    stop=(*([stop] if isinstance(stop, str) else stop), *template_stop),
+                                    lora=tuple((self.adapter_name(tenant, model, a), scale) for a, scale in lora))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return Job(kind, model, request, bool(body.get("stream")), include_usage)
+        return Job(kind, model, request, bool(body.get("stream")), include_usage,
+                   [{"id": a, "scale": scale} for a, scale in lora])
 
     async def prompt_ids(self, model: ServedModel, body: dict[str, Any],
                          kind: str) -> tuple[list[int], tuple[str, ...]]:
@@ -392,6 +444,64 @@ class Service:
             raise ApiError(400, f"prompt of {len(text)} characters cannot fit the context of "
                            f"{model.engine.n_ctx} tokens of {model.name!r}", param)
         return await asyncio.to_thread(tokenizer.encode, text, add_bos), stop
+
+    # --- LoRA adapters ---
+
+    def _upload_name(self, tenant: Tenant, adapter_id: str) -> str:
+        """The engine's name of a tenant's own adapter (the open tenant's are the server's)."""
+        return adapter_id if self.tenants.open else f"{tenant.id}/{adapter_id}"
+
+    def adapter_name(self, tenant: Tenant, model: ServedModel, adapter_id: str) -> str:
+        """The engine's name of the adapter a tenant asks for: its own, else a server adapter it may use."""
+        adapters = model.engine.adapters
+        own = f"{tenant.id}/{adapter_id}"
+        if not self.tenants.open and own in adapters:
+            return own
+        if "/" not in adapter_id and adapter_id in adapters:  # never another tenant's "TENANT/ID"
+            if not tenant.may_use_lora(adapter_id):
+                raise ApiError(403, f"tenant {tenant.id!r} may not use adapter {adapter_id!r}", "lora")
+            return adapter_id
+        raise ApiError(404, f"no adapter {adapter_id!r} is loaded for model {model.name!r} (see GET /v1/adapters)",
+                       "lora", code="adapter_not_found")
+
+    async def adapter_cards(self, tenant: Tenant) -> list[dict[str, Any]]:
+        """The adapters a tenant may use, on every model it may use (read on each model's stepping
+        thread, which is the one that changes them)."""
+        cards = []
+        for name in self.model_names(tenant):
+            for engine_name, adapter in await self.workers[name].call(self.models[name].engine.adapters.items):
+                owner, _, adapter_id = engine_name.rpartition("/")
+                if (owner == tenant.id) or (not owner and tenant.may_use_lora(adapter_id)):
+                    cards.append(adapter_card(adapter_id, name, adapter, owner or None))
+        return cards
+
+    def _adapter_model(self, tenant: Tenant, model_name: str | None) -> ServedModel:
+        names = self.model_names(tenant)
+        if model_name is None and len(names) != 1:
+            raise ApiError(400, f"say which model the adapter is for (?model=NAME, one of {names})", "model")
+        return self.model_for(tenant, model_name or names[0])
+
+    async def load_adapter(self, tenant: Tenant, adapter_id: str, data: bytes, model_name: str | None) -> dict:
+        """Load an uploaded adapter file as the tenant's own (as the server's, when open)."""
+        if not tenant.lora_upload:
+            raise ApiError(403, f"tenant {tenant.id!r} may not load adapters (lora_upload)", "id")
+        check_adapter_id(adapter_id, lambda message: ApiError(400, message, "id"))
+        model = self._adapter_model(tenant, model_name)
+        adapter = await asyncio.to_thread(read_adapter, data, model.engine.model.plan, adapter_id)
+        await self.workers[model.name].call(lambda: model.engine.load_adapter(self._upload_name(tenant, adapter_id),
+                                                                              adapter))
+        log.info("adapter %s loaded for tenant=%s model=%s (rank %d, %d tensors)", adapter_id, tenant.id, model.name,
+                 adapter.rank, len(adapter.pairs))
+        return adapter_card(adapter_id, model.name, adapter, None if self.tenants.open else tenant.id)
+
+    async def unload_adapter(self, tenant: Tenant, adapter_id: str, model_name: str | None) -> None:
+        """Unload one of the tenant's own adapters (the open tenant: any); its running generations finish."""
+        model = self._adapter_model(tenant, model_name)
+        name = self._upload_name(tenant, adapter_id)
+        if name not in model.engine.adapters:
+            raise ApiError(404, f"tenant {tenant.id!r} has no adapter {adapter_id!r} loaded for {model.name!r}", "id",
+                           code="adapter_not_found")
+        await self.workers[model.name].call(lambda: model.engine.unload_adapter(name))
 
     def start(self, job: Job, tenant: Tenant) -> Generation:
         """Admit a job under the server's and the tenant's limits and hand it to its model's scheduler."""

@@ -9,6 +9,12 @@ The config is a TOML file with one `[[tenant]]` table per tenant:
     max_concurrent = 4                    # requests queued or running at once (429 beyond)
     tokens_per_minute = 20000             # prompt + max_tokens reserved per request (429 beyond)
     share = 2.0                           # weight when tenants compete for KV slots (default 1)
+    lora = "acme-style"                   # LoRA adapter(s) its requests apply when they name none:
+                                          # an id, a list of ids, or [{id = "...", scale = 0.5}]
+    lora_allowed = ["acme-style", "acme-terse"]   # server adapters it may ask for (default: those
+                                                  # of `lora`; ["*"] = every one)
+    lora_upload = true                    # may load its own adapters through the API (default false);
+                                          # only it sees and uses them
 
 Keys are stored only as SHA-256 digests: API keys are long random strings (`realm key new`
 makes them), so a fast hash is enough, and the file can leak without leaking the keys. Omitted
@@ -35,6 +41,7 @@ from .errors import ConfigError
 
 OPEN_TENANT = "local"
 ALL_MODELS = "*"
+ALL_ADAPTERS = "*"
 
 
 class TenantsConfigError(ConfigError):
@@ -48,9 +55,15 @@ class Tenant:
     max_concurrent: int | None = None
     tokens_per_minute: int | None = None
     share: float = 1.0
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter id, scale) applied when a request names none
+    lora_allowed: frozenset[str] = frozenset()  # server adapters it may ask for
+    lora_upload: bool = False  # may load and unload its own adapters
 
     def may_use_model(self, name: str) -> bool:
         return ALL_MODELS in self.models or name in self.models
+
+    def may_use_lora(self, adapter_id: str) -> bool:
+        return ALL_ADAPTERS in self.lora_allowed or adapter_id in self.lora_allowed
 
 
 def hash_key(key: str) -> str:
@@ -70,6 +83,21 @@ def _positive_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _adapter(v: object) -> bool:
+    return (isinstance(v, str) and v != "") or (isinstance(v, dict) and set(v) <= {"id", "scale"}
+                                                 and _adapter(v.get("id")) and _number(v.get("scale", 1.0)))
+
+
+def _lora(v: object) -> tuple[tuple[str, float], ...]:
+    """A `lora` setting as (id, scale) pairs."""
+    items = v if isinstance(v, list) else [v]
+    return tuple((i, 1.0) if isinstance(i, str) else (i["id"], float(i.get("scale", 1.0))) for i in items)
+
+
 # config key -> (check, what it must be)
 _FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
@@ -78,6 +106,10 @@ _FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "max_concurrent": (_positive_int, "a positive integer"),
     "tokens_per_minute": (_positive_int, "a positive integer"),
     "share": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "a positive number"),
+    "lora": (lambda v: _adapter(v) or (isinstance(v, list) and len(v) <= 4 and all(_adapter(i) for i in v)),
+             'an adapter id, or a list of up to 4 ids or {id = "...", scale = number} tables'),
+    "lora_allowed": (_is_str_list, 'a list of adapter ids (["*"]: all)'),
+    "lora_upload": (lambda v: isinstance(v, bool), "true or false"),
 }
 _REQUIRED = ("id", "key_sha256")
 
@@ -92,7 +124,8 @@ class Tenants:
 
     @classmethod
     def open_access(cls) -> Tenants:
-        return cls({OPEN_TENANT: Tenant(OPEN_TENANT)}, open=True)
+        tenant = Tenant(OPEN_TENANT, lora_allowed=frozenset({ALL_ADAPTERS}), lora_upload=True)
+        return cls({OPEN_TENANT: tenant}, open=True)
 
     def authenticate(self, api_key: str | None) -> Tenant | None:
         """The tenant whose key this is (the open tenant for any key when open), else None."""
@@ -155,9 +188,15 @@ def _parse_tenant(table: dict, where: str) -> tuple[Tenant, list[str]]:
     if bad or not digests:
         raise TenantsConfigError(f"{where}: key_sha256 must hold 64-digit hex digests "
                                  "(realm key hash KEY)")
+    lora = _lora(table["lora"]) if "lora" in table else ()
+    allowed = frozenset(table.get("lora_allowed", [adapter for adapter, _ in lora]))
+    outside = [adapter for adapter, _ in lora if ALL_ADAPTERS not in allowed and adapter not in allowed]
+    if outside:
+        raise TenantsConfigError(f"{where}: lora {outside} not in lora_allowed")
     tenant = Tenant(id=table["id"], models=frozenset(table.get("models", [ALL_MODELS])),
                     max_concurrent=table.get("max_concurrent"), tokens_per_minute=table.get("tokens_per_minute"),
-                    share=float(table.get("share", 1.0)))
+                    share=float(table.get("share", 1.0)), lora=lora, lora_allowed=allowed,
+                    lora_upload=table.get("lora_upload", False))
     return tenant, digests
 
 

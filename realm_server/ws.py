@@ -6,7 +6,8 @@ Protocol (JSON text messages):
     client -> {"type": "generate", "id": ID, "model": ..., "prompt": ... | "messages": [...],
                "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}   (as over HTTP)
     server -> {"type": "token", "id": ID, "text": "..."}                        (many)
-    server -> {"type": "done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...}}
+    server -> {"type": "done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...},
+               "lora": [{"id", "scale"}, ...]}  (the adapters applied, when any; "lora" asks for them as over HTTP)
     client -> {"type": "cancel", "id": ID}
     server -> {"type": "error", "id": ID | null, "status": 4xx, "error": {...}, "retry_after": s?}
 Ids are the client's own and live per connection: one connection cannot see or cancel another's.
@@ -127,7 +128,8 @@ class Connection:
                 if text:
                     self.outbox.put_nowait({"type": "token", "id": cid, "text": text})
                 finish_reason, used = reason or finish_reason, chunk_usage or used
-            last = {"type": "done", "id": cid, "finish_reason": finish_reason, "usage": used}
+            last = {"type": "done", "id": cid, "finish_reason": finish_reason, "usage": used,
+                    **generation.job.applied()}
         except ApiError as e:
             last = ws_error(e, cid)
         except Exception:

@@ -3,7 +3,7 @@
 Weights are dequantized to float32 once at load, except those larger than `eager_limit` bytes of
 float32 (inside Pyodide the 671 MB float32 embedding table of the default model would crowd the
 wasm heap): those stay quantized and are dequantized a chunk of rows at a time when used. All math
-is float32.
+is float32. LoRA adapters (`lora.py`) are added beside the weights, per token, never merged.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from .gguf import TensorInfo
+from .lora import Adapter, add_side_paths, check_batch
 from .plan import Batch, Op, Plan
 from .quants import dequantize
 from .sampling import SamplingParams, sample
@@ -131,26 +132,38 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, cache: 
 
 
 class CpuExecutor:
-    """Runs a Plan with numpy. `forward(batch)` returns logits [R, n_vocab]."""
+    """Runs a Plan with numpy. `forward(batch)` returns logits [R, n_vocab]. Holds up to
+    `max_adapters` LoRA adapters (`set_adapter`), which a batch's tokens apply by slot."""
 
     name = "numpy"
     max_logit_rows = 1 << 20
     queues_ahead = False  # runs each step when submitted
 
     def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048,
-                 eager_limit: int | None = None) -> None:
+                 eager_limit: int | None = None, max_adapters: int = 0) -> None:
         self.plan = plan
+        self.max_adapters = max_adapters
+        self.adapters: dict[int, Adapter] = {}
         self.w = {name: QuantizedWeight(weight_bytes(t), t)
                   if eager_limit is not None and 4 * int(np.prod(t.shape)) > eager_limit
                   else dequantize(weight_bytes(t), t.type_id, t.shape) for name, t in plan.weights.items()}
         self.cache = KVCache(plan, n_slots, n_ctx)
         self.n_slots = n_slots
 
+    def set_adapter(self, slot: int, adapter: Adapter) -> None:
+        if not 0 <= slot < self.max_adapters:
+            raise ValueError(f"adapter slot {slot} out of range 0..{self.max_adapters - 1}")
+        self.adapters[slot] = adapter
+
+    def clear_adapter(self, slot: int) -> None:
+        self.adapters.pop(slot, None)
+
     def forward(self, batch: Batch) -> np.ndarray:
         if len(batch) == 0:
             raise ValueError("empty batch")
         if int(batch.positions.max()) >= self.cache.n_ctx:
             raise ValueError(f"position {int(batch.positions.max())} is past the context ({self.cache.n_ctx})")
+        check_batch(batch, self.adapters)
         buf: dict[str, np.ndarray] = {"tokens": batch.tokens}
         for op in self.plan.ops:
             buf[op.out] = self._run(op, buf, batch)
@@ -181,9 +194,10 @@ class CpuExecutor:
                 ms = np.mean(g * g, axis=-1, keepdims=True)
                 return (g / np.sqrt(ms + np.float32(p["eps"])) * w[0].reshape(-1, p["group"])).reshape(x.shape)
             case "matmul":
-                return matmul_t(x, w[0])
+                return self._project(x, op.weights[0], batch)
             case "glu":
-                return ACTIVATIONS[p["act"]](matmul_t(x, w[0])) * matmul_t(x, w[1])
+                return ACTIVATIONS[p["act"]](self._project(x, op.weights[0], batch)) * self._project(x, op.weights[1],
+                                                                                                   batch)
             case "rope":
                 return apply_rope(x, batch.positions, p, w[0] if w else None)
             case "attention":
@@ -193,3 +207,11 @@ class CpuExecutor:
             case "gather":
                 return x[batch.logit_rows]
         raise ValueError(f"cpu executor has no op {op.kind!r}")
+
+    def _project(self, x: np.ndarray, weight: str, batch: Batch) -> np.ndarray:
+        """x @ Wᵀ plus the LoRA side paths of the tokens' adapters (adapters adapt only weights whose
+        rows are the step's tokens, `lora.adaptable_weights`: never the output head's logit rows)."""
+        y = matmul_t(x, self.w[weight])
+        if self.adapters:
+            add_side_paths(y, x, weight, batch, self.adapters)
+        return y

@@ -4,11 +4,15 @@
 many: tokenize, submit, step until the request finishes, yield its tokens. `Engine.load` is the
 CPython way in (a GGUF file, WebGPU through wgpu-py or numpy); the page builds an `Engine` from a
 streamed model instead (web/realm_web_host.py).
+
+LoRA adapters (`lora.py`) are loaded by name into the executor's adapter slots, at load
+(`Engine.load(..., adapters={name: file})`) or any time later (`load_adapter`, `unload_adapter`);
+a request names the ones it applies, with a scale each (`Request.lora`, `generate(lora=...)`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +23,7 @@ from .backends import check_backend, choose
 from .errors import ContextOverflow
 from .gguf import GGUFHeader, read_gguf
 from .gpu.device import Device, GPUUnavailable
+from .lora import DEFAULT_MAX_LORA_RANK, Adapter, AdapterTable, read_adapter
 from .models import build_plan
 from .plan import Batch, Plan
 from .sampling import SamplingParams
@@ -28,12 +33,22 @@ from .tokenizer import Tokenizer
 
 __all__ = ["GREEDY", "PREFILL_CHUNK", "ContextOverflow", "Engine", "Executor", "Model", "TokenEvent"]
 
+AdapterSource = str | Path | bytes | bytearray | memoryview  # a file, or its bytes
+Lora = Sequence[tuple[str, float]]  # (adapter name, scale) pairs a request applies
+
 
 class Executor(Protocol):
     name: str  # "webgpu" | "numpy"
     n_slots: int  # KV-cache slots: sequences it can hold at once
     max_logit_rows: int  # rows of logits one step can return
     queues_ahead: bool  # submit_sample returns before the step has run (a GPU queue)
+    max_adapters: int  # LoRA adapter slots
+
+    def set_adapter(self, slot: int, adapter: Adapter) -> None:
+        """Hold a LoRA adapter in `slot` (0 <= slot < max_adapters), which Batch.lora can name."""
+
+    def clear_adapter(self, slot: int) -> None:
+        """Forget the adapter in `slot`."""
 
     def forward(self, batch: Batch) -> np.ndarray:
         """Logits [R, n_vocab] of the batch's logit rows."""
@@ -68,6 +83,9 @@ class Engine:
         self.model, self.executor, self.n_ctx = model, executor, n_ctx
         # the tokens whose keys and values each slot holds, kept by whoever steps it (KV reuse)
         self.slot_tokens: list[tuple[int, ...]] = [()] * executor.n_slots
+        # the adapters (uid, scale) those keys and values were computed with: reused only under the same
+        self.slot_adapters: list[tuple[tuple[int, float], ...]] = [()] * executor.n_slots
+        self.adapters = AdapterTable(self)
         self.draft: DraftModel | None = None  # drafts for requests that speculate with "draft"
         self._scheduler: Scheduler | None = None
 
@@ -77,50 +95,77 @@ class Engine:
         self._scheduler = None
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", n_ctx: int = 4096, n_slots: int = 1) -> Engine:
+    def load(cls, path: str | Path, backend: str = "auto", n_ctx: int = 4096, n_slots: int = 1,
+             adapters: Mapping[str, AdapterSource] | None = None, max_adapters: int = 0,
+             max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> Engine:
+        """A GGUF model on `backend`, with room for `max_adapters` LoRA adapters of rank up to
+        `max_lora_rank` (both raised to fit `adapters`, loaded under their names)."""
         f = read_gguf(path)
         model = Model.from_header(f.header)
         n_ctx = min(n_ctx, model.plan.n_ctx_train)
-        return cls(model, make_executor(backend, model.plan, f.tensor_bytes, n_slots, n_ctx), n_ctx)
+        preload = {name: read_adapter(source, model.plan, name) for name, source in (adapters or {}).items()}
+        max_adapters = max(max_adapters, len(preload))
+        max_lora_rank = max([max_lora_rank, *(a.rank for a in preload.values())])
+        executor = make_executor(backend, model.plan, f.tensor_bytes, n_slots, n_ctx, max_adapters, max_lora_rank)
+        engine = cls(model, executor, n_ctx)
+        for name, adapter in preload.items():
+            engine.adapters.add(name, adapter)
+        return engine
+
+    def load_adapter(self, name: str, source: AdapterSource | Adapter) -> Adapter:
+        """Load a LoRA adapter (a file, its bytes, or one `read_adapter` already checked) under
+        `name`, into a free adapter slot. Call it from the thread that steps this engine."""
+        adapter = source if isinstance(source, Adapter) else read_adapter(source, self.model.plan, name)
+        self.adapters.add(name, adapter)
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter: new requests cannot use it; the sequences running with it finish
+        with it, then its slot frees. Call it from the thread that steps this engine."""
+        self.adapters.remove(name)
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.model.tokenizer
 
     def prefill(self, ids: Sequence[int], start: int = 0, slot: int = 0,
-                all_logits: bool = False) -> Iterator[np.ndarray]:
-        """Feed tokens in chunks, outside any generation; yields each chunk's logits (all rows, or
-        only the last row). For teacher forcing: the slot's cached tokens are forgotten."""
+                all_logits: bool = False, lora: Lora = ()) -> Iterator[np.ndarray]:
+        """Feed tokens in chunks, outside any generation, applying the `lora` adapters; yields each
+        chunk's logits (all rows, or only the last row). For teacher forcing: the slot's cached
+        tokens are forgotten."""
         if start + len(ids) > self.n_ctx:
             raise ContextOverflow(f"{start + len(ids)} tokens do not fit the context of {self.n_ctx}")
         self.slot_tokens[slot] = ()
+        adapters = [(self.adapters.slot(name), float(scale)) for name, scale in lora]
         size = min(PREFILL_CHUNK, self.executor.max_logit_rows) if all_logits else PREFILL_CHUNK
         for i in range(0, len(ids), size):
             chunk = list(ids[i:i + size])
             last = i + size >= len(ids)
-            logits = self.executor.forward(Batch.for_sequence(chunk, start + i, slot, all_logits))
+            logits = self.executor.forward(Batch.for_sequence(chunk, start + i, slot, all_logits, adapters))
             if all_logits or last:
                 yield logits
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
                  stop_at_eos: bool = True, stop: Sequence[str] = (),
-                 speculation: Speculation | None = None) -> Iterator[TokenEvent]:
+                 speculation: Speculation | None = None, lora: Lora = ()) -> Iterator[TokenEvent]:
         """Stream generated tokens for a prompt (text, or token ids including BOS); the text of
         `stop` sequences ends it (they are not returned); `speculation` drafts tokens to verify
-        (the same tokens, faster where drafts are good). Errors of the run raise here."""
-        yield from (e for e in self.generate_events(prompt, max_tokens, sampling, stop_at_eos, stop, speculation)
+        (the same tokens, faster where drafts are good); `lora`: (adapter name, scale) pairs to
+        apply. Errors of the run raise here."""
+        yield from (e for e in self.generate_events(prompt, max_tokens, sampling, stop_at_eos, stop, speculation, lora)
                     if isinstance(e, TokenEvent))
 
     def generate_events(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
                         stop_at_eos: bool = True, stop: Sequence[str] = (),
-                        speculation: Speculation | None = None) -> Iterator[TokenEvent | Finished]:
+                        speculation: Speculation | None = None, lora: Lora = ()) -> Iterator[TokenEvent | Finished]:
         """`generate`, also yielding the request's `Finished` (reason, usage, drafted/accepted)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if self._scheduler is None:
             self._scheduler = Scheduler(self, n_slots=1, draft=self.draft)
         events: list[TokenEvent | Finished] = []
         self._scheduler.submit(Request(ids, max_tokens, sampling, stop=tuple(stop), stop_at_eos=stop_at_eos,
-                                       speculation=speculation), events.append)
+                                       speculation=speculation, lora=tuple((n, float(s)) for n, s in lora)),
+                               events.append)
         done = False
         try:
             while not done:
@@ -149,14 +194,16 @@ def native_device() -> tuple[Device | None, str]:
         return None, str(e)
 
 
-def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int) -> Executor:
+def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: int, max_adapters: int = 0,
+                  max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> Executor:
     """The executor `backends.choose` picks for this machine (see there for the vocabulary)."""
     device, unavailable = native_device() if check_backend(backend) != "numpy" else (None, "")
     choice = choose(backend, plan, device, unavailable)
     if choice.executor == "webgpu":
         from .gpu.executor import GpuExecutor
 
-        return GpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, device=device, max_tokens=PREFILL_CHUNK)
+        return GpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, device=device, max_tokens=PREFILL_CHUNK,
+                           max_adapters=max_adapters, max_lora_rank=max_lora_rank)
     from .cpu import CpuExecutor
 
-    return CpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx)
+    return CpuExecutor(plan, weight_bytes, n_slots=n_slots, n_ctx=n_ctx, max_adapters=max_adapters)

@@ -5,14 +5,16 @@ A `Plan` is built once per model from its hyper-parameters (`models/*.py`) and r
 
 Buffers are activations with one row per token of the step (`rows="T"`) or one row per requested
 logit (`rows="R"`). Step inputs are `tokens`, `positions`, `slots` (int32[T]) and `logit_rows`
-(int32[R]); the output is `logits` [R, n_vocab]. Op kinds and their exact meaning:
+(int32[R]), and optionally the LoRA adapters each token's matmuls add (`Batch.lora`, `lora.py`);
+the output is `logits` [R, n_vocab]. Op kinds and their exact meaning:
 
 | kind       | ins            | weights        | out = ...                                                   |
 | ---------- | -------------- | -------------- | ----------------------------------------------------------- |
 | embed      | tokens         | table          | table[tokens] * scale                                       |
 | rmsnorm    | x              | w              | x / sqrt(mean(x², per group of `group`) + eps) * w          |
-| matmul     | x              | W [N, K]       | x @ Wᵀ                                                      |
+| matmul     | x              | W [N, K]       | x @ Wᵀ  (+ the token's adapters' LoRA side paths, rows "T") |
 | glu        | x              | Wgate, Wup     | act(x @ Wgateᵀ) * (x @ Wupᵀ), act ∈ {gelu (tanh), silu}     |
+|            |                |                | (each projection + its LoRA side paths)                     |
 | rope       | x              |                | rotary embedding of each head at `positions` (in place)     |
 | attention  | q, k, v        |                | store k, v in layer's KV cache at (slots, positions), then  |
 |            |                |                | causal (sliding `window` if > 0) softmax(scale·q·kᵀ)·v      |
@@ -22,6 +24,7 @@ logit (`rows="R"`). Step inputs are `tokens`, `positions`, `slots` (int32[T]) an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,7 @@ from .gguf import TensorInfo
 
 OP_KINDS = ("embed", "rmsnorm", "matmul", "glu", "rope", "attention", "add", "gather")
 STEP_INPUTS = ("tokens", "positions", "slots", "logit_rows")
+LORA_PER_TOKEN = 4  # adapters one token can apply at once (columns of Batch.lora)
 
 
 @dataclass(frozen=True)
@@ -82,21 +86,44 @@ class Plan:
 
 @dataclass
 class Batch:
-    """One forward step: T tokens from one or more sequences and which rows want logits."""
+    """One forward step: T tokens from one or more sequences and which rows want logits.
+
+    `lora` names, per token, the executor's adapter slots whose side paths its matmuls add (-1: no
+    adapter in that column) and `lora_scale` the scale of each; None (the usual case) means no
+    token uses an adapter, and the step costs what it costs without LoRA."""
 
     tokens: np.ndarray  # int32[T]
     positions: np.ndarray  # int32[T]
     slots: np.ndarray  # int32[T]
     logit_rows: np.ndarray  # int32[R]
+    lora: np.ndarray | None = None  # int32[T, LORA_PER_TOKEN]: adapter slots, -1 = none
+    lora_scale: np.ndarray | None = None  # float32[T, LORA_PER_TOKEN]
 
     @classmethod
     def for_sequence(cls, tokens: list[int], start: int, slot: int = 0,
-                     all_logits: bool = False) -> Batch:
-        """New tokens of one sequence starting at position `start`; logits for the last (or all)."""
+                     all_logits: bool = False, adapters: Sequence[tuple[int, float]] = ()) -> Batch:
+        """New tokens of one sequence starting at position `start`; logits for the last (or all);
+        every token applies `adapters` ((adapter slot, scale) pairs)."""
         n = len(tokens)
         return cls(np.asarray(tokens, np.int32), np.arange(start, start + n, dtype=np.int32),
                    np.full(n, slot, np.int32),
-                   np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], np.int32))
+                   np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], np.int32),
+                   *lora_table([adapters] * n))
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+def lora_table(rows: Sequence[Sequence[tuple[int, float]]]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """`Batch.lora` and `Batch.lora_scale` from each token's (adapter slot, scale) pairs; (None, None)
+    when no token has any."""
+    if not any(rows):
+        return None, None
+    slots = np.full((len(rows), LORA_PER_TOKEN), -1, np.int32)
+    scales = np.zeros((len(rows), LORA_PER_TOKEN), np.float32)
+    for t, adapters in enumerate(rows):
+        if len(adapters) > LORA_PER_TOKEN:
+            raise ValueError(f"token {t} applies {len(adapters)} adapters (at most {LORA_PER_TOKEN})")
+        for j, (slot, scale) in enumerate(adapters):
+            slots[t, j], scales[t, j] = slot, scale
+    return slots, scales

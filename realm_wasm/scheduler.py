@@ -23,13 +23,20 @@ character split across tokens (flushed at the end).
 
 KV reuse: a slot remembers the tokens whose keys and values it holds. A new request goes to the
 free slot sharing the longest prefix with its prompt and feeds only the rest (a chat's next turn
-re-reads only the new message), when at least `MIN_REUSE` tokens are shared.
+re-reads only the new message), when at least `MIN_REUSE` tokens are shared and were computed with
+the same LoRA adapters at the same scales.
+
+LoRA: a request names up to `LORA_PER_TOKEN` adapters loaded in the engine, with a scale each
+(`Request.lora`); every token of its sequence applies them (`Batch.lora`), so sequences with
+different adapters, or none, share each step. A sequence holds its adapters from admission to its
+end: unloading one meanwhile lets it finish (`lora.AdapterTable`). Whatever changes the executor's
+state between steps (loading an adapter) goes through `call`, which runs it on the stepping thread.
 
 Fairness: when a slot frees, the next request comes from the waiting tenant with the fewest running
 sequences per unit of its `share`; ties go to the tenant admitted least recently (round-robin).
 
-Threads: `submit()` and `cancel()` may be called from any thread: they only append to an inbox that
-the next `step()` drains. `step()` must always run on one thread (executors are not thread-safe).
+Threads: `submit()`, `cancel()` and `call()` may be called from any thread: they only append to an
+inbox that the next `step()` drains. `step()` must always run on one thread (executors are not thread-safe).
 Events reach each request's `sink` from inside `step()`:
 
     scheduler = Scheduler(engine, n_slots=4)
@@ -44,16 +51,19 @@ and then exactly one `Finished`.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ContextOverflow, InvalidRequest
-from .plan import Batch
+from .lora import AdapterNotFound
+from .plan import LORA_PER_TOKEN, Batch, lora_table
 from .sampling import SamplingParams
 from .speculative import DraftModel, Speculation, SpeculationState, accepted_prefix
 from .tokenizer import StreamDecoder
@@ -77,6 +87,7 @@ class Request:
     stop: tuple[str, ...] = ()  # text that ends generation; it is not part of the output
     stop_at_eos: bool = True
     speculation: Speculation | None = None  # draft tokens for the target to verify (speculative.py)
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter name, scale): LoRA adapters every token applies
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,8 @@ class _Sequence:
     cached: int = 0  # prompt tokens reused from the slot's KV cache
     slot: int = -1
     spec: SpeculationState | None = None  # when the request speculates
+    adapters: list[tuple[int, float]] = field(default_factory=list)  # (adapter slot, scale), held while admitted
+    lora_key: tuple[tuple[int, float], ...] = ()  # (adapter uid, scale): what its KV entries are computed with
 
     @property
     def pending(self) -> int:
@@ -218,6 +231,13 @@ class Scheduler:
         spec = request.speculation
         if spec is not None and spec.method == "draft" and self.draft is None:
             raise InvalidRequest("speculation with a draft model asked for, but no draft model is loaded")
+        names = [name for name, _ in request.lora]
+        if len(names) > LORA_PER_TOKEN or len(set(names)) != len(names):
+            raise InvalidRequest(f"a request applies at most {LORA_PER_TOKEN} different adapters, got {names}")
+        if not all(math.isfinite(scale) for _, scale in request.lora):
+            raise InvalidRequest(f"adapter scales must be finite numbers, got {[s for _, s in request.lora]}")
+        for name in names:
+            self.engine.adapters.slot(name)  # AdapterNotFound now rather than at admission
         seq = _Sequence(next(self._ids), request, sink, StreamDecoder(self.engine.tokenizer),
                         StopText(request.stop), time.perf_counter(), ids,
                         spec=SpeculationState.start(spec) if spec is not None else None)
@@ -227,6 +247,13 @@ class Scheduler:
     def cancel(self, request_id: int) -> None:
         """Stop a request wherever it is; its sink gets Finished("cancelled"). Unknown ids are ignored."""
         self._inbox.append(("cancel", request_id))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the stepping thread before the next step (between forward passes: the
+        executor is never used by two threads); the future gets its result or exception."""
+        done: Future = Future()
+        self._inbox.append(("call", (fn, done)))
+        return done
 
     def stats(self) -> Stats:
         """Counts for monitoring; from another thread they may lag a step behind."""
@@ -274,6 +301,12 @@ class Scheduler:
             kind, item = self._inbox.popleft()
             if kind == "submit":
                 self._queues.setdefault(item.request.tenant, deque()).append(item)
+            elif kind == "call":
+                fn, done = item
+                try:
+                    done.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - the caller gets it
+                    done.set_exception(e)
             else:
                 self._cancel_now(item)
 
@@ -300,18 +333,33 @@ class Scheduler:
             tenant = min(waiting, key=lambda t: ((running[t] + 1) / self.shares.get(t, 1.0),
                                                  self._last_admitted.get(t, -1)))
             seq = self._queues[tenant].popleft()
+            try:
+                self._hold_adapters(seq)
+            except AdapterNotFound as e:  # unloaded since it was submitted
+                self._finish(seq, "error", error=e)
+                continue
             self._take_slot(seq)
             self._running[seq.id] = seq
             self._admissions += 1
             self._last_admitted[tenant] = self._admissions
 
+    def _hold_adapters(self, seq: _Sequence) -> None:
+        """The slots of the sequence's adapters, held until it finishes."""
+        table = self.engine.adapters
+        slots = table.acquire([name for name, _ in seq.request.lora])
+        scales = [scale for _, scale in seq.request.lora]
+        seq.adapters = list(zip(slots, scales, strict=True))
+        seq.lora_key = tuple((table.held[slot].uid, scale) for slot, scale in seq.adapters)
+
     def _take_slot(self, seq: _Sequence) -> None:
         """The free slot whose cached tokens share the longest prefix with the prompt (that prefix
-        is not fed again; one token at least is, for its logits); without one, the slot freed
-        longest ago, so that recent conversations keep their KV."""
+        is not fed again; one token at least is, for its logits) under the same adapters; without
+        one, the slot freed longest ago, so that recent conversations keep their KV."""
         cached = self.engine.slot_tokens
 
         def reuse(slot: int) -> int:
+            if self.engine.slot_adapters[slot] != seq.lora_key:
+                return 0
             old, new = cached[slot], seq.tokens
             n = min(len(old), len(new) - 1)
             shared = next((i for i in range(n) if old[i] != new[i]), n)
@@ -374,20 +422,21 @@ class Scheduler:
         """A step built on the host: the planned tokens of each sequence (a speculating one's last
         token and its drafts); the sequences whose chunk ends their input get logits rows, one, or
         one per fed token when they verify drafts."""
-        tokens, positions, slots, rows, sampled = [], [], [], [], []
+        tokens, positions, slots, rows, sampled, adapters = [], [], [], [], [], []
         for seq, n in plan:
             drafts = seq.spec.drafts if seq.spec else []
             known = n - len(drafts)
             tokens += seq.tokens[seq.fed:seq.fed + known] + drafts
             positions += range(seq.fed, seq.fed + n)
             slots += [seq.slot] * n
+            adapters += [seq.adapters] * n
             if known == seq.pending:
                 rows += range(len(tokens) - 1 - len(drafts), len(tokens))
                 sampled.append((seq, 1 + len(drafts)))
         if not rows:  # executors return at least one row: sample one and leave it unread
             rows.append(len(tokens) - 1)
         batch = Batch(np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
-                      np.asarray(slots, np.int32), np.asarray(rows, np.int32))
+                      np.asarray(slots, np.int32), np.asarray(rows, np.int32), *lora_table(adapters))
         return self._launch(batch, sampled, plan, follow=False)
 
     def _can_follow(self, step: _Step) -> bool:
@@ -410,7 +459,8 @@ class Scheduler:
                 seq.spec.wait -= 1
         n = len(seqs)
         batch = Batch(np.zeros(n, np.int32), np.array([s.fed for s in seqs], np.int32),
-                      np.array([s.slot for s in seqs], np.int32), np.arange(n, dtype=np.int32))
+                      np.array([s.slot for s in seqs], np.int32), np.arange(n, dtype=np.int32),
+                      *lora_table([s.adapters for s in seqs]))
         return self._launch(batch, step.sampled, [(s, 1) for s in seqs], follow=True)
 
     def _launch(self, batch: Batch, sampled: list[tuple[_Sequence, int]], fed: list[tuple[_Sequence, int]],
@@ -497,8 +547,12 @@ class Scheduler:
         if self._running.pop(seq.id, None) is not None:
             # the slot holds the KV of every known token it was fed; a failed step's are unknown
             self.engine.slot_tokens[seq.slot] = () if error else tuple(seq.tokens[:min(seq.fed, len(seq.tokens))])
+            self.engine.slot_adapters[seq.slot] = seq.lora_key
             self._free_slots.append(seq.slot)
             self._freed_at[seq.slot] = self._steps
+        if seq.adapters:  # a step still on the device may read them: it runs before any rewrite of theirs
+            self.engine.adapters.release([slot for slot, _ in seq.adapters])
+            seq.adapters = []
         message = f"{type(error).__name__}: {error}" if error else None
         drafted, accepted = (seq.spec.drafted, seq.spec.accepted) if seq.spec else (0, 0)
         self._emit(seq, Finished(reason, len(seq.request.prompt_ids), seq.generated, message, seq.cached,

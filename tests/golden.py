@@ -18,6 +18,7 @@ import numpy as np
 GOLDEN_DIR = Path(os.environ.get("REALM_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "golden"
                   ) / "gemma-3-270m-q4_k_m"
 MIN_MARGIN = 1.0
+LORA_GOLDEN_DIR = GOLDEN_DIR.parent / "lora-gemma-3-270m"  # a LoRA adapter and llama.cpp's outputs with it
 
 
 def _decode(value):

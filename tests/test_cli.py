@@ -77,3 +77,46 @@ def test_plan_prints_the_fused_program_per_layer():
     assert layers["layer 0"] == ["norm h", *layers["layers 1-4"]]
     assert layers["layer 5"][3] == "attention"
     assert lines[-1] == "head: gather xl | norm xl | matmul logits"
+
+
+def test_generate_applies_lora_adapters_at_their_scales(tmp_path):
+    import numpy as np
+    from test_lora import all_projections, make_adapter
+    from test_scheduler import write_tiny_model
+
+    from realm_wasm.engine import Engine
+    from realm_wasm.gguf import read_gguf
+    from realm_wasm.models import build_plan
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_model(model)
+    plan = build_plan(read_gguf(model).header)
+    rng = np.random.default_rng(3)
+    make_adapter(tmp_path / "a.gguf", plan, all_projections(plan, range(plan.kv.n_layers)), 4, rng, alpha=8.0)
+    make_adapter(tmp_path / "gemma.gguf", plan, all_projections(plan, [0]), 4, rng, arch="gemma3")
+    engine = Engine.load(model, backend="numpy", adapters={"a": tmp_path / "a.gguf"})
+    want = "".join(e.text for e in engine.generate("Hello", 6, lora=[("a", 0.5)]))
+    assert want != "".join(e.text for e in engine.generate("Hello", 6))
+    r = realm("generate", "--model", str(model), "--backend", "numpy", "--prompt", "Hello", "--max-tokens", "6",
+              "--lora", f"{tmp_path / 'a.gguf'}:0.5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n" and "LoRA a.gguf at 0.5" in r.stderr
+    r = realm("generate", "--model", str(model), "--backend", "numpy", "--prompt", "Hello",
+              "--lora", str(tmp_path / "gemma.gguf"))
+    assert r.returncode == 2 and "architecture 'gemma3'" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_lora_options_parse_files_scales_and_ids():
+    from pathlib import Path
+
+    from realm_server.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--prompt", "hi", "--lora", "a.gguf", "--lora", "dir/b.gguf:-0.5",
+                              "--lora", "C:/lora.gguf"])
+    assert args.lora == [(Path("a.gguf"), 1.0), (Path("dir/b.gguf"), -0.5), (Path("C:/lora.gguf"), 1.0)]
+    args = parser.parse_args(["serve", "--lora", "style=s.gguf", "--lora", "terse=t.gguf", "--max-adapters", "2"])
+    assert (args.lora, args.max_adapters) == ([("style", Path("s.gguf")), ("terse", Path("t.gguf"))], 2)
+    for bad in (["--lora", "s.gguf"], ["--max-adapters", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *bad])

@@ -339,7 +339,7 @@ def test_lookup_tables_are_the_numpy_grids():
 
 def test_pipelines_are_cached_and_features_checked(gpu):
     parts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_lanes_shared.wgsl", "glu_act.wgsl", "rows_out.wgsl",
-             "matvec.wgsl", "matvec_main.wgsl")
+             "lora_off.wgsl", "matvec.wgsl", "matvec_main.wgsl")
     consts = dict(K=64, N=8, R=1, LANES=4, WG=32, GLU=False, GELU=False, GRID_X=1, ROW0=0, Y_STRIDE=8, Y2_FROM=8,
                   Y2_AT=0, N_ALL=8)
     assert compose.pipeline(gpu, parts, consts) is compose.pipeline(gpu, parts, consts)

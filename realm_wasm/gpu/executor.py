@@ -5,6 +5,10 @@ the device once (in their GGML bytes), and each kernel spec is built by its row 
 kernel objects with their pipelines and bind groups (`ops.py`, `matmul.py`). Per step: the step's
 inputs (a few int32 per token) are written, one command buffer with every dispatch is submitted,
 and either the logits or only the sampled token ids are read back.
+
+With `max_adapters` > 0 every matmul over the step's tokens also gets a pool of that many LoRA
+adapter slots of rank up to `max_lora_rank` (`gpu/lora.py`), which `set_adapter` fills while the
+executor runs; with 0 (the default) no LoRA code is compiled or dispatched at all.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..gguf import TensorInfo
+from ..lora import DEFAULT_MAX_LORA_RANK, Adapter, BadAdapter, adaptable_weights, check_batch
 from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
 from .device import COPY_DST, COPY_SRC, STORAGE, STORAGE_RW, UNIFORM, Binding, Device, Dispatch, ReadBack
 from .fuse import Kernel, fuse, stored_attentions
+from .lora import LoraPool, LoraTokens, round4
 from .matmul import GpuWeight, QuantMatmul, ResidualNorm, concat_rows
 from .ops import (
     SAMPLING_ROW_BYTES,
@@ -33,7 +39,7 @@ from .ops import (
     pack_sampling,
     scratch,
 )
-from .weights import FileWeights, StreamedWeights
+from .weights import FileWeights, StreamedWeights, matrix_shape
 
 WeightStore = FileWeights | StreamedWeights
 DEFAULT_MAX_TOKENS = 256  # rows per step the activation buffers hold (Engine's prefill chunk)
@@ -46,7 +52,12 @@ class Launch:
         self.rows, self.kernels = rows, kernels
 
     def dispatches(self, counts: dict[str, int]) -> list[Dispatch]:
-        return [d for k in self.kernels for d in k.dispatches(counts[self.rows])]
+        """counts: rows of each kind, and "lora" (whether any token uses an adapter: mat-muls then
+        add their LoRA kernel)."""
+        n = counts[self.rows]
+        return [d for k in self.kernels
+                for d in (k.dispatches(n, counts.get("lora", False)) if isinstance(k, QuantMatmul)
+                          else k.dispatches(n))]
 
 
 class GpuExecutor:
@@ -58,7 +69,8 @@ class GpuExecutor:
 
     def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, *, device: Device,
                  n_slots: int = 1, n_ctx: int = 2048, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 max_logit_rows: int | None = None) -> None:
+                 max_logit_rows: int | None = None, max_adapters: int = 0,
+                 max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> None:
         self.device, self.plan, self.n_slots, self.n_ctx = device, plan, n_slots, n_ctx
         # a callable gives a tensor's bytes (a GGUF file); a store was filled some other way (a stream)
         self.store = FileWeights(device, weights) if callable(weights) else weights
@@ -72,6 +84,12 @@ class GpuExecutor:
 
         self.step = StepInputs(device, self.capacity)
         self.inputs, self.counts = self.step.inputs, self.step.counts
+        # LoRA: the adapters in each slot, the step's table, and the pools the builders make
+        self.max_adapters, self.max_lora_rank = max_adapters, round4(max_lora_rank)
+        self.adapters: dict[int, Adapter] = {}
+        self.lora_tokens = LoraTokens(device, max_tokens) if max_adapters else None
+        self.lora_pools: list[LoraPool] = []
+        self.adaptable = adaptable_weights(plan)
         self.acts = {name: self.buffer(4 * width * self.capacity[rows], name)
                      for name, (rows, width) in plan.buffers.items()}
         self.program = fuse(plan, device.limits["max_storage_buffer_binding_size"])
@@ -88,7 +106,7 @@ class GpuExecutor:
         self.sampled = self.buffer(4 * r_max, "sampled ids")
         self.sampler = Launch("R", Sampler(device, self.acts["logits"], self.step.sampling, self.sampled,
                                            n_vocab=n_vocab))
-        self._step_dispatches: dict[tuple[int, int, bool], list[Dispatch]] = {}
+        self._step_dispatches: dict[tuple[int, int, bool, bool], list[Dispatch]] = {}
         self._last_sampled_rows = 0  # logit rows of the last sampled step (what a follow-up step reads)
 
     # -- load time -------------------------------------------------------------------------------
@@ -120,6 +138,34 @@ class GpuExecutor:
             self.vectors[name] = (buf, 0, data.nbytes)
         return self.vectors[name]
 
+    def lora_pool(self, weights: Sequence[str]) -> LoraPool | None:
+        """Adapter slots for a kernel computing these weights' rows (one weight, or a joined pair);
+        None without adapters or for weights no adapter may change (the output head)."""
+        if not self.max_adapters or not set(weights) <= self.adaptable:
+            return None
+        shapes = {name: matrix_shape(self.plan.weights[name]) for name in weights}
+        parts = [(name, n) for name, (n, _) in shapes.items()]
+        pool = LoraPool(self.device, self.lora_tokens, parts, shapes[weights[0]][1], slots=self.max_adapters,
+                        rank=self.max_lora_rank, label=" + ".join(weights))
+        self.lora_pools.append(pool)
+        return pool
+
+    def set_adapter(self, slot: int, adapter: Adapter) -> None:
+        """Hold `adapter` in `slot` (writes it into every pool; nothing is rebuilt)."""
+        if not 0 <= slot < self.max_adapters:
+            raise ValueError(f"adapter slot {slot} out of range (this executor holds {self.max_adapters})")
+        if adapter.rank > self.max_lora_rank:
+            raise BadAdapter(f"adapter {adapter.name} has rank {adapter.rank}; this executor holds adapters of "
+                             f"rank up to {self.max_lora_rank} (max_lora_rank)")
+        for pool in self.lora_pools:
+            pool.write(slot, adapter)
+        self.adapters[slot] = adapter
+
+    def clear_adapter(self, slot: int) -> None:
+        for pool in self.lora_pools:
+            pool.clear(slot)
+        self.adapters.pop(slot, None)
+
     def rows_of(self, op: Op) -> str:
         return self.plan.buffers[op.out][0]
 
@@ -140,13 +186,16 @@ class GpuExecutor:
             raise ValueError(f"slot out of range 0..{self.n_slots - 1}")
         if int(batch.logit_rows.max()) >= counts["T"]:
             raise ValueError("a logit row past the step's tokens")
+        check_batch(batch, self.adapters)
         self.step.write(batch, counts, sampling)
-        return counts
+        if self.lora_tokens:
+            self.lora_tokens.write(batch)
+        return {**counts, "lora": batch.lora is not None}
 
     def _dispatches(self, counts: dict[str, int], sample: bool = False) -> list[Dispatch]:
         """The step's dispatches, kept per shape: decode steps repeat one shape, and building the
         list (a few hundred tuples) costs as much host time as recording it."""
-        key = (counts["T"], counts["R"], sample)
+        key = (counts["T"], counts["R"], sample, counts["lora"])
         if key not in self._step_dispatches:
             if len(self._step_dispatches) >= 64:  # prefill chunks of many lengths: keep it bounded
                 self._step_dispatches.clear()
@@ -274,14 +323,16 @@ def _matmul(ex: GpuExecutor, k: Kernel) -> Launch:
         other = ex.plan.ops[k.fused["second"]]
         n_first = ex.weight(op.weights[0]).n
         joined = _joined_weight(ex, op.weights[0], other.weights[0])
-        return Launch(rows, QuantMatmul(ex.device, joined, x, y, ex.counts[rows], second=(n_first, ex.acts[other.out])))
+        return Launch(rows, QuantMatmul(ex.device, joined, x, y, ex.counts[rows], second=(n_first, ex.acts[other.out]),
+                                        lora=ex.lora_pool((op.weights[0], other.weights[0]))))
     norm = None
     if "add" in k.fused:  # the residual add, after the post-norm if there is one
         post = ex.plan.ops[k.fused["norm"]] if "norm" in k.fused else None
         add, then = ex.plan.ops[k.fused["add"]], ex.plan.ops[k.fused.get("then", k.fused["add"])]
         norm = ResidualNorm(ex.vector(post.weights[0]) if post else None, ex.acts[add.out],
                             (post or then).params.get("eps", 0.0), _next_norm(ex, k))
-    return Launch(rows, QuantMatmul(ex.device, ex.weight(op.weights[0]), x, y, ex.counts[rows], norm=norm))
+    return Launch(rows, QuantMatmul(ex.device, ex.weight(op.weights[0]), x, y, ex.counts[rows], norm=norm,
+                                    lora=ex.lora_pool(op.weights)))
 
 
 def _joined_weight(ex: GpuExecutor, first: str, second: str) -> GpuWeight:
@@ -300,19 +351,19 @@ def _glu(ex: GpuExecutor, k: Kernel) -> Launch:
     op = ex.plan.ops[k.op]
     joined = _joined_weight(ex, *op.weights)
     return Launch("T", QuantMatmul(ex.device, joined, ex.acts[op.ins[0]], ex.acts[op.out], ex.counts["T"],
-                                   glu=op.params["act"]))
+                                   glu=op.params["act"], lora=ex.lora_pool(op.weights)))
 
 
 def _glu_split(ex: GpuExecutor, k: Kernel) -> Launch:
     """The GLU where gate and up cannot be joined: two matmuls into scratch, then the activation."""
     op = ex.plan.ops[k.op]
     width, x, rows = ex.width(op.out), ex.acts[op.ins[0]], ex.counts["T"]
-    gate_w, up_w = (ex.weight(name) for name in op.weights)
     size = 4 * width * ex.capacity["T"]
     # every layer's gate/up projections are temporaries: one pair of buffers serves them all
     gate, up = ((scratch(ex.device, f"glu {part}", size), 0, size) for part in ("gate", "up"))
-    return Launch("T", QuantMatmul(ex.device, gate_w, x, gate, rows), QuantMatmul(ex.device, up_w, x, up, rows),
-                  Glu(ex.device, gate, up, ex.acts[op.out], width=width, act=op.params["act"]))
+    projections = [QuantMatmul(ex.device, ex.weight(name), x, out, rows, lora=ex.lora_pool((name,)))
+                   for name, out in zip(op.weights, (gate, up), strict=True)]
+    return Launch("T", *projections, Glu(ex.device, gate, up, ex.acts[op.out], width=width, act=op.params["act"]))
 
 
 def _rope(ex: GpuExecutor, k: Kernel) -> Launch:

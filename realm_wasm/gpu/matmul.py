@@ -11,6 +11,10 @@ joined row-wise on the device (`concat_rows`): one mat-vec dispatch at decode, w
 both dot products of an output row and writes act(g) * u. A mat-vec can also run the residual
 RMSNorm of its output in its last workgroup (`ResidualNorm`, shaders/matvec_norm.wgsl), and two
 projections of one input joined the same way (q and k) are one kernel writing two outputs.
+
+With a `LoraPool` (gpu/lora.py) the weight's LoRA adapters are added as side paths: inside the
+mat-vec (shaders/lora_matvec.wgsl, before its GLU, norm tail or second region: no extra dispatch),
+and after the mat-mat by one more kernel (shaders/lora_main.wgsl) in steps whose tokens use any.
 """
 
 from __future__ import annotations
@@ -22,7 +26,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import compose
-from .device import COPY_DST, COPY_SRC, STORAGE, BindGroup, Binding, Buffer, Device, Dispatch, Pipeline
+from .device import (
+    COPY_DST,
+    COPY_SRC,
+    STORAGE,
+    BindGroup,
+    Binding,
+    Buffer,
+    Device,
+    Dispatch,
+    Pipeline,
+    UnsupportedOnGPU,
+)
+from .lora import LoraPool
 from .tuning import Tile, Tuning, tuning_for
 
 
@@ -261,6 +277,10 @@ class QuantMatmul:
     With `second` = (n0, y2), W joins two projections of the same x (`concat_rows`: a layer's q
     and k): rows below n0 go to y ([T_max, n0]), the others to y2 ([T_max, N - n0]), which must
     lie after y in the same buffer (shaders/rows_out.wgsl). One dispatch computes both.
+
+    With `lora`, the pool's adapters of each token are added to its rows (all N rows of the weight,
+    as the pool's parts say): by the mat-vec itself, and by one LoRA kernel after the mat-mat when
+    `dispatches(t, lora=True)` (a step whose tokens use adapters).
     """
 
     def __init__(
@@ -277,8 +297,12 @@ class QuantMatmul:
         glu: str | None = None,
         norm: ResidualNorm | None = None,
         second: tuple[int, Binding] | None = None,
+        lora: LoraPool | None = None,
     ) -> None:
         check_snippet(weight.quant)
+        if lora is not None and (lora.n, lora.k) != (weight.n, weight.k):
+            raise ValueError(f"a LoRA pool of {lora.n}x{lora.k} for a {weight.n}x{weight.k} weight")
+        self.lora = lora
         self.device, self.weight, self.x, self.y, self.rows = device, weight, x, y, rows
         self.tuning = tuning or tuning_for(device)
         self.f16 = self.tuning.f16 and "shader-f16" in device.features if f16 is None else f16
@@ -327,6 +351,7 @@ class QuantMatmul:
         # step (in the page, the first prompt's time to first token)
         self.matmat: dict[Tile, list[Launch]] = {tile: [self._matmat(c, tile) for c in weight.chunks]
                                                  for tile, _ in self.tiles}
+        self.lora_after = self._lora_after() if lora else None
 
     def _grid(self, rows: int, rows_per_group: int) -> tuple[int, int]:
         """(x, y) workgroups covering `rows` output rows, `rows_per_group` each."""
@@ -340,14 +365,20 @@ class QuantMatmul:
                       WG=wg, GLU=bool(self.glu), GELU=self.glu == "gelu", **self.out)
         reduce = "reduce_lanes_subgroup.wgsl" if self.subgroups else "reduce_lanes_shared.wgsl"
         entry = "matvec_norm.wgsl" if self.norm else "matvec_main.wgsl"
-        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "rows_out.wgsl", "matvec.wgsl", entry)
+        hooks = ("lora.wgsl", "lora_matvec.wgsl") if self.lora else ("lora_off.wgsl",)
+        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "rows_out.wgsl", *hooks,
+                 "matvec.wgsl", entry)
         bindings = [(chunk.buffer, 0, chunk.size), self.x, self.y]
         if self.norm:
             consts.update(EPS=float(self.norm.eps), POST_NORM=self.norm.w is not None, THEN=self.norm.then is not None,
                           WGS=grid[0] * grid[1])
             bindings += [*self.norm_bindings, self.arrived]
+        if self.lora:
+            consts.update(LORA_AT=len(bindings), **self.lora.consts())
+            bindings += self.lora.bindings()
+            self._check_storage_bindings(len(bindings) - 1)  # the token table is a uniform
         label = " ".join(filter(None, ("matvec", self.weight.quant.name, f"{self.weight.n}x{self.weight.k}", self.glu,
-                                       "+ norm" if self.norm else None)))
+                                       "+ norm" if self.norm else None, "+ lora" if self.lora else None)))
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, subgroups=self.subgroups, label=label)
         return pipe, self.device.create_bind_group(pipe, bindings), grid
 
@@ -363,11 +394,29 @@ class QuantMatmul:
         w = (chunk.buffer, 0, chunk.size)
         return pipe, self.device.create_bind_group(pipe, [w, self.x, self.matmat_y, self.rows]), grid
 
+    def _check_storage_bindings(self, count: int) -> None:
+        limit = self.device.limits.get("max_storage_buffers_per_shader_stage", 8)
+        if count > limit:
+            raise UnsupportedOnGPU(f"a mat-vec with LoRA needs {count} storage buffers per shader stage; this "
+                                   f"device allows {limit}: run without adapters or on another device")
+
+    def _lora_after(self) -> Launch:
+        """The LoRA kernel after the mat-mat: adds the side paths of every row where the mat-mat
+        put it (the GLU's scratch, or both regions of a joined weight)."""
+        wg = self.tuning.wg
+        out = dict(self.out, Y_STRIDE=self.weight.n) if self.glu else self.out
+        consts = dict(K=self.weight.k, WG=wg, LORA_AT=2, **self.lora.consts(), **out)
+        pipe = compose.pipeline(self.device, ("rows_out.wgsl", "lora.wgsl", "lora_main.wgsl"), consts,
+                                label=f"lora {self.weight.n}x{self.weight.k}")
+        bind_group = self.device.create_bind_group(pipe, [self.x, self.matmat_y, *self.lora.bindings()])
+        return pipe, bind_group, (-(-self.weight.n // wg), 1)
+
     def tile(self, t: int) -> Tile:
         return pick_tile(self.tiles, self.weight.n, t)
 
-    def dispatches(self, t: int) -> list[Dispatch]:
-        """The dispatches computing T = t rows (the `rows` uniform must hold t when they run)."""
+    def dispatches(self, t: int, lora: bool = False) -> list[Dispatch]:
+        """The dispatches computing T = t rows (the `rows` uniform must hold t when they run);
+        `lora`: some of the step's tokens use adapters (the mat-vec checks per token itself)."""
         for name, (_, _, size), width in (("x", self.x, self.weight.k), *self.y_checks):
             if t * width * 4 > size:
                 raise ValueError(f"{t} rows of {width} f32 do not fit the {size}-byte {name} binding")
@@ -376,5 +425,8 @@ class QuantMatmul:
         tile = self.tile(t)
         tiles = -(-t // tile.tt)
         steps = [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat[tile]]
+        if lora and self.lora_after:
+            pipe, bg, (gx, _) = self.lora_after
+            steps.append((pipe, bg, (gx, t, 1)))
         after = self.glu_op or self.norm_op
         return steps + (after.dispatches(t) if after else [])

@@ -21,6 +21,7 @@ class GenerationParams(TypedDict, total=False):
     top_k: int
     seed: int
     stop: str | Sequence[str]
+    lora: Sequence[dict[str, Any]]  # LoRA adapters [{"id": ..., "scale": ...}]; [] = none, omitted = tenant's default
 
 
 @dataclass(frozen=True)
