@@ -5,6 +5,12 @@ Layout inside the zip: the repository's own, so code that finds shaders relative
 zip into a folder on sys.path (/realm):
     realm_wasm/**/*.py   the runtime
     shaders/*.wgsl       the WGSL sources
+    kernels/*.wasm       the WebAssembly kernels, built from web/kernels/*.wat (realm_wasm/wasm_kernels.py)
+
+A kernel is assembled, validated and optimized by binaryen's wasm-opt (npm `binaryen`, pinned, its
+tarball's sha512 checked, kept in the cache ~/.cache/realm/tools and never in the repository). That
+needs Node, as scripts/vendor_pyodide.py needs npm. Built kernels are cached by the hash of their
+source, so an unchanged .wat costs nothing.
 
 Deterministic: entries are sorted and carry a fixed timestamp and mode, so the same sources give
 the same bytes (and the same ETag from the server).
@@ -15,9 +21,15 @@ the same bytes (and the same ETag from the server).
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import io
+import os
+import shutil
+import subprocess
 import sys
+import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -25,9 +37,73 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "web" / "dist" / "realm_wasm.zip"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 
+# binaryen's wasm-opt, from npm, and the registry's sha512 ("integrity") of its tarball
+BINARYEN = "binaryen@132.0.0"
+BINARYEN_SHA512 = "4Usg7yEvwO3FMso3Oov6qkOOHSod1IEv+boKkh77kTljM+eNBouqCTbqWswGzbG+vDNO/b/v2C4gfEh1WgB9Lg=="
+# -O3 with every helper inlined (-aimfs: always inline functions up to this size). V8 inlines small
+# wasm functions only within a budget: in Chromium 156 it left the Q5_0 row function of
+# web/kernels/matvec.wat at ~2 GMAC/s, against ~4.7 inlined here; inlined constants also fold the
+# shift counts of Q6_K's blocks.
+WASM_OPT_FLAGS = ("-O3", "--always-inline-max-function-size", "1000",
+                  "--enable-simd", "--enable-nontrapping-float-to-int")
+
+
+class BuildError(RuntimeError):
+    """A tool the bundle needs is missing or failed, or a download is not what was pinned."""
+
+
+def tools_dir() -> Path:
+    return Path(os.environ.get("REALM_CACHE", Path.home() / ".cache" / "realm")) / "tools"
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> None:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise BuildError(f"{cmd[0]} is not installed (needed for: {' '.join(cmd)})") from None
+    if done.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
+
+
+def wasm_opt() -> Path:
+    """binaryen's wasm-opt (a Node script), unpacked into the tools cache on first use."""
+    name, version = BINARYEN.split("@")
+    home = tools_dir() / f"{name}-{version}"
+    tool = home / "package" / "bin" / "wasm-opt"
+    if tool.is_file():
+        return tool
+    with tempfile.TemporaryDirectory(prefix="realm-tools-") as tmp:
+        _run(["npm", "pack", BINARYEN, "--silent"], cwd=Path(tmp))
+        tgz = Path(tmp) / f"{name}-{version}.tgz"
+        digest = base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode()
+        if digest != BINARYEN_SHA512:
+            raise BuildError(f"{tgz.name} has sha512 {digest}, expected {BINARYEN_SHA512}: refusing it")
+        unpacked = Path(tmp) / "unpacked"
+        with tarfile.open(tgz) as tar:  # only the tool, and the file that makes its folder CommonJS
+            members = [tar.getmember(f"package/bin/{file}") for file in ("wasm-opt", "package.json")]
+            tar.extractall(unpacked, members=members, filter="data")
+        home.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.move(unpacked, home)
+    return tool
+
+
+def assemble(wat: Path) -> bytes:
+    """The optimized binary of a WAT kernel, from the cache when this source was built before."""
+    key = hashlib.sha256(wat.read_bytes() + repr((BINARYEN, WASM_OPT_FLAGS)).encode()).hexdigest()[:20]
+    cached = tools_dir() / "kernels" / f"{wat.stem}-{key}.wasm"
+    if not cached.is_file():
+        if shutil.which("node") is None:
+            raise BuildError(f"node is not installed: it runs binaryen's wasm-opt, which builds {wat.name}")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(".part")
+        _run(["node", str(wasm_opt()), str(wat), *WASM_OPT_FLAGS, "-o", str(partial)])
+        partial.replace(cached)
+    return cached.read_bytes()
+
 
 def bundle_entries(root: Path) -> list[tuple[str, Path]]:
-    """(name inside the zip, source file) for every runtime module and shader, sorted by name."""
+    """(name inside the zip, source file) for every runtime module, shader and kernel, sorted by name."""
     package = root / "realm_wasm"
     if not (package / "__init__.py").is_file():
         raise FileNotFoundError(f"{package} is not a Python package (no __init__.py)")
@@ -37,6 +113,7 @@ def bundle_entries(root: Path) -> list[tuple[str, Path]]:
         if "__pycache__" not in path.parts
     ]
     entries += [(path.relative_to(root).as_posix(), path) for path in (root / "shaders").glob("*.wgsl")]
+    entries += [(f"kernels/{path.stem}.wasm", path) for path in (root / "web" / "kernels").glob("*.wat")]
     return sorted(entries)
 
 
@@ -47,7 +124,7 @@ def build_zip(root: Path) -> bytes:
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, path.read_bytes(), compresslevel=9)
+            zf.writestr(info, assemble(path) if path.suffix == ".wat" else path.read_bytes(), compresslevel=9)
     return buf.getvalue()
 
 
@@ -67,7 +144,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         count, size, digest, written = build(args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, BuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     state = "wrote" if written else "unchanged"
