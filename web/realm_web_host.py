@@ -51,6 +51,7 @@ N_CTX = 2048  # context of the page's engine (the KV cache is sized for it at lo
 # numpy: weights of a type the kernel lacks stay quantized above this many f32 bytes (the default
 # model's 671 MB f32 embedding would not fit), and are dequantized a chunk of rows at a time
 EAGER_LIMIT = 64 << 20
+CPU_KERNEL = True  # numpy: multiply with the SIMD kernel (bench/bench_browser.py turns it off to compare)
 
 
 class NoModel(RealmError, RuntimeError):
@@ -173,6 +174,8 @@ def load_kernel() -> WasmMatmul | None:
     browser that cannot compile it (WebAssembly SIMD: Chrome 91, Firefox 89, Safari 16.4)."""
     from pyodide.ffi import JsException
 
+    if not CPU_KERNEL:
+        return None
     try:
         return WasmMatmul.load()
     except JsException as e:
