@@ -27,6 +27,7 @@ WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.p
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -170,12 +171,16 @@ class HeapWeights:
 
 
 def load_kernel() -> WasmMatmul | None:
-    """The numpy executor's quantized mat-vec kernel; None (numpy dequantizes, ~10x slower) in a
-    browser that cannot compile it (WebAssembly SIMD: Chrome 91, Firefox 89, Safari 16.4)."""
+    """The numpy executor's quantized mat-vec kernel, loaded once a page; None (numpy dequantizes,
+    ~10x slower) in a browser that cannot compile it (WebAssembly SIMD: Chrome 91, Firefox 89,
+    Safari 16.4)."""
+    return _compiled_kernel() if CPU_KERNEL else None
+
+
+@functools.cache
+def _compiled_kernel() -> WasmMatmul | None:
     from pyodide.ffi import JsException
 
-    if not CPU_KERNEL:
-        return None
     try:
         return WasmMatmul.load()
     except JsException as e:
