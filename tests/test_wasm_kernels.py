@@ -93,6 +93,19 @@ def test_kernel_multiplies_the_weights_as_ggml_dequantizes_them(kernel: Path, tm
     assert np.abs(y - exact).max() > 0  # it really rounds
 
 
+def test_kernel_reads_every_finite_f16_scale(kernel: Path, tmp_path: Path) -> None:
+    # one Q8_0 row per finite f16 (subnormals and both zeros included), each block's codes all 1
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    bits = bits[(bits & 0x7C00) != 0x7C00].astype("<u2")
+    w = np.ones((len(bits), 34), np.uint8)
+    w[:, :2] = bits.view(np.uint8).reshape(-1, 2)
+    x = np.linspace(-1, 2, 32, dtype=np.float32)[None, :]
+    y, _ = run_kernel(kernel, tmp_path, "Q8_0", w, x)
+    q, d = round_activations(x)
+    expected = bits.view(np.float16).astype(np.float64) * float(d[0]) * q.sum()
+    assert np.allclose(y[0], expected, rtol=1e-6, atol=0)  # signs too: no tolerance near 0
+
+
 def test_rounded_activations_are_ggml_q8_0_blocks_with_their_sums(kernel: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 128)).astype(np.float32) * 3

@@ -124,16 +124,15 @@
   (func $x_scale (param $x i32) (result f32) (f32.load offset=64 align=4 (local.get $x)))
   (func $x_sum (param $x i32) (result f32) (f32.load offset=68 align=4 (local.get $x)))
 
-  ;; The f16 at p as f32 (GGML's block scales). The magnitude bits shifted into place and scaled by
-  ;; 2^112 (the exponent bias difference) give every finite f16, subnormals included; an f16
-  ;; inf/NaN would read as a large finite number, which no quantizer writes.
+;; The f16 at p as f32 (GGML's block scales). Its sign to bit 31 and its magnitude bits shifted
+  ;; into place, then scaled by 2^112 (the exponent bias difference), give every finite f16,
+  ;; subnormals included; an f16 inf/NaN would read as a large finite number, which no quantizer writes.
   (func $f16 (param $p i32) (result f32)
     (local $h i32)
     (local.set $h (i32.load16_u align=1 (local.get $p)))
-    (f32.copysign
-      (f32.mul (f32.reinterpret_i32 (i32.shl (i32.and (local.get $h) (i32.const 0x7fff)) (i32.const 13)))
-               (f32.const 0x1p112))
-      (f32.reinterpret_i32 (i32.shl (local.get $h) (i32.const 16)))))
+    (f32.mul (f32.reinterpret_i32 (i32.or (i32.shl (i32.and (local.get $h) (i32.const 0x8000)) (i32.const 16))
+                                          (i32.shl (i32.and (local.get $h) (i32.const 0x7fff)) (i32.const 13))))
+             (f32.const 0x1p112)))
 
   (func $hsum (param $v v128) (result f32)
     (f32.add (f32.add (f32x4.extract_lane 0 (local.get $v)) (f32x4.extract_lane 1 (local.get $v)))
