@@ -172,7 +172,7 @@ class HeapWeights:
 
 def load_kernel() -> WasmMatmul | None:
     """The numpy executor's quantized mat-vec kernel, loaded once a page; None (numpy dequantizes,
-    ~10x slower) in a browser that cannot compile it (WebAssembly SIMD: Chrome 91, Firefox 89,
+    >10x slower) in a browser that cannot compile it (WebAssembly SIMD: Chrome 91, Firefox 89,
     Safari 16.4)."""
     return _compiled_kernel() if CPU_KERNEL else None
 
