@@ -8,9 +8,11 @@ zip into a folder on sys.path (/realm):
     kernels/*.wasm       the WebAssembly kernels, built from web/kernels/*.wat (realm_wasm/wasm_kernels.py)
 
 A kernel is assembled, validated and optimized by binaryen's wasm-opt (npm `binaryen`, pinned, its
-tarball's sha512 checked, kept in the cache ~/.cache/realm/tools and never in the repository). That
-needs Node, as scripts/vendor_pyodide.py needs npm. Built kernels are cached by the hash of their
-source, so an unchanged .wat costs nothing.
+tarball's sha512 checked, kept in ~/.cache/realm/tools, never in the repository), which needs Node
+(scripts/vendor_pyodide.py needs npm too). Built kernels are kept beside the bundle, named by the
+hash of their source (web/dist/kernels/matvec-<hash>.wasm): an unchanged .wat needs neither Node
+nor binaryen again, so a machine given web/dist (the GPU machine's kit, offline) rebuilds the
+bundle as before.
 
 Deterministic: entries are sorted and carry a fixed timestamp and mode, so the same sources give
 the same bytes (and the same ETag from the server).
@@ -88,16 +90,19 @@ def wasm_opt() -> Path:
     return tool
 
 
-def assemble(wat: Path) -> bytes:
-    """The optimized binary of a WAT kernel, from the cache when this source was built before."""
+def assemble(wat: Path, built: Path = DEFAULT_OUT.parent / "kernels") -> bytes:
+    """The optimized binary of a WAT kernel, from the folder `built` when this source was built
+    before (where it keeps only the latest build of each kernel)."""
     key = hashlib.sha256(wat.read_bytes() + repr((BINARYEN, WASM_OPT_FLAGS)).encode()).hexdigest()[:20]
-    cached = tools_dir() / "kernels" / f"{wat.stem}-{key}.wasm"
+    cached = built / f"{wat.stem}-{key}.wasm"
     if not cached.is_file():
         if shutil.which("node") is None:
             raise BuildError(f"node is not installed: it runs binaryen's wasm-opt, which builds {wat.name}")
-        cached.parent.mkdir(parents=True, exist_ok=True)
+        built.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(".part")
         _run(["node", str(wasm_opt()), str(wat), *WASM_OPT_FLAGS, "-o", str(partial)])
+        for old in built.glob(f"{wat.stem}-*.wasm"):
+            old.unlink()
         partial.replace(cached)
     return cached.read_bytes()
 
@@ -117,20 +122,21 @@ def bundle_entries(root: Path) -> list[tuple[str, Path]]:
     return sorted(entries)
 
 
-def build_zip(root: Path) -> bytes:
+def build_zip(root: Path, built_kernels: Path) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         for name, path in bundle_entries(root):
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, assemble(path) if path.suffix == ".wat" else path.read_bytes(), compresslevel=9)
+            data = assemble(path, built_kernels) if path.suffix == ".wat" else path.read_bytes()
+            zf.writestr(info, data, compresslevel=9)
     return buf.getvalue()
 
 
 def build(out: Path, root: Path = ROOT) -> tuple[int, int, str, bool]:
     """Write the bundle if its bytes changed; return (entries, size, sha256, written)."""
-    data = build_zip(root)
+    data = build_zip(root, out.parent / "kernels")
     written = not out.is_file() or out.read_bytes() != data
     if written:
         out.parent.mkdir(parents=True, exist_ok=True)
