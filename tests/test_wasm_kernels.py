@@ -71,11 +71,17 @@ def test_the_kernel_covers_the_bundled_models_types() -> None:
     assert TYPES == {QUANTS_BY_NAME[n].type_id for n in F16_FIELDS}
 
 
-@pytest.mark.parametrize("name", sorted(F16_FIELDS))
-def test_kernel_multiplies_the_weights_as_ggml_dequantizes_them(kernel: Path, tmp_path: Path, name: str) -> None:
-    rng = np.random.default_rng(sum(map(ord, name)))
-    rows, n_tok = 37, 3
-    k = 512 if QUANTS_BY_NAME[name].block_size == 256 else 96  # two super-blocks, or three blocks
+# (type, K, tokens): every type on a few blocks (two super-blocks, or three blocks); then more tokens
+# than one of the kernel's tiles holds (16 KiB of rounded x: 3 tokens at K = 2048, 11 at K = 640)
+SHAPES = [(name, 512 if QUANTS_BY_NAME[name].block_size == 256 else 96, 3) for name in sorted(F16_FIELDS)]
+SHAPES += [("Q4_K", 2048, 7), ("Q5_0", 640, 25)]
+
+
+@pytest.mark.parametrize(("name", "k", "n_tok"), SHAPES)
+def test_kernel_multiplies_the_weights_as_ggml_dequantizes_them(kernel: Path, tmp_path: Path, name: str, k: int,
+                                                               n_tok: int) -> None:
+    rng = np.random.default_rng(sum(map(ord, name)) + n_tok)
+    rows = 37
     w = random_weights(name, rows, k, rng)
     x = (rng.standard_normal((n_tok, k)) * rng.uniform(0.1, 10, (n_tok, k // 32)).repeat(32, axis=1)).astype(np.float32)
     y, _ = run_kernel(kernel, tmp_path, name, w, x)
