@@ -71,8 +71,8 @@ def test_the_kernel_covers_the_bundled_models_types() -> None:
     assert TYPES == {QUANTS_BY_NAME[n].type_id for n in F16_FIELDS}
 
 
-# (type, K, tokens): every type on a few blocks (two super-blocks, or three blocks); then more tokens
-# than one of the kernel's tiles holds (16 KiB of rounded x: 3 tokens at K = 2048, 11 at K = 640)
+# (type, K, tokens): every type on a few blocks (two super-blocks, or three blocks); then the shapes
+# of the default model's K-quant and Q5_0 matrices, with more tokens
 SHAPES = [(name, 512 if QUANTS_BY_NAME[name].block_size == 256 else 96, 3) for name in sorted(F16_FIELDS)]
 SHAPES += [("Q4_K", 2048, 7), ("Q5_0", 640, 25)]
 

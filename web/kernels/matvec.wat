@@ -35,7 +35,6 @@
   (elem (i32.const 14) func $dot_q6_k)
 
   (global $XQ_BLOCK i32 (i32.const 72))  ;; bytes of one rounded 32-element block of x
-  (global $TILE_BYTES i32 (i32.const 16384))  ;; xq of one tile of tokens, at most (one token at least)
 
   ;; ------------------------------------------------------------------------------------------
   ;; Entry points
@@ -77,28 +76,10 @@
         (br $block))))
 
   ;; y[t * rows + r] = row r of W (GGML type `type_id`, `row_bytes` apart, from w) . token t of xq,
-  ;; for t < n_tok and r < rows; nb = K / 32. The tokens go in tiles whose xq fits in half of a
-  ;; 32 KiB L1 cache: every row of W is read once a tile and meets all of its tokens there (a
-  ;; 256-token prefill step, xq 368 KB at K = 640, ran Q5_0 at ~2 GMAC/s untiled).
+  ;; for t < n_tok and r < rows; nb = K / 32. Row-major over r so a weight row is read from
+  ;; memory once and meets every token from the cache.
   (func (export "realm_matmul") (param $type_id i32) (param $w i32) (param $row_bytes i32) (param $xq i32)
-                                (param $y i32) (param $rows i32) (param $nb i32) (param $n_tok i32)
-    (local $stride i32) (local $tile i32) (local $t i32)
-    (local.set $stride (i32.mul (local.get $nb) (global.get $XQ_BLOCK)))
-    (local.set $tile (i32.div_u (global.get $TILE_BYTES) (local.get $stride)))
-    (local.set $tile (select (local.get $tile) (i32.const 1) (local.get $tile)))
-    (loop $tiles
-      (call $matmul_tile (local.get $type_id) (local.get $w) (local.get $row_bytes)
-        (i32.add (local.get $xq) (i32.mul (local.get $t) (local.get $stride)))
-        (i32.add (local.get $y) (i32.shl (i32.mul (local.get $t) (local.get $rows)) (i32.const 2)))
-        (local.get $rows) (local.get $nb)
-        (select (local.get $tile) (i32.sub (local.get $n_tok) (local.get $t))
-                (i32.lt_u (local.get $tile) (i32.sub (local.get $n_tok) (local.get $t))))
-        (local.get $rows))
-      (br_if $tiles (i32.lt_u (local.tee $t (i32.add (local.get $t) (local.get $tile))) (local.get $n_tok)))))
-
-  ;; The products of one tile of n_tok tokens; y's rows are y_rows apart
-  (func $matmul_tile (param $type_id i32) (param $w i32) (param $row_bytes i32) (param $xq i32)
-                     (param $y i32) (param $rows i32) (param $nb i32) (param $n_tok i32) (param $y_rows i32)
+                          (param $y i32) (param $rows i32) (param $nb i32) (param $n_tok i32)
     (local $r i32) (local $t i32) (local $xq_row i32) (local $y_row i32)
     (block $done
       (loop $row
@@ -110,7 +91,7 @@
           (f32.store align=4 (local.get $y_row)
             (call_indirect (type $row_dot) (local.get $w) (local.get $xq_row) (local.get $nb) (local.get $type_id)))
           (local.set $xq_row (i32.add (local.get $xq_row) (i32.mul (local.get $nb) (global.get $XQ_BLOCK))))
-          (local.set $y_row (i32.add (local.get $y_row) (i32.shl (local.get $y_rows) (i32.const 2))))
+          (local.set $y_row (i32.add (local.get $y_row) (i32.shl (local.get $rows) (i32.const 2))))
           (br_if $token (i32.ne (local.tee $t (i32.add (local.get $t) (i32.const 1))) (local.get $n_tok))))
         (local.set $w (i32.add (local.get $w) (local.get $row_bytes)))
         (local.set $r (i32.add (local.get $r) (i32.const 1)))
