@@ -9,10 +9,10 @@ model decoded at 1.3-1.8 tok/s, most of it in its 262,144-row Q8_0 output head. 
 extension cannot be added to the page: Pyodide loads only the wheels built with its own Emscripten
 toolchain, and the runtime must stay a zip of Python sources. A WebAssembly module is the one
 compiled thing a page may load. So web/kernels/matvec.wat, hand-written in the text format
-(scripts/build_bundle.py assembles and optimizes it), does the dot products and nothing else; all of
+(scripts/build_bundle.py assembles it with wabt), does the dot products and nothing else; all of
 the model's logic stays in Python. It rounds x to 8 bits per 32-element block and multiplies the
 integer codes of the weight blocks with i32x4.dot_i16x8_s, as llama.cpp does: in Chromium here that
-beat widening the weights to f32 (Q8_0: ~10 against ~5 GMAC/s).
+beat widening the weights to f32 (Q8_0: 9-10 against ~5 GMAC/s).
 
 In place, by address: the module imports Pyodide's own linear memory, so it reads the GGUF bytes
 where HeapWeights keeps them and writes into a numpy array; nothing is copied or dequantized, and

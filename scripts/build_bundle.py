@@ -7,11 +7,11 @@ zip into a folder on sys.path (/realm):
     shaders/*.wgsl       the WGSL sources
     kernels/*.wasm       the WebAssembly kernels, built from web/kernels/*.wat (realm_wasm/wasm_kernels.py)
 
-A kernel is assembled, validated and optimized by binaryen's wasm-opt (npm `binaryen`, pinned, its
-tarball's sha512 checked, kept in ~/.cache/realm/tools, never in the repository), which needs Node
+A kernel is assembled and validated by wabt's wat2wasm (npm `wabt`, pinned, its tarball's sha512
+checked, kept in ~/.cache/realm/tools, never in the repository), which needs Node
 (scripts/vendor_pyodide.py needs npm too). Built kernels are kept beside the bundle, named by the
 hash of their source (web/dist/kernels/matvec-<hash>.wasm): an unchanged .wat needs neither Node
-nor binaryen again, so a machine given web/dist (the GPU machine's kit, offline) rebuilds the
+nor wabt again, so a machine given web/dist (the GPU machine's kit, offline) rebuilds the
 bundle as before.
 
 Deterministic: entries are sorted and carry a fixed timestamp and mode, so the same sources give
@@ -39,15 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "web" / "dist" / "realm_wasm.zip"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 
-# binaryen's wasm-opt, from npm, and the registry's sha512 ("integrity") of its tarball
-BINARYEN = "binaryen@132.0.0"
-BINARYEN_SHA512 = "4Usg7yEvwO3FMso3Oov6qkOOHSod1IEv+boKkh77kTljM+eNBouqCTbqWswGzbG+vDNO/b/v2C4gfEh1WgB9Lg=="
-# -O3 with every helper inlined (-aimfs: always inline functions up to this size). V8 inlines small
-# wasm functions only within a budget: in Chromium 156 it left the Q5_0 row function of
-# web/kernels/matvec.wat at ~2 GMAC/s, against ~4.7 inlined here; inlined constants also fold the
-# shift counts of Q6_K's blocks.
-WASM_OPT_FLAGS = ("-O3", "--always-inline-max-function-size", "1000",
-                  "--enable-simd", "--enable-nontrapping-float-to-int")
+# wabt's wat2wasm, from npm, and the registry's sha512 ("integrity") of its tarball
+WABT = "wabt@1.0.39"
+WABT_SHA512 = "ba+dRL/75VQQY7RkU/CgriGbkoWAfS8TDyUlJfJhJ8KhtXgMl5dhNvoPNUcQ9IWRhW8u41glMSuZeTvsYq2rRg=="
 
 
 class BuildError(RuntimeError):
@@ -67,23 +61,22 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
         raise BuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
 
 
-def wasm_opt() -> Path:
-    """binaryen's wasm-opt (a Node script), unpacked into the tools cache on first use."""
-    name, version = BINARYEN.split("@")
+def wat2wasm() -> Path:
+    """wabt's wat2wasm (one self-contained Node script), unpacked into the tools cache on first use."""
+    name, version = WABT.split("@")
     home = tools_dir() / f"{name}-{version}"
-    tool = home / "package" / "bin" / "wasm-opt"
+    tool = home / "package" / "bin" / "wat2wasm"
     if tool.is_file():
         return tool
     with tempfile.TemporaryDirectory(prefix="realm-tools-") as tmp:
-        _run(["npm", "pack", BINARYEN, "--silent"], cwd=Path(tmp))
+        _run(["npm", "pack", WABT, "--silent"], cwd=Path(tmp))
         tgz = Path(tmp) / f"{name}-{version}.tgz"
         digest = base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode()
-        if digest != BINARYEN_SHA512:
-            raise BuildError(f"{tgz.name} has sha512 {digest}, expected {BINARYEN_SHA512}: refusing it")
+        if digest != WABT_SHA512:
+            raise BuildError(f"{tgz.name} has sha512 {digest}, expected {WABT_SHA512}: refusing it")
         unpacked = Path(tmp) / "unpacked"
-        with tarfile.open(tgz) as tar:  # only the tool, and the file that makes its folder CommonJS
-            members = [tar.getmember(f"package/bin/{file}") for file in ("wasm-opt", "package.json")]
-            tar.extractall(unpacked, members=members, filter="data")
+        with tarfile.open(tgz) as tar:  # only the tool
+            tar.extractall(unpacked, members=[tar.getmember("package/bin/wat2wasm")], filter="data")
         home.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(home, ignore_errors=True)
         shutil.move(unpacked, home)
@@ -91,16 +84,16 @@ def wasm_opt() -> Path:
 
 
 def assemble(wat: Path, built: Path = DEFAULT_OUT.parent / "kernels") -> bytes:
-    """The optimized binary of a WAT kernel, from the folder `built` when this source was built
-    before (where it keeps only the latest build of each kernel)."""
-    key = hashlib.sha256(wat.read_bytes() + repr((BINARYEN, WASM_OPT_FLAGS)).encode()).hexdigest()[:20]
+    """The binary of a WAT kernel, from the folder `built` when this source was built before
+    (where it keeps only the latest build of each kernel)."""
+    key = hashlib.sha256(wat.read_bytes() + WABT.encode()).hexdigest()[:20]
     cached = built / f"{wat.stem}-{key}.wasm"
     if not cached.is_file():
         if shutil.which("node") is None:
-            raise BuildError(f"node is not installed: it runs binaryen's wasm-opt, which builds {wat.name}")
+            raise BuildError(f"node is not installed: it runs wabt's wat2wasm, which builds {wat.name}")
         built.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(".part")
-        _run(["node", str(wasm_opt()), str(wat), *WASM_OPT_FLAGS, "-o", str(partial)])
+        _run(["node", str(wat2wasm()), str(wat), "-o", str(partial)])
         for old in built.glob(f"{wat.stem}-*.wasm"):
             old.unlink()
         partial.replace(cached)
