@@ -84,6 +84,10 @@ class WasmMatmul:
         """x [T, K] float32 @ Wᵀ for W [rows, K] in its GGML bytes `raw` [rows, row bytes]."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_tok, k = x.shape
+        if k != t.shape[1]:
+            raise ValueError(f"x has rows of {k} values, {t.name} rows of {t.shape[1]}")
+        if n_tok == 0 or k == 0:  # nothing to multiply (the kernel's loops run at least once)
+            return np.zeros((n_tok, t.shape[0]), np.float32)
         blocks = k // 32  # K fills whole blocks: the GGUF parser checked it (256 for K-quants)
         if self._xq.size < n_tok * blocks * XQ_BLOCK:
             self._xq = np.empty(n_tok * blocks * XQ_BLOCK, np.uint8)

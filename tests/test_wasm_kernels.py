@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from realm_wasm.gguf import TensorInfo
 from realm_wasm.quants import QUANTS_BY_NAME, dequantize
-from realm_wasm.wasm_kernels import TYPES, XQ_BLOCK, as_side_module
+from realm_wasm.wasm_kernels import TYPES, XQ_BLOCK, WasmMatmul, as_side_module
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).with_name("wasm_kernels.mjs")
@@ -138,3 +139,18 @@ def test_the_page_loads_the_kernel_as_an_emscripten_side_module() -> None:
     assert side[19:] == b"\x01\x04\0\0\0\0" + module[8:]  # MEM_INFO: no memory, no table of its own
     with pytest.raises(ValueError, match="not a WebAssembly module"):
         as_side_module(b"PK\x03\x04")
+
+
+def test_matmul_without_tokens_or_with_the_wrong_width_never_reaches_the_kernel() -> None:
+    class Unreachable:  # the kernel's loops run at least once: an empty product must not get there
+        def __getattr__(self, name: str):
+            def call(*args):
+                raise AssertionError(f"{name}{args} called")
+            return call
+
+    matmul = WasmMatmul(Unreachable())
+    t = TensorInfo("blk.0.ffn_up.weight", (64, 3), QUANTS_BY_NAME["Q8_0"].type_id, 0, 3 * 68)
+    raw = np.zeros((3, 68), np.uint8)
+    assert matmul.matmul_t(np.zeros((0, 64), np.float32), raw, t).shape == (0, 3)
+    with pytest.raises(ValueError, match="rows of 32 values, blk.0.ffn_up.weight rows of 64"):
+        matmul.matmul_t(np.zeros((1, 32), np.float32), raw, t)
