@@ -15,7 +15,7 @@
 ;;   +0   32 x i16  q = round(x / d), |q| <= 127; i16 rather than i8 so that a weight block meets
 ;;                  them in i32x4.dot_i16x8_s directly, without widening x again for every row
 ;;   +64  f32       d = max |x| / 127
-;;   +68  f32       s = d * sum(q): the offset terms of Q4_1 and Q4_K (w = scale * q - min)
+;;   +68  f32       s = d * sum(q): for the offsets of Q4_1 (w = d q + m) and Q4_K (w = d sc q - dmin m)
 ;;
 ;; Every weight type has one row function $dot_<type>(w, xq, nb) -> f32, the dot product of one
 ;; weight row with one token's xq (nb = K / 32 blocks). They share the block arithmetic below and
