@@ -1,12 +1,14 @@
 """Realm's page in headless Chromium against wllama (llama.cpp in wasm), in the same browser, same GGUF.
 
     python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
+                                  [--no-webgpu] [--no-numpy-dequant]
 
-For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy) and for
-wllama on the CPU: cold load (download to ready), warm load (the same page reloaded, model from the
-browser's storage), time to first token and decode tokens/s, greedy, on the Paris prompt. Prints a
-markdown table. On a machine without a GPU, Chromium's WebGPU adapter is SwiftShader (a CPU
-rasterizer): the WebGPU row measures that, not a GPU.
+For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy with its
+WebAssembly SIMD kernel; numpy without it, dequantizing as before the kernel) and for wllama on the
+CPU: cold load (download to ready), warm load (the same page reloaded, model from the browser's
+storage), time to first token and decode tokens/s, greedy, on the Paris prompt. Prints a markdown
+table, and numpy's decode against wllama's. On a machine without a GPU, Chromium's WebGPU adapter
+is SwiftShader (a CPU rasterizer): the WebGPU row measures that, not a GPU.
 
 wllama is installed with npm into the cache (~/.cache/realm/wllama; REALM_CACHE moves it), never into
 the repository, and served with COOP/COEP headers so its multi-threaded build can run.
@@ -113,12 +115,18 @@ def browser(playwright, webgpu: bool = True) -> Iterator:
             context.close()
 
 
-def bench_realm(playwright, url: str, backend: str, tokens: int) -> dict:
+# Python in the page's worker (worker.js exposes self.pyodide): the numpy executor without its kernel
+NO_CPU_KERNEL = "import realm_web_host; realm_web_host.CPU_KERNEL = False"
+
+
+def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: bool = True) -> dict:
     with browser(playwright) as page:
         page.goto(f"{url}?backend={backend}")
         wait_ready(page)
 
         def load_ms() -> float:
+            if not cpu_kernel:
+                page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", NO_CPU_KERNEL)
             assert load(page) == "loaded", page.inner_text("#error")
             return float(page.get_attribute("#model-info", "data-load-ms"))
 
@@ -130,7 +138,10 @@ def bench_realm(playwright, url: str, backend: str, tokens: int) -> dict:
         page.reload()
         wait_ready(page)
         warm = load_ms()
-    return {"engine": f"Realm, {backend} executor", "cold_s": cold / 1e3, "warm_s": warm / 1e3,
+    engine = {"webgpu": "Realm, webgpu executor", "numpy": "Realm, numpy executor, WebAssembly SIMD kernel"}[backend]
+    if not cpu_kernel:
+        engine = "Realm, numpy executor, numpy dequantization (no kernel)"
+    return {"engine": engine, "cold_s": cold / 1e3, "warm_s": warm / 1e3,
             "ttft_ms": measured["ttft_ms"], "decode": measured["decode_tok_s"], "heap_mb": heap / 1e6,
             "answer": answer, "tokens": tokens}
 
@@ -185,24 +196,35 @@ def main() -> None:
                     help="wllama thread counts, one row each (2 threads slow down badly when another "
                          "process takes a core: ggml's threads wait for each other)")
     ap.add_argument("--no-wllama", action="store_true", help="skip the reference")
+    ap.add_argument("--no-webgpu", action="store_true", help="skip the WebGPU row")
+    ap.add_argument("--no-numpy-dequant", action="store_true", help="skip numpy without its kernel")
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
 
     model = default_model_path()
     build_site_assets()
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     rows = []
     with live_server((model.parent,), model.name) as server, sync_playwright() as playwright:
-        for backend, n in (("webgpu", args.webgpu_tokens), ("numpy", args.tokens)):
+        runs = [] if args.no_webgpu else [("webgpu", args.webgpu_tokens, True)]
+        runs.append(("numpy", args.tokens, True))
+        if not args.no_numpy_dequant:
+            runs.append(("numpy", args.tokens, False))
+        for backend, n, cpu_kernel in runs:
             t0 = time.monotonic()
-            rows.append(bench_realm(playwright, server.url, backend, n))
+            rows.append(bench_realm(playwright, server.url, backend, n, cpu_kernel))
             print(f"measured {rows[-1]['engine']} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         for threads in [] if args.no_wllama else args.threads:
             rows.append(bench_wllama(playwright, model, args.tokens, threads))
     loadavg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"Headless Chromium, {model.name}, prompt {PROMPT!r}, greedy; {os.cpu_count()} CPUs, "
-          f"load average {loadavg} (other processes slow every row).\n")
+    print(f"Headless Chromium, {model.name}, prompt {PROMPT!r}, greedy; {os.cpu_count()} CPUs, load average "
+          f"{load_before} before the run, {loadavg} after (other processes slow every row).\n")
     print(table(rows))
+    numpy = next(r for r in rows if r["engine"].endswith("SIMD kernel"))
+    for r in rows:
+        if r["engine"].startswith("wllama") and r["decode"]:
+            print(f"\nnumpy executor with its kernel (1 thread) / {r['engine']}: {numpy['decode'] / r['decode']:.2f}x")
 
 
 if __name__ == "__main__":

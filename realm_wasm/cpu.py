@@ -1,9 +1,14 @@
 """The numpy executor: runs a Plan on the CPU. The test oracle and the fallback without WebGPU.
 
-Weights are dequantized to float32 once at load, except those larger than `eager_limit` bytes of
-float32 (inside Pyodide the 671 MB float32 embedding table of the default model would crowd the
-wasm heap): those stay quantized and are dequantized a chunk of rows at a time when used. All math
-is float32. LoRA adapters (`lora.py`) are added beside the weights, per token, never merged.
+Weights are dequantized to float32 once at load, except
+- those of the types a `QuantizedMatmul` kernel takes, when the executor is given one (inside
+  Pyodide: realm_wasm/wasm_kernels.py): they stay in their GGML bytes and the kernel multiplies
+  them as they are (rounding x to 8 bits per block, as llama.cpp does);
+- those larger than `eager_limit` bytes of float32 (inside Pyodide the 671 MB float32 embedding
+  table of the default model would crowd the wasm heap): they stay quantized and are dequantized
+  a chunk of rows at a time when used.
+All other math is float32. LoRA adapters (`lora.py`) are added beside the weights, per token,
+never merged.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Protocol
 
 import numpy as np
 
@@ -50,19 +56,31 @@ def silu(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {"gelu": gelu, "silu": silu}
 
 
+class QuantizedMatmul(Protocol):
+    """A kernel that multiplies straight from a weight's GGML bytes (wasm_kernels.WasmMatmul)."""
+
+    def supports(self, type_id: int) -> bool: ...
+
+    def matmul_t(self, x: np.ndarray, raw: np.ndarray, t: TensorInfo) -> np.ndarray:
+        """x [T, K] float32 @ Wᵀ -> [T, rows] float32, for W [rows, K] in its bytes raw [rows, row bytes]."""
+
+
 class QuantizedWeight:
-    """A [rows, K] weight kept in its GGML bytes; rows are dequantized when needed."""
+    """A [rows, K] weight kept in its GGML bytes; rows are dequantized when needed, and products go
+    to `kernel` when there is one."""
 
     CHUNK_ROWS = 8192
 
-    def __init__(self, raw: np.ndarray, t: TensorInfo) -> None:
-        self.raw, self.t = np.asarray(raw).reshape(t.shape[0], -1), t
+    def __init__(self, raw: np.ndarray, t: TensorInfo, kernel: QuantizedMatmul | None = None) -> None:
+        self.raw, self.t, self.kernel = np.asarray(raw).reshape(t.shape[0], -1), t, kernel
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         return dequantize(self.raw[idx], self.t.type_id, (len(idx), self.t.shape[1]))
 
     def matmul_t(self, x: np.ndarray) -> np.ndarray:
-        """x @ Wᵀ, dequantizing CHUNK_ROWS rows of W at a time."""
+        """x @ Wᵀ: by the kernel, or dequantizing CHUNK_ROWS rows of W at a time."""
+        if self.kernel is not None:
+            return self.kernel.matmul_t(x, self.raw, self.t)
         out = np.empty((len(x), self.t.shape[0]), np.float32)
         for r in range(0, self.t.shape[0], self.CHUNK_ROWS):
             out[:, r:r + self.CHUNK_ROWS] = x @ self.rows(np.arange(r, min(r + self.CHUNK_ROWS, len(self.raw)))).T
@@ -140,13 +158,20 @@ class CpuExecutor:
     queues_ahead = False  # runs each step when submitted
 
     def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048,
-                 eager_limit: int | None = None, max_adapters: int = 0) -> None:
-        self.plan = plan
+                 eager_limit: int | None = None, kernel: QuantizedMatmul | None = None,
+                 max_adapters: int = 0) -> None:
+        self.plan, self.kernel = plan, kernel
         self.max_adapters = max_adapters
         self.adapters: dict[int, Adapter] = {}
-        self.w = {name: QuantizedWeight(weight_bytes(t), t)
-                  if eager_limit is not None and 4 * int(np.prod(t.shape)) > eager_limit
-                  else dequantize(weight_bytes(t), t.type_id, t.shape) for name, t in plan.weights.items()}
+
+        def keep(t: TensorInfo) -> np.ndarray | QuantizedWeight:
+            if kernel is not None and kernel.supports(t.type_id):
+                return QuantizedWeight(weight_bytes(t), t, kernel)
+            if eager_limit is not None and 4 * int(np.prod(t.shape)) > eager_limit:
+                return QuantizedWeight(weight_bytes(t), t)
+            return dequantize(weight_bytes(t), t.type_id, t.shape)
+
+        self.w = {name: keep(t) for name, t in plan.weights.items()}
         self.cache = KVCache(plan, n_slots, n_ctx)
         self.n_slots = n_slots
 

@@ -17,8 +17,9 @@ The header is parsed from the first bytes, the model (tokenizer, plan) built fro
 executor chosen (`realm_wasm.backends.choose`, as the CLI and the server choose), so a bad or
 GPU-unsupported model is known before the download goes on. WebGPU: every later chunk is copied
 once, transiently, out of JS and written into device buffers (`StreamedWeights`): the model never
-sits in the wasm heap. numpy: the file's bytes are kept in the heap (that executor computes from
-them).
+sits in the wasm heap. numpy: the file's bytes are kept in the heap, and that executor computes
+from them: its WebAssembly SIMD kernel (realm_wasm/wasm_kernels.py) multiplies the quantized
+weights where they lie, so the heap holds about the file plus activations.
 
 Generation (`HOST.generate`) is an async generator: worker.js awaits each event, which lets the
 WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.py).
@@ -26,6 +27,7 @@ WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.p
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -44,9 +46,13 @@ from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
 from realm_wasm.gpu.weights import StreamedWeights
 from realm_wasm.sampling import SamplingParams
+from realm_wasm.wasm_kernels import WasmMatmul
 
 N_CTX = 2048  # context of the page's engine (the KV cache is sized for it at load)
-EAGER_LIMIT = 64 << 20  # numpy: weights above this many f32 bytes stay quantized (the 671 MB embedding)
+# numpy: weights of a type the kernel lacks stay quantized above this many f32 bytes (the default
+# model's 671 MB f32 embedding would not fit), and are dequantized a chunk of rows at a time
+EAGER_LIMIT = 64 << 20
+CPU_KERNEL = True  # numpy: multiply with the SIMD kernel (bench/bench_browser.py turns it off to compare)
 
 
 class NoModel(RealmError, RuntimeError):
@@ -158,10 +164,28 @@ class HeapWeights:
     async def executor(self, model: Model, n_ctx: int) -> Executor:
         data = np.frombuffer(self.data, np.uint8)
         return CpuExecutor(model.plan, lambda t: data[t.offset:t.offset + t.nbytes], n_ctx=n_ctx,
-                           eager_limit=EAGER_LIMIT)
+                           eager_limit=EAGER_LIMIT, kernel=load_kernel())
 
     def release(self) -> None:
         self.data = bytearray()
+
+
+def load_kernel() -> WasmMatmul | None:
+    """The numpy executor's quantized mat-vec kernel, loaded once a page; None (numpy dequantizes,
+    >10x slower) in a browser that cannot compile it (WebAssembly SIMD: Chrome 91, Firefox 89,
+    Safari 16.4)."""
+    return _compiled_kernel() if CPU_KERNEL else None
+
+
+@functools.cache
+def _compiled_kernel() -> WasmMatmul | None:
+    from pyodide.ffi import JsException
+
+    try:
+        return WasmMatmul.load()
+    except JsException as e:
+        print(f"realm: no WebAssembly SIMD kernel ({e}); the numpy executor dequantizes instead", file=sys.stderr)
+        return None
 
 
 class ModelSink:
