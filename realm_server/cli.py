@@ -1,7 +1,8 @@
 """`realm` command line: generate text, serve the page and the API, make API keys. CPython only.
 
     realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] ...
-    realm serve [--host H] [--port P] [--model FILE] [--tenants FILE] [--slots N] [--ctx N] ...
+    realm serve [--host H] [--port P] [--model NAME_OR_FILE ...] [--tenants FILE] [--slots N] [--ctx N] ...
+    realm build-site OUT/ [--model NAME_OR_FILE ...] [--pyodide-base-url URL]   # a static site, no server
     realm plan [--model FILE] [--binding-limit BYTES]      # the fused program the GPU runs, per layer
     realm key new | realm key hash KEY
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from realm_wasm.backends import BACKENDS
 from realm_wasm.errors import RealmError
 from realm_wasm.gpu.fuse import DEFAULT_BINDING_LIMIT
-from realm_wasm.model_files import cache_dir, resolve_model
+from realm_wasm.model_files import BUNDLED, CHAT_MODEL, cache_dir, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,15 +79,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     tenants = load_tenants(args.tenants) if args.tenants else Tenants.open_access()
     check_bind_host(args.host, tenants)
-    model = resolve_model(args.model)
+    models = [resolve_model(m) for m in args.model or BUNDLED]  # default: both bundled models
     prepare_web_assets()
-    served = load_model(model, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots)
-    static = StaticSettings(pyodide_base_url=args.pyodide_base_url,
-                            model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(), model.parent)))
-    app = create_app([served], tenants, static=static)
+    served = [load_model(m, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots) for m in models]
+    dirs = args.model_dir or dict.fromkeys([cache_dir(), *(m.parent for m in models)])
+    static = StaticSettings(pyodide_base_url=args.pyodide_base_url, model_dirs=tuple(Path(d) for d in dirs),
+                            default_model=CHAT_MODEL if CHAT_MODEL in {m.name for m in models} else models[0].name)
+    app = create_app(served, tenants, static=static)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"Realm: open http://{args.host}:{args.port}/ (API: /v1, /ws; OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False)
+
+
+def cmd_build_site(args: argparse.Namespace) -> None:
+    """The page, worker, Pyodide, runtime bundle and the chosen models as a folder for a static host."""
+    from .site import build_site
+
+    models = [resolve_model(m) for m in args.model or ()]
+    prepare_web_assets()
+    out = Path(args.out)
+    config = build_site(out, models, pyodide_base_url=args.pyodide_base_url)
+    listed = ", ".join(m["name"] for m in config["models"]) or "none (the page loads a model from a URL)"
+    print(f"Realm: static site in {out}/ (models: {listed}); serve it with any static file server, e.g.\n"
+          f"  python -m http.server -d {out} 8080   # then open http://127.0.0.1:8080/", file=sys.stderr)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -122,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
+    gen.add_argument("--model", help="bundled model name or GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
     gen.add_argument("--max-tokens", type=positive_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -140,12 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model-dir", action="append", help=f"folder of .gguf files (default {cache_dir()})")
     serve.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
-    serve.add_argument("--model", help="GGUF the API serves (default: the bundled gemma-3-270m)")
+    serve.add_argument("--model", action="append",
+                       help=f"bundled model ({', '.join(BUNDLED)}) or GGUF file the API serves; repeatable "
+                            "(default: both bundled models)")
     serve.add_argument("--tenants", help="tenants TOML file (API keys, limits); without it: open, loopback only")
     serve.add_argument("--backend", default="auto", choices=BACKENDS)
     serve.add_argument("--slots", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
     serve.add_argument("--ctx", type=positive_int, default=2048, help="context length per sequence")
     serve.set_defaults(func=cmd_serve)
+
+    site = sub.add_parser("build-site", help="write the page, Pyodide, the runtime and models as a static site")
+    site.add_argument("out", help="folder to write (a folder an earlier build-site wrote is replaced)")
+    site.add_argument("--model", action="append",
+                      help=f"bundled model ({', '.join(BUNDLED)}) or GGUF file to include; repeatable, the first "
+                           "is the page's default (default: none, the page loads models from a URL)")
+    site.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of OUT/pyodide/")
+    site.set_defaults(func=cmd_build_site)
 
     plan = sub.add_parser("plan", help="print the fused program the GPU runs for a model, layer by layer")
     plan.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")

@@ -8,7 +8,7 @@ streamed model instead (web/realm_web_host.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,30 +96,33 @@ class Engine:
                 yield logits
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
-                 stop_at_eos: bool = True, stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
+                 stop_at_eos: bool = True, stop: Sequence[str] = ()) -> Generator[TokenEvent, None, Finished]:
         """Stream generated tokens for a prompt (text, or token ids including BOS); the text of
-        `stop` sequences ends it (they are not returned). Errors of the run raise here."""
+        `stop` sequences ends it (they are not returned). Errors of the run raise here. The
+        generator's return value is the request's `Finished` (why it ended, token counts, how many
+        prompt tokens came from the KV cache)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if self._scheduler is None:
             self._scheduler = Scheduler(self, n_slots=1)
         events: list[TokenEvent | Finished] = []
         self._scheduler.submit(Request(ids, max_tokens, sampling, stop=tuple(stop), stop_at_eos=stop_at_eos),
                                events.append)
-        done = False
+        finished: Finished | None = None
         try:
-            while not done:
+            while finished is None:
                 self._scheduler.step()
                 for event in events:
                     if isinstance(event, Finished):
-                        done = True
+                        finished = event
                         if event.exception is not None:
                             raise event.exception
                     else:
                         yield event
                 events.clear()
         finally:
-            if not done:  # the caller stopped reading: end the request, free the slot
+            if finished is None:  # the caller stopped reading: end the request, free the slot
                 self._scheduler.cancel_all()
+        return finished
 
 
 def native_device() -> tuple[Device | None, str]:
