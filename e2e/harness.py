@@ -95,10 +95,15 @@ def wait_ready(page) -> None:
 
 
 def load(page, url: str | None = None) -> str:
-    """Load the selected model (or `url`); returns the page's verdict, 'loaded' or 'failed'."""
+    """Load the selected model, or `url` (picked from the list when it is there, else typed in as
+    another URL); returns the page's verdict, 'loaded' or 'failed'."""
     if url is not None:
-        page.select_option("#model-select", "custom")
-        page.fill("#model-url", url)
+        listed = page.eval_on_selector_all("#model-select option", "options => options.map(o => o.value)")
+        if url in listed:
+            page.select_option("#model-select", url)
+        else:
+            page.select_option("#model-select", "custom")
+            page.fill("#model-url", url)
     page.click("#load")
     page.wait_for_function("['loaded', 'failed'].includes(document.body.dataset.model)",
                            timeout=LOAD_TIMEOUT_MS)
@@ -117,6 +122,31 @@ def generate(page, max_tokens: int, prompt: str | None = None, **settings: str) 
                            timeout=GENERATE_TIMEOUT_MS)
     assert page.evaluate("document.body.dataset.generation") == "finished", page.inner_text("#error")
     return token_ids(page)
+
+
+def chat(page, message: str, max_tokens: int | None = None) -> dict:
+    """Send one chat message and wait for the answer to finish; returns the answer's text and the
+    numbers the page shows with it (data-* of its article)."""
+    if max_tokens is not None:
+        page.fill("#max-tokens", str(max_tokens))
+    before = page.locator("#chat-log article[data-role=assistant]").count()
+    page.fill("#chat-input", message)
+    page.click("#send")
+    page.wait_for_function("['finished', 'stopped', 'failed'].includes(document.body.dataset.generation)"
+                           " && document.body.dataset.busy === ''", timeout=GENERATE_TIMEOUT_MS)
+    assert page.evaluate("document.body.dataset.generation") == "finished", page.inner_text("#error")
+    answers = page.locator("#chat-log article[data-role=assistant]")
+    assert answers.count() == before + 1
+    article = answers.nth(before)
+
+    def number(name: str) -> int | None:
+        value = article.get_attribute(f"data-{name}")
+        return int(float(value)) if value else None
+
+    ids = article.get_attribute("data-token-ids")
+    return {"text": article.locator(".content").inner_text(), "ttft_ms": number("ttft-ms"),
+            "tokens": number("tokens"), "prompt_tokens": number("prompt-tokens"),
+            "cached_tokens": number("cached-tokens"), "token_ids": [int(i) for i in ids.split(",")] if ids else []}
 
 
 def token_ids(page) -> list[int]:
