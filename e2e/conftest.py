@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import CHROMIUM, ROOT, LiveServer, build_site_assets, chromium_flags, live_server
+from harness import CHROMIUM, ROOT, LiveServer, NativeChat, build_site_assets, chromium_flags, live_server
 
 from realm_wasm.model_files import CHAT_MODEL, chat_model_path, default_model_path
 
@@ -48,6 +48,12 @@ def default_model() -> Path:
 def chat_model() -> Path:
     """The bundled SmolLM2-135M-Instruct, the page's default model."""
     return chat_model_path()
+
+
+@pytest.fixture(scope="session")
+def native(chat_model: Path) -> NativeChat:
+    """The chat model on numpy natively: what the page must answer, token for token."""
+    return NativeChat(chat_model)
 
 
 @pytest.fixture(scope="session")

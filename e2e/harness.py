@@ -19,6 +19,8 @@ import uvicorn
 
 from realm_server.app import create_app
 from realm_server.static import RequestRecord, StaticSettings
+from realm_wasm.chat_template import ChatTemplate
+from realm_wasm.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,6 +39,9 @@ BOOT_TIMEOUT_MS = 180_000  # a cold Pyodide boot takes 3-10 s on a busy 2-core m
 LOAD_TIMEOUT_MS = 300_000
 # SwiftShader runs the WebGPU kernels on the CPU: the Paris prompt's prefill alone takes 30-90 s
 GENERATE_TIMEOUT_MS = 600_000
+
+
+QUESTION = "What is the capital of France?"  # the chat model answers "The capital of France is Paris."
 
 
 def chromium_flags(webgpu: bool = True) -> list[str]:
@@ -163,3 +168,25 @@ def generation_stats(page) -> dict[str, float | None]:
         return float(value) if value else None
 
     return {"ttft_ms": number("ttft-ms"), "decode_tok_s": number("tokens-per-second"), "tokens": number("tokens")}
+
+
+class NativeChat:
+    """The same conversation through the same template and engine, natively (the oracle)."""
+
+    def __init__(self, path: Path) -> None:
+        self.engine = Engine.load(path, backend="numpy", n_ctx=2048)
+        self.template = ChatTemplate.from_metadata(self.engine.tokenizer, self.engine.model.header.metadata)
+
+    def answer(self, messages: list[dict], max_tokens: int) -> dict:
+        prompt = self.template.render(messages)
+        ids = self.engine.tokenizer.encode(prompt.text, add_bos=prompt.add_bos)
+        events = self.engine.generate(ids, max_tokens=max_tokens, stop=prompt.stop)
+        out = []
+        while True:
+            try:
+                out.append(next(events))
+            except StopIteration as end:
+                finished = end.value
+                break
+        return {"text": "".join(e.text for e in out), "token_ids": [e.token_id for e in out if e.token_id is not None],
+                "prompt_tokens": finished.prompt_tokens, "cached_tokens": finished.cached_tokens}

@@ -8,42 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from harness import chat, load, wait_ready
-
-from realm_wasm.chat_template import ChatTemplate
-from realm_wasm.engine import Engine
+from harness import QUESTION, NativeChat, chat, load, wait_ready
 
 MAX_TOKENS = 12  # answers of a few words: bounded e2e time on 2 cores
-QUESTION = "What is the capital of France?"
 FOLLOW_UP = "Repeat your last answer."  # no "Paris" in it: an answer with Paris needs the first turn
-
-
-class NativeChat:
-    """The same conversation through the same template and engine, natively (the oracle)."""
-
-    def __init__(self, path: Path) -> None:
-        self.engine = Engine.load(path, backend="numpy", n_ctx=2048)
-        self.template = ChatTemplate.from_metadata(self.engine.tokenizer, self.engine.model.header.metadata)
-
-    def answer(self, messages: list[dict], max_tokens: int = MAX_TOKENS) -> dict:
-        prompt = self.template.render(messages)
-        ids = self.engine.tokenizer.encode(prompt.text, add_bos=prompt.add_bos)
-        events = self.engine.generate(ids, max_tokens=max_tokens, stop=prompt.stop)
-        out = []
-        while True:
-            try:
-                out.append(next(events))
-            except StopIteration as end:
-                finished = end.value
-                break
-        return {"text": "".join(e.text for e in out), "token_ids": [e.token_id for e in out if e.token_id is not None],
-                "prompt_tokens": finished.prompt_tokens, "cached_tokens": finished.cached_tokens}
-
-
-@pytest.fixture(scope="module")
-def native(chat_model: Path) -> NativeChat:
-    return NativeChat(chat_model)
 
 
 def start_chat(open_page, chat_model: Path, query: str = ""):
@@ -64,14 +32,14 @@ def test_two_turns_reuse_the_kv_cache_and_the_second_answer_needs_the_first(
 
     first = chat(page, QUESTION, MAX_TOKENS)
     conversation = [{"role": "user", "content": QUESTION}]
-    expected = native.answer(conversation)
+    expected = native.answer(conversation, MAX_TOKENS)
     assert first["token_ids"] == expected["token_ids"]
     assert first["text"] == expected["text"] and "Paris" in first["text"]
     assert first["cached_tokens"] == 0 and first["prompt_tokens"] == expected["prompt_tokens"]
 
     second = chat(page, FOLLOW_UP)
     conversation += [{"role": "assistant", "content": expected["text"]}, {"role": "user", "content": FOLLOW_UP}]
-    expected = native.answer(conversation)
+    expected = native.answer(conversation, MAX_TOKENS)
     assert second["token_ids"] == expected["token_ids"]
     assert "Paris" in second["text"]  # what the follow-up asks for is only in the first turn
     # turn 2 read only its new message: the first prompt and answer came from the KV cache
