@@ -92,6 +92,16 @@ def test_regenerate_edit_and_resend_and_a_system_prompt(open_page, chat_model: P
     assert [int(i) for i in edited.split(",")] == expected["token_ids"]
     assert page.locator("#chat-log article[data-role=user] .content").inner_text() == "What is the capital of Italy?"
 
+    # an instruct model asked in the base model's Q&A style ends its turn at once (llama.cpp too:
+    # golden qa_paris is one <|im_end|>); the page says so rather than showing nothing
+    page.select_option("#mode", "completion")
+    page.select_option("#style", "qa")
+    page.click("#generate")
+    page.wait_for_function("document.body.dataset.generation === 'finished' && document.body.dataset.busy === ''")
+    assert page.inner_text("#answer") == ""
+    assert page.is_visible("#completion-note")
+    assert "instruct model" in page.inner_text("#completion-note") and "Chat" in page.inner_text("#completion-note")
+
 
 # Model output a page must never turn into markup (each also carries a marker the DOM must show).
 HOSTILE = [
