@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness import QUESTION, NativeChat, chat, load, wait_ready
+from harness import GENERATE_TIMEOUT_MS, QUESTION, NativeChat, chat, load, wait_ready
 
 MAX_TOKENS = 12  # answers of a few words: bounded e2e time on 2 cores
 FOLLOW_UP = "Repeat your last answer."  # no "Paris" in it: an answer with Paris needs the first turn
@@ -91,6 +91,19 @@ def test_regenerate_edit_and_resend_and_a_system_prompt(open_page, chat_model: P
     expected = native.answer([*system, {"role": "user", "content": "What is the capital of Italy?"}], 8)
     assert [int(i) for i in edited.split(",")] == expected["token_ids"]
     assert page.locator("#chat-log article[data-role=user] .content").inner_text() == "What is the capital of Italy?"
+
+    # Stop ends an answer where it is; the next turn still reuses the KV cache of what was read
+    page.fill("#max-tokens", "200")
+    page.fill("#chat-input", "Count from 1 to 100.")
+    page.click("#send")
+    page.wait_for_function("(document.querySelector('#chat-log article[data-role=assistant][data-state=streaming]')"
+                           "?.textContent.length ?? 0) > 3", timeout=GENERATE_TIMEOUT_MS)
+    page.click("#chat-stop")
+    page.wait_for_function("document.body.dataset.generation === 'stopped' && document.body.dataset.busy === ''")
+    stopped = page.locator("#chat-log article[data-role=assistant]").last
+    assert stopped.get_attribute("data-state") == "stopped" and "stopped" in stopped.locator(".meta").inner_text()
+    after = chat(page, "Thanks.", 4)
+    assert after["cached_tokens"] > after["prompt_tokens"] // 2  # the stopped turn's tokens were kept
 
     # an instruct model asked in the base model's Q&A style ends its turn at once (llama.cpp too:
     # golden qa_paris is one <|im_end|>); the page says so rather than showing nothing
