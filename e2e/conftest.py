@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import CHROMIUM, ROOT, LiveServer, build_site_assets, chromium_flags, live_server
+from harness import CHROMIUM, ROOT, LiveServer, NativeChat, build_site_assets, chromium_flags, live_server
 
-from realm_wasm.model_files import default_model_path
+from realm_wasm.model_files import CHAT_MODEL, chat_model_path, default_model_path
 
 # llama.cpp's outputs for the default model (tests/golden.py reads the same folder)
 GOLDEN_DIR = Path(os.environ.get("REALM_GOLDEN_DIR") or ROOT.parent / "shared" / "golden") / "gemma-3-270m-q4_k_m"
@@ -42,6 +42,18 @@ def site_assets() -> None:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def chat_model() -> Path:
+    """The bundled SmolLM2-135M-Instruct, the page's default model."""
+    return chat_model_path()
+
+
+@pytest.fixture(scope="session")
+def native(chat_model: Path) -> NativeChat:
+    """The chat model on numpy natively: what the page must answer, token for token."""
+    return NativeChat(chat_model)
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +87,10 @@ def extra_models(tmp_path_factory: pytest.TempPathFactory, default_model: Path) 
 
 
 @pytest.fixture(scope="session")
-def server(site_assets: None, default_model: Path, extra_models: Path) -> Iterator[LiveServer]:
-    with live_server((default_model.parent, extra_models), default_model.name) as live:
+def server(site_assets: None, default_model: Path, chat_model: Path, extra_models: Path) -> Iterator[LiveServer]:
+    """The page with both bundled models (the chat model preselected) and the broken ones."""
+    dirs = tuple(dict.fromkeys((chat_model.parent, default_model.parent, extra_models)))
+    with live_server(dirs, CHAT_MODEL) as live:
         yield live
 
 

@@ -19,6 +19,8 @@ import uvicorn
 
 from realm_server.app import create_app
 from realm_server.static import RequestRecord, StaticSettings
+from realm_wasm.chat_template import ChatTemplate
+from realm_wasm.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,6 +39,9 @@ BOOT_TIMEOUT_MS = 180_000  # a cold Pyodide boot takes 3-10 s on a busy 2-core m
 LOAD_TIMEOUT_MS = 300_000
 # SwiftShader runs the WebGPU kernels on the CPU: the Paris prompt's prefill alone takes 30-90 s
 GENERATE_TIMEOUT_MS = 600_000
+
+
+QUESTION = "What is the capital of France?"  # the chat model answers "The capital of France is Paris."
 
 
 def chromium_flags(webgpu: bool = True) -> list[str]:
@@ -95,10 +100,15 @@ def wait_ready(page) -> None:
 
 
 def load(page, url: str | None = None) -> str:
-    """Load the selected model (or `url`); returns the page's verdict, 'loaded' or 'failed'."""
+    """Load the selected model, or `url` (picked from the list when it is there, else typed in as
+    another URL); returns the page's verdict, 'loaded' or 'failed'."""
     if url is not None:
-        page.select_option("#model-select", "custom")
-        page.fill("#model-url", url)
+        listed = page.eval_on_selector_all("#model-select option", "options => options.map(o => o.value)")
+        if url in listed:
+            page.select_option("#model-select", url)
+        else:
+            page.select_option("#model-select", "custom")
+            page.fill("#model-url", url)
     page.click("#load")
     page.wait_for_function("['loaded', 'failed'].includes(document.body.dataset.model)",
                            timeout=LOAD_TIMEOUT_MS)
@@ -119,6 +129,31 @@ def generate(page, max_tokens: int, prompt: str | None = None, **settings: str) 
     return token_ids(page)
 
 
+def chat(page, message: str, max_tokens: int | None = None) -> dict:
+    """Send one chat message and wait for the answer to finish; returns the answer's text and the
+    numbers the page shows with it (data-* of its article)."""
+    if max_tokens is not None:
+        page.fill("#max-tokens", str(max_tokens))
+    before = page.locator("#chat-log article[data-role=assistant]").count()
+    page.fill("#chat-input", message)
+    page.click("#send")
+    page.wait_for_function("['finished', 'stopped', 'failed'].includes(document.body.dataset.generation)"
+                           " && document.body.dataset.busy === ''", timeout=GENERATE_TIMEOUT_MS)
+    assert page.evaluate("document.body.dataset.generation") == "finished", page.inner_text("#error")
+    answers = page.locator("#chat-log article[data-role=assistant]")
+    assert answers.count() == before + 1
+    article = answers.nth(before)
+
+    def number(name: str) -> int | None:
+        value = article.get_attribute(f"data-{name}")
+        return int(float(value)) if value else None
+
+    ids = article.get_attribute("data-token-ids")
+    return {"text": article.locator(".content").inner_text(), "ttft_ms": number("ttft-ms"),
+            "tokens": number("tokens"), "prompt_tokens": number("prompt-tokens"),
+            "cached_tokens": number("cached-tokens"), "token_ids": [int(i) for i in ids.split(",")] if ids else []}
+
+
 def token_ids(page) -> list[int]:
     ids = page.get_attribute("#output", "data-token-ids")
     return [int(i) for i in ids.split(",")] if ids else []
@@ -133,3 +168,25 @@ def generation_stats(page) -> dict[str, float | None]:
         return float(value) if value else None
 
     return {"ttft_ms": number("ttft-ms"), "decode_tok_s": number("tokens-per-second"), "tokens": number("tokens")}
+
+
+class NativeChat:
+    """The same conversation through the same template and engine, natively (the oracle)."""
+
+    def __init__(self, path: Path) -> None:
+        self.engine = Engine.load(path, backend="numpy", n_ctx=2048)
+        self.template = ChatTemplate.from_metadata(self.engine.tokenizer, self.engine.model.header.metadata)
+
+    def answer(self, messages: list[dict], max_tokens: int) -> dict:
+        prompt = self.template.render(messages)
+        ids = self.engine.tokenizer.encode(prompt.text, add_bos=prompt.add_bos)
+        events = self.engine.generate(ids, max_tokens=max_tokens, stop=prompt.stop)
+        out = []
+        while True:
+            try:
+                out.append(next(events))
+            except StopIteration as end:
+                finished = end.value
+                break
+        return {"text": "".join(e.text for e in out), "token_ids": [e.token_id for e in out if e.token_id is not None],
+                "prompt_tokens": finished.prompt_tokens, "cached_tokens": finished.cached_tokens}

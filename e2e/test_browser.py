@@ -1,5 +1,6 @@
-"""The page in headless Chromium: Pyodide boot, the real model generating on WebGPU (SwiftShader)
-and on the numpy fallback, the browser cache, errors, stopping."""
+"""The page in headless Chromium: Pyodide boot, the base model (gemma-3-270m, completion mode)
+generating on WebGPU (SwiftShader) and on the numpy fallback, the browser cache, errors, stopping.
+The chat model and the chat page: test_chat.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from realm_wasm.engine import Engine
 from realm_wasm.sampling import SamplingParams
 
 LOCK_FILE = ROOT / "web" / "vendor" / "pyodide" / "pyodide-lock.json"
-STATS = re.compile(r"TTFT \d+ ms( · \d+\.\d tok/s)? · (\d+) tokens")
+# the prompt part is missing when a generation was stopped
+STATS = re.compile(r"TTFT \d+ ms( · \d+\.\d tok/s)? · (\d+) tokens"
+                   r"( · prompt \d+ tokens, \d+ reused from the KV cache)?")
 
 
 def error_shown(page) -> tuple[str, str]:
@@ -55,7 +58,7 @@ def test_worker_boots_pyodide_offline_and_imports_the_runtime(page, server, requ
     wait_ready(page)
 
     lock = json.loads(LOCK_FILE.read_text())
-    versions = page.inner_text("#runtime-versions")
+    versions = page.text_content("#runtime-versions")
     assert f"realm_wasm {realm_wasm.__version__}" in versions
     assert f"Python {lock['info']['python']}" in versions
     assert f"numpy {lock['packages']['numpy']['version']}" in versions
@@ -67,6 +70,11 @@ def test_worker_boots_pyodide_offline_and_imports_the_runtime(page, server, requ
     assert [u for u in requested if not u.startswith((server.url, "data:", "blob:"))] == []
     wheel = f"/pyodide/{lock['packages']['numpy']['file_name']}"
     assert any(r.status == 200 for r in server.requests(wheel))
+    # jinja2 + markupsafe for the chat templates, from our vendored wheels
+    assert any(r.status == 200 for r in server.requests("/pyodide/jinja2-3.1.6-py3-none-any.whl"))
+    assert any(r.status == 200 for r in server.requests("/pyodide/markupsafe-3.0.3-py3-none-any.whl"))
+    assert in_worker(page, "import jinja2, markupsafe; jinja2.__version__ + ' ' + markupsafe.__version__") \
+        == "3.1.6 3.0.3"
     assert any(r.status in (200, 304) for r in server.requests("/dist/realm_wasm.zip"))
 
     # the bundle keeps the repository layout, so the runtime finds its shaders inside Pyodide too
@@ -83,14 +91,14 @@ def test_worker_boots_pyodide_offline_and_imports_the_runtime(page, server, requ
     assert page.evaluate("'gpu' in navigator")
     assert page.workers[0].evaluate("'gpu' in navigator")
     assert page.evaluate("document.body.dataset.gpu") == "swiftshader"
-    gpu = page.inner_text("#gpu-info")
+    gpu = page.text_content("#gpu-info")
     assert "swiftshader" in gpu and "software fallback adapter" in gpu
 
-    timings = page.inner_text("#runtime-timings")
-    m = re.fullmatch(r"Pyodide (\d+) ms, numpy (\d+) ms, runtime (\d+) ms \(total (\d+) ms\)", timings)
+    timings = page.text_content("#runtime-timings")
+    m = re.fullmatch(r"Pyodide (\d+) ms, packages (\d+) ms, runtime (\d+) ms \(total (\d+) ms\)", timings)
     assert m, timings
     bundle = ROOT / "web" / "dist" / "realm_wasm.zip"
-    measured = dict(zip(("pyodide_ms", "numpy_ms", "runtime_ms", "total_ms"), map(int, m.groups()), strict=True))
+    measured = dict(zip(("pyodide_ms", "packages_ms", "runtime_ms", "total_ms"), map(int, m.groups()), strict=True))
     measured["bundle_bytes"] = bundle.stat().st_size
     (output_dir / "boot_timings.json").write_text(json.dumps(measured, indent=1) + "\n")
     print("boot:", measured)
@@ -104,9 +112,10 @@ def test_paris_on_webgpu_with_the_weights_streamed_past_the_wasm_heap(
     assert page.input_value("#backend") == "webgpu"
 
     started = time.monotonic()
-    assert load(page) == "loaded", page.inner_text("#error")
+    assert load(page, f"/models/{default_model.name}") == "loaded", page.inner_text("#error")
     load_s = time.monotonic() - started
     assert model_facts(page)["backend"] == "webgpu"
+    assert page.evaluate("document.body.dataset.mode") == "completion"  # a base model: no chat template
     assert "WebGPU on google swiftshader" in page.inner_text("#backend-info")
     # the tensors went from the download stream to GPU buffers, never all into the wasm heap
     heap = int(page.get_attribute("#model-info", "data-wasm-heap-bytes"))
@@ -127,10 +136,11 @@ DISPATCH_GPU_ERROR = """([kind, message]) => {
 }"""
 
 
-def test_webgpu_errors_and_device_loss_get_their_own_messages(open_page, server) -> None:
+def test_webgpu_errors_and_device_loss_get_their_own_messages(open_page, server, default_model: Path) -> None:
+    gemma = f"/models/{default_model.name}"
     page = open_page("?backend=webgpu")
     wait_ready(page)
-    assert load(page) == "loaded", page.inner_text("#error")
+    assert load(page, gemma) == "loaded", page.inner_text("#error")
     worker = page.workers[0]
     for kind, code, title in (("GPUOutOfMemoryError", "out-of-memory", "Out of memory."),
                               ("GPUValidationError", "gpu", "WebGPU reported an error.")):
@@ -151,26 +161,27 @@ def test_webgpu_errors_and_device_loss_get_their_own_messages(open_page, server)
     assert page.is_disabled("#generate") and not page.is_disabled("#load")
     assert in_worker(page, "from realm_web_host import HOST; HOST.loaded is None")
 
-    assert load(page) == "loaded", page.inner_text("#error")  # a new device, the page goes on
+    assert load(page, gemma) == "loaded", page.inner_text("#error")  # a new device, the page goes on
     assert model_facts(page)["backend"] == "webgpu" and model_facts(page)["from-cache"] == "true"
 
 
 def test_paris_without_webgpu_runs_on_numpy_and_stops_when_asked(
-        open_page, server, paris: dict, output_dir: Path) -> None:
+        open_page, server, default_model: Path, paris: dict, output_dir: Path) -> None:
+    gemma = f"/models/{default_model.name}"
     page = open_page("?backend=webgpu", webgpu=False)
     wait_ready(page)
     assert page.evaluate("document.body.dataset.gpu") == "none"
-    assert page.inner_text("#gpu-info").startswith("unavailable:")
+    assert page.text_content("#gpu-info").startswith("unavailable:")
     assert page.get_attribute("#warning", "data-code") == "no-webgpu"
     assert "WebGPU is not available" in page.inner_text("#warning")
 
     # asking for WebGPU where there is none is a clear error; automatic falls back to numpy
-    assert load(page) == "failed"
+    assert load(page, gemma) == "failed"
     code, text = error_shown(page)
     assert code == "no-webgpu" and "WebGPU is not available." in text
     page.select_option("#backend", "auto")
     started = time.monotonic()
-    assert load(page) == "loaded", page.inner_text("#error")
+    assert load(page, gemma) == "loaded", page.inner_text("#error")
     load_s = time.monotonic() - started
     assert model_facts(page)["backend"] == "numpy"
     assert page.inner_text("#backend-info").startswith("no WebGPU (")
@@ -208,10 +219,10 @@ def test_auto_uses_numpy_on_swiftshader_and_a_reload_reads_the_model_from_the_ca
     path = f"/models/{default_model.name}"
     before = len(server.requests(path))
     wait_ready(page)
-    assert page.input_value("#model-select") == path
     assert page.input_value("#backend") == "auto"
+    assert "cached" not in page.locator(f"#model-select option[value='{path}']").inner_text()
 
-    assert load(page) == "loaded", page.inner_text("#error")
+    assert load(page, path) == "loaded", page.inner_text("#error")
     assert model_facts(page) == {"architecture": "gemma3", "tensor-count": "236", "from-cache": "false",
                                  "backend": "numpy"}
     assert page.inner_text("#backend-info").startswith(
@@ -223,8 +234,13 @@ def test_auto_uses_numpy_on_swiftshader_and_a_reload_reads_the_model_from_the_ca
     page.reload()
     wait_ready(page)
     assert page.inner_text("#cache-info").startswith("1 cached model")
+    # the picker says which models the browser holds
+    gemma_option = page.locator(f"#model-select option[value='{path}']").inner_text()
+    assert gemma_option.endswith("· base · cached)"), gemma_option
+    assert "cached" not in page.locator("#model-select option[value='/models/smollm2-135m-instruct-q4_1.gguf']"
+                                        ).inner_text()
     started = time.monotonic()
-    assert load(page) == "loaded", page.inner_text("#error")
+    assert load(page, path) == "loaded", page.inner_text("#error")
     cached_s = time.monotonic() - started
     assert model_facts(page)["from-cache"] == "true"
     assert page.inner_text("#progress-text").startswith("from browser cache")
@@ -279,7 +295,7 @@ def test_broken_models_show_clear_errors_and_the_page_stays_usable(
     page.select_option("#model-select", f"/models/{default_model.name}")
     page.click("#load")
     assert not page.is_visible("#error")
-    page.click("#stop")
+    page.click("#load-stop")
     page.wait_for_function("document.body.dataset.model === 'none'")
     assert page.inner_text("#progress-text") == "loading stopped"
     assert not page.is_disabled("#load")

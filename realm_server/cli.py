@@ -1,7 +1,9 @@
 """`realm` command line: generate text, serve the page and the API, make API keys. CPython only.
 
     realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] [--lora FILE[:SCALE]] ...
-    realm serve [--host H] [--port P] [--model FILE] [--tenants FILE] [--slots N] [--ctx N] [--lora ID=FILE] ...
+    realm serve [--host H] [--port P] [--model NAME_OR_FILE ...] [--tenants FILE] [--slots N] [--ctx N]
+                [--lora ID=FILE] ...
+    realm build-site OUT/ [--model NAME_OR_FILE ...] [--pyodide-base-url URL]   # a static site, no server
     realm plan [--model FILE] [--binding-limit BYTES]      # the fused program the GPU runs, per layer
     realm key new | realm key hash KEY
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from realm_wasm.backends import BACKENDS
 from realm_wasm.errors import RealmError
 from realm_wasm.gpu.fuse import DEFAULT_BINDING_LIMIT
-from realm_wasm.model_files import cache_dir, resolve_model
+from realm_wasm.model_files import BUNDLED, CHAT_MODEL, cache_dir, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from realm_wasm.gguf import read_gguf
+
     from .app import create_app
     from .errors import ConfigError
     from .service import load_model
@@ -108,19 +112,39 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     tenants = load_tenants(args.tenants) if args.tenants else Tenants.open_access()
     check_bind_host(args.host, tenants)
-    model = resolve_model(args.model)
+    models = [resolve_model(m) for m in args.model or BUNDLED]  # default: both bundled models
     prepare_web_assets()
     adapters = dict(args.lora or [])
     if len(adapters) != len(args.lora or []):
         raise ConfigError(f"--lora gives one id twice: {[a for a, _ in args.lora]}")
-    served = load_model(model, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots, adapters=adapters,
-                        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank)
-    static = StaticSettings(pyodide_base_url=args.pyodide_base_url,
-                            model_dirs=tuple(Path(d) for d in args.model_dir or (cache_dir(), model.parent)))
-    app = create_app([served], tenants, static=static)
+    # each --lora adapter is preloaded for the models of its architecture
+    arch = {path: read_gguf(path).header.metadata.get("general.architecture") for path in [*models, *adapters.values()]}
+    lost = [a for a, f in adapters.items() if all(arch[f] != arch[m] for m in models)]
+    if lost:
+        raise ConfigError(f"--lora {lost[0]}: no served model has its architecture {arch[adapters[lost[0]]]!r}")
+    served = [load_model(m, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots,
+                         adapters={a: f for a, f in adapters.items() if arch[f] == arch[m]},
+                         max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank) for m in models]
+    dirs = args.model_dir or dict.fromkeys([cache_dir(), *(m.parent for m in models)])
+    static = StaticSettings(pyodide_base_url=args.pyodide_base_url, model_dirs=tuple(Path(d) for d in dirs),
+                            default_model=CHAT_MODEL if CHAT_MODEL in {m.name for m in models} else models[0].name)
+    app = create_app(served, tenants, static=static)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"Realm: open http://{args.host}:{args.port}/ (API: /v1, /ws; OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False)
+
+
+def cmd_build_site(args: argparse.Namespace) -> None:
+    """The page, worker, Pyodide, runtime bundle and the chosen models as a folder for a static host."""
+    from .site import build_site
+
+    models = [resolve_model(m) for m in args.model or ()]
+    prepare_web_assets()
+    out = Path(args.out)
+    config = build_site(out, models, pyodide_base_url=args.pyodide_base_url)
+    listed = ", ".join(m["name"] for m in config["models"]) or "none (the page loads a model from a URL)"
+    print(f"Realm: static site in {out}/ (models: {listed}); serve it with any static file server, e.g.\n"
+          f"  python -m http.server -d {out} 8080   # then open http://127.0.0.1:8080/", file=sys.stderr)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -156,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
+    gen.add_argument("--model", help="bundled model name or GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
     gen.add_argument("--max-tokens", type=positive_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -176,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model-dir", action="append", help=f"folder of .gguf files (default {cache_dir()})")
     serve.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
-    serve.add_argument("--model", help="GGUF the API serves (default: the bundled gemma-3-270m)")
+    serve.add_argument("--model", action="append",
+                       help=f"bundled model ({', '.join(BUNDLED)}) or GGUF file the API serves; repeatable "
+                            "(default: both bundled models)")
     serve.add_argument("--tenants", help="tenants TOML file (API keys, limits); without it: open, loopback only")
     serve.add_argument("--backend", default="auto", choices=BACKENDS)
     serve.add_argument("--slots", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
@@ -190,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-lora-rank", type=positive_int, default=16,
                        help="the highest adapter rank the GPU reserves room for (raised to fit --lora ones)")
     serve.set_defaults(func=cmd_serve)
+
+    site = sub.add_parser("build-site", help="write the page, Pyodide, the runtime and models as a static site")
+    site.add_argument("out", help="folder to write (a folder an earlier build-site wrote is replaced)")
+    site.add_argument("--model", action="append",
+                      help=f"bundled model ({', '.join(BUNDLED)}) or GGUF file to include; repeatable, the first "
+                           "is the page's default (default: none, the page loads models from a URL)")
+    site.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of OUT/pyodide/")
+    site.set_defaults(func=cmd_build_site)
 
     plan = sub.add_parser("plan", help="print the fused program the GPU runs for a model, layer by layer")
     plan.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")

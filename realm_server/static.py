@@ -2,7 +2,8 @@
 
 URL layout (what web/ expects):
     /                 web/index.html, and the rest of web/ by name
-    /config.json      settings the page reads at start: Pyodide base URL, bundle URL, models
+    /config.json      settings the page reads at start (`page_config`: Pyodide base URL, the wheels
+                      it loads besides numpy, bundle URL, models with size and kind)
     /pyodide/<file>   web/vendor/pyodide/ (filled by scripts/vendor_pyodide.py)
     /dist/<file>      web/dist/ (scripts/build_bundle.py writes realm_wasm.zip there)
     /models/<name>    the first configured model directory that holds <name>
@@ -19,6 +20,7 @@ all answer 404. The ASGI server hands us the percent-decoded path, so `%2e%2e` i
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -32,11 +34,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from realm_wasm.model_files import DEFAULT_MODEL, cache_dir
+from realm_wasm.model_files import BUNDLED, CHAT_MODEL, cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 READ_CHUNK = 1 << 20
 BUNDLE_URL = "/dist/realm_wasm.zip"
+# scripts/vendor_pyodide.py lists the wheels it vendored besides numpy (jinja2, markupsafe) here
+PYTHON_PACKAGES_FILE = "realm-python-packages.json"
+# a full Pyodide distribution (a CDN) has its own jinja2 build, and markupsafe as its dependency
+CDN_PYTHON_PACKAGES = ["jinja2"]
 
 # Explicit rather than `mimetypes`, whose answers depend on the host's /etc/mime.types.
 CONTENT_TYPES = {
@@ -82,7 +88,7 @@ class StaticSettings:
     pyodide_dir: Path = ROOT / "web" / "vendor" / "pyodide"
     dist_dir: Path = ROOT / "web" / "dist"
     model_dirs: tuple[Path, ...] = field(default_factory=lambda: (cache_dir(),))
-    default_model: str = DEFAULT_MODEL
+    default_model: str = CHAT_MODEL  # the page's preselected model: the bundled chat model
     pyodide_base_url: str | None = None  # e.g. a CDN; None means the vendored copy at /pyodide/
     on_request: Callable[[RequestRecord], None] = log_request
 
@@ -229,6 +235,36 @@ def list_models(model_dirs: tuple[Path, ...]) -> dict[str, Path]:
     return found
 
 
+def python_packages(pyodide_dir: Path, pyodide_base_url: str | None) -> list[str]:
+    """What the worker loads besides numpy: the vendored wheels' file names, or a CDN's package names."""
+    if pyodide_base_url is not None:
+        return list(CDN_PYTHON_PACKAGES)
+    try:
+        return json.loads((pyodide_dir / PYTHON_PACKAGES_FILE).read_text())
+    except (OSError, ValueError):
+        return list(CDN_PYTHON_PACKAGES)  # not vendored yet: the worker's boot error will say what is missing
+
+
+def page_config(pyodide_base_url: str, python_packages: list[str], bundle_url: str, models: dict[str, Path],
+                models_url: str, default_model: str) -> dict:
+    """What the page reads from config.json (the server's route and `realm build-site` write the same)."""
+
+    def entry(name: str, path: Path) -> dict:
+        listed = {"name": name, "url": f"{models_url}{quote(name)}", "size": path.stat().st_size}
+        bundled = BUNDLED.get(name.removesuffix(".gguf"))
+        if bundled is not None:  # the page shows what kind of model it is before loading it
+            listed.update(label=bundled.label, chat=bundled.chat)
+        return listed
+
+    return {
+        "pyodideBaseUrl": pyodide_base_url,
+        "pythonPackages": python_packages,
+        "bundleUrl": bundle_url,
+        "defaultModel": f"{models_url}{quote(default_model)}" if default_model in models else None,
+        "models": [entry(name, path) for name, path in models.items()],
+    }
+
+
 def static_routes(settings: StaticSettings) -> list[BaseRoute]:
     """Routes for the page, Pyodide, the bundle and models; put API routes before these."""
 
@@ -253,14 +289,10 @@ def static_routes(settings: StaticSettings) -> list[BaseRoute]:
     def config(request: Request) -> Response:
         models = list_models(settings.model_dirs)
         return JSONResponse(
-            {
-                "pyodideBaseUrl": settings.pyodide_base_url or "/pyodide/",
-                "bundleUrl": BUNDLE_URL,
-                "defaultModel": (f"/models/{quote(settings.default_model)}"
-                                 if settings.default_model in models else None),
-                "models": [{"name": name, "url": f"/models/{quote(name)}", "size": path.stat().st_size}
-                           for name, path in models.items()],
-            },
+            page_config(pyodide_base_url=settings.pyodide_base_url or "/pyodide/",
+                        python_packages=python_packages(settings.pyodide_dir, settings.pyodide_base_url),
+                        bundle_url=BUNDLE_URL, models=models, models_url="/models/",
+                        default_model=settings.default_model),
             headers={"Cache-Control": "no-cache"},
         )
 

@@ -12,7 +12,7 @@ a request names the ones it applies, with a scale each (`Request.lora`, `generat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -146,19 +146,27 @@ class Engine:
                 yield logits
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
-                 stop_at_eos: bool = True, stop: Sequence[str] = (),
-                 speculation: Speculation | None = None, lora: Lora = ()) -> Iterator[TokenEvent]:
+                 stop_at_eos: bool = True, stop: Sequence[str] = (), speculation: Speculation | None = None,
+                 lora: Lora = ()) -> Generator[TokenEvent, None, Finished]:
         """Stream generated tokens for a prompt (text, or token ids including BOS); the text of
         `stop` sequences ends it (they are not returned); `speculation` drafts tokens to verify
         (the same tokens, faster where drafts are good); `lora`: (adapter name, scale) pairs to
-        apply. Errors of the run raise here."""
-        yield from (e for e in self.generate_events(prompt, max_tokens, sampling, stop_at_eos, stop, speculation, lora)
-                    if isinstance(e, TokenEvent))
+        apply. Errors of the run raise here. The generator's return value is the request's
+        `Finished` (why it ended, token counts, prompt tokens from the KV cache, drafts accepted)."""
+        events = self.generate_events(prompt, max_tokens, sampling, stop_at_eos, stop, speculation, lora)
+        try:
+            for event in events:
+                if isinstance(event, TokenEvent):
+                    yield event
+                else:
+                    return event
+        finally:
+            events.close()  # a caller that stops reading ends the request at once
 
     def generate_events(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
-                        stop_at_eos: bool = True, stop: Sequence[str] = (),
-                        speculation: Speculation | None = None, lora: Lora = ()) -> Iterator[TokenEvent | Finished]:
-        """`generate`, also yielding the request's `Finished` (reason, usage, drafted/accepted)."""
+                        stop_at_eos: bool = True, stop: Sequence[str] = (), speculation: Speculation | None = None,
+                        lora: Lora = ()) -> Generator[TokenEvent | Finished, None, Finished]:
+        """`generate`, also yielding the request's `Finished` as its last event."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if self._scheduler is None:
             self._scheduler = Scheduler(self, n_slots=1, draft=self.draft)
@@ -166,20 +174,21 @@ class Engine:
         self._scheduler.submit(Request(ids, max_tokens, sampling, stop=tuple(stop), stop_at_eos=stop_at_eos,
                                        speculation=speculation, lora=tuple((n, float(s)) for n, s in lora)),
                                events.append)
-        done = False
+        finished: Finished | None = None
         try:
-            while not done:
+            while finished is None:
                 self._scheduler.step()
                 for event in events:
                     if isinstance(event, Finished):
-                        done = True
+                        finished = event
                         if event.exception is not None:
                             raise event.exception
                     yield event
                 events.clear()
         finally:
-            if not done:  # the caller stopped reading: end the request, free the slot
+            if finished is None:  # the caller stopped reading: end the request, free the slot
                 self._scheduler.cancel_all()
+        return finished
 
 
 def native_device() -> tuple[Device | None, str]:

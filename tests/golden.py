@@ -1,9 +1,10 @@
-"""llama.cpp's reference outputs for the default model (../shared/golden) and how we judge against them.
+"""llama.cpp's reference outputs for the bundled models (../shared/golden) and how we judge against them.
 
-Each case holds the prompt's token ids, llama.cpp's top-20 logits at every prompt position and at
-every greedy step, and its 32 greedy tokens. llama.cpp rounds activations to 8 bits inside quantized
-matmuls, so exact logits are not expected: top-1 must agree wherever the reference's top-1/top-2
-margin is at least MIN_MARGIN, and greedy generation must agree up to the first step below it.
+One folder per model (GOLDEN_MODELS). Each case holds the prompt's token ids, llama.cpp's top-20
+logits at every prompt position and at every greedy step, and its greedy tokens (32, fewer where
+it stopped at end of text). llama.cpp rounds activations to 8 bits inside quantized matmuls, so
+exact logits are not expected: top-1 must agree wherever the reference's top-1/top-2 margin is at
+least MIN_MARGIN, and greedy generation must agree up to the first step below it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-GOLDEN_DIR = Path(os.environ.get("REALM_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "golden"
-                  ) / "gemma-3-270m-q4_k_m"
+GOLDEN_ROOT = Path(os.environ.get("REALM_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared" / "golden")
+# bundled model name (realm_wasm.model_files.BUNDLED) -> its folder of llama.cpp outputs
+GOLDEN_MODELS = {
+    "gemma-3-270m-q4_k_m": GOLDEN_ROOT / "gemma-3-270m-q4_k_m",
+    "smollm2-135m-instruct-q4_1": GOLDEN_ROOT / "smollm2-135m-instruct-q4_1",
+}
+GOLDEN_DIR = GOLDEN_MODELS["gemma-3-270m-q4_k_m"]  # the default model's
 MIN_MARGIN = 1.0
 LORA_GOLDEN_DIR = GOLDEN_DIR.parent / "lora-gemma-3-270m"  # a LoRA adapter and llama.cpp's outputs with it
 
@@ -31,6 +37,7 @@ class GoldenCase:
     prompt: str
     token_ids: list[int]
     greedy_ids: list[int]
+    greedy_text: str
     ref_top20: list[list[tuple[int, float]]]  # reference top-20 at each position of `forced_ids`
 
     @property
@@ -62,17 +69,27 @@ class GoldenCase:
         return len(self.greedy_ids)
 
 
-def load_cases() -> list[GoldenCase]:
-    if not GOLDEN_DIR.is_dir():  # a missing reference must fail the suite, not skip it
-        raise FileNotFoundError(f"golden data not found at {GOLDEN_DIR} (set REALM_GOLDEN_DIR)")
+def golden_dir(model: str) -> Path:
+    path = GOLDEN_MODELS[model]
+    if not path.is_dir():  # a missing reference must fail the suite, not skip it
+        raise FileNotFoundError(f"golden data not found at {path} (set REALM_GOLDEN_DIR)")
+    return path
+
+
+def load_cases(model: str = "gemma-3-270m-q4_k_m") -> list[GoldenCase]:
     cases = []
-    for path in sorted(GOLDEN_DIR.glob("*.json")):
+    for path in sorted(golden_dir(model).glob("*.json")):
         if path.name in ("tokenizer.json", "SOURCE.json"):
             continue
         g = json.loads(path.read_text())
         per_pos = _decode(g["top20_logits_per_position"])
         per_step = _decode(g["top20_logits_per_greedy_step"])
         # step 0's logits are the last prompt position's; later steps follow the forced greedy tokens
-        cases.append(GoldenCase(path.stem, g["prompt"], g["token_ids"], g["greedy_ids"],
+        cases.append(GoldenCase(path.stem, g["prompt"], g["token_ids"], g["greedy_ids"], g["greedy_text"],
                                 per_pos + per_step[1:]))
     return cases
+
+
+def load_tokenizer_cases(model: str) -> list[dict]:
+    """llama.cpp's ids (no BOS) for short texts: [{"text", "ids_no_bos"}]."""
+    return json.loads((golden_dir(model) / "tokenizer.json").read_text())

@@ -199,21 +199,31 @@ def test_models_come_from_the_first_directory_that_has_them(client: TestClient) 
 
 def test_config_json_lists_models_and_pyodide_location(client: TestClient, site: dict[str, Path],
                                                        records: list[RequestRecord]) -> None:
+    (site["pyodide"] / "realm-python-packages.json").write_text('["jinja2-3.1.6-py3-none-any.whl"]')
+    (site["b"] / "smollm2-135m-instruct-q4_1.gguf").write_bytes(b"GGUF chat")  # a bundled model's name
     config = client.get("/config.json").json()
     assert config == {
         "pyodideBaseUrl": "/pyodide/",
+        "pythonPackages": ["jinja2-3.1.6-py3-none-any.whl"],
         "bundleUrl": "/dist/realm_wasm.zip",
         "defaultModel": "/models/tiny.gguf",
         "models": [
             {"name": "shared.gguf", "url": "/models/shared.gguf", "size": 6},
             {"name": "tiny.gguf", "url": "/models/tiny.gguf", "size": len(MODEL)},
             {"name": "other.gguf", "url": "/models/other.gguf", "size": 6},
+            {"name": "smollm2-135m-instruct-q4_1.gguf", "url": "/models/smollm2-135m-instruct-q4_1.gguf", "size": 9,
+             "label": "SmolLM2-135M-Instruct Q4_1", "chat": True},
         ],
     }
+    # a CDN's Pyodide has jinja2 in its own lock file
     cdn = "https://cdn.example/pyodide/v0.27.7/full/"
     other = make_client(site, records, pyodide_base_url=cdn, default_model="absent.gguf").get("/config.json")
     assert other.json()["pyodideBaseUrl"] == cdn
+    assert other.json()["pythonPackages"] == ["jinja2"]
     assert other.json()["defaultModel"] is None
+    # the bundled chat model is the page's default when it is there
+    chat = make_client(site, records, default_model="smollm2-135m-instruct-q4_1.gguf").get("/config.json")
+    assert chat.json()["defaultModel"] == "/models/smollm2-135m-instruct-q4_1.gguf"
 
 
 def test_request_log_counts_statuses_bytes_and_ranges(client: TestClient,

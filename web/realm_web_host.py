@@ -22,7 +22,14 @@ from them: its WebAssembly SIMD kernel (realm_wasm/wasm_kernels.py) multiplies t
 weights where they lie, so the heap holds about the file plus activations.
 
 Generation (`HOST.generate`) is an async generator: worker.js awaits each event, which lets the
-WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.py).
+WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.py). It takes a
+prompt (completion) or chat messages, which are rendered with the model's own chat template
+(realm_wasm/chat_template.py, the server's renderer) and tokenized here. A chat's next turn is
+its whole conversation again, rendered and tokenized anew: the scheduler finds that its ids begin
+with the previous turn's prompt and answer, whose keys and values the KV slot still holds, and
+feeds only the rest (`cachedTokens` in the "finished" event says how many were reused). Correctness
+never depends on that match: where re-encoding an answer gives other ids than the model generated
+(BPE may spell a text several ways), the reuse ends there and the model reads the canonical ids.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ import numpy as np
 
 import realm_wasm
 from realm_wasm.backends import Choice, check_backend, choose
+from realm_wasm.chat_template import PLAIN_ROLES, ChatTemplate
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.engine import PREFILL_CHUNK, Engine, Executor, Model
-from realm_wasm.errors import TITLES, RealmError
+from realm_wasm.errors import TITLES, InvalidRequest, RealmError
 from realm_wasm.gguf import GGUFError, GGUFHeader, GGUFNeedMoreData, parse_header
 from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
@@ -72,12 +80,27 @@ def error_codes() -> dict[str, str]:
     return codes
 
 
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Chat messages from the page: [{"role", "content"}] with known roles and text content."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {role, content}")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in PLAIN_ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(PLAIN_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise InvalidRequest(f"messages[{i}].content must be a string")
+        checked.append({"role": m["role"], "content": m["content"]})
+    return checked
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     header: GGUFHeader
     size: int  # bytes received
     engine: Engine
     choice: Choice  # which executor runs it, and why
+    chat: ChatTemplate  # the model's own template, or the plain one for a base model
     device: Any = None  # the BrowserDevice when the executor is "webgpu"
 
     def describe(self) -> dict[str, Any]:
@@ -93,6 +116,7 @@ class LoadedModel:
             "backend": self.choice.executor,
             "backendNote": self.choice.note,
             "nCtx": self.engine.n_ctx,
+            "chatTemplate": self.chat.source,  # "gguf": an instruct model's own; "plain": a base model
         }
 
     def close(self) -> None:
@@ -243,7 +267,8 @@ class ModelSink:
                             f"but the file has {self.received} bytes")
         n_ctx = min(N_CTX, self.model.plan.n_ctx_train)
         engine = Engine(self.model, await self.keeper.executor(self.model, n_ctx), n_ctx)
-        return LoadedModel(self.header, self.received, engine, self.choice, self.device)
+        chat = ChatTemplate.from_metadata(self.model.tokenizer, self.header.metadata)
+        return LoadedModel(self.header, self.received, engine, self.choice, chat, self.device)
 
     def abort(self) -> None:
         if self.keeper is not None:
@@ -287,20 +312,48 @@ class WorkerHost:
     def error_titles(self) -> dict[str, str]:
         return dict(TITLES)
 
-    async def generate(self, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-                       seed: int, stop: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Token events for worker.js: {"tokenId": int | None, "text": str}; the text of `stop`
-        sequences ends the generation (it is not sent)."""
+    def stats(self) -> dict[str, Any]:
+        """What is loaded now: the model's description and how many tokens its KV slot holds."""
+        if self.loaded is None:
+            return {"model": None, "kvTokens": 0}
+        return {"model": self.loaded.describe(), "kvTokens": len(self.loaded.engine.slot_tokens[0])}
+
+    async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                       max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int = 0, stop: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Events for worker.js: {"kind": "token", "tokenId": int | None, "text": str} for each
+        token, then one {"kind": "finished", "reason": "stop" | "length", "promptTokens",
+        "completionTokens", "cachedTokens"}. Either `prompt` (text, completed as it is) or
+        `messages` (rendered with the model's chat template, whose stop sequences join `stop`);
+        the text of a stop sequence ends the generation and is not sent."""
         if self.loaded is None:
             raise NoModel("load a model before generating")
+        if (prompt is None) == (messages is None):
+            raise InvalidRequest("give a prompt or chat messages, not both or neither")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        tokenizer, stops = self.loaded.engine.tokenizer, tuple(stop or ())
+        if messages is not None:
+            chat = self.loaded.chat.render(check_messages(messages))
+            ids = tokenizer.encode(chat.text, add_bos=chat.add_bos)
+            stops += chat.stop
+        else:
+            ids = tokenizer.encode(prompt)
+        events = self.loaded.engine.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stops)
         try:
-            for event in self.loaded.engine.generate(prompt, max_tokens=max_tokens, sampling=sampling,
-                                                     stop=tuple(stop or ())):
-                yield {"tokenId": event.token_id, "text": event.text}
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as end:  # the generator's value: the request's Finished
+                    finished = end.value
+                    break
+                yield {"kind": "token", "tokenId": event.token_id, "text": event.text}
         except DeviceLost:
             self.unload()  # its buffers went with the device: the model has to be loaded again
             raise
+        finally:
+            events.close()  # stopped early (worker.js closes us): frees the slot, keeps its KV
+        yield {"kind": "finished", "reason": finished.reason, "promptTokens": finished.prompt_tokens,
+               "completionTokens": finished.completion_tokens, "cachedTokens": finished.cached_tokens}
 
 
 HOST = WorkerHost()

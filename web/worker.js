@@ -1,37 +1,53 @@
 // Realm worker: boots Pyodide, runs the Python runtime, downloads models, streams tokens.
-// The page (app.js) only renders; everything slow happens here, off the UI thread.
+// The page (app.js) and the engine module (realm-engine.mjs) only send requests and render; every
+// slow thing happens here, off the UI thread.
 //
 // Protocol. Every message is a plain object with a `type`. Requests may carry an `id`, echoed on
-// every event they cause.
+// every event they cause. One load or generation runs at a time (another one gets a "busy" error).
 //
 // page -> worker
-//   {type: "init", pyodideBaseUrl, bundleUrl, hostUrl}
-//        boot Pyodide from pyodideBaseUrl, load numpy, unpack the runtime zip (bundleUrl) and import
-//        the Python host (hostUrl, realm_web_host.py). Sent once, first.
+//   {type: "init", pyodideBaseUrl, bundleUrl, hostUrl, pythonPackages}
+//        boot Pyodide from pyodideBaseUrl, load numpy and pythonPackages (jinja2 for the chat
+//        templates: wheel file names relative to pyodideBaseUrl, or package names Pyodide's own
+//        distribution knows), unpack the runtime zip (bundleUrl) and import the Python host
+//        (hostUrl, realm_web_host.py). Sent once, first.
 //   {type: "load", id, url, backend}
 //        download a model (from the Cache API when it holds `url`, else the network, storing it
 //        there on the way) and stream it, chunk by chunk, into the Python model sink.
 //        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
-//   {type: "generate", id, prompt, maxTokens, temperature, topK, topP, seed, stop}
+//   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop}
+//        prompt: text to complete as it is; messages: [{role: "system" | "user" | "assistant",
+//        content}], rendered with the model's chat template in Python (a base model's is the plain
+//        one). A chat's next turn sends the whole conversation again: the KV cache still holds the
+//        previous turn, so only the new message is read (done.cachedTokens says how much was reused).
 //        stop: strings that end the generation (cut from the text, in Python: realm_wasm/scheduler.py)
 //   {type: "stop"}               stop the running load or generation (it ends with its usual event)
+//   {type: "unload", id}         free the loaded model (its GPU buffers, its KV cache)
+//   {type: "stats", id}          what is loaded now
 //   {type: "clearCache"}         delete every cached model file
 //
 // worker -> page
 //   {type: "status", text}                                  boot progress, for display
-//   {type: "ready", versions: {realm, python, numpy, pyodide}, timings: {pyodideMs, numpyMs,
+//   {type: "ready", versions: {realm, python, numpy, pyodide}, timings: {pyodideMs, packagesMs,
 //        runtimeMs, totalMs}, gpu: {available, reason} | {available, vendor, architecture, device,
 //        description, isFallbackAdapter, features: [...], limits: {...}}, errorTitles: {code: title}}
 //   {type: "progress", id, loaded, total, percent, fromCache}   total/percent null when unknown
 //   {type: "loaded", id, model: {architecture, name, tensorCount, tensorTypes, bytes, backend,
-//        backendNote, nCtx, ...}, fromCache, ms, wasmHeapBytes}
+//        backendNote, nCtx, chatTemplate, ...}, fromCache, ms, wasmHeapBytes}
 //        backend: "webgpu" | "numpy", the executor that runs it; backendNote says why;
+//        chatTemplate: "gguf" (an instruct model's own template) | "plain" (a base model);
 //        wasmHeapBytes: the size of Pyodide's wasm memory once the model is ready
 //   {type: "token", id, index, text, tokenId, ttftMs, tokensPerSecond}
 //        ttftMs: from the request to the first token; tokensPerSecond: decode rate, the tokens
 //        after the first over the time since the first (null until there are two)
 //   {type: "cancelled", id}                                  a load ended by "stop"
-//   {type: "done", id, reason: "finished" | "stopped", tokens, ttftMs, tokensPerSecond, totalMs}
+//   {type: "done", id, reason: "finished" | "stopped", finishReason: "stop" | "length" | "abort",
+//        tokens, promptTokens, cachedTokens, ttftMs, tokensPerSecond, totalMs}
+//        finishReason: end of text or a stop sequence | max tokens | "stop" was sent (OpenAI's
+//        words, and WebLLM's "abort"); cachedTokens: prompt tokens whose KV entries were reused
+//        (null when stopped)
+//   {type: "unloaded", id}
+//   {type: "stats", id, model: {...as in "loaded"} | null, kvTokens, wasmHeapBytes}
 //   {type: "cache", available, entries: [{url, bytes}], usage, quota}   after init, load, clearCache
 //   {type: "warning", code, message}                             something degraded, work goes on
 //        code: "no-webgpu" (models run on the CPU) | "cache"
@@ -115,7 +131,7 @@ async function fetchOk(url, what) {
   return response;
 }
 
-async function init({ pyodideBaseUrl, bundleUrl, hostUrl }) {
+async function init({ pyodideBaseUrl, bundleUrl, hostUrl, pythonPackages = ["jinja2"] }) {
   const t0 = performance.now();
   const base = new URL(pyodideBaseUrl.endsWith("/") ? pyodideBaseUrl : pyodideBaseUrl + "/", self.location.href);
   post({ type: "status", text: `booting Pyodide from ${base.href}` });
@@ -124,9 +140,11 @@ async function init({ pyodideBaseUrl, bundleUrl, hostUrl }) {
   self.pyodide = pyodide; // reachable from devtools (and the e2e tests) for inspection
   const t1 = performance.now();
 
-  post({ type: "status", text: "loading numpy" });
-  await pyodide.loadPackage("numpy", { messageCallback: () => {} });
-  pyodide.runPython("import numpy"); // counted here, not in the runtime's time
+  post({ type: "status", text: "loading numpy and jinja2" });
+  // a wheel's file name is a URL next to Pyodide's own files; anything else, a package of its lock
+  const packages = pythonPackages.map((p) => (p.endsWith(".whl") ? new URL(p, base).href : p));
+  await pyodide.loadPackage(["numpy", ...packages], { messageCallback: () => {} });
+  pyodide.runPython("import numpy, jinja2"); // counted here, not in the runtime's time
   const t2 = performance.now();
 
   post({ type: "status", text: "loading the Realm runtime" });
@@ -149,7 +167,7 @@ async function init({ pyodideBaseUrl, bundleUrl, hostUrl }) {
   post({
     type: "ready",
     versions,
-    timings: { pyodideMs: t1 - t0, numpyMs: t2 - t1, runtimeMs: t3 - t2, totalMs: t3 - t0 },
+    timings: { pyodideMs: t1 - t0, packagesMs: t2 - t1, runtimeMs: t3 - t2, totalMs: t3 - t0 },
     gpu,
     errorTitles,
   });
@@ -293,25 +311,30 @@ async function forgetCached(url, stored) {
   }
 }
 
-async function generate({ id, prompt, maxTokens, temperature, topK, topP, seed, stop = [] }) {
+async function generate({ id, prompt, messages, maxTokens, temperature, topK, topP, seed, stop = [] }) {
   job = { kind: "generate", id, stopped: false, abort: null };
   const started = performance.now();
   let tokens = 0;
   let firstAt = null;
-  let reason = "finished";
+  let finished = null; // the host's last event: why it ended, token counts, reused KV
   let events = null;
   try {
     events = host.generate.callKwargs({
-      prompt, max_tokens: maxTokens, temperature, top_k: topK, top_p: topP, seed, stop: pyodide.toPy(stop),
+      prompt: prompt ?? null, messages: messages ? pyodide.toPy(messages) : null, max_tokens: maxTokens,
+      temperature, top_k: topK, top_p: topP, seed, stop: pyodide.toPy(stop),
     });
     for (;;) {
       if (job.stopped) {
-        reason = "stopped";
+        await events.return(); // closes the Python generator: the KV slot keeps what was fed
         break;
       }
       const step = await events.next(); // an async generator: its steps may block on the GPU (JSPI)
       if (step.done) break;
       const event = toPlain(step.value);
+      if (event.kind === "finished") {
+        finished = event;
+        continue;
+      }
       const now = performance.now();
       if (event.tokenId !== null && event.tokenId !== undefined) tokens += 1;
       if (firstAt === null) firstAt = now;
@@ -325,7 +348,11 @@ async function generate({ id, prompt, maxTokens, temperature, topK, topP, seed, 
     }
     const end = performance.now();
     post({
-      type: "done", id, reason, tokens,
+      type: "done", id, reason: finished ? "finished" : "stopped",
+      finishReason: finished ? finished.reason : "abort",
+      tokens,
+      promptTokens: finished ? finished.promptTokens : null,
+      cachedTokens: finished ? finished.cachedTokens : null,
       ttftMs: firstAt === null ? null : firstAt - started,
       tokensPerSecond: tokens > 1 ? (tokens - 1) / ((end - firstAt) / 1000) : null,
       totalMs: end - started,
@@ -368,12 +395,17 @@ async function handle(msg) {
   }
   if (!host) {
     post({ type: "error", id: msg.id, code: "boot", message: "the runtime has not started", fatal: false });
+  } else if (msg.type === "stats") { // answered even while a job runs
+    post({ type: "stats", id: msg.id, ...toPlain(host.stats()), wasmHeapBytes: pyodide._module.HEAPU8.byteLength });
   } else if (job) {
     post({ type: "error", id: msg.id, code: "busy", message: `still busy with a ${job.kind}; stop it first`, fatal: false });
   } else if (msg.type === "load") {
     await loadModel(msg);
   } else if (msg.type === "generate") {
     await generate(msg);
+  } else if (msg.type === "unload") {
+    host.unload();
+    post({ type: "unloaded", id: msg.id });
   } else {
     post({ type: "error", id: msg.id, code: "bad-request", message: `unknown request ${msg.type}`, fatal: false });
   }
