@@ -1,14 +1,18 @@
 """Realm's page in headless Chromium against wllama (llama.cpp in wasm), in the same browser, same GGUF.
 
     python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
-                                  [--no-webgpu] [--no-numpy-dequant]
+                                  [--no-webgpu] [--no-numpy-dequant] [--native] [--long-prompt 512]
 
 For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy with its
 WebAssembly SIMD kernel; numpy without it, dequantizing as before the kernel) and for wllama on the
 CPU: cold load (download to ready), warm load (the same page reloaded, model from the browser's
 storage), time to first token and decode tokens/s, greedy, on the Paris prompt. Prints a markdown
 table, and numpy's decode against wllama's. On a machine without a GPU, Chromium's WebGPU adapter
-is SwiftShader (a CPU rasterizer): the WebGPU row measures that, not a GPU.
+is SwiftShader (a CPU rasterizer): the WebGPU row measures that, not a GPU. On the GPU machine
+(REALM_CHROMIUM, CHROMIUM_GPU_FLAGS: ../shared/gpu-machine), `--native` adds wgpu-py in this
+process on the same prompts, and `--long-prompt N` times a first and a second generation of two
+different N-token prompts after the load (pipelines compiled at load: the first within 1.5x of
+the second), each row against native.
 
 wllama is installed with npm into the cache (~/.cache/realm/wllama; REALM_CACHE moves it), never into
 the repository, and served with COOP/COEP headers so its multi-threaded build can run.
@@ -20,6 +24,7 @@ import argparse
 import functools
 import http.server
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -119,7 +124,38 @@ def browser(playwright, webgpu: bool = True) -> Iterator:
 NO_CPU_KERNEL = "import realm_web_host; realm_web_host.CPU_KERNEL = False"
 
 
-def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: bool = True) -> dict:
+def long_prompts(n_tokens: int) -> tuple[str, str]:
+    """Two different texts of about n_tokens tokens each for the default model (a first and a
+    second prompt after a load: the second shares no prefix with the first)."""
+    words = ("river stone harbour lantern orchard meadow copper violet thunder quiet window "
+             "market ladder garden silver candle forest engine saddle marble").split()
+    rng = random.Random(n_tokens)
+    return tuple(" ".join(rng.choice(words) for _ in range(n_tokens - 8)) + ". The end." for _ in range(2))
+
+
+def bench_native(model: Path, tokens: int, long_prompt: int) -> dict:
+    """wgpu-py in this process (the same executor code the page runs, natively): the Paris prompt's
+    TTFT and decode, and a long prompt's TTFT."""
+    from realm_wasm.engine import Engine
+
+    engine = Engine.load(model, backend="webgpu", n_ctx=2048)
+    t0 = time.perf_counter()
+    events = [e for e in engine.generate(PROMPT, tokens, stop_at_eos=False) if e.token_id is not None]
+    row = {"engine": f"native wgpu-py ({engine.executor.name}), this process", "cold_s": time.perf_counter() - t0,
+           "warm_s": None, "ttft_ms": events[0].elapsed_s * 1e3,
+           "decode": (len(events) - 1) / (events[-1].elapsed_s - events[0].elapsed_s), "heap_mb": None,
+           "answer": "".join(e.text for e in events), "tokens": tokens}
+    if long_prompt:
+        ttfts = []
+        for text in long_prompts(long_prompt):
+            first = next(iter(engine.generate(text, 2, stop_at_eos=False)))
+            ttfts.append(first.elapsed_s * 1e3)
+        row["long_ttft_ms"] = ttfts
+    return row
+
+
+def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: bool = True,
+                long_prompt: int = 0) -> dict:
     with browser(playwright) as page:
         page.goto(f"{url}?backend={backend}")
         wait_ready(page)
@@ -132,6 +168,10 @@ def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: boo
 
         cold = load_ms()
         heap = int(page.get_attribute("#model-info", "data-wasm-heap-bytes"))
+        long_ttft = []
+        for text in long_prompts(long_prompt) if long_prompt else ():  # first and second after the load
+            generate(page, 2, text)
+            long_ttft.append(generation_stats(page)["ttft_ms"])
         generate(page, tokens, PROMPT)
         answer = page.inner_text("#answer")
         measured = generation_stats(page)
@@ -143,7 +183,7 @@ def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: boo
         engine = "Realm, numpy executor, numpy dequantization (no kernel)"
     return {"engine": engine, "cold_s": cold / 1e3, "warm_s": warm / 1e3,
             "ttft_ms": measured["ttft_ms"], "decode": measured["decode_tok_s"], "heap_mb": heap / 1e6,
-            "answer": answer, "tokens": tokens}
+            "answer": answer, "tokens": tokens, **({"long_ttft_ms": long_ttft} if long_ttft else {})}
 
 
 def install_wllama() -> Path:
@@ -177,14 +217,19 @@ def bench_wllama(playwright, model: Path, tokens: int, threads: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| engine | cold load s | warm load s | TTFT ms | decode tok/s | wasm heap MB | answer |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    native = next((r for r in rows if r["engine"].startswith("native")), None)
+    lines = ["| engine | cold load s | warm load s | TTFT ms | decode tok/s | decode vs native | long prompt TTFT "
+             "ms, 1st / 2nd | wasm heap MB | answer |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         heap = "—" if r["heap_mb"] is None else f"{r['heap_mb']:.0f}"
         decode = "—" if r["decode"] is None else f"{r['decode']:.2f}"
+        ratio = f"{r['decode'] / native['decode']:.2f}x" if native and r["decode"] else "—"
+        long = " / ".join(f"{t:.0f}" for t in r["long_ttft_ms"]) if r.get("long_ttft_ms") else "—"
+        warm = "—" if r["warm_s"] is None else f"{r['warm_s']:.1f}"
         answer = r["answer"].replace("\n", "\\n")
-        lines.append(f"| {r['engine']} | {r['cold_s']:.1f} | {r['warm_s']:.1f} | {r['ttft_ms']:.0f} | {decode} "
-                     f"| {heap} | `{answer}` ({r['tokens']} tokens) |")
+        lines.append(f"| {r['engine']} | {r['cold_s']:.1f} | {warm} | {r['ttft_ms']:.0f} | {decode} | {ratio} "
+                     f"| {long} | {heap} | `{answer}` ({r['tokens']} tokens) |")
     return "\n".join(lines)
 
 
@@ -198,14 +243,17 @@ def main() -> None:
     ap.add_argument("--no-wllama", action="store_true", help="skip the reference")
     ap.add_argument("--no-webgpu", action="store_true", help="skip the WebGPU row")
     ap.add_argument("--no-numpy-dequant", action="store_true", help="skip numpy without its kernel")
+    ap.add_argument("--native", action="store_true", help="add wgpu-py in this process (on a machine with a GPU)")
+    ap.add_argument("--long-prompt", type=int, default=0, help="also time two N-token prompts after each load")
+    ap.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m)")
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
 
-    model = default_model_path()
+    model = Path(args.model) if args.model else default_model_path()
     build_site_assets()
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = []
+    rows = [bench_native(model, args.webgpu_tokens, args.long_prompt)] if args.native else []
     with live_server((model.parent,), model.name) as server, sync_playwright() as playwright:
         runs = [] if args.no_webgpu else [("webgpu", args.webgpu_tokens, True)]
         runs.append(("numpy", args.tokens, True))
@@ -213,7 +261,8 @@ def main() -> None:
             runs.append(("numpy", args.tokens, False))
         for backend, n, cpu_kernel in runs:
             t0 = time.monotonic()
-            rows.append(bench_realm(playwright, server.url, backend, n, cpu_kernel))
+            rows.append(bench_realm(playwright, server.url, backend, n, cpu_kernel,
+                                    args.long_prompt if backend == "webgpu" else 0))
             print(f"measured {rows[-1]['engine']} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         for threads in [] if args.no_wllama else args.threads:
             rows.append(bench_wllama(playwright, model, args.tokens, threads))

@@ -5,6 +5,7 @@ attributes: body[data-runtime|model|generation], #model-info, #output, #stats).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -23,9 +24,10 @@ from realm_wasm.chat_template import ChatTemplate
 from realm_wasm.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
+# REALM_CHROMIUM and CHROMIUM_GPU_FLAGS: another Chromium (the GPU machine's, on its real adapter)
+CHROMIUM = Path(os.environ.get("REALM_CHROMIUM", "/usr/bin/chromium"))
 # WebGPU on SwiftShader without a GPU, and nothing that phones home (see shared ENVIRONMENT.md).
-CHROMIUM_FLAGS = [
+CHROMIUM_FLAGS = [*os.environ.get("CHROMIUM_GPU_FLAGS", "").split(),
     "--headless",
     "--no-sandbox",
     "--enable-unsafe-webgpu",
