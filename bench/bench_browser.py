@@ -1,7 +1,7 @@
 """Realm's page in headless Chromium against wllama (llama.cpp in wasm), in the same browser, same GGUF.
 
     python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
-                                  [--no-webgpu] [--no-numpy-dequant] [--native] [--long-prompt 512]
+                                  [--no-webgpu] [--no-numpy] [--no-numpy-dequant] [--native] [--long-prompt 512] [--model F]
 
 For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy with its
 WebAssembly SIMD kernel; numpy without it, dequantizing as before the kernel) and for wllama on the
@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--no-wllama", action="store_true", help="skip the reference")
     ap.add_argument("--no-webgpu", action="store_true", help="skip the WebGPU row")
     ap.add_argument("--no-numpy-dequant", action="store_true", help="skip numpy without its kernel")
+    ap.add_argument("--no-numpy", action="store_true", help="skip the numpy rows (a model the wasm heap cannot hold)")
     ap.add_argument("--native", action="store_true", help="add wgpu-py in this process (on a machine with a GPU)")
     ap.add_argument("--long-prompt", type=int, default=0, help="also time two N-token prompts after each load")
     ap.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m)")
@@ -256,8 +257,9 @@ def main() -> None:
     rows = [bench_native(model, args.webgpu_tokens, args.long_prompt)] if args.native else []
     with live_server((model.parent,), model.name) as server, sync_playwright() as playwright:
         runs = [] if args.no_webgpu else [("webgpu", args.webgpu_tokens, True)]
-        runs.append(("numpy", args.tokens, True))
-        if not args.no_numpy_dequant:
+        if not args.no_numpy:
+            runs.append(("numpy", args.tokens, True))
+        if not (args.no_numpy or args.no_numpy_dequant):
             runs.append(("numpy", args.tokens, False))
         for backend, n, cpu_kernel in runs:
             t0 = time.monotonic()
@@ -270,9 +272,9 @@ def main() -> None:
     print(f"Headless Chromium, {model.name}, prompt {PROMPT!r}, greedy; {os.cpu_count()} CPUs, load average "
           f"{load_before} before the run, {loadavg} after (other processes slow every row).\n")
     print(table(rows))
-    numpy = next(r for r in rows if r["engine"].endswith("SIMD kernel"))
+    numpy = next((r for r in rows if r["engine"].endswith("SIMD kernel")), None)
     for r in rows:
-        if r["engine"].startswith("wllama") and r["decode"]:
+        if numpy and r["engine"].startswith("wllama") and r["decode"]:
             print(f"\nnumpy executor with its kernel (1 thread) / {r['engine']}: {numpy['decode'] / r['decode']:.2f}x")
 
 
