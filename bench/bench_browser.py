@@ -1,7 +1,8 @@
 """Realm's page in headless Chromium against wllama (llama.cpp in wasm), in the same browser, same GGUF.
 
     python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
-                                  [--no-webgpu] [--no-numpy] [--no-numpy-dequant] [--native] [--long-prompt 512] [--model F]
+                                  [--no-webgpu] [--no-numpy] [--no-numpy-dequant] [--native]
+                                  [--long-prompt 512] [--model F]
 
 For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy with its
 WebAssembly SIMD kernel; numpy without it, dequantizing as before the kernel) and for wllama on the
