@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from realm_wasm.engine import Engine
+from realm_wasm.gpu.fuse import label
 from realm_wasm.model_files import default_model_path
 from realm_wasm.plan import Batch
 
@@ -26,10 +27,10 @@ def profile(engine: Engine, batch: Batch, repeats: int = 5) -> None:
     ex = engine.executor
     counts = ex._write_step(batch)
     per_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for launch in ex.launches:  # after fusion: one launch per kernel (or kernel group, as glu)
+    for kernel, launch in zip(ex.program, ex.launches, strict=True):  # the fused program's kernels
         dispatches = launch.dispatches(counts)
         t = float(np.median([ex.device.time_submit(dispatches) for _ in range(repeats)]))
-        kind = "+".join(type(k).__name__ for k in launch.kernels)
+        kind = label(ex.plan, kernel)
         per_kind[kind][0] += len(dispatches)
         per_kind[kind][1] += t
     whole = float(np.median([ex.device.time_submit(ex._dispatches(counts)) for _ in range(repeats)]))
@@ -38,7 +39,8 @@ def profile(engine: Engine, batch: Batch, repeats: int = 5) -> None:
         t0 = time.perf_counter()
         ex.device.submit(ex._dispatches(counts))
         host.append(time.perf_counter() - t0)
-        ex.device.read_buffer(ex.inputs["tokens"][0], 0, 4)  # wait: time each submit with an idle queue
+        tokens = ex.inputs["tokens"]
+        ex.device.read_buffer(tokens[0], tokens[1], 4)  # wait: time each submit with an idle queue
     total = sum(t for _, t in per_kind.values())
     print(f"\n{len(batch)} tokens, {len(ex._dispatches(counts))} dispatches: whole step {whole * 1e3:.3f} ms GPU "
           f"({len(batch) / whole:.0f} tok/s), host {np.median(host) * 1e3:.3f} ms to record and submit")
