@@ -57,6 +57,13 @@ def native(chat_model: Path) -> NativeChat:
 
 
 @pytest.fixture(scope="session")
+def chat_golden() -> dict:
+    """llama.cpp on QUESTION, in the chat model's template (its default system prompt): prompt and
+    greedy ids. The page's numpy kernel rounds as llama.cpp does, so this is what it must answer."""
+    return json.loads((GOLDEN_DIR.parent / "smollm2-135m-instruct-q4_1" / "chat_colors.json").read_text())
+
+
+@pytest.fixture(scope="session")
 def paris() -> dict:
     """llama.cpp on "Question: What is the capital of France?\nAnswer:": prompt ids, greedy ids."""
     return json.loads((GOLDEN_DIR / "qa_paris.json").read_text())

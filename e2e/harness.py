@@ -43,7 +43,10 @@ LOAD_TIMEOUT_MS = 300_000
 GENERATE_TIMEOUT_MS = 600_000
 
 
-QUESTION = "What is the capital of France?"  # the chat model answers "The capital of France is Paris."
+# llama.cpp answers it "The primary colors are:\n\nRed (R)\nBlue (B)\nYellow (Y)" (golden chat_colors), and
+# so does the page. Not the Paris question: llama.cpp answers that one "L'Étoile, la Marseillaise, ..." (its
+# first two tokens 0.35 apart), the page with its kernel too, and a float32 engine "The capital of France is Paris."
+QUESTION = "Name three primary colors."
 
 
 def chromium_flags(webgpu: bool = True) -> list[str]:
@@ -154,6 +157,21 @@ def chat(page, message: str, max_tokens: int | None = None) -> dict:
     return {"text": article.locator(".content").inner_text(), "ttft_ms": number("ttft-ms"),
             "tokens": number("tokens"), "prompt_tokens": number("prompt-tokens"),
             "cached_tokens": number("cached-tokens"), "token_ids": [int(i) for i in ids.split(",")] if ids else []}
+
+
+def in_worker(page, python: str):
+    """Run Python in the page's worker (its Pyodide); returns the value of the last expression."""
+    return page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", python)
+
+
+def float32_matmuls(page) -> None:
+    """Make the page's numpy executor multiply in float32 like the native one (for the next load)
+    instead of with its SIMD kernel. The kernel rounds x to 8 bits per block as llama.cpp does;
+    rounding is a step function, so the last-bit differences between Pyodide's numpy (no BLAS) and
+    native numpy flip single roundings, and greedy answers part from any native oracle after some
+    tokens. Tests of the chat itself compare with the native engine token for token, so they run
+    float32; the kernel is judged against llama.cpp (e2e/test_cpu_kernels.py, test_embed.py)."""
+    in_worker(page, "import realm_web_host; realm_web_host.CPU_KERNEL = False")
 
 
 def token_ids(page) -> list[int]:

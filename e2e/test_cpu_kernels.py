@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import ROOT, generate, load, wait_ready
+from harness import ROOT, generate, in_worker, load, wait_ready
 
 # tests/golden.py: llama.cpp's reference for the default model, and how to judge against it
 _spec = importlib.util.spec_from_file_location("golden", ROOT / "tests" / "golden.py")
@@ -44,15 +44,11 @@ json.dumps([type(ex.kernel).__name__, sorted(in_place), sorted(arrays)])
 """
 
 
-def in_worker(page, python: str):
-    return page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", python)
-
-
 def test_numpy_in_the_page_multiplies_the_quantized_weights_in_place(
         open_page, server, default_model: Path, paris: dict) -> None:
     page = open_page("?backend=numpy")
     wait_ready(page)
-    assert load(page) == "loaded", page.inner_text("#error")
+    assert load(page, f"/models/{default_model.name}") == "loaded", page.inner_text("#error")
     # every matrix of the model is of a type the kernel takes: none was dequantized
     kept = json.loads(in_worker(page, KEPT_WEIGHTS))
     assert kept == ["WasmMatmul", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"], ["float32"]]
@@ -65,10 +61,11 @@ def test_numpy_in_the_page_multiplies_the_quantized_weights_in_place(
     assert ids == paris["greedy_ids"][:8]
 
 
-def test_numpy_in_the_page_agrees_with_llama_cpp_on_the_golden_prompts(open_page, server) -> None:
+def test_numpy_in_the_page_agrees_with_llama_cpp_on_the_golden_prompts(
+        open_page, server, default_model: Path) -> None:
     page = open_page("?backend=numpy")
     wait_ready(page)
-    assert load(page) == "loaded", page.inner_text("#error")
+    assert load(page, f"/models/{default_model.name}") == "loaded", page.inner_text("#error")
     # the short prompts (the 874-token one adds minutes of prefill and nothing the kernel does
     # differently: tests/test_golden.py runs it on the same executor natively)
     cases = [c for c in golden.load_cases() if len(c.token_ids) < 100]
