@@ -226,7 +226,7 @@ def table(rows: list[dict]) -> str:
         heap = "—" if r["heap_mb"] is None else f"{r['heap_mb']:.0f}"
         decode = "—" if r["decode"] is None else f"{r['decode']:.2f}"
         ratio = f"{r['decode'] / native['decode']:.2f}x" if native and r["decode"] else "—"
-        long = " / ".join(f"{t:.0f}" for t in r["long_ttft_ms"]) if r.get("long_ttft_ms") else "—"
+        long = " / ".join("?" if t is None else f"{t:.0f}" for t in r["long_ttft_ms"]) if r.get("long_ttft_ms") else "—"
         warm = "—" if r["warm_s"] is None else f"{r['warm_s']:.1f}"
         answer = r["answer"].replace("\n", "\\n")
         lines.append(f"| {r['engine']} | {r['cold_s']:.1f} | {warm} | {r['ttft_ms']:.0f} | {decode} | {ratio} "

@@ -50,6 +50,7 @@ def cases_for(select) -> list:
 # prompt teacher-forced and another conversation generated: the same kernels, a small share of the suite.
 GPU_CHAT_MODEL_FORCED = {"chat_capital", "capital_france"}
 GPU_CHAT_MODEL_GENERATED = {"chat_colors"}
+LONG = 512  # prompt tokens past which the GPU executor's cases run only on hardware adapters
 
 
 def teacher_forced(model: str, backend: str, case: GoldenCase) -> bool:
@@ -65,7 +66,12 @@ def generated(model: str, backend: str, case: GoldenCase) -> bool:
 
 
 @pytest.mark.parametrize("engine, case", cases_for(teacher_forced), indirect=["engine"])
-def test_teacher_forced_top1_matches_llama_cpp(engine, case):
+def test_teacher_forced_top1_matches_llama_cpp(request, engine, case):
+    on_lavapipe = engine.executor.name == "webgpu" and request.getfixturevalue("gpu").is_fallback_adapter
+    if on_lavapipe and len(case.token_ids) > LONG:
+        # 3+ minutes on lavapipe, most of CI's GPU time: the window itself is tested on small shapes
+        # (test_gpu_ops.py), the whole prompt on hardware adapters (the GPU machine's run)
+        pytest.skip(f"a {len(case.token_ids)}-token prompt on a CPU-emulated adapter")
     logits = np.concatenate(list(engine.prefill(case.forced_ids, all_logits=True)))
     bad, deltas = case.compare(logits)
     assert not bad, f"top-1 differs at positions {bad}"

@@ -247,7 +247,9 @@ def test_numpy_side_paths_match_merged_weights(gemma, tmp_path, types):
         ex.set_adapter(slot, read_adapter(made.path, plan))
     got = by_sequence(ex.forward(prefill_step()), ex.forward(decode_step()))
     for logits, want in zip(got, expected_logits(f, plan, adapters), strict=True):
-        close(logits, want, 2e-5)
+        # float32 through 6 layers: x @ (W + BA)ᵀ and x @ Wᵀ + (x @ Aᵀ) @ Bᵀ part by up to ~3e-5 of the
+        # largest logit (seen on f32 weights); an adapter left out moves logits by far more
+        close(logits, want, 1e-4)
     plain = by_sequence(ex.forward(prefill_step(False)), ex.forward(decode_step(False)))
     np.testing.assert_array_equal(got[3], plain[3])
     assert all(np.abs(g - p).max() > 1e-2 * np.abs(p).max() for g, p in zip(got[:3], plain[:3], strict=True))
