@@ -2,7 +2,7 @@
 
     python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
                                   [--no-webgpu] [--no-numpy] [--no-numpy-dequant] [--native]
-                                  [--long-prompt 512] [--model F]
+                                  [--long-prompt 512] [--model F] [--run-ahead N]
 
 For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy with its
 WebAssembly SIMD kernel; numpy without it, dequantizing as before the kernel) and for wllama on the
@@ -156,14 +156,14 @@ def bench_native(model: Path, tokens: int, long_prompt: int) -> dict:
 
 
 def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: bool = True,
-                long_prompt: int = 0) -> dict:
+                long_prompt: int = 0, setup: str = "") -> dict:
     with browser(playwright) as page:
         page.goto(f"{url}?backend={backend}")
         wait_ready(page)
 
         def load_ms() -> float:
-            if not cpu_kernel:
-                page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", NO_CPU_KERNEL)
+            for code in ([] if cpu_kernel else [NO_CPU_KERNEL]) + ([setup] if setup else []):
+                page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", code)
             assert load(page) == "loaded", page.inner_text("#error")
             return float(page.get_attribute("#model-info", "data-load-ms"))
 
@@ -248,7 +248,15 @@ def main() -> None:
     ap.add_argument("--native", action="store_true", help="add wgpu-py in this process (on a machine with a GPU)")
     ap.add_argument("--long-prompt", type=int, default=0, help="also time two N-token prompts after each load")
     ap.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m)")
+    ap.add_argument("--run-ahead", type=int, help="decode steps queued behind the one being read (the "
+                    "scheduler's RUN_AHEAD), natively and in the page")
     args = ap.parse_args()
+    setup = ""
+    if args.run_ahead is not None:
+        import realm_wasm.scheduler
+
+        realm_wasm.scheduler.RUN_AHEAD = args.run_ahead
+        setup = f"import realm_wasm.scheduler; realm_wasm.scheduler.RUN_AHEAD = {args.run_ahead}"
 
     from playwright.sync_api import sync_playwright
 
@@ -265,7 +273,7 @@ def main() -> None:
         for backend, n, cpu_kernel in runs:
             t0 = time.monotonic()
             rows.append(bench_realm(playwright, server.url, backend, n, cpu_kernel,
-                                    args.long_prompt if backend == "webgpu" else 0))
+                                    args.long_prompt if backend == "webgpu" else 0, setup))
             print(f"measured {rows[-1]['engine']} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         for threads in [] if args.no_wllama else args.threads:
             rows.append(bench_wllama(playwright, model, args.tokens, threads))

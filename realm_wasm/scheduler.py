@@ -12,10 +12,12 @@ own `SamplingParams` and step counter, so its tokens never depend on what else w
 (up to float rounding of the batched matmuls).
 
 Running ahead: on an executor that queues (a GPU), when every running sequence is decoding and
-nothing waits to be admitted, step n + 1 is submitted before step n's ids are read, its tokens
-copied on the device from step n's samples, so the GPU never idles while the host reads, streams
-and checks stop conditions. A sequence that ends at step n leaves one wasted row in step n + 1 (its
-KV entry past the sequence is never read); the step after is built from the host again.
+nothing waits to be admitted, steps n + 1 ... n + RUN_AHEAD are submitted before step n's ids are
+read, each one's tokens copied on the device from the samples of the step before, so the GPU never
+idles while the host reads, streams and checks stop conditions, however long a read takes to come
+back (in a browser, a mapped buffer comes back through the GPU process: milliseconds). A sequence
+that ends at step n leaves a wasted row in each step queued behind it (KV entries past the sequence,
+never read); once those are read, the next step is built from the host again.
 
 Everything that ends a generation lives here, once: end of text, stop sequences (cut from the
 text, holding back a tail that may begin one), the length limit, and the UTF-8 bytes of a
@@ -75,6 +77,10 @@ PREFILL_CHUNK = 256  # tokens per step by default: bounds activation memory on e
 # Fewer shared tokens are re-read rather than reused: a step of up to ~16 tokens costs about what
 # one decode step costs (mat-vec kernels), so reusing them saves nothing measurable.
 MIN_REUSE = 16
+# Steps queued behind the one being read. One hides the host's own work; a browser's read-back of a
+# mapped buffer takes longer than a small model's step, so more are queued (each ends at most one
+# wasted row per finished sequence).
+RUN_AHEAD = 3
 GREEDY = SamplingParams()
 
 
@@ -205,7 +211,7 @@ class Scheduler:
         self._running: dict[int, _Sequence] = {}  # id -> sequence, in admission order
         self._free_slots = list(range(n_slots))
         self._freed_at = [-1] * n_slots  # step counter when each slot was last freed
-        self._in_flight: _Step | None = None  # the step on the device, when running ahead
+        self._in_flight: deque[_Step] = deque()  # steps on the device, oldest first, when running ahead
         self._last_admitted: dict[str, int] = {}  # tenant -> admission counter, for round-robin
         self._admissions = 0
         self._steps = self._generated = 0
@@ -271,25 +277,23 @@ class Scheduler:
     def step(self) -> bool:
         """Admit, run one forward pass, sample and stream. False when there was nothing to do.
 
-        With a step already on the device, this queues the next one behind it when it can, then
-        reads the earlier one's ids: each call streams one step's tokens."""
+        With steps already on the device, this queues more behind them while it can (up to
+        RUN_AHEAD), then reads the oldest one's ids: each call streams one step's tokens."""
         self._drain_inbox()
-        step, self._in_flight = self._in_flight, None
-        if step is None:
+        if not self._in_flight:
             self._admit()
             if not self._running:
                 return False
-            step = self._submit(self._plan_step())
-        if self._can_follow(step):
-            self._in_flight = self._submit_follow(step)
-        self._receive(step)
+            self._in_flight.append(self._submit(self._plan_step()))
+        while len(self._in_flight) <= RUN_AHEAD and self._can_follow(self._in_flight[-1]):
+            self._in_flight.append(self._submit_follow(self._in_flight[-1]))
+        self._receive(self._in_flight.popleft())
         return True
 
     def cancel_all(self) -> None:
         """Finish every queued and running request as cancelled (at shutdown)."""
         self._drain_inbox()
-        if self._in_flight is not None:
-            self._discard(self._in_flight)
+        self._discard_in_flight()
         for queue in self._queues.values():
             while queue:
                 self._finish(queue.popleft(), "cancelled")
@@ -507,18 +511,17 @@ class Scheduler:
                 seq.requested = seq.generated
 
     def _fail(self, step: _Step, error: Exception) -> None:
-        if self._in_flight is not None:  # queued behind the failed step: it shares its fate
-            self._discard(self._in_flight)
+        self._discard_in_flight()  # queued behind the failed step: they share its fate
         for seq, _ in step.fed:
             if self._running.get(seq.id) is seq:
                 self._finish(seq, "error", error=error)
 
-    def _discard(self, step: _Step) -> None:
-        self._in_flight = None
-        try:
-            step.pending.result()
-        except Exception:  # noqa: BLE001 - its sequences are being finished anyway
-            pass
+    def _discard_in_flight(self) -> None:
+        while self._in_flight:
+            try:
+                self._in_flight.popleft().pending.result()
+            except Exception:  # noqa: BLE001 - their sequences are being finished anyway
+                pass
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Stream the sequence's new token; finish on end of text, a stop sequence or length."""
