@@ -256,6 +256,13 @@ def test_auto_uses_numpy_on_swiftshader_and_a_reload_reads_the_model_from_the_ca
     assert page.inner_text("#answer") == engine.tokenizer.decode(expected)
     page.screenshot(path=str(output_dir / "chat-numpy.png"), full_page=True)
     record(output_dir, "numpy_auto_swiftshader", cached_load_s=round(cached_s, 1), **stats(page))
+    # prompt lookup (a generation setting) gives the same tokens, and the stats line counts its drafts
+    page.check("#lookup")
+    copy = "Copy this list exactly: red, green, blue, yellow. Copy this list exactly: red, green,"
+    assert generate(page, 4, copy) == [e.token_id for e in engine.generate(copy, 4) if e.token_id is not None]
+    drafted, accepted = map(int, re.search(r"lookup drafted (\d+), accepted (\d+)", page.inner_text("#stats")).groups())
+    assert drafted >= accepted and drafted > 0
+    page.uncheck("#lookup")
 
     page.click("#clear-cache")
     page.wait_for_function("document.getElementById('cache-info').textContent.startsWith('0 cached')")

@@ -1,8 +1,9 @@
 """`realm` command line: generate text, serve the page and the API, make API keys. CPython only.
 
-    realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] [--lora FILE[:SCALE]] ...
+    realm generate --prompt "..." [--model FILE] [--max-tokens N] [--temperature T] [--lora FILE[:SCALE]]
+                   [--lookup K | --draft FILE [--draft-k K]] ...
     realm serve [--host H] [--port P] [--model NAME_OR_FILE ...] [--tenants FILE] [--slots N] [--ctx N]
-                [--lora ID=FILE] ...
+                [--lora ID=FILE] [--draft FILE] ...
     realm build-site OUT/ [--model NAME_OR_FILE ...] [--pyodide-base-url URL]   # a static site, no server
     realm plan [--model FILE] [--binding-limit BYTES]      # the fused program the GPU runs, per layer
     realm key new | realm key hash KEY
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 
 from realm_wasm.backends import BACKENDS
-from realm_wasm.errors import RealmError
+from realm_wasm.errors import InvalidRequest, RealmError
 from realm_wasm.gpu.fuse import DEFAULT_BINDING_LIMIT
 from realm_wasm.model_files import BUNDLED, CHAT_MODEL, cache_dir, resolve_model
+from realm_wasm.speculative import MAX_DRAFT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,21 +60,61 @@ def adapter_file(text: str) -> tuple[str, Path]:
     return adapter_id, Path(path)
 
 
+def draft_k(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_DRAFT:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_DRAFT}, got {value}")
+    return value
+
+
+def draft_targets(models: list[Path], draft: Path) -> list[Path]:
+    """The models `draft` can draft for (those of its vocabulary), checked from the files' headers
+    before any weights load; none is a one-line error naming the first mismatch."""
+    from realm_wasm.gguf import read_gguf
+    from realm_wasm.speculative import check_same_vocabulary
+    from realm_wasm.tokenizer import Tokenizer
+
+    vocab = {path: Tokenizer.from_metadata(read_gguf(path).header.metadata) for path in [*models, draft]}
+    targets, refusals = [], []
+    for model in models:
+        try:
+            check_same_vocabulary(vocab[model], vocab[draft])
+            targets.append(model)
+        except InvalidRequest as e:
+            refusals.append(e)
+    if not targets:
+        raise InvalidRequest(f"--draft {draft.name}: {refusals[0]}")
+    return targets
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from realm_wasm.engine import Engine
     from realm_wasm.sampling import SamplingParams
+    from realm_wasm.scheduler import Finished
+    from realm_wasm.speculative import Speculation
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    speculation = (Speculation("lookup", args.lookup) if args.lookup else
+                   Speculation("draft", args.draft_k) if args.draft else None)
     # each adapter under its position and file name (the same file may come twice, at two scales)
     adapters = {f"{i}:{path.name}": (path, scale) for i, (path, scale) in enumerate(args.lora or [])}
     t0 = time.perf_counter()
-    engine = Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=args.ctx,
+    model = resolve_model(args.model)
+    draft = resolve_model(args.draft) if args.draft else None
+    if draft is not None:
+        draft_targets([model], draft)
+    engine = Engine.load(model, backend=args.backend, n_ctx=args.ctx,
                          adapters={name: path for name, (path, _) in adapters.items()})
+    if draft is not None:
+        engine.set_draft(Engine.load(draft, backend=args.backend, n_ctx=args.ctx))
     load_s = time.perf_counter() - t0
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t") if args.escapes else args.prompt
-    n, first = 0, None
+    n, first, finished = 0, None, None
     lora = [(name, scale) for name, (_, scale) in adapters.items()]
-    for ev in engine.generate(prompt, args.max_tokens, sampling, lora=lora):
+    for ev in engine.generate_events(prompt, args.max_tokens, sampling, speculation=speculation, lora=lora):
+        if isinstance(ev, Finished):
+            finished = ev
+            continue
         sys.stdout.write(ev.text)
         sys.stdout.flush()
         n += ev.token_id is not None
@@ -81,6 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
     decode = (n - 1) / (total - first) if n > 1 and total > first else float("nan")
     applied = "".join(f", LoRA {path.name} at {scale:g}" for path, scale in adapters.values())
+    if speculation is not None:
+        applied += f", drafted {finished.drafted_tokens}, accepted {finished.accepted_tokens}"
     print(f"[{engine.executor.name}] load {load_s:.2f} s, first token {first or 0:.2f} s, "
           f"{n} tokens, decode {decode:.1f} tok/s{applied}", file=sys.stderr)
 
@@ -113,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tenants = load_tenants(args.tenants) if args.tenants else Tenants.open_access()
     check_bind_host(args.host, tenants)
     models = [resolve_model(m) for m in args.model or BUNDLED]  # default: both bundled models
+    # the --draft model drafts for the served models of its vocabulary
+    draft = resolve_model(args.draft) if args.draft else None
+    drafted = draft_targets(models, draft) if draft is not None else []
     prepare_web_assets()
     adapters = dict(args.lora or [])
     if len(adapters) != len(args.lora or []):
@@ -124,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lora {lost[0]}: no served model has its architecture {arch[adapters[lost[0]]]!r}")
     served = [load_model(m, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots,
                          adapters={a: f for a, f in adapters.items() if arch[f] == arch[m]},
-                         max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank) for m in models]
+                         max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank,
+                         draft=draft if m in drafted else None) for m in models]
     dirs = args.model_dir or dict.fromkeys([cache_dir(), *(m.parent for m in models)])
     static = StaticSettings(pyodide_base_url=args.pyodide_base_url, model_dirs=tuple(Path(d) for d in dirs),
                             default_model=CHAT_MODEL if CHAT_MODEL in {m.name for m in models} else models[0].name)
@@ -193,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="take the prompt literally (default: \\n and \\t in it are newline and tab)")
     gen.add_argument("--lora", action="append", type=lora_file, metavar="FILE[:SCALE]",
                      help="apply a LoRA adapter (llama.cpp's GGUF format) at SCALE (default 1); repeatable")
+    drafter = gen.add_mutually_exclusive_group()
+    drafter.add_argument("--lookup", type=draft_k, metavar="K",
+                         help="speculative decoding by prompt lookup: draft up to K tokens a step from what "
+                              "followed the text's last n-gram earlier on (the same text, faster on repetitive text)")
+    drafter.add_argument("--draft", metavar="MODEL",
+                         help="speculative decoding with a draft model: a smaller GGUF (or bundled name) of the same "
+                              "vocabulary, on the same backend, drafts --draft-k tokens a step")
+    gen.add_argument("--draft-k", type=draft_k, default=8, metavar="K", help="tokens --draft drafts a step (default 8)")
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="serve the chat page, Pyodide, the runtime bundle, the models and the API")
@@ -215,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "0: none)")
     serve.add_argument("--max-lora-rank", type=positive_int, default=16,
                        help="the highest adapter rank the GPU reserves room for (raised to fit --lora ones)")
+    serve.add_argument("--draft", metavar="MODEL",
+                       help="a draft model (GGUF file or bundled name) for the served models of its vocabulary: "
+                            "requests with \"speculation\": {\"method\": \"draft\"} use it")
     serve.set_defaults(func=cmd_serve)
 
     site = sub.add_parser("build-site", help="write the page, Pyodide, the runtime and models as a static site")

@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from realm_wasm.speculative import MAX_DRAFT, MAX_NGRAM, METHODS
+
 from .errors import ERROR_TYPES, ApiError
 
 MAX_SEED = 2**64 - 1
@@ -69,6 +71,15 @@ GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
             "scale": _nullable("number", minimum=-100, maximum=100, description="default 1")}},
         description="LoRA adapters to apply, each with its scale (y += scale * alpha / rank * B A x); "
                     "omitted: the tenant's default adapters; []: none"),
+    "speculation": _nullable("object", required=["method"], properties={
+        "method": {"enum": list(METHODS), "description": "lookup: drafts are what followed the text's last "
+                   "n-gram earlier in the prompt or output; draft: the server's draft model (realm serve --draft)"},
+        "max_draft": {"type": "integer", "minimum": 1, "maximum": MAX_DRAFT,
+                      "description": "tokens drafted per step at most (default 8)"},
+        "ngram": {"type": "integer", "minimum": 1, "maximum": MAX_NGRAM,
+                  "description": "lookup: the longest n-gram matched (default 3)"}},
+        description="speculative decoding: drafted tokens the model verifies in one step; the text is the "
+                    "same as without, usage counts drafted_tokens and accepted_tokens"),
 }
 
 COMPLETION_SCHEMA = {"type": "object", "required": ["model", "prompt"],
@@ -165,8 +176,13 @@ def openapi_document() -> dict[str, Any]:
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     errors = {str(status): {**error, "description": ERROR_TYPES[status]}
               for status in (400, 401, 403, 404, 413, 429, 503)}
-    usage_schema = {"type": "object", "properties": {k: {"type": "integer"} for k in
-                                                     ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens", "drafted_tokens", "accepted_tokens")
+    usage_schema = {"type": "object", "properties": {
+        **{k: {"type": "integer"} for k in counts},
+        "completion_tokens_details": {"type": "object", "properties": {
+            k: {"type": "integer"} for k in ("accepted_prediction_tokens", "rejected_prediction_tokens")}}},
+        "description": "drafted_tokens, accepted_tokens and completion_tokens_details: only when the request "
+                       "speculated (rejected_prediction_tokens = drafted - accepted)"}
     applied = {"type": "array", "description": "the LoRA adapters the generation applied (absent: none)", "items": {
         "type": "object", "properties": {"id": {"type": "string"}, "scale": {"type": "number"}}}}
 

@@ -24,6 +24,11 @@ default when a request names none. A tenant with `lora_upload` loads its own (`l
 only it sees and uses (the engine names them "TENANT/ID"); without a tenants file the one open
 tenant's adapters are the server's. Loading and unloading run on the model's stepping thread,
 between steps; an unloaded adapter's running generations finish with it.
+
+Speculative decoding: a request's `speculation` ({"method": "lookup" | "draft", "max_draft",
+"ngram"}) drafts tokens its model verifies in one step (realm_wasm/speculative.py): the same
+tokens, sooner where drafts are good. "draft" needs the model loaded with a draft model (`realm
+serve --draft FILE`); its usage then counts drafted_tokens and accepted_tokens.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from realm_wasm.lora import Adapter, read_adapter
 from realm_wasm.sampling import SamplingParams
 from realm_wasm.scheduler import Event, Finished, Scheduler, TokenEvent
 from realm_wasm.scheduler import Request as GenerationRequest
+from realm_wasm.speculative import Speculation
 
 from .errors import ApiError, ConfigError, api_error
 from .schema import CHAT_SCHEMA, COMPLETION_SCHEMA, validate
@@ -76,14 +82,17 @@ class ServedModel:
 
 def load_model(path: str | Path, name: str | None = None, backend: str = "auto", n_ctx: int = 2048,
                n_slots: int = 4, adapters: dict[str, str | Path] | None = None, max_adapters: int = 0,
-               max_lora_rank: int = 16) -> ServedModel:
+               max_lora_rank: int = 16, draft: str | Path | None = None) -> ServedModel:
     """Load a GGUF file for serving, named after the file unless `name` is given, with the server's
-    LoRA `adapters` (id -> file) and room for `max_adapters` in all, of rank up to `max_lora_rank`."""
+    LoRA `adapters` (id -> file) and room for `max_adapters` in all, of rank up to `max_lora_rank`,
+    and a `draft` model (same vocabulary) for requests that speculate with "draft"."""
     path = Path(path)
     for adapter_id in adapters or {}:
         check_adapter_id(adapter_id, ConfigError)
     engine = Engine.load(path, backend=backend, n_ctx=n_ctx, n_slots=n_slots, adapters=adapters,
                          max_adapters=max_adapters, max_lora_rank=max_lora_rank)
+    if draft is not None:
+        engine.set_draft(Engine.load(draft, backend=backend, n_ctx=n_ctx, n_slots=n_slots))
     return ServedModel(name or path.name.removesuffix(".gguf"), engine, n_slots)
 
 
@@ -101,7 +110,7 @@ class ModelWorker:
 
     def __init__(self, model: ServedModel, shares: dict[str, float]) -> None:
         self.model = model
-        self.scheduler = Scheduler(model.engine, model.n_slots, model.max_step_tokens, shares)
+        self.scheduler = Scheduler(model.engine, model.n_slots, model.max_step_tokens, shares, model.engine.draft)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"realm-{model.name}", daemon=True)
@@ -228,9 +237,16 @@ def adapter_card(adapter_id: str, model: str, adapter: Adapter, owner: str | Non
             "rank": adapter.rank, "alpha": adapter.alpha, "tensors": len(adapter.pairs)}
 
 
-def usage(event: Finished) -> dict[str, int]:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+def usage(event: Finished, speculated: bool) -> dict[str, Any]:
+    """OpenAI's usage; a request that speculated adds its drafts, also as OpenAI's predicted-output counts."""
+    counts: dict[str, Any] = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                              "total_tokens": event.prompt_tokens + event.completion_tokens}
+    if speculated:
+        counts |= {"drafted_tokens": event.drafted_tokens, "accepted_tokens": event.accepted_tokens,
+                   "completion_tokens_details": {
+                       "accepted_prediction_tokens": event.accepted_tokens,
+                       "rejected_prediction_tokens": event.drafted_tokens - event.accepted_tokens}}
+    return counts
 
 
 def failure(event: Finished) -> ApiError:
@@ -285,7 +301,8 @@ class Generation:
                 raise failure(event)
             yield {**self.chunk(shape.closing, event.reason), **self.job.applied()}
             if include_usage:
-                yield {**self.chunk({}, None), "choices": [], "usage": usage(event)}
+                speculated = self.job.request.speculation is not None
+                yield {**self.chunk({}, None), "choices": [], "usage": usage(event, speculated)}
             return
 
     async def answer(self) -> dict[str, Any]:
@@ -301,7 +318,7 @@ class Generation:
                 "model": self.job.model.name, "choices": [choice], "usage": used, **self.job.applied()}
 
 
-def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, int] | None]:
+def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, Any] | None]:
     """A chunk's piece of text, finish reason and usage (each empty where the chunk has none)."""
     if not chunk["choices"]:
         return "", None, chunk["usage"]
@@ -417,10 +434,21 @@ class Service:
         lora = [(a["id"], float(_default(a.get("scale"), 1.0))) for a in asked] if asked is not None else tenant.lora
         request = GenerationRequest(ids, max_tokens, sampling, tenant.id,
                                     stop=(*([stop] if isinstance(stop, str) else stop), *template_stop),
+                                    speculation=self.speculation(model, body.get("speculation")),
                                     lora=tuple((self.adapter_name(tenant, model, a), scale) for a, scale in lora))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return Job(kind, model, request, bool(body.get("stream")), include_usage,
                    [{"id": a, "scale": scale} for a, scale in lora])
+
+    @staticmethod
+    def speculation(model: ServedModel, asked: dict[str, Any] | None) -> Speculation | None:
+        """The request's speculation (validated by the schema); "draft" needs the model's draft model."""
+        if asked is None:
+            return None
+        if asked["method"] == "draft" and model.engine.draft is None:
+            raise ApiError(400, f"model {model.name!r} has no draft model (realm serve --draft FILE): "
+                           "speculate with \"lookup\"", "speculation.method")
+        return Speculation(asked["method"], **{k: asked[k] for k in ("max_draft", "ngram") if k in asked})
 
     async def prompt_ids(self, model: ServedModel, body: dict[str, Any],
                          kind: str) -> tuple[list[int], tuple[str, ...]]:

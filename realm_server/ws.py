@@ -4,7 +4,8 @@ Protocol (JSON text messages):
     client -> {"type": "auth", "api_key": KEY}        first, unless an Authorization header was sent
     server -> {"type": "ready", "tenant": ID, "models": [NAME, ...]}
     client -> {"type": "generate", "id": ID, "model": ..., "prompt": ... | "messages": [...],
-               "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}   (as over HTTP)
+               "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "lora", "speculation"}
+                                                                                (as over HTTP)
     server -> {"type": "token", "id": ID, "text": "..."}                        (many)
     server -> {"type": "done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...},
                "lora": [{"id", "scale"}, ...]}  (the adapters applied, when any; "lora" asks for them as over HTTP)

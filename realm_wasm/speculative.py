@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 MAX_BACKOFF = 16  # steps a failing drafter waits at most before it drafts again
 METHODS = ("lookup", "draft")
+MAX_DRAFT = 32  # bounds of max_draft and ngram (the API schema and the CLI use them too)
+MAX_NGRAM = 8
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,10 @@ class Speculation:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidRequest(f"unknown speculation method {self.method!r} (choose one of {', '.join(METHODS)})")
-        if not 1 <= self.max_draft <= 32:
-            raise InvalidRequest(f"max_draft must be in 1..32, got {self.max_draft}")
-        if not 1 <= self.ngram <= 8:
-            raise InvalidRequest(f"ngram must be in 1..8, got {self.ngram}")
+        if not 1 <= self.max_draft <= MAX_DRAFT:
+            raise InvalidRequest(f"max_draft must be in 1..{MAX_DRAFT}, got {self.max_draft}")
+        if not 1 <= self.ngram <= MAX_NGRAM:
+            raise InvalidRequest(f"ngram must be in 1..{MAX_NGRAM}, got {self.ngram}")
 
 
 class LookupDrafter:

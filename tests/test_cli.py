@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -120,3 +121,34 @@ def test_lora_options_parse_files_scales_and_ids():
     for bad in (["--lora", "s.gguf"], ["--max-adapters", "-1"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *bad])
+
+
+def test_generate_with_prompt_lookup_prints_the_same_text(tmp_path):
+    """Greedy with --lookup is plain greedy (the engine alone, without speculation, says what); the
+    stats line counts the drafts, which the repetitive prompt makes."""
+    from test_scheduler import write_tiny_model
+    from test_speculative import REPEAT
+
+    from realm_wasm.engine import Engine
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_model(model)
+    want = "".join(e.text for e in Engine.load(model, backend="numpy").generate(REPEAT, 40))
+    r = realm("generate", "--model", str(model), "--backend", "numpy", "--prompt", REPEAT, "--max-tokens", "40",
+              "--lookup", "4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    drafted, accepted = map(int, re.search(r"drafted (\d+), accepted (\d+)", r.stderr).groups())
+    assert drafted >= accepted >= 0 and drafted > 0
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_a_draft_model_of_another_vocabulary_is_a_one_line_error(tmp_path, command):
+    from test_scheduler import write_tiny_model
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_model(model)
+    args = ["--prompt", "hi"] if command == "generate" else []
+    r = realm(command, "--model", str(model), "--backend", "numpy", "--draft", "gemma-3-270m-q4_k_m", *args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "--draft gemma-3-270m-q4_k_m.gguf: the draft model's vocabulary has 262144 tokens" in r.stderr

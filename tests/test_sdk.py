@@ -21,7 +21,7 @@ from realm_client import (
     RateLimitError,
     RealmClient,
 )
-from test_server_api import CHAT, KEYS, MAX_TOKENS, MODEL, N_CTX, PROMPTS, TENANTS_TOML, LiveServer
+from test_server_api import CHAT, COPY, KEYS, LOOKUP, MAX_TOKENS, MODEL, N_CTX, PROMPTS, TENANTS_TOML, LiveServer
 
 from realm_server.app import create_app
 from realm_server.service import load_model
@@ -82,6 +82,13 @@ def test_sync_http(client, expected):
     assert stream.usage.completion_tokens == MAX_TOKENS
     assert client.chat(CHAT, **GREEDY).text == expected["chat"]
     assert client.chat_stream(CHAT, **GREEDY).text() == expected["chat"]
+
+
+def test_sync_speculation_keeps_the_text_and_counts_drafts(client):
+    plain = client.complete(COPY, max_tokens=8, temperature=0)
+    assert plain.usage.drafted_tokens is None
+    done = client.complete(COPY, max_tokens=8, temperature=0, speculation=LOOKUP)
+    assert done.text == plain.text and done.usage.drafted_tokens >= done.usage.accepted_tokens > 0
 
 
 def test_sync_typed_errors(live, client):

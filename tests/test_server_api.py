@@ -181,8 +181,11 @@ def test_openapi_describes_the_api(http):
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
     schema = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    fields = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+    fields = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "speculation"}
     assert fields <= set(schema["properties"])
+    assert schema["properties"]["speculation"]["properties"]["method"]["enum"] == ["lookup", "draft"]
+    answer = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert {"drafted_tokens", "accepted_tokens"} <= set(answer["schema"]["properties"]["usage"]["properties"])
     assert "429" in doc["paths"]["/v1/chat/completions"]["post"]["responses"]
 
 
@@ -244,6 +247,61 @@ def test_same_seed_same_sample(http):
     first = http.post("/v1/completions", headers=auth("alpha"), json=request).json()["choices"][0]["text"]
     again = http.post("/v1/completions", headers=auth("beta"), json=request).json()["choices"][0]["text"]
     assert first == again
+
+
+# --- speculative decoding ------------------------------------------------------------------------
+
+COPY = "Copy this list exactly: red, green, blue, yellow, orange. Copy this list exactly: red, green, blue,"
+LOOKUP = {"method": "lookup", "max_draft": 4}
+
+
+def test_speculation_gives_the_same_text_and_counts_its_drafts(live, http):
+    """Greedy with prompt lookup is plain greedy, over JSON, SSE and the WebSocket; the model copies
+    the list, so the drafts from the prompt are tried and some accepted."""
+    request = {"model": MODEL, "prompt": COPY, "max_tokens": 8, "temperature": 0}
+    plain = http.post("/v1/completions", headers=auth("alpha"), json=request).json()
+    assert set(plain["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}  # no drafts: no counts
+    body = http.post("/v1/completions", headers=auth("alpha"), json={**request, "speculation": LOOKUP}).json()
+    assert body["choices"] == plain["choices"]
+    used = body["usage"]
+    assert used["completion_tokens"] == plain["usage"]["completion_tokens"] == 8
+    assert used["drafted_tokens"] >= used["accepted_tokens"] > 0
+    assert used["completion_tokens_details"] == {
+        "accepted_prediction_tokens": used["accepted_tokens"],
+        "rejected_prediction_tokens": used["drafted_tokens"] - used["accepted_tokens"]}
+    with http.stream("POST", "/v1/completions", headers=auth("alpha"), json={
+            **request, "speculation": LOOKUP, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = sse_events(r)
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == plain["choices"][0]["text"]
+    assert events[-2]["usage"] == used
+    with ws_connect(live, "alpha") as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        ws.send(json.dumps({"type": "generate", "id": "s", **request, "speculation": LOOKUP}))
+        messages = ws_read(ws)
+    assert "".join(m["text"] for m in messages if m["type"] == "token") == plain["choices"][0]["text"]
+    assert messages[-1]["usage"] == used
+
+
+def test_a_server_draft_model_drafts_for_requests_that_ask(tmp_path, tenants_file):
+    """The tiny model as its own draft model: greedy, every draft is accepted, and the text is the
+    engine's alone without speculation."""
+    from test_scheduler import N_CTX as TINY_CTX
+    from test_scheduler import write_tiny_model
+
+    from realm_wasm.engine import Engine
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_model(path)
+    want = "".join(e.text for e in Engine.load(path, backend="numpy", n_ctx=TINY_CTX).generate("Hello, world", 12))
+    served = load_model(path, backend="numpy", n_ctx=TINY_CTX, n_slots=2, draft=path)
+    with TestClient(create_app([served], load_tenants(tenants_file))) as client:
+        r = client.post("/v1/completions", headers=auth("alpha"), json={
+            "model": "tiny", "prompt": "Hello, world", "max_tokens": 12, "temperature": 0,
+            "speculation": {"method": "draft", "max_draft": 4}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == want
+    assert body["usage"]["accepted_tokens"] == body["usage"]["drafted_tokens"] > 0
 
 
 # --- the official openai package -------------------------------------------------------------------
@@ -354,6 +412,15 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "speculation": "lookup"}, 400, "speculation"),
+    ({"model": MODEL, "prompt": "x", "speculation": {"max_draft": 4}}, 400, "speculation.method"),
+    ({"model": MODEL, "prompt": "x", "speculation": {"method": "medusa"}}, 400, "speculation.method"),
+    ({"model": MODEL, "prompt": "x", "speculation": {"method": "draft"}}, 400, "speculation.method"),  # none loaded
+    ({"model": MODEL, "prompt": "x", "speculation": {"method": "lookup", "max_draft": 0}}, 400,
+     "speculation.max_draft"),
+    ({"model": MODEL, "prompt": "x", "speculation": {"method": "lookup", "max_draft": 33}}, 400,
+     "speculation.max_draft"),
+    ({"model": MODEL, "prompt": "x", "speculation": {"method": "lookup", "ngram": 9}}, 400, "speculation.ngram"),
 ]
 BAD_CHAT = [
     ({"model": MODEL}, 400, "messages"),

@@ -241,13 +241,16 @@ function forgetModel(why) {
   setBody("model", why);
 }
 
-function statsText({ ttftMs, tokensPerSecond, tokens, promptTokens, cachedTokens }) {
+function statsText({ ttftMs, tokensPerSecond, tokens, promptTokens, cachedTokens, draftedTokens, acceptedTokens }) {
   const parts = [];
   if (ttftMs !== null && ttftMs !== undefined) parts.push(`TTFT ${ms(ttftMs)}`);
   if (tokensPerSecond !== null && tokensPerSecond !== undefined) parts.push(`${tokensPerSecond.toFixed(1)} tok/s`);
   if (tokens !== undefined) parts.push(`${tokens} tokens`);
   if (promptTokens !== null && promptTokens !== undefined) {
     parts.push(`prompt ${promptTokens} tokens, ${cachedTokens ?? 0} reused from the KV cache`);
+  }
+  if (draftedTokens !== null && draftedTokens !== undefined) {
+    parts.push(`lookup drafted ${draftedTokens}, accepted ${acceptedTokens}`);
   }
   return parts.join(" · ");
 }
@@ -368,6 +371,7 @@ function samplingSettings() {
     topK: Math.round(readNumber("top-k", 0)),
     topP: readNumber("top-p", 1),
     seed: Math.round(readNumber("seed", 0)),
+    speculation: $("lookup").checked ? { method: "lookup", max_draft: 8 } : null,
   };
 }
 
@@ -501,11 +505,13 @@ function onDone(msg) {
   state.busy = null;
   state.generation = null;
   const stats = { ttftMs: msg.ttftMs, tokensPerSecond: msg.tokensPerSecond, tokens: msg.tokens,
-    promptTokens: msg.promptTokens, cachedTokens: msg.cachedTokens, finishReason: msg.finishReason };
+    promptTokens: msg.promptTokens, cachedTokens: msg.cachedTokens, draftedTokens: msg.draftedTokens,
+    acceptedTokens: msg.acceptedTokens, finishReason: msg.finishReason };
   $("stats").textContent = statsText(stats);
   // the exact numbers, for scripts (bench/bench_browser.py, bench/bench_chat_browser.py)
   Object.assign($("stats").dataset, { ttftMs: msg.ttftMs ?? "", tokensPerSecond: msg.tokensPerSecond ?? "",
-    tokens: msg.tokens, promptTokens: msg.promptTokens ?? "", cachedTokens: msg.cachedTokens ?? "" });
+    tokens: msg.tokens, promptTokens: msg.promptTokens ?? "", cachedTokens: msg.cachedTokens ?? "",
+    draftedTokens: msg.draftedTokens ?? "", acceptedTokens: msg.acceptedTokens ?? "" });
   if (gen && gen.kind === "chat") {
     gen.target.state = msg.reason === "stopped" ? "stopped" : "done";
     gen.target.stats = stats;

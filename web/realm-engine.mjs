@@ -19,17 +19,22 @@
 //                the runtime bundle are; pyodideBaseUrl, bundleUrl, pythonPackages override it
 //
 // engine.chat.completions.create({messages, stream, max_tokens, temperature, top_p, top_k, seed, stop,
-//                                 stream_options: {include_usage}})
+//                                 speculation, stream_options: {include_usage}})
 //   messages are rendered with the model's own chat template (from its GGUF; a base model gets a plain
 //   one). stream: true resolves to an async iterable of "chat.completion.chunk" objects; otherwise
 //   to one "chat.completion". A conversation's next turn re-reads only the new messages: the worker
 //   keeps the KV cache of the previous turn (usage.prompt_tokens_details.cached_tokens).
+//   speculation: {method: "lookup", max_draft (1-32, default 8), ngram (1-8, default 3)}, as the
+//   server takes it: prompt lookup drafts tokens the model verifies several a step, the same answer;
+//   usage then adds drafted_tokens, accepted_tokens and OpenAI's completion_tokens_details
+//   (accepted_prediction_tokens, rejected_prediction_tokens).
 // engine.completions.create({prompt, ...the same}) continues a text ("text_completion").
 // engine.abort()      ends the running generation: its stream ends with finish_reason "abort"
 // engine.load(url)    loads another model (the previous one is freed)
 // engine.unload()     frees the model and ends the worker; the engine cannot be used after it
 // engine.stats()      {model, loadMs, fromCache, last: {ttftMs, tokensPerSecond, promptTokens,
-//                      cachedTokens, completionTokens, totalMs}}; runtimeStatsText() in words
+//                      cachedTokens, completionTokens, draftedTokens, acceptedTokens, totalMs}};
+//                      runtimeStatsText() in words
 // Requests run one at a time, in the order they were made. Failures reject with a RealmEngineError
 // whose `code` is the worker's (worker.js lists them: "bad-model", "network", "context-overflow", ...).
 
@@ -103,6 +108,9 @@ function checkRequest(kind, req) {
     throw new RealmEngineError("bad-request", "prompt must be a string");
   }
   if (req.n !== undefined && req.n !== 1) throw new RealmEngineError("bad-request", "only n = 1 is supported");
+  if (req.speculation != null && typeof req.speculation?.method !== "string") {
+    throw new RealmEngineError("bad-request", 'speculation must be {method: "lookup", max_draft, ngram} or null');
+  }
 }
 
 function textOf(content) {
@@ -230,7 +238,8 @@ class RealmEngine {
         this.running = null;
         if (msg.type === "done") {
           this.last = { ttftMs: msg.ttftMs, tokensPerSecond: msg.tokensPerSecond, promptTokens: msg.promptTokens,
-            cachedTokens: msg.cachedTokens, completionTokens: msg.tokens, totalMs: msg.totalMs };
+            cachedTokens: msg.cachedTokens, completionTokens: msg.tokens, draftedTokens: msg.draftedTokens,
+            acceptedTokens: msg.acceptedTokens, totalMs: msg.totalMs };
           channel.push({ finish: msg });
           channel.end();
         } else {
@@ -244,6 +253,7 @@ class RealmEngine {
           : { prompt: req.prompt }),
         maxTokens: settings.max_tokens, temperature: settings.temperature, topK: settings.top_k,
         topP: settings.top_p, seed: settings.seed ?? Math.floor(Math.random() * 2 ** 31), stop,
+        speculation: req.speculation ?? null,
       });
     }));
     done.catch((err) => channel.fail(err));
@@ -255,10 +265,16 @@ class RealmEngine {
     const id = `${kind === "chat" ? "chatcmpl" : "cmpl"}-realm-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
     const created = Math.floor(Date.now() / 1000);
     const model = this.model?.id ?? "unloaded";
+    const drafts = (finish) => (finish.draftedTokens === null ? {} : {
+      drafted_tokens: finish.draftedTokens, accepted_tokens: finish.acceptedTokens,
+      completion_tokens_details: { accepted_prediction_tokens: finish.acceptedTokens,
+        rejected_prediction_tokens: finish.draftedTokens - finish.acceptedTokens },
+    });
     const usage = (finish) => ({
       prompt_tokens: finish.promptTokens ?? 0, completion_tokens: finish.tokens,
       total_tokens: (finish.promptTokens ?? 0) + finish.tokens,
       prompt_tokens_details: { cached_tokens: finish.cachedTokens ?? 0 },
+      ...drafts(finish),
     });
     const object = kind === "chat" ? "chat.completion" : "text_completion";
     if (!req.stream) {
@@ -317,8 +333,9 @@ class RealmEngine {
     const last = this.last;
     if (!last) return "no generation yet";
     const rate = last.tokensPerSecond === null ? "n/a" : `${last.tokensPerSecond.toFixed(1)} tok/s`;
+    const drafts = last.draftedTokens === null ? "" : `, ${last.draftedTokens} drafted, ${last.acceptedTokens} accepted`;
     return `time to first token ${Math.round(last.ttftMs ?? 0)} ms (prompt ${last.promptTokens} tokens, `
-      + `${last.cachedTokens} from the KV cache), decode ${rate}, ${last.completionTokens} tokens`;
+      + `${last.cachedTokens} from the KV cache), decode ${rate}, ${last.completionTokens} tokens${drafts}`;
   }
 }
 

@@ -54,6 +54,7 @@ from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
 from realm_wasm.gpu.weights import StreamedWeights
 from realm_wasm.sampling import SamplingParams
+from realm_wasm.speculative import Speculation
 from realm_wasm.wasm_kernels import WasmMatmul
 
 N_CTX = 2048  # context of the page's engine (the KV cache is sized for it at load)
@@ -92,6 +93,18 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise InvalidRequest(f"messages[{i}].content must be a string")
         checked.append({"role": m["role"], "content": m["content"]})
     return checked
+
+
+def check_speculation(speculation: Any) -> Speculation | None:
+    """The page's speculation option, {"method", "max_draft"?, "ngram"?} as the server takes it, or None."""
+    if speculation is None:
+        return None
+    if not isinstance(speculation, dict) or "method" not in speculation:
+        raise InvalidRequest('speculation must be {"method": "lookup", "max_draft": k, "ngram": n} or null')
+    unknown = set(speculation) - {"method", "max_draft", "ngram"}
+    if unknown:
+        raise InvalidRequest(f"speculation has unknown field(s) {', '.join(sorted(unknown))}")
+    return Speculation(**speculation)
 
 
 @dataclass(frozen=True)
@@ -320,17 +333,22 @@ class WorkerHost:
 
     async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                        max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                       seed: int = 0, stop: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+                       seed: int = 0, stop: list[str] | None = None,
+                       speculation: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events for worker.js: {"kind": "token", "tokenId": int | None, "text": str} for each
         token, then one {"kind": "finished", "reason": "stop" | "length", "promptTokens",
-        "completionTokens", "cachedTokens"}. Either `prompt` (text, completed as it is) or
-        `messages` (rendered with the model's chat template, whose stop sequences join `stop`);
-        the text of a stop sequence ends the generation and is not sent."""
+        "completionTokens", "cachedTokens"} (+ "draftedTokens", "acceptedTokens" with
+        `speculation`). Either `prompt` (text, completed as it is) or `messages` (rendered with the
+        model's chat template, whose stop sequences join `stop`); the text of a stop sequence ends
+        the generation and is not sent. `speculation` ({"method": "lookup", "max_draft", "ngram"},
+        as the server takes it; the page loads no draft model) drafts tokens to verify: the same
+        tokens, fewer steps where the text repeats itself."""
         if self.loaded is None:
             raise NoModel("load a model before generating")
         if (prompt is None) == (messages is None):
             raise InvalidRequest("give a prompt or chat messages, not both or neither")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        drafting = check_speculation(speculation)
         tokenizer, stops = self.loaded.engine.tokenizer, tuple(stop or ())
         if messages is not None:
             chat = self.loaded.chat.render(check_messages(messages))
@@ -338,7 +356,8 @@ class WorkerHost:
             stops += chat.stop
         else:
             ids = tokenizer.encode(prompt)
-        events = self.loaded.engine.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stops)
+        events = self.loaded.engine.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stops,
+                                             speculation=drafting)
         try:
             while True:
                 try:
@@ -352,8 +371,10 @@ class WorkerHost:
             raise
         finally:
             events.close()  # stopped early (worker.js closes us): frees the slot, keeps its KV
+        drafts = {"draftedTokens": finished.drafted_tokens, "acceptedTokens": finished.accepted_tokens}
         yield {"kind": "finished", "reason": finished.reason, "promptTokens": finished.prompt_tokens,
-               "completionTokens": finished.completion_tokens, "cachedTokens": finished.cached_tokens}
+               "completionTokens": finished.completion_tokens, "cachedTokens": finished.cached_tokens,
+               **(drafts if drafting is not None else {})}
 
 
 HOST = WorkerHost()

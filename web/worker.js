@@ -15,12 +15,14 @@
 //        download a model (from the Cache API when it holds `url`, else the network, storing it
 //        there on the way) and stream it, chunk by chunk, into the Python model sink.
 //        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
-//   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop}
+//   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop, speculation}
 //        prompt: text to complete as it is; messages: [{role: "system" | "user" | "assistant",
 //        content}], rendered with the model's chat template in Python (a base model's is the plain
 //        one). A chat's next turn sends the whole conversation again: the KV cache still holds the
 //        previous turn, so only the new message is read (done.cachedTokens says how much was reused).
 //        stop: strings that end the generation (cut from the text, in Python: realm_wasm/scheduler.py)
+//        speculation: null, or {method: "lookup", max_draft, ngram} as the server's API takes it:
+//        drafted tokens verified several a step, the same tokens (done.draftedTokens/acceptedTokens)
 //   {type: "stop"}               stop the running load or generation (it ends with its usual event)
 //   {type: "unload", id}         free the loaded model (its GPU buffers, its KV cache)
 //   {type: "stats", id}          what is loaded now
@@ -42,10 +44,11 @@
 //        after the first over the time since the first (null until there are two)
 //   {type: "cancelled", id}                                  a load ended by "stop"
 //   {type: "done", id, reason: "finished" | "stopped", finishReason: "stop" | "length" | "abort",
-//        tokens, promptTokens, cachedTokens, ttftMs, tokensPerSecond, totalMs}
+//        tokens, promptTokens, cachedTokens, draftedTokens, acceptedTokens, ttftMs, tokensPerSecond, totalMs}
 //        finishReason: end of text or a stop sequence | max tokens | "stop" was sent (OpenAI's
 //        words, and WebLLM's "abort"); cachedTokens: prompt tokens whose KV entries were reused
-//        (null when stopped)
+//        (null when stopped); draftedTokens/acceptedTokens: with speculation, tokens drafted and
+//        accepted (null without it, or when stopped)
 //   {type: "unloaded", id}
 //   {type: "stats", id, model: {...as in "loaded"} | null, kvTokens, wasmHeapBytes}
 //   {type: "cache", available, entries: [{url, bytes}], usage, quota}   after init, load, clearCache
@@ -311,7 +314,9 @@ async function forgetCached(url, stored) {
   }
 }
 
-async function generate({ id, prompt, messages, maxTokens, temperature, topK, topP, seed, stop = [] }) {
+async function generate({
+  id, prompt, messages, maxTokens, temperature, topK, topP, seed, stop = [], speculation = null,
+}) {
   job = { kind: "generate", id, stopped: false, abort: null };
   const started = performance.now();
   let tokens = 0;
@@ -322,6 +327,7 @@ async function generate({ id, prompt, messages, maxTokens, temperature, topK, to
     events = host.generate.callKwargs({
       prompt: prompt ?? null, messages: messages ? pyodide.toPy(messages) : null, max_tokens: maxTokens,
       temperature, top_k: topK, top_p: topP, seed, stop: pyodide.toPy(stop),
+      speculation: speculation ? pyodide.toPy(speculation) : null,
     });
     for (;;) {
       if (job.stopped) {
@@ -353,6 +359,8 @@ async function generate({ id, prompt, messages, maxTokens, temperature, topK, to
       tokens,
       promptTokens: finished ? finished.promptTokens : null,
       cachedTokens: finished ? finished.cachedTokens : null,
+      draftedTokens: finished?.draftedTokens ?? null,
+      acceptedTokens: finished?.acceptedTokens ?? null,
       ttftMs: firstAt === null ? null : firstAt - started,
       tokensPerSecond: tokens > 1 ? (tokens - 1) / ((end - firstAt) / 1000) : null,
       totalMs: end - started,

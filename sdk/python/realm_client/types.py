@@ -22,6 +22,7 @@ class GenerationParams(TypedDict, total=False):
     seed: int
     stop: str | Sequence[str]
     lora: Sequence[dict[str, Any]]  # LoRA adapters [{"id": ..., "scale": ...}]; [] = none, omitted = tenant's default
+    speculation: dict[str, Any]  # speculative decoding {"method": "lookup" | "draft", "max_draft": k, "ngram": n}
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    drafted_tokens: int | None = None  # a request that speculated: tokens drafted, and those accepted
+    accepted_tokens: int | None = None
+
+    @classmethod
+    def of(cls, usage: dict[str, Any]) -> Usage:
+        """A response's usage (its completion_tokens_details only repeat the drafts, as OpenAI names them)."""
+        return cls(**{k: v for k, v in usage.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ def generation_body(model: str, prompt: str | list[int] | None, messages: Sequen
 def parse_completion(body: dict[str, Any]) -> Completion:
     choice = body["choices"][0]
     text = choice["message"]["content"] if "message" in choice else choice["text"]
-    return Completion(body["id"], body["model"], text, choice["finish_reason"], Usage(**body["usage"]))
+    return Completion(body["id"], body["model"], text, choice["finish_reason"], Usage.of(body["usage"]))
 
 
 def parse_models(body: dict[str, Any]) -> list[ModelInfo]:
@@ -108,7 +116,7 @@ class SSEDecoder:
         if "error" in event:
             raise error_from(500, event)
         if event.get("usage"):
-            self.usage = Usage(**event["usage"])
+            self.usage = Usage.of(event["usage"])
         if not event.get("choices"):
             return None
         choice = event["choices"][0]
@@ -136,5 +144,5 @@ def ws_chunk(message: dict[str, Any]) -> tuple[Chunk | None, Usage | None]:
     if kind == "token":
         return Chunk(message["text"]), None
     if kind == "done":
-        return Chunk("", message["finish_reason"]), Usage(**message["usage"])
+        return Chunk("", message["finish_reason"]), Usage.of(message["usage"])
     raise error_from(message.get("status", 500), message, message.get("retry_after"))
