@@ -77,9 +77,10 @@ PREFILL_CHUNK = 256  # tokens per step by default: bounds activation memory on e
 # Fewer shared tokens are re-read rather than reused: a step of up to ~16 tokens costs about what
 # one decode step costs (mat-vec kernels), so reusing them saves nothing measurable.
 MIN_REUSE = 16
-# Steps queued behind the one being read. One hides the host's own work; a browser's read-back of a
-# mapped buffer takes longer than a small model's step, so more are queued (each ends at most one
-# wasted row per finished sequence).
+# Decode steps queued behind the one being read: the GPU always has the next ones while the host
+# reads, streams and checks stops. Measured on the H200 (docs/benchmarks.md, 2026-12-03), 1 -> 3 gave
+# native 951 -> 970-1035 tok/s and the page 376 -> 407; 6 made the page slower (313). Each costs at most
+# one wasted row per sequence that finishes.
 RUN_AHEAD = 3
 GREEDY = SamplingParams()
 
