@@ -133,7 +133,7 @@ FAKE_GENERATE = """
 from realm_web_host import HOST
 from realm_wasm.scheduler import Finished, TokenEvent
 
-def hostile_generate(ids, max_tokens=64, sampling=None, stop_at_eos=True, stop=()):
+def hostile_generate(ids, max_tokens=64, **settings):  # sampling, stops, speculation, lora: unused
     text = TEXT
     for i in range(0, len(text), 7):
         yield TokenEvent(1, text[i:i + 7], i // 7, 0.0)
