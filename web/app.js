@@ -142,7 +142,8 @@ function refreshButtons() {
   $("send").hidden = state.busy === "generate";
   $("chat-stop").hidden = state.busy !== "generate";
   $("new-chat").disabled = state.busy === "generate";
-  for (const button of document.querySelectorAll("#chat-list button, #chat-log .actions button, #adapter-list button")) {
+  const listed = "#chat-list button, #chat-log .actions button, #adapter-list button";
+  for (const button of document.querySelectorAll(listed)) {
     button.disabled = state.busy === "generate" || (button.dataset.needsModel && !state.modelLoaded);
   }
   setBody("busy", state.busy || "");
@@ -271,7 +272,9 @@ function renderAdapters() {
     const on = make("input", { type: "checkbox", className: "adapter-on", checked: adapter.on });
     on.addEventListener("change", () => { adapter.on = on.checked; });
     const scale = make("input", { type: "number", className: "adapter-scale", step: 0.1, value: adapter.scale });
-    scale.addEventListener("input", () => { adapter.scale = Number.isFinite(Number(scale.value)) ? Number(scale.value) : 1; });
+    scale.addEventListener("input", () => {
+      adapter.scale = Number.isFinite(Number(scale.value)) ? Number(scale.value) : 1;
+    });
     const unload = make("button", { type: "button", className: "adapter-unload link", textContent: "unload" });
     unload.addEventListener("click", () => send({ type: "unloadAdapter", id: state.nextId++, name: adapter.id }));
     const facts = `rank ${adapter.rank}, ${adapter.tensors} tensors, ${formatBytes(adapter.bytes)}`;
@@ -577,7 +580,7 @@ function onMessage(msg) {
       break;
     }
     case "progress":
-      if (state.busy === "adapter") $("adapter-status").textContent = `downloading the adapter: ${formatBytes(msg.loaded)}`;
+      if (state.busy === "adapter") $("adapter-status").textContent = `downloading: ${formatBytes(msg.loaded)}`;
       else renderProgress(msg);
       break;
     case "adapterLoaded":
