@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import CHROMIUM, ROOT, LiveServer, NativeChat, build_site_assets, chromium_flags, live_server
+from harness import CHROMIUM, LORA_ADAPTER, ROOT, LiveServer, NativeChat, build_site_assets, chromium_flags, live_server
 
 from realm_wasm.model_files import CHAT_MODEL, chat_model_path, default_model_path
 
 # llama.cpp's outputs for the default model (tests/golden.py reads the same folder)
 GOLDEN_DIR = Path(os.environ.get("REALM_GOLDEN_DIR") or ROOT.parent / "shared" / "golden") / "gemma-3-270m-q4_k_m"
+LORA_GOLDEN_DIR = GOLDEN_DIR.parent / "lora-gemma-3-270m"  # a LoRA adapter for it, and llama.cpp's outputs with it
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -71,13 +73,14 @@ def paris() -> dict:
 
 @pytest.fixture(scope="session")
 def extra_models(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Path:
-    """A model folder of broken files, and a tiny well-formed GGUF (written with the gguf package)
-    that cannot run: it has no tokenizer."""
+    """A model folder of broken files, a tiny well-formed GGUF (written with the gguf package)
+    that cannot run (it has no tokenizer), and the golden LoRA adapter for the default model."""
     import gguf
 
     d = tmp_path_factory.mktemp("extra-models")
     # random bytes, large enough that reading it to the end would show in the server log
     (d / "corrupt.gguf").write_bytes(np.random.default_rng(7).bytes(64 << 20))
+    shutil.copyfile(LORA_GOLDEN_DIR / "adapter.gguf", d / LORA_ADAPTER)
     # a real header whose tensor data is cut off
     with default_model.open("rb") as f:
         (d / "truncated.gguf").write_bytes(f.read(16 << 20))

@@ -47,6 +47,9 @@ GENERATE_TIMEOUT_MS = 600_000
 # so does the page. Not the Paris question: llama.cpp answers that one "L'Étoile, la Marseillaise, ..." (its
 # first two tokens 0.35 apart), the page with its kernel too, and a float32 engine "The capital of France is Paris."
 QUESTION = "Name three primary colors."
+# the golden LoRA adapter for the default model (../shared/golden/lora-gemma-3-270m), as the
+# e2e server serves it (conftest's extra_models)
+LORA_ADAPTER = "lora-golden.gguf"
 
 
 def chromium_flags(webgpu: bool = True) -> list[str]:

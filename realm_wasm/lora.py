@@ -117,7 +117,9 @@ def read_adapter(source: str | Path | bytes | bytearray | memoryview, plan: Plan
     return _check(header, data, plan, label)
 
 
-def _check(header: GGUFHeader, data: np.ndarray, plan: Plan, label: str) -> Adapter:
+def check_header(header: GGUFHeader, plan: Plan, label: str) -> dict[str, dict[str, TensorInfo]]:
+    """Check an adapter's header against a model (all but its tensor data: the page checks a
+    download after its first bytes); returns its tensors, adapted weight -> {"a": A, "b": B}."""
     meta = header.metadata
     for key, want in (("general.type", "adapter"), ("adapter.type", "lora")):
         if meta.get(key) != want:
@@ -137,7 +139,6 @@ def _check(header: GGUFHeader, data: np.ndarray, plan: Plan, label: str) -> Adap
     if not halves:
         raise BadAdapter(f"adapter {label} has no tensors")
     adaptable = adaptable_weights(plan)
-    pairs = {}
     for base, half in halves.items():
         if base not in plan.weights:
             raise BadAdapter(f"adapter {label}: tensor {next(iter(half.values())).name!r} adapts {base!r}, "
@@ -145,12 +146,11 @@ def _check(header: GGUFHeader, data: np.ndarray, plan: Plan, label: str) -> Adap
         if base not in adaptable:
             raise BadAdapter(f"adapter {label}: tensor {next(iter(half.values())).name!r} adapts {base!r}, which "
                              "is not a matmul weight over the tokens (embeddings and the output head take no adapter)")
-        pairs[base] = _pair(base, half, plan.weights[base], data, alpha, label)
-    return Adapter(label, arch, alpha, pairs)
+        _check_pair(base, half, plan.weights[base], label)
+    return halves
 
 
-def _pair(base: str, half: dict[str, TensorInfo], w: TensorInfo, data: np.ndarray, alpha: float,
-          label: str) -> LoraPair:
+def _check_pair(base: str, half: dict[str, TensorInfo], w: TensorInfo, label: str) -> None:
     for part in "ab":
         if part not in half:
             raise BadAdapter(f"adapter {label}: {base}.lora_{'ab'[part == 'a']} has no {base}.lora_{part}")
@@ -165,12 +165,21 @@ def _pair(base: str, half: dict[str, TensorInfo], w: TensorInfo, data: np.ndarra
             raise BadAdapter(f"adapter {label}: {t.name} is {quant_type(t.type_id).name} "
                              f"(adapter tensors may be {', '.join(LORA_TYPES)})")
 
+
+def _check(header: GGUFHeader, data: np.ndarray, plan: Plan, label: str) -> Adapter:
+    halves = check_header(header, plan, label)
+    alpha = float(header.metadata.get("adapter.lora.alpha", 0.0))
+    pairs = {base: _pair(half, data, alpha) for base, half in halves.items()}
+    return Adapter(label, plan.arch, alpha, pairs)
+
+
+def _pair(half: dict[str, TensorInfo], data: np.ndarray, alpha: float) -> LoraPair:
     def matrix(t: TensorInfo) -> np.ndarray:
         raw = data[t.offset:t.offset + t.nbytes]
         return np.ascontiguousarray(dequantize(raw, t.type_id, t.shape), np.float32)
 
-    scale = np.float32(alpha / rank) if alpha else np.float32(1.0)
-    return LoraPair(matrix(a), np.ascontiguousarray(matrix(b) * scale))
+    scale = np.float32(alpha / half["a"].dims[-1]) if alpha else np.float32(1.0)
+    return LoraPair(matrix(half["a"]), np.ascontiguousarray(matrix(half["b"]) * scale))
 
 
 # --- applying adapters ------------------------------------------------------------------------------

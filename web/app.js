@@ -47,9 +47,10 @@ const TITLE_CHARS = 48;
 const state = {
   worker: null,
   ready: false,
-  busy: null, // "load" | "generate" while the worker works on one
+  busy: null, // "load" | "adapter" | "generate" while the worker works on one
   modelLoaded: false,
   model: null, // the "loaded" event's model description
+  adapters: [], // the model's LoRA adapters: the worker's description + {on, scale} as set here
   nextId: 1,
   config: DEFAULT_CONFIG,
   cachedUrls: new Set(), // model URLs the browser's Cache API holds
@@ -132,6 +133,7 @@ function touch(chat) {
 function refreshButtons() {
   const idle = state.ready && !state.busy;
   $("load").disabled = !idle;
+  $("adapter-load").disabled = !(idle && state.modelLoaded);
   $("load-stop").hidden = state.busy !== "load";
   $("clear-cache").disabled = !idle;
   $("generate").disabled = !(idle && state.modelLoaded);
@@ -140,7 +142,8 @@ function refreshButtons() {
   $("send").hidden = state.busy === "generate";
   $("chat-stop").hidden = state.busy !== "generate";
   $("new-chat").disabled = state.busy === "generate";
-  for (const button of document.querySelectorAll("#chat-list button, #chat-log .actions button")) {
+  const listed = "#chat-list button, #chat-log .actions button, #adapter-list button";
+  for (const button of document.querySelectorAll(listed)) {
     button.disabled = state.busy === "generate" || (button.dataset.needsModel && !state.modelLoaded);
   }
   setBody("busy", state.busy || "");
@@ -236,6 +239,8 @@ function renderModel({ model, fromCache, ms: took, wasmHeapBytes }) {
 function forgetModel(why) {
   state.modelLoaded = false;
   state.model = null;
+  setAdapters([]);
+  $("adapter-status").textContent = "";
   $("model-info").textContent = "";
   $("backend-info").textContent = "";
   setBody("model", why);
@@ -253,6 +258,30 @@ function statsText({ ttftMs, tokensPerSecond, tokens, promptTokens, cachedTokens
     parts.push(`lookup drafted ${draftedTokens}, accepted ${acceptedTokens}`);
   }
   return parts.join(" · ");
+}
+
+// The adapters the worker lists, keeping the switch and scale of those already here.
+function setAdapters(described) {
+  const before = new Map(state.adapters.map((a) => [a.id, a]));
+  state.adapters = described.map((a) => ({ on: true, scale: 1, ...before.get(a.id), ...a }));
+  renderAdapters();
+}
+
+function renderAdapters() {
+  $("adapter-list").replaceChildren(...state.adapters.map((adapter) => {
+    const on = make("input", { type: "checkbox", className: "adapter-on", checked: adapter.on });
+    on.addEventListener("change", () => { adapter.on = on.checked; });
+    const scale = make("input", { type: "number", className: "adapter-scale", step: 0.1, value: adapter.scale });
+    scale.addEventListener("input", () => {
+      adapter.scale = Number.isFinite(Number(scale.value)) ? Number(scale.value) : 1;
+    });
+    const unload = make("button", { type: "button", className: "adapter-unload link", textContent: "unload" });
+    unload.addEventListener("click", () => send({ type: "unloadAdapter", id: state.nextId++, name: adapter.id }));
+    const facts = `rank ${adapter.rank}, ${adapter.tensors} tensors, ${formatBytes(adapter.bytes)}`;
+    return make("li", { dataset: { adapterId: adapter.id } }, [
+      make("label", {}, [on, ` ${adapter.id}`]), make("label", {}, ["scale ", scale]),
+      make("span", { className: "muted", textContent: facts }), unload]);
+  }));
 }
 
 function renderCache({ available, entries, usage, quota }) {
@@ -372,6 +401,7 @@ function samplingSettings() {
     topP: readNumber("top-p", 1),
     seed: Math.round(readNumber("seed", 0)),
     speculation: $("lookup").checked ? { method: "lookup", max_draft: 8 } : null,
+    lora: state.adapters.filter((a) => a.on).map((a) => ({ id: a.id, scale: a.scale })),
   };
 }
 
@@ -550,7 +580,20 @@ function onMessage(msg) {
       break;
     }
     case "progress":
-      renderProgress(msg);
+      if (state.busy === "adapter") $("adapter-status").textContent = `downloading: ${formatBytes(msg.loaded)}`;
+      else renderProgress(msg);
+      break;
+    case "adapterLoaded":
+      state.busy = null;
+      setAdapters(msg.adapters);
+      $("adapter-status").textContent = `${msg.adapter.id} loaded${msg.fromCache ? " from the browser cache" : ""} `
+        + `in ${ms(msg.ms)}`;
+      setBody("adapter", "loaded");
+      break;
+    case "adapterUnloaded":
+      setAdapters(msg.adapters);
+      $("adapter-status").textContent = `${msg.name} unloaded`;
+      setBody("adapter", "unloaded");
       break;
     case "loaded":
       state.busy = null;
@@ -559,6 +602,8 @@ function onMessage(msg) {
       renderModel(msg);
       // an instruct model chats; a base model completes text (it can chat with the plain template too)
       setMode(msg.model.chatTemplate === "gguf" ? "chat" : "completion");
+      $("adapter-status").textContent = `room for ${msg.model.maxAdapters} adapters`
+        + (msg.model.maxLoraRank ? ` of rank up to ${msg.model.maxLoraRank}` : "");
       setBody("model", "loaded");
       break;
     case "cancelled":
@@ -592,6 +637,9 @@ function onError({ id, code, message, fatal }) {
       forgetModel("failed");
       $("progress").hidden = true;
       $("progress-text").textContent = "";
+    } else if (state.busy === "adapter") {
+      $("adapter-status").textContent = "the adapter did not load";
+      setBody("adapter", "failed");
     } else {
       const gen = state.generation;
       if (gen && gen.kind === "chat") {
@@ -671,6 +719,22 @@ function wireControls() {
     refreshButtons();
   });
   $("load-stop").addEventListener("click", () => send({ type: "stop" }));
+  $("adapter-load").addEventListener("click", () => {
+    const raw = $("adapter-url").value.trim();
+    if (!raw) {
+      showError("bad-request", "paste the URL of a LoRA adapter (.gguf)");
+      return;
+    }
+    const url = new URL(raw, location.href).href;
+    // its id: the file's name, as a generation's lora names it
+    const name = decodeURIComponent(new URL(url).pathname.split("/").pop() || "adapter").replace(/\.gguf$/i, "");
+    clearError();
+    state.busy = "adapter";
+    setBody("adapter", "loading");
+    $("adapter-status").textContent = `loading ${name}…`;
+    send({ type: "loadAdapter", id: state.nextId++, url, name });
+    refreshButtons();
+  });
   $("generate").addEventListener("click", () => {
     const style = STYLES[$("style").value];
     const prompt = style.prompt($("prompt").value);

@@ -19,7 +19,7 @@
 //                the runtime bundle are; pyodideBaseUrl, bundleUrl, pythonPackages override it
 //
 // engine.chat.completions.create({messages, stream, max_tokens, temperature, top_p, top_k, seed, stop,
-//                                 speculation, stream_options: {include_usage}})
+//                                 speculation, lora, stream_options: {include_usage}})
 //   messages are rendered with the model's own chat template (from its GGUF; a base model gets a plain
 //   one). stream: true resolves to an async iterable of "chat.completion.chunk" objects; otherwise
 //   to one "chat.completion". A conversation's next turn re-reads only the new messages: the worker
@@ -28,9 +28,13 @@
 //   server takes it: prompt lookup drafts tokens the model verifies several a step, the same answer;
 //   usage then adds drafted_tokens, accepted_tokens and OpenAI's completion_tokens_details
 //   (accepted_prediction_tokens, rejected_prediction_tokens).
+//   lora: [{id, scale}] (scale default 1), as the server takes it: loaded LoRA adapters to apply.
 // engine.completions.create({prompt, ...the same}) continues a text ("text_completion").
 // engine.abort()      ends the running generation: its stream ends with finish_reason "abort"
-// engine.load(url)    loads another model (the previous one is freed)
+// engine.load(url)    loads another model (the previous one is freed, and its adapters)
+// engine.loadAdapter(url, {id})  loads a LoRA adapter (llama.cpp's GGUF adapter format) for the model,
+//                     under `id` (default: the file's name); resolves to {id, rank, alpha, tensors, bytes}
+// engine.unloadAdapter(id)       frees it; engine.adapters lists the loaded ones
 // engine.unload()     frees the model and ends the worker; the engine cannot be used after it
 // engine.stats()      {model, loadMs, fromCache, last: {ttftMs, tokensPerSecond, promptTokens,
 //                      cachedTokens, completionTokens, draftedTokens, acceptedTokens, totalMs}};
@@ -108,6 +112,9 @@ function checkRequest(kind, req) {
     throw new RealmEngineError("bad-request", "prompt must be a string");
   }
   if (req.n !== undefined && req.n !== 1) throw new RealmEngineError("bad-request", "only n = 1 is supported");
+  if (req.lora != null && !(Array.isArray(req.lora) && req.lora.every((a) => typeof a?.id === "string"))) {
+    throw new RealmEngineError("bad-request", "lora must be an array of {id, scale}");
+  }
   if (req.speculation != null && typeof req.speculation?.method !== "string") {
     throw new RealmEngineError("bad-request", 'speculation must be {method: "lookup", max_draft, ngram} or null');
   }
@@ -127,6 +134,7 @@ class RealmEngine {
     this.queue = Promise.resolve(); // requests run one after another
     this.running = null; // id of the generation in progress
     this.model = null;
+    this.adapters = []; // the model's LoRA adapters, as the worker last listed them
     this.loadInfo = null;
     this.last = null;
     this.dead = null; // a RealmEngineError once the worker cannot go on
@@ -195,19 +203,24 @@ class RealmEngine {
     return run;
   }
 
+  downloadProgress(msg, url) {
+    const pct = msg.percent === null ? "" : ` ${msg.percent.toFixed(0)}%`;
+    this.progress({ progress: msg.percent === null ? 0 : msg.percent / 100, loaded: msg.loaded, total: msg.total,
+      fromCache: msg.fromCache, text: `${msg.fromCache ? "reading from the cache" : "downloading"} ${url}${pct}` });
+  }
+
   load(url, { backend = this.options.backend ?? "auto" } = {}) {
     const absolute = new URL(url, globalThis.location?.href ?? this.baseUrl).href;
     return this.request((id) => new Promise((resolve, reject) => {
       this.handlers.set(id, (msg) => {
         if (msg.type === "progress") {
-          const pct = msg.percent === null ? "" : ` ${msg.percent.toFixed(0)}%`;
-          this.progress({ progress: msg.percent === null ? 0 : msg.percent / 100, loaded: msg.loaded, total: msg.total,
-            fromCache: msg.fromCache, text: `${msg.fromCache ? "reading from the cache" : "downloading"} ${url}${pct}` });
+          this.downloadProgress(msg, url);
           return;
         }
         this.handlers.delete(id);
         if (msg.type === "loaded") {
           this.model = { ...msg.model, id: modelName(absolute), url: absolute };
+          this.adapters = [];
           this.loadInfo = { loadMs: msg.ms, fromCache: msg.fromCache, wasmHeapBytes: msg.wasmHeapBytes };
           this.progress({ progress: 1, text: `${this.model.id} ready`, loaded: msg.model.bytes, total: msg.model.bytes,
             fromCache: msg.fromCache });
@@ -217,6 +230,42 @@ class RealmEngine {
         }
       });
       this.worker.postMessage({ type: "load", id, url: absolute, backend });
+    }));
+  }
+
+  loadAdapter(url, { id } = {}) {
+    const absolute = new URL(url, globalThis.location?.href ?? this.baseUrl).href;
+    const name = id ?? modelName(absolute);
+    return this.request((requestId) => new Promise((resolve, reject) => {
+      this.handlers.set(requestId, (msg) => {
+        if (msg.type === "progress") {
+          this.downloadProgress(msg, url);
+          return;
+        }
+        this.handlers.delete(requestId);
+        if (msg.type === "adapterLoaded") {
+          this.adapters = msg.adapters;
+          resolve(msg.adapter);
+        } else {
+          reject(new RealmEngineError(msg.type === "cancelled" ? "cancelled" : msg.code, msg.message ?? "load stopped"));
+        }
+      });
+      this.worker.postMessage({ type: "loadAdapter", id: requestId, url: absolute, name });
+    }));
+  }
+
+  unloadAdapter(name) {
+    return this.request((id) => new Promise((resolve, reject) => {
+      this.handlers.set(id, (msg) => {
+        this.handlers.delete(id);
+        if (msg.type === "adapterUnloaded") {
+          this.adapters = msg.adapters;
+          resolve();
+        } else {
+          reject(new RealmEngineError(msg.code, msg.message));
+        }
+      });
+      this.worker.postMessage({ type: "unloadAdapter", id, name });
     }));
   }
 
@@ -253,7 +302,7 @@ class RealmEngine {
           : { prompt: req.prompt }),
         maxTokens: settings.max_tokens, temperature: settings.temperature, topK: settings.top_k,
         topP: settings.top_p, seed: settings.seed ?? Math.floor(Math.random() * 2 ** 31), stop,
-        speculation: req.speculation ?? null,
+        speculation: req.speculation ?? null, lora: req.lora ?? null,
       });
     }));
     done.catch((err) => channel.fail(err));
@@ -347,11 +396,14 @@ export async function createEngine(options = {}) {
     chat: { completions: { create: (req) => inner.create("chat", req) } },
     completions: { create: (req) => inner.create("completion", req) },
     load: (url, opts) => inner.load(url, opts),
+    loadAdapter: (url, opts) => inner.loadAdapter(url, opts),
+    unloadAdapter: (id) => inner.unloadAdapter(id),
     abort: () => inner.abort(),
     unload: () => inner.unload(),
     stats: () => inner.stats(),
     runtimeStatsText: () => inner.runtimeStatsText(),
     get model() { return inner.model; },
+    get adapters() { return inner.adapters; },
     get runtime() { return inner.runtime; },
   };
   if (options.model) await inner.load(options.model);

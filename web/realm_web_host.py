@@ -21,6 +21,12 @@ sits in the wasm heap. numpy: the file's bytes are kept in the heap, and that ex
 from them: its WebAssembly SIMD kernel (realm_wasm/wasm_kernels.py) multiplies the quantized
 weights where they lie, so the heap holds about the file plus activations.
 
+LoRA adapters (realm_wasm/lora.py, llama.cpp's GGUF adapter format) stream in through the same
+sink interface (`HOST.open_adapter(name)`): the header is checked against the loaded model from the
+first bytes (a model file, or another architecture's adapter, fails before the rest downloads),
+and `end()` loads the adapter into the engine under its name. A generation names the ones it
+applies (`lora`: [{"id", "scale"}], the server's request field). A new model has none.
+
 Generation (`HOST.generate`) is an async generator: worker.js awaits each event, which lets the
 WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.py). It takes a
 prompt (completion) or chat messages, which are rendered with the model's own chat template
@@ -53,6 +59,8 @@ from realm_wasm.gguf import GGUFError, GGUFHeader, GGUFNeedMoreData, parse_heade
 from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
 from realm_wasm.gpu.weights import StreamedWeights
+from realm_wasm.lora import Adapter, AdapterConflict, BadAdapter, adaptable_weights, check_header
+from realm_wasm.plan import Plan
 from realm_wasm.sampling import SamplingParams
 from realm_wasm.speculative import Speculation
 from realm_wasm.wasm_kernels import WasmMatmul
@@ -62,6 +70,21 @@ N_CTX = 2048  # context of the page's engine (the KV cache is sized for it at lo
 # model's 671 MB f32 embedding would not fit), and are dequantized a chunk of rows at a time
 EAGER_LIMIT = 64 << 20
 CPU_KERNEL = True  # numpy: multiply with the SIMD kernel (bench/bench_browser.py turns it off to compare)
+# LoRA adapter slots of the page's engine. numpy holds an adapter in the heap at its own size, of any
+# rank. The GPU preallocates every slot, at the largest rank, for every adapted weight of every model
+# loaded, adapters or not (and slots cost ~5% of decode speed: docs/benchmarks.md, LoRA): its rank is
+# the highest of LORA_RANKS whose pools fit LORA_GPU_BYTES: 32 for the default model (121 MB), 16 for
+# SmolLM2-135M (78 MB), 8 for a 7B (320 MB, a tenth of its weights) rather than 1.3 GB at rank 32.
+MAX_ADAPTERS = 4
+LORA_GPU_BYTES = 128 << 20
+LORA_RANKS = (64, 32, 16, 8)  # the last whatever the model
+
+
+def max_lora_rank(plan: Plan) -> int:
+    """The GPU's adapter rank for this model (see LORA_GPU_BYTES): A [rank, n_in] and B [n_out,
+    rank] of float32 per slot for each adapted weight."""
+    per_rank = 4 * MAX_ADAPTERS * sum(sum(plan.weights[name].dims) for name in adaptable_weights(plan))
+    return next((rank for rank in LORA_RANKS if rank * per_rank <= LORA_GPU_BYTES), LORA_RANKS[-1])
 
 
 class NoModel(RealmError, RuntimeError):
@@ -107,6 +130,30 @@ def check_speculation(speculation: Any) -> Speculation | None:
     return Speculation(**speculation)
 
 
+def check_lora(lora: Any) -> list[tuple[str, float]]:
+    """The page's lora option, [{"id", "scale"?}] as the server takes it (scale 1 when left out), as
+    (adapter name, scale) pairs; the engine checks that each is loaded."""
+    if lora is None:
+        return []
+    shape = 'lora must be a list of {"id": adapter name, "scale": number}'
+    if not isinstance(lora, list):
+        raise InvalidRequest(shape)
+    pairs = []
+    for i, a in enumerate(lora):
+        if not isinstance(a, dict) or not isinstance(a.get("id"), str) or set(a) - {"id", "scale"}:
+            raise InvalidRequest(f"{shape}; lora[{i}] is {a!r}")
+        scale = a.get("scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+            raise InvalidRequest(f"lora[{i}].scale must be a number, got {scale!r}")
+        pairs.append((a["id"], 1.0 if scale is None else float(scale)))
+    return pairs
+
+
+def describe_adapter(name: str, adapter: Adapter) -> dict[str, Any]:
+    return {"id": name, "rank": adapter.rank, "alpha": adapter.alpha, "tensors": len(adapter.pairs),
+            "bytes": adapter.nbytes}
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     header: GGUFHeader
@@ -130,6 +177,8 @@ class LoadedModel:
             "backendNote": self.choice.note,
             "nCtx": self.engine.n_ctx,
             "chatTemplate": self.chat.source,  # "gguf": an instruct model's own; "plain": a base model
+            "maxAdapters": self.engine.executor.max_adapters,
+            "maxLoraRank": getattr(self.engine.executor, "max_lora_rank", None),  # None: any (numpy)
         }
 
     def close(self) -> None:
@@ -174,7 +223,7 @@ class DeviceWeights:
     async def executor(self, model: Model, n_ctx: int) -> Executor:
         # the page decodes one sequence: 8 logit rows (8 MiB for a 262k vocab) rather than 256 MiB
         executor = GpuExecutor(model.plan, self.store, n_ctx=n_ctx, device=self.device, max_tokens=PREFILL_CHUNK,
-                               max_logit_rows=8)
+                               max_logit_rows=8, max_adapters=MAX_ADAPTERS, max_lora_rank=max_lora_rank(model.plan))
         await self.device.settle()  # out-of-memory and validation errors of the load surface here
         return executor
 
@@ -201,7 +250,7 @@ class HeapWeights:
     async def executor(self, model: Model, n_ctx: int) -> Executor:
         data = np.frombuffer(self.data, np.uint8)
         return CpuExecutor(model.plan, lambda t: data[t.offset:t.offset + t.nbytes], n_ctx=n_ctx,
-                           eager_limit=EAGER_LIMIT, kernel=load_kernel())
+                           eager_limit=EAGER_LIMIT, kernel=load_kernel(), max_adapters=MAX_ADAPTERS)
 
     def release(self) -> None:
         self.data = bytearray()
@@ -290,6 +339,42 @@ class ModelSink:
             self.device.close()
 
 
+class AdapterSink:
+    """A LoRA adapter streaming in (the model sink's interface, `end` -> its description): the header
+    is checked against the model once it is in, the file loaded into the engine at the end."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine, self.name = engine, name
+        self.total: int | None = None
+        self.data = bytearray()  # adapters are small (MBs): kept whole, read once at the end
+        self.needed = 0  # check the header again once this many bytes have arrived
+        self.checked = False
+
+    def begin(self, total_size: int | None) -> None:
+        self.total = total_size
+
+    def feed(self, chunk: Any) -> None:
+        self.data += chunk.to_bytes()
+        if self.checked or len(self.data) < self.needed:
+            return
+        try:
+            header = parse_header(memoryview(self.data), file_size=self.total)
+        except GGUFNeedMoreData as e:
+            self.needed = e.needed
+            return
+        except GGUFError as e:
+            raise BadAdapter(f"adapter {self.name}: {e}") from None
+        check_header(header, self.engine.model.plan, self.name)  # a wrong file fails now
+        self.checked = True
+
+    async def end(self) -> dict[str, Any]:
+        adapter = self.engine.load_adapter(self.name, self.data)  # read_adapter: header, then the data
+        return describe_adapter(self.name, adapter)
+
+    def abort(self) -> None:
+        self.data = bytearray()
+
+
 class WorkerHost:
     """The one object worker.js talks to: versions, model loading, generation."""
 
@@ -308,6 +393,27 @@ class WorkerHost:
     async def open_model(self, url: str, backend: str = "auto") -> ModelSink:
         self.unload()  # the previous model goes away whether or not this one loads
         return ModelSink(backend, *await open_device(backend))
+
+    def open_adapter(self, name: str) -> AdapterSink:
+        """A sink for the LoRA adapter `name`, for the loaded model."""
+        if self.loaded is None:
+            raise NoModel("load a model before its LoRA adapters")
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequest("an adapter needs a name (its id)")
+        if name in self.loaded.engine.adapters:  # known before the download
+            raise AdapterConflict(f"an adapter named {name!r} is already loaded (unload it first)")
+        return AdapterSink(self.loaded.engine, name)
+
+    def unload_adapter(self, name: str) -> None:
+        if self.loaded is None:
+            raise NoModel("no model is loaded, nor any adapter")
+        self.loaded.engine.unload_adapter(name)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """The loaded model's adapters, in the order they were loaded."""
+        if self.loaded is None:
+            return []
+        return [describe_adapter(name, adapter) for name, adapter in self.loaded.engine.adapters.items()]
 
     def model_ready(self, loaded: LoadedModel) -> dict[str, Any]:
         self.loaded = loaded
@@ -334,7 +440,8 @@ class WorkerHost:
     async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                        max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                        seed: int = 0, stop: list[str] | None = None,
-                       speculation: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
+                       speculation: dict[str, Any] | None = None,
+                       lora: list[dict[str, Any]] | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events for worker.js: {"kind": "token", "tokenId": int | None, "text": str} for each
         token, then one {"kind": "finished", "reason": "stop" | "length", "promptTokens",
         "completionTokens", "cachedTokens"} (+ "draftedTokens", "acceptedTokens" with
@@ -342,13 +449,15 @@ class WorkerHost:
         model's chat template, whose stop sequences join `stop`); the text of a stop sequence ends
         the generation and is not sent. `speculation` ({"method": "lookup", "max_draft", "ngram"},
         as the server takes it; the page loads no draft model) drafts tokens to verify: the same
-        tokens, fewer steps where the text repeats itself."""
+        tokens, fewer steps where the text repeats itself. `lora` ([{"id", "scale"}], as the server
+        takes it) names loaded adapters to apply."""
         if self.loaded is None:
             raise NoModel("load a model before generating")
         if (prompt is None) == (messages is None):
             raise InvalidRequest("give a prompt or chat messages, not both or neither")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         drafting = check_speculation(speculation)
+        adapters = check_lora(lora)
         tokenizer, stops = self.loaded.engine.tokenizer, tuple(stop or ())
         if messages is not None:
             chat = self.loaded.chat.render(check_messages(messages))
@@ -357,7 +466,7 @@ class WorkerHost:
         else:
             ids = tokenizer.encode(prompt)
         events = self.loaded.engine.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stops,
-                                             speculation=drafting)
+                                             speculation=drafting, lora=adapters)
         try:
             while True:
                 try:

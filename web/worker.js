@@ -15,7 +15,7 @@
 //        download a model (from the Cache API when it holds `url`, else the network, storing it
 //        there on the way) and stream it, chunk by chunk, into the Python model sink.
 //        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
-//   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop, speculation}
+//   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop, speculation, lora}
 //        prompt: text to complete as it is; messages: [{role: "system" | "user" | "assistant",
 //        content}], rendered with the model's chat template in Python (a base model's is the plain
 //        one). A chat's next turn sends the whole conversation again: the KV cache still holds the
@@ -23,6 +23,12 @@
 //        stop: strings that end the generation (cut from the text, in Python: realm_wasm/scheduler.py)
 //        speculation: null, or {method: "lookup", max_draft, ngram} as the server's API takes it:
 //        drafted tokens verified several a step, the same tokens (done.draftedTokens/acceptedTokens)
+//        lora: null, or [{id, scale}] as the server's API takes it: loaded adapters to apply
+//   {type: "loadAdapter", id, url, name}
+//        download a LoRA adapter (llama.cpp's GGUF adapter format) as a model is downloaded (its own
+//        Cache API store, progress events), checked against the loaded model from its header on,
+//        and hold it under `name` (the id a generation's `lora` names). A new model has none.
+//   {type: "unloadAdapter", id, name}
 //   {type: "stop"}               stop the running load or generation (it ends with its usual event)
 //   {type: "unload", id}         free the loaded model (its GPU buffers, its KV cache)
 //   {type: "stats", id}          what is loaded now
@@ -50,18 +56,23 @@
 //        (null when stopped); draftedTokens/acceptedTokens: with speculation, tokens drafted and
 //        accepted (null without it, or when stopped)
 //   {type: "unloaded", id}
+//   {type: "adapterLoaded", id, adapter: {id, rank, alpha, tensors, bytes}, adapters: [...], fromCache, ms}
+//   {type: "adapterUnloaded", id, name, adapters: [...]}      adapters: every loaded one, in load order
 //   {type: "stats", id, model: {...as in "loaded"} | null, kvTokens, wasmHeapBytes}
 //   {type: "cache", available, entries: [{url, bytes}], usage, quota}   after init, load, clearCache
 //   {type: "warning", code, message}                             something degraded, work goes on
 //        code: "no-webgpu" (models run on the CPU) | "cache"
 //   {type: "error", id, code, message, fatal}
-//        code: a RealmError code (realm_wasm/errors.py: "bad-model", "bad-request", "context-overflow",
+//        code: a RealmError code (realm_wasm/errors.py: "bad-model", "bad-adapter", "no-adapter",
+//              "adapter-conflict", "bad-request", "context-overflow",
 //              "no-webgpu", "unsupported-on-gpu", "gpu", "out-of-memory", "device-lost", "no-model", ...),
 //              or the worker's own: "network" | "busy" | "boot" | "runtime" | "crashed".
 //        fatal: true when this worker cannot go on (Pyodide died or never booted): the page
 //        should start a new worker.
 
 const MODEL_CACHE = "realm-models-v1";
+// adapters are cached as models are, in a store of their own: the page's cache report lists models
+const ADAPTER_CACHE = "realm-adapters-v1";
 const PROGRESS_EVERY_MS = 100;
 
 let pyodide = null;
@@ -196,13 +207,13 @@ function cacheWriter(cache, url, headers) {
   };
 }
 
-// Open the model: the cached copy if there is one, else the network (and a writer into the cache).
-async function openModelStream(url, signal) {
+// Open a file: the cached copy if there is one, else the network (and a writer into the cache).
+async function openDownload(url, signal, cacheName) {
   let cache = null;
   try {
-    cache = await caches.open(MODEL_CACHE);
+    cache = await caches.open(cacheName);
   } catch (err) {
-    post({ type: "warning", code: "cache", message: `model cache unavailable, downloading: ${err.message}` });
+    post({ type: "warning", code: "cache", message: `cache unavailable, downloading: ${err.message}` });
   }
   const cached = cache && (await cache.match(url));
   if (cached) return { response: cached, fromCache: true, writer: null };
@@ -228,18 +239,21 @@ function fileSize(response) {
   return Number(response.headers.get("content-length")) || null;
 }
 
-async function loadModel({ id, url, backend = "auto" }) {
-  const started = performance.now();
+// Stream `url` (from `cacheName`, else the network, cached on the way) into a Python sink
+// (realm_web_host.py: a model's or an adapter's), posting progress; returns what the sink's end()
+// gave (a PyProxy), or null when it failed or was stopped (the error or "cancelled" is posted).
+// The sink's own error code (`badCode`: "bad-model") gets the URL in front of its message.
+async function download({ id, url, cacheName, badCode, openSink }) {
   const abort = new AbortController();
   job = { kind: "load", id, stopped: false, abort };
   let sink = null;
   let opened = null;
   let reader = null;
   try {
-    opened = await openModelStream(url, abort.signal);
+    opened = await openDownload(url, abort.signal, cacheName);
     const { writer } = opened;
     const total = fileSize(opened.response);
-    sink = await host.open_model(url, backend);
+    sink = await openSink();
     sink.begin(total);
     reader = opened.response.body.getReader();
     let loaded = 0;
@@ -263,36 +277,55 @@ async function loadModel({ id, url, backend = "auto" }) {
     }
     progress();
     if (writer) writer.close();
-    const loadedModel = await sink.end();
-    const model = toPlain(host.model_ready(loadedModel));
-    loadedModel.destroy();
+    const result = await sink.end();
     if (writer) await keepInCache(writer.stored, url);
-    post({
-      type: "loaded", id, model, fromCache: opened.fromCache, ms: performance.now() - started,
-      wasmHeapBytes: pyodide._module.HEAPU8.byteLength, // no public accessor in Pyodide 0.27
-    });
+    return { result, fromCache: opened.fromCache };
   } catch (err) {
     abort.abort(); // ends the network download
     if (reader) reader.cancel().catch(() => {});
     if (sink) sink.abort();
     const writer = opened && opened.writer;
     if (writer) writer.fail(err);
-    // A model that failed must not come from the cache next time; a stopped cached one may.
-    if (!(job.stopped && opened && opened.fromCache)) await forgetCached(url, writer && writer.stored);
+    // A file that failed must not come from the cache next time; a stopped cached one may.
+    if (!(job.stopped && opened && opened.fromCache)) await forgetCached(url, writer && writer.stored, cacheName);
     if (job.stopped) {
       post({ type: "cancelled", id });
     } else if (err.code === "network") {
       post({ type: "error", id, code: "network", message: err.message, fatal: false });
     } else {
       const described = describeError(err, "runtime");
-      if (described.code === "bad-model") described.message = `${url}: ${described.message}`;
+      if (described.code === badCode) described.message = `${url}: ${described.message}`;
       post({ type: "error", id, ...described });
     }
+    return null;
   } finally {
     if (sink) sink.destroy();
     job = null;
     await cacheReport().catch(() => {});
   }
+}
+
+async function loadModel({ id, url, backend = "auto" }) {
+  const started = performance.now();
+  const done = await download({ id, url, cacheName: MODEL_CACHE, badCode: "bad-model",
+    openSink: () => host.open_model(url, backend) });
+  if (!done) return;
+  const model = toPlain(host.model_ready(done.result));
+  done.result.destroy();
+  post({
+    type: "loaded", id, model, fromCache: done.fromCache, ms: performance.now() - started,
+    wasmHeapBytes: pyodide._module.HEAPU8.byteLength, // no public accessor in Pyodide 0.27
+  });
+}
+
+async function loadAdapter({ id, url, name }) {
+  const started = performance.now();
+  // the name is checked before anything downloads (no model, a name taken: an error now)
+  const done = await download({ id, url, cacheName: ADAPTER_CACHE, badCode: "bad-adapter",
+    openSink: () => host.open_adapter(name) });
+  if (!done) return;
+  post({ type: "adapterLoaded", id, adapter: toPlain(done.result), adapters: toPlain(host.adapters()),
+    fromCache: done.fromCache, ms: performance.now() - started });
 }
 
 async function keepInCache(stored, url) {
@@ -304,10 +337,10 @@ async function keepInCache(stored, url) {
   }
 }
 
-async function forgetCached(url, stored) {
+async function forgetCached(url, stored, cacheName) {
   if (stored) await stored.catch(() => {});
   try {
-    const cache = await caches.open(MODEL_CACHE);
+    const cache = await caches.open(cacheName);
     await cache.delete(url);
   } catch {
     // no cache, nothing to forget
@@ -315,7 +348,7 @@ async function forgetCached(url, stored) {
 }
 
 async function generate({
-  id, prompt, messages, maxTokens, temperature, topK, topP, seed, stop = [], speculation = null,
+  id, prompt, messages, maxTokens, temperature, topK, topP, seed, stop = [], speculation = null, lora = null,
 }) {
   job = { kind: "generate", id, stopped: false, abort: null };
   const started = performance.now();
@@ -327,7 +360,7 @@ async function generate({
     events = host.generate.callKwargs({
       prompt: prompt ?? null, messages: messages ? pyodide.toPy(messages) : null, max_tokens: maxTokens,
       temperature, top_k: topK, top_p: topP, seed, stop: pyodide.toPy(stop),
-      speculation: speculation ? pyodide.toPy(speculation) : null,
+      speculation: speculation ? pyodide.toPy(speculation) : null, lora: lora ? pyodide.toPy(lora) : null,
     });
     for (;;) {
       if (job.stopped) {
@@ -375,6 +408,7 @@ async function generate({
 
 async function clearCache() {
   await caches.delete(MODEL_CACHE);
+  await caches.delete(ADAPTER_CACHE);
   await cacheReport();
 }
 
@@ -411,6 +445,15 @@ async function handle(msg) {
     await loadModel(msg);
   } else if (msg.type === "generate") {
     await generate(msg);
+  } else if (msg.type === "loadAdapter") {
+    await loadAdapter(msg);
+  } else if (msg.type === "unloadAdapter") {
+    try {
+      host.unload_adapter(msg.name);
+      post({ type: "adapterUnloaded", id: msg.id, name: msg.name, adapters: toPlain(host.adapters()) });
+    } catch (err) {
+      postError(msg.id, err, "runtime");
+    }
   } else if (msg.type === "unload") {
     host.unload();
     post({ type: "unloaded", id: msg.id });
