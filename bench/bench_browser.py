@@ -2,7 +2,7 @@
 
     python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
                                   [--no-webgpu] [--no-numpy] [--no-numpy-dequant] [--native]
-                                  [--long-prompt 512] [--model F] [--run-ahead N]
+                                  [--long-prompt 512] [--model F] [--run-ahead N] [--lookup]
 
 For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy with its
 WebAssembly SIMD kernel; numpy without it, dequantizing as before the kernel) and for wllama on the
@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the page helpers the e2e tests use
 
+from bench_speculative import WORKLOADS  # noqa: E402
 from harness import (  # noqa: E402
     CHROMIUM,
     build_site_assets,
@@ -49,8 +50,11 @@ from harness import (  # noqa: E402
 )
 
 from realm_wasm.model_files import cache_dir, default_model_path  # noqa: E402
+from realm_wasm.speculative import Speculation  # noqa: E402
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
+REWRITE = "rewrite a paragraph (one word changed)"  # --lookup's workload (bench_speculative.py)
+LOOKUP_K = 8
 WLLAMA = "@wllama/wllama@3.8.1"
 
 # wllama's side: one page that loads the model and streams a greedy completion, timing both.
@@ -135,14 +139,16 @@ def long_prompts(n_tokens: int) -> tuple[str, str]:
     return tuple(" ".join(rng.choice(words) for _ in range(n_tokens - 8)) + ", and then the" for _ in range(2))
 
 
-def bench_native(model: Path, tokens: int, long_prompt: int) -> dict:
+def bench_native(model: Path, tokens: int, long_prompt: int, prompt: str = PROMPT, lookup: bool = False) -> dict:
     """wgpu-py in this process (the same executor code the page runs, natively): the Paris prompt's
     TTFT and decode, and a long prompt's TTFT."""
     from realm_wasm.engine import Engine
 
     engine = Engine.load(model, backend="webgpu", n_ctx=2048)
     t0 = time.perf_counter()
-    events = [e for e in engine.generate(PROMPT, tokens, stop_at_eos=False) if e.token_id is not None]
+    speculation = Speculation("lookup", max_draft=LOOKUP_K) if lookup else None
+    events = [e for e in engine.generate(prompt, tokens, stop_at_eos=False, speculation=speculation)
+              if e.token_id is not None]
     row = {"engine": f"native wgpu-py ({engine.executor.name}), this process", "cold_s": time.perf_counter() - t0,
            "warm_s": None, "ttft_ms": events[0].elapsed_s * 1e3,
            "decode": (len(events) - 1) / (events[-1].elapsed_s - events[0].elapsed_s), "heap_mb": None,
@@ -157,7 +163,7 @@ def bench_native(model: Path, tokens: int, long_prompt: int) -> dict:
 
 
 def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: bool = True,
-                long_prompt: int = 0, setup: str = "") -> dict:
+                long_prompt: int = 0, setup: str = "", prompt: str = PROMPT, lookup: bool = False) -> dict:
     with browser(playwright) as page:
         page.goto(f"{url}?backend={backend}")
         wait_ready(page)
@@ -174,7 +180,9 @@ def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: boo
         for text in long_prompts(long_prompt) if long_prompt else ():  # first and second after the load
             generate(page, 2, text)
             long_ttft.append(generation_stats(page)["ttft_ms"])
-        generate(page, tokens, PROMPT)
+        if lookup:
+            page.check("#lookup")
+        generate(page, tokens, prompt)
         answer = page.inner_text("#answer")
         measured = generation_stats(page)
         page.reload()
@@ -249,6 +257,8 @@ def main() -> None:
     ap.add_argument("--native", action="store_true", help="add wgpu-py in this process (on a machine with a GPU)")
     ap.add_argument("--long-prompt", type=int, default=0, help="also time two N-token prompts after each load")
     ap.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m)")
+    ap.add_argument("--lookup", action="store_true", help=f"decode with prompt lookup (k={LOOKUP_K}) on "
+                    "bench_speculative.py's paragraph rewrite, natively and on WebGPU in the page")
     ap.add_argument("--run-ahead", type=int, help="decode steps queued behind the one being read (the "
                     "scheduler's RUN_AHEAD), natively and in the page")
     args = ap.parse_args()
@@ -264,7 +274,8 @@ def main() -> None:
     model = Path(args.model) if args.model else default_model_path()
     build_site_assets()
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = [bench_native(model, args.webgpu_tokens, args.long_prompt)] if args.native else []
+    prompt = WORKLOADS[REWRITE] if args.lookup else PROMPT
+    rows = [bench_native(model, args.webgpu_tokens, args.long_prompt, prompt, args.lookup)] if args.native else []
     with live_server((model.parent,), model.name) as server, sync_playwright() as playwright:
         runs = [] if args.no_webgpu else [("webgpu", args.webgpu_tokens, True)]
         if not args.no_numpy:
@@ -274,12 +285,14 @@ def main() -> None:
         for backend, n, cpu_kernel in runs:
             t0 = time.monotonic()
             rows.append(bench_realm(playwright, server.url, backend, n, cpu_kernel,
-                                    args.long_prompt if backend == "webgpu" else 0, setup))
+                                    args.long_prompt if backend == "webgpu" else 0, setup, prompt,
+                                    args.lookup and backend == "webgpu"))
             print(f"measured {rows[-1]['engine']} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         for threads in [] if args.no_wllama else args.threads:
             rows.append(bench_wllama(playwright, model, args.tokens, threads))
     loadavg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"Headless Chromium, {model.name}, prompt {PROMPT!r}, greedy; {os.cpu_count()} CPUs, load average "
+    how = "greedy, prompt lookup" if args.lookup else "greedy"
+    print(f"Headless Chromium, {model.name}, prompt {prompt!r}, {how}; {os.cpu_count()} CPUs, load average "
           f"{load_before} before the run, {loadavg} after (other processes slow every row).\n")
     print(table(rows))
     numpy = next((r for r in rows if r["engine"].endswith("SIMD kernel")), None)

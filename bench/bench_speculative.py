@@ -16,6 +16,8 @@ import time
 
 from realm_wasm.engine import Engine
 from realm_wasm.model_files import resolve_model
+from realm_wasm.sampling import SamplingParams
+from realm_wasm.scheduler import GREEDY
 from realm_wasm.speculative import Speculation
 
 PARAGRAPH = ("The harbour town woke slowly. Fishing boats came in with the tide, gulls circled over the market, "
@@ -38,12 +40,17 @@ WORKLOADS = {
     "edit code (rename a variable)": f"{CODE}\n# The same function with `total` renamed to `running`:\n"
                                      f"def moving_average(values, window):\n",
     "free text": "Write a short story about a lighthouse keeper who finds a message in a bottle.\n\nStory:",
+    # sampled, drafts mostly fail: what backing off costs (the same seed gives the same tokens either way)
+    "free text, sampled (temperature 1)": "Write a short story about a lighthouse keeper.\n\nStory:",
 }
+SAMPLED = SamplingParams(temperature=1.0, seed=7)
 
 
-def decode(engine: Engine, prompt: str, tokens: int, speculation: Speculation | None) -> tuple[list[int], float, float]:
+def decode(engine: Engine, prompt: str, tokens: int, speculation: Speculation | None,
+           sampling: SamplingParams = GREEDY) -> tuple[list[int], float, float]:
     """(tokens, decode tok/s, accepted share of drafted tokens)."""
-    events = list(engine.generate_events(prompt, tokens, stop_at_eos=False, speculation=speculation))
+    events = list(engine.generate_events(prompt, tokens, sampling=sampling, stop_at_eos=False,
+                                         speculation=speculation))
     end, steps = events[-1], [e for e in events[:-1] if e.token_id is not None]
     rate = (len(steps) - 1) / (steps[-1].elapsed_s - steps[0].elapsed_s)
     return [e.token_id for e in steps], rate, end.accepted_tokens / max(end.drafted_tokens, 1)
@@ -59,18 +66,19 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     engine = Engine.load(resolve_model(args.model), backend=args.backend, n_ctx=1024)
-    print(f"{engine.executor.name}, loaded in {time.perf_counter() - t0:.1f} s, {args.tokens} tokens, greedy, "
-          f"best of {args.repeats}\n")
+    print(f"{engine.executor.name}, loaded in {time.perf_counter() - t0:.1f} s, {args.tokens} tokens, "
+          f"greedy unless sampled, best of {args.repeats}\n")
     columns = " | ".join(f"lookup k={k} tok/s | speed-up | accepted" for k in args.k)
     print(f"| workload | plain tok/s | {columns} |")
     print("| --- | ---: |" + " ---: | ---: | ---: |" * len(args.k))
     for name, prompt in WORKLOADS.items():
-        runs = [decode(engine, prompt, args.tokens, None) for _ in range(args.repeats)]
+        sampling = SAMPLED if "sampled" in name else GREEDY
+        runs = [decode(engine, prompt, args.tokens, None, sampling) for _ in range(args.repeats)]
         plain_ids, plain = runs[0][0], max(r[1] for r in runs)
         cells = [f"{plain:.1f}"]
         for k in args.k:
             lookup = Speculation("lookup", max_draft=k)
-            runs = [decode(engine, prompt, args.tokens, lookup) for _ in range(args.repeats)]
+            runs = [decode(engine, prompt, args.tokens, lookup, sampling) for _ in range(args.repeats)]
             ids, rate, accepted = runs[0][0], max(r[1] for r in runs), runs[0][2]
             same = "" if ids == plain_ids else " (DIFFERENT TOKENS)"
             cells += [f"{rate:.1f}{same}", f"{rate / plain:.2f}x", f"{accepted:.0%}"]
