@@ -15,8 +15,9 @@ token and done messages. A generation that ends any other way than "stop" or "le
 ApiError, except one its own client cancelled: that one finishes with "cancelled".
 
 Every model runs in its own background thread that steps a `realm_wasm.scheduler.Scheduler` (the
-executor is not thread-safe); a step's events reach asyncio together, in one `loop.call_soon_threadsafe`
-(an `Outbox`). A client that goes away cancels its generation, which frees its KV slot at the next step.
+executor is not thread-safe); its events reach asyncio through `loop.call_soon_threadsafe`, a few
+steps' at a time (`Outbox`, HAND_OVER_S). A client that goes away cancels its generation, which
+frees its KV slot at the next step.
 
 LoRA adapters: each model's engine holds adapters by name. Those loaded at start (`realm serve
 --lora NAME=FILE`) are the server's: a tenant uses the ones its `lora_allowed` names, and its `lora`
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import secrets
 import threading
@@ -106,25 +108,38 @@ def check_adapter_id(adapter_id: str, error: Callable[[str], Exception]) -> None
                     "letter or digit")
 
 
+# Tokens reach the loop at most this often (a finished generation, and the last tokens before the
+# stepping thread idles, at once): the loop and the stepping thread share the GIL, and each hand-over
+# costs the steps the loop's wake-up, its sends and the GIL's trips between threads, whether it
+# carries one token or five. At ~1,000 tok/s, five tokens a hand-over; still one SSE event each.
+HAND_OVER_S = 0.005
+
+
 class Outbox:
-    """Events the stepping thread made for one asyncio loop, handed over in one wake-up of the loop
-    per step, and in none while the last one is still to run (it takes what came since, too): the
-    loop and the stepping thread share the GIL, so each wake-up and each token the loop handles
-    separately delays the steps."""
+    """Events the stepping thread made for one asyncio loop, handed over in one `call_soon_threadsafe`
+    every HAND_OVER_S at most, and in none while the last one is still to run (it takes what came
+    since, too)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.events: deque[tuple[Callable[[Event], None], Event]] = deque()
         self.posted = False  # a hand-over is scheduled and has not begun: it will see what is queued now
+        self.urgent = False  # a queued event ends a generation: hand it over now
+        self.last_post = -math.inf
 
     def put(self, on_event: Callable[[Event], None], event: Event) -> None:
-        """(stepping thread) Queue an event for `on_event` until the next `post`."""
+        """(stepping thread) Queue an event for `on_event` until a `post` hands it over."""
         self.events.append((on_event, event))
+        self.urgent = self.urgent or isinstance(event, Finished)
 
-    def post(self) -> None:
-        """(stepping thread) Have the loop deliver what is queued, unless a hand-over is already due."""
-        if self.events and not self.posted:
-            self.posted = True
+    def post(self, idle: bool) -> None:
+        """(stepping thread, after a step) Have the loop deliver what is queued, unless a hand-over
+        is already due or the last was under HAND_OVER_S ago (`idle`: there will be no next step)."""
+        if not self.events or self.posted:
+            return
+        now = time.perf_counter()
+        if idle or self.urgent or now - self.last_post >= HAND_OVER_S:
+            self.posted, self.urgent, self.last_post = True, False, now
             with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody listens
                 self.loop.call_soon_threadsafe(self.deliver)
 
@@ -166,18 +181,18 @@ class ModelWorker:
             except Exception:  # a bug, not bad input: fail what runs rather than hang every client
                 log.exception("scheduler step failed for %s", self.model.name)
                 self.scheduler.cancel_all()
+                self._post(idle=True)
                 continue
-            finally:
-                self._post()
+            self._post(idle=not (worked and self.scheduler.busy))
             if not worked:
                 self._wake.wait()
                 self._wake.clear()
         self.scheduler.cancel_all()
-        self._post()
+        self._post(idle=True)
 
-    def _post(self) -> None:
+    def _post(self, idle: bool) -> None:
         for outbox in list(self._outboxes.values()):
-            outbox.post()
+            outbox.post(idle)
 
     def submit(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> int:
         """Queue a generation; `on_event` runs on the calling asyncio loop for every event."""
