@@ -21,9 +21,10 @@ from starlette.testclient import TestClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from realm_server import http as api_http
 from realm_server.app import create_app
 from realm_server.errors import STATUS_BY_CODE, api_error
-from realm_server.service import ServedModel, load_model
+from realm_server.service import ServedModel, Service, load_model
 from realm_server.tenants import Limiter, Tenant, Tenants, TenantsConfigError, check_bind_host, hash_key, load_tenants
 from realm_wasm.chat_template import PLAIN_STOP, ChatTemplate, ChatTemplateError
 from realm_wasm.errors import ContextOverflow, RealmError
@@ -280,6 +281,42 @@ def test_speculation_gives_the_same_text_and_counts_its_drafts(live, http):
         messages = ws_read(ws)
     assert "".join(m["text"] for m in messages if m["type"] == "token") == plain["choices"][0]["text"]
     assert messages[-1]["usage"] == used
+
+
+def test_a_stream_whose_writes_lag_sends_every_token_once_in_order(tmp_path):
+    """While a write to the client is slow, the tokens made meanwhile go out together in the next
+    one, still one event each: every token's text exactly once, in the engine's order."""
+    from test_scheduler import N_CTX as TINY_CTX
+    from test_scheduler import write_tiny_model
+
+    from realm_wasm.engine import Engine
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_model(path)
+    want = [e.text for e in Engine.load(path, backend="numpy", n_ctx=TINY_CTX).generate("Hello, world", 24) if e.text]
+    service = Service([load_model(path, backend="numpy", n_ctx=TINY_CTX, n_slots=1)])
+    writes = []
+
+    async def slow_send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            writes.append(message["body"])
+            await asyncio.sleep(0.02)
+
+    async def stream() -> None:
+        async with service.serving():
+            tenant = service.authenticate("127.0.0.1", None)
+            body = {"model": "tiny", "prompt": "Hello, world", "max_tokens": 24, "temperature": 0, "stream": True}
+            generation = service.start(await service.prepare(tenant, body, "completion"), tenant)
+            never_disconnects = asyncio.Event().wait
+            response = api_http.EventStream(api_http.sse_events(generation), generation.cancel, generation.ready)
+            await response({}, never_disconnects, slow_send)
+
+    asyncio.run(stream())
+    events = [e[6:] for e in b"".join(writes).decode().split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert [c["text"] for c in chunks[:-1]] == want and chunks[-1]["finish_reason"] in ("stop", "length")
+    assert max(w.count(b"data: ") for w in writes) > 1  # some writes did carry several events
 
 
 def test_a_server_draft_model_drafts_for_requests_that_ask(tmp_path, tenants_file):
