@@ -1,4 +1,4 @@
-"""The one generation loop: continuous batching of many sequences, run one step ahead on a GPU.
+"""The one generation loop: continuous batching of many sequences, run steps ahead on a GPU.
 
 Every way of generating goes through here: `Engine.generate` (the CLI, benchmarks, the page) is a
 one-request use of it, the server steps one per model for all its tenants.
