@@ -42,8 +42,10 @@ from harness import (  # noqa: E402
     CHROMIUM,
     build_site_assets,
     chromium_flags,
+    float32_matmuls,
     generate,
     generation_stats,
+    in_worker,
     live_server,
     load,
     wait_ready,
@@ -125,10 +127,6 @@ def browser(playwright, webgpu: bool = True) -> Iterator:
             context.close()
 
 
-# Python in the page's worker (worker.js exposes self.pyodide): the numpy executor without its kernel
-NO_CPU_KERNEL = "import realm_web_host; realm_web_host.CPU_KERNEL = False"
-
-
 def long_prompts(n_tokens: int) -> tuple[str, str]:
     """Two different texts of about n_tokens tokens each for the default model (a first and a
     second prompt after a load: the second shares no prefix with the first)."""
@@ -169,8 +167,10 @@ def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: boo
         wait_ready(page)
 
         def load_ms() -> float:
-            for code in ([] if cpu_kernel else [NO_CPU_KERNEL]) + ([setup] if setup else []):
-                page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", code)
+            if not cpu_kernel:
+                float32_matmuls(page)
+            if setup:
+                in_worker(page, setup)
             assert load(page) == "loaded", page.inner_text("#error")
             return float(page.get_attribute("#model-info", "data-load-ms"))
 

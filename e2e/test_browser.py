@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-from harness import GENERATE_TIMEOUT_MS, ROOT, generate, generation_stats, load, token_ids, wait_ready
+from harness import GENERATE_TIMEOUT_MS, ROOT, generate, generation_stats, in_worker, load, token_ids, wait_ready
 
 import realm_wasm
 from realm_wasm.engine import Engine
@@ -29,11 +29,6 @@ def error_shown(page) -> tuple[str, str]:
 def model_facts(page) -> dict[str, str]:
     info = page.locator("#model-info")
     return {key: info.get_attribute(f"data-{key}") for key in ("architecture", "tensor-count", "from-cache", "backend")}
-
-
-def in_worker(page, python: str):
-    """Evaluate Python in the page's worker (the debug hook: worker.js exposes self.pyodide)."""
-    return page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", python)
 
 
 def record(output_dir: Path, name: str, **measured) -> None:

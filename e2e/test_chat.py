@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness import GENERATE_TIMEOUT_MS, QUESTION, NativeChat, chat, float32_matmuls, load, wait_ready
+from harness import GENERATE_TIMEOUT_MS, QUESTION, NativeChat, chat, float32_matmuls, in_worker, load, wait_ready
 
 MAX_TOKENS = 12  # answers of a few words: bounded e2e time on 2 cores
 FOLLOW_UP = "Repeat your last answer."  # no color in it: an answer with one needs the first turn
@@ -148,7 +148,7 @@ def test_model_output_with_markup_renders_as_text(open_page, chat_model: Path, o
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     text = "\n\n".join(HOSTILE)
-    page.workers[0].evaluate("(code) => self.pyodide.runPython(code)", FAKE_GENERATE.replace("TEXT", repr(text)))
+    in_worker(page, FAKE_GENERATE.replace("TEXT", repr(text)))
     chat(page, "Say something dangerous.")
     answer = page.locator("#chat-log article[data-role=assistant] .content")
     shown = answer.inner_text()
