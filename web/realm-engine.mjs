@@ -209,8 +209,9 @@ class RealmEngine {
       fromCache: msg.fromCache, text: `${msg.fromCache ? "reading from the cache" : "downloading"} ${url}${pct}` });
   }
 
-  load(url, { backend = this.options.backend ?? "auto" } = {}) {
-    const absolute = new URL(url, globalThis.location?.href ?? this.baseUrl).href;
+  // A request whose worker downloads `url` (a model or an adapter): progress messages, then the
+  // `done` type, whose message `onDone` turns into the result, or an error.
+  download(url, message, done, onDone) {
     return this.request((id) => new Promise((resolve, reject) => {
       this.handlers.set(id, (msg) => {
         if (msg.type === "progress") {
@@ -218,40 +219,35 @@ class RealmEngine {
           return;
         }
         this.handlers.delete(id);
-        if (msg.type === "loaded") {
-          this.model = { ...msg.model, id: modelName(absolute), url: absolute };
-          this.adapters = [];
-          this.loadInfo = { loadMs: msg.ms, fromCache: msg.fromCache, wasmHeapBytes: msg.wasmHeapBytes };
-          this.progress({ progress: 1, text: `${this.model.id} ready`, loaded: msg.model.bytes, total: msg.model.bytes,
-            fromCache: msg.fromCache });
-          resolve(this.model);
+        if (msg.type === done) {
+          resolve(onDone(msg));
         } else {
           reject(new RealmEngineError(msg.type === "cancelled" ? "cancelled" : msg.code, msg.message ?? "load stopped"));
         }
       });
-      this.worker.postMessage({ type: "load", id, url: absolute, backend });
+      this.worker.postMessage({ ...message, id });
     }));
+  }
+
+  load(url, { backend = this.options.backend ?? "auto" } = {}) {
+    const absolute = new URL(url, globalThis.location?.href ?? this.baseUrl).href;
+    return this.download(url, { type: "load", url: absolute, backend }, "loaded", (msg) => {
+      this.model = { ...msg.model, id: modelName(absolute), url: absolute };
+      this.adapters = [];
+      this.loadInfo = { loadMs: msg.ms, fromCache: msg.fromCache, wasmHeapBytes: msg.wasmHeapBytes };
+      this.progress({ progress: 1, text: `${this.model.id} ready`, loaded: msg.model.bytes, total: msg.model.bytes,
+        fromCache: msg.fromCache });
+      return this.model;
+    });
   }
 
   loadAdapter(url, { id } = {}) {
     const absolute = new URL(url, globalThis.location?.href ?? this.baseUrl).href;
     const name = id ?? modelName(absolute);
-    return this.request((requestId) => new Promise((resolve, reject) => {
-      this.handlers.set(requestId, (msg) => {
-        if (msg.type === "progress") {
-          this.downloadProgress(msg, url);
-          return;
-        }
-        this.handlers.delete(requestId);
-        if (msg.type === "adapterLoaded") {
-          this.adapters = msg.adapters;
-          resolve(msg.adapter);
-        } else {
-          reject(new RealmEngineError(msg.type === "cancelled" ? "cancelled" : msg.code, msg.message ?? "load stopped"));
-        }
-      });
-      this.worker.postMessage({ type: "loadAdapter", id: requestId, url: absolute, name });
-    }));
+    return this.download(url, { type: "loadAdapter", url: absolute, name }, "adapterLoaded", (msg) => {
+      this.adapters = msg.adapters;
+      return msg.adapter;
+    });
   }
 
   unloadAdapter(name) {
