@@ -386,11 +386,17 @@ def test_models_the_tenant_may_not_use(http, tenant, extra, status, param):
 
 
 def test_concurrency_limit_gives_429_with_retry_after(http):
-    request = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
+    # the first request runs for the whole context (~30 s on a 2-core CPU) so that it is surely still
+    # running when the second arrives
+    request = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": N_CTX - 8, "temperature": 0,
+               "stream": True}
     with http.stream("POST", "/v1/completions", headers=auth("solo"), json=request) as first:
-        next(first.iter_lines())  # running now
+        assert first.status_code == 200, first.read()
+        lines = first.iter_lines()
+        next(lines)  # running now
         second = http.post("/v1/completions", headers=auth("solo"), json={**request, "stream": False})
-        assert second.status_code == 429
+        if second.status_code != 429:  # say how the first one ended, to tell a slow admission from an early end
+            pytest.fail(f"second got {second.status_code}; the first ended with {list(lines)[-3:]}")
         assert int(second.headers["retry-after"]) >= 1
         assert "max_concurrent" in second.json()["error"]["message"]
         other = http.post("/v1/completions", headers=auth("beta"), json={"model": MODEL, "prompt": "hi",
