@@ -454,13 +454,14 @@ class Scheduler:
             return False
         return (len(step.sampled) == len(self._running)
                 and all(n == 1 and seq.id in self._running and seq.requested < seq.request.max_tokens
-                        and (seq.spec is None or seq.spec.wait > 0) for seq, n in step.sampled))
+                        and (seq.spec is None or not seq.spec.worth_a_pause(seq.tokens))
+                        for seq, n in step.sampled))
 
     def _submit_follow(self, step: _Step) -> _Step:
         """One decode token per sequence of `step`, each the id the device samples there."""
         seqs = [seq for seq, _ in step.sampled]
         for seq in seqs:
-            if seq.spec is not None:  # a plain step of its back-off
+            if seq.spec is not None and seq.spec.wait > 0:  # a plain step of its back-off
                 seq.spec.wait -= 1
         n = len(seqs)
         batch = Batch(np.zeros(n, np.int32), np.array([s.fed for s in seqs], np.int32),

@@ -23,8 +23,9 @@ Drafters:
 
 Back-off: a sequence whose drafter finds nothing, or whose step accepted fewer than half its
 drafts, stops drafting for a few steps (doubling while nothing is accepted, up to `MAX_BACKOFF`)
-and decodes plainly meanwhile, running ahead on a GPU like any other sequence. Where drafts fail
-(sampled free text on the H200) lookup still costs 14-18% (docs/benchmarks.md).
+and decodes plainly meanwhile, running ahead on a GPU like any other sequence. A lookup sequence
+also runs ahead while the full n-gram ending its text (as read back so far) never occurred before:
+free text rarely repeats a trigram, copied text does (`SpeculationState.worth_a_pause`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ class LookupDrafter:
                 return list(tokens[at:at + k])
         return []
 
+    def promising(self, tokens: Sequence[int]) -> bool:
+        """Whether the full n-gram ending `tokens` occurred before: text that repeats itself. (Shorter
+        matches are everywhere in free text: drafting from them is mostly rejected.)"""
+        end = len(tokens)
+        if end <= self.ngram:
+            return False
+        self.propose(tokens, 0)  # brings the index up to `tokens`
+        at = self.last_end.get(tuple(tokens[end - self.ngram:end]))
+        return at is not None and at < end
+
 
 @dataclass
 class SpeculationState:
@@ -105,6 +116,14 @@ class SpeculationState:
     def start(cls, speculation: Speculation) -> SpeculationState:
         lookup = LookupDrafter(speculation.ngram) if speculation.method == "lookup" else None
         return cls(speculation, lookup)
+
+    def worth_a_pause(self, tokens: Sequence[int]) -> bool:
+        """Whether drafting now is worth stopping the run-ahead for (a draft step needs the last
+        token read back first): not while backing off; a lookup only where its text repeats itself
+        (checked on `tokens`, those read back so far: the host's check is free, a pause is not)."""
+        if self.wait > 0:
+            return False
+        return self.lookup is None or self.lookup.promising(tokens)
 
     def verified(self, accepted: int) -> None:
         """Count a verification. One that accepted at least half its drafts paid, and drafting goes

@@ -19,7 +19,7 @@ from realm_wasm.model_files import default_model_path
 from realm_wasm.plan import Batch
 from realm_wasm.sampling import SamplingParams
 from realm_wasm.scheduler import GREEDY, Request, Scheduler
-from realm_wasm.speculative import LookupDrafter, Speculation, accepted_prefix
+from realm_wasm.speculative import LookupDrafter, Speculation, SpeculationState, accepted_prefix
 
 HOT = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=7)
 # a lookup-friendly prompt for the tiny character model: it repeats itself
@@ -45,6 +45,15 @@ def test_lookup_proposes_what_followed_the_longest_earlier_ngram():
     assert LookupDrafter(ngram=2).propose([7, 8, 9], 4) == []  # no earlier occurrence
     assert LookupDrafter(ngram=2).propose([5, 5, 5], 4) == [5]  # the latest earlier one, not the suffix itself
     assert accepted_prefix([4, 5, 9], [4, 5, 1, 2]) == 2 and accepted_prefix([4], [3, 0]) == 0
+
+
+def test_lookup_pauses_the_run_ahead_only_where_the_text_repeats_a_full_ngram():
+    state = SpeculationState.start(Speculation("lookup", ngram=3))
+    assert not state.worth_a_pause([1, 2, 3, 4, 2, 3])  # "2 3" repeats, the trigram "4 2 3" does not
+    assert state.worth_a_pause([1, 2, 3, 4, 1, 2, 3])  # "1 2 3" occurred before
+    state.verified(0)  # nothing accepted: backing off, whatever the text
+    assert state.wait == 1 and not state.worth_a_pause([1, 2, 3, 4, 1, 2, 3])
+    assert SpeculationState.start(Speculation("draft")).worth_a_pause([5])  # a draft model always drafts
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
