@@ -1,6 +1,7 @@
 """What LoRA adapters cost at decode: tok/s without adapters and with them, one sequence and a batch.
 
     python bench/bench_lora.py --backend webgpu --decode 64           # the default model
+    python bench/bench_lora.py --backend webgpu --decode 4 --repeats 1 # the same, short: checks it runs
     python bench/bench_lora.py --backend webgpu --small                # a tiny random gemma3: checks it runs
                                                                         # (on lavapipe, in a minute or two)
 
