@@ -1,6 +1,7 @@
 """What LoRA adapters cost at decode: tok/s without adapters and with them, one sequence and a batch.
 
     python bench/bench_lora.py --backend webgpu --decode 64           # the default model
+    python bench/bench_lora.py --backend webgpu --decode 4 --repeats 1 # the same, short: checks it runs
     python bench/bench_lora.py --backend webgpu --small                # a tiny random gemma3: checks it runs
                                                                         # (on lavapipe, in a minute or two)
 
@@ -59,6 +60,16 @@ def decode_rate(engine: Engine, loras: list[tuple[tuple[str, float], ...]], n_de
     start = max(t[0] for t in times)
     tokens = sum(sum(1 for x in t if x > start) for t in times)
     return tokens / (max(t[-1] for t in times) - start)
+
+
+def step_dispatches(engine: Engine, loras: list[tuple[tuple[str, float], ...]]) -> str:
+    """Dispatches of one decode step of these sequences on a GPU executor ("-" on numpy): where the
+    time of adapters goes on a big GPU (each costs ~5 µs of GPU and of host time)."""
+    launches = getattr(engine.executor, "launches", None)
+    if launches is None:
+        return "-"
+    counts = {"T": len(loras), "R": len(loras), "lora": any(loras)}
+    return str(sum(len(launch.dispatches(counts)) for launch in launches))
 
 
 def small_model(folder: Path) -> Path:
@@ -132,15 +143,15 @@ def main() -> None:
                 ("batch 8, no adapter slots", plain, [()] * 8), ("batch 8 over 4 adapters", slotted, four)]
         print(f"model {path.name}, {plain.executor.name} ({args.backend}), decode {n_decode} tokens per sequence, "
               f"best of {repeats}; adapters on {len(adaptable_weights(plain.model.plan))} weights")
-        print("| run | decode tok/s | vs no adapter slots |")
-        print("| --- | ---: | ---: |")
+        print("| run | decode tok/s | vs no adapter slots | dispatches per step |")
+        print("| --- | ---: | ---: | ---: |")
         for _, engine, loras in rows:  # compile every step shape's pipelines before timing
             decode_rate(engine, loras, 2)
         base: dict[int, float] = {}
         for label, engine, loras in rows:
             rate = max(decode_rate(engine, loras, n_decode) for _ in range(repeats))
             base.setdefault(len(loras), rate)
-            print(f"| {label} | {rate:.1f} | {rate / base[len(loras)] - 1:+.1%} |")
+            print(f"| {label} | {rate:.1f} | {rate / base[len(loras)] - 1:+.1%} | {step_dispatches(engine, loras)} |")
 
 
 if __name__ == "__main__":

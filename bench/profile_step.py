@@ -1,11 +1,12 @@
 """Where a GPU step's time goes: GPU time per op kind for one decode step and one prefill step.
 
-    python bench/profile_step.py [--model PATH] [--prefill 256]
+    python bench/profile_step.py [--model PATH] [--prefill 256] [--lora-rank 16]
 
 Each op's dispatches are timed alone (timestamp queries around their own pass), so the sum is
 a little above the whole step's time (`whole step` row), which is what one submit costs. `host`
 is the CPU time to record and submit the step's command buffer (wall time of `submit`, which
 returns without waiting): decode runs one step ahead, so a step takes the larger of the two.
+With --lora-rank, both steps apply a random adapter of that rank on every projection (bench_lora's).
 """
 
 from __future__ import annotations
@@ -54,13 +55,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model")
     ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--lora-rank", type=int, default=0, help="apply a random LoRA adapter of this rank (0: none)")
     args = ap.parse_args()
-    engine = Engine.load(Path(args.model) if args.model else default_model_path(), backend="webgpu", n_ctx=1024)
+    path = Path(args.model) if args.model else default_model_path()
+    lora = {"max_adapters": 1, "max_lora_rank": args.lora_rank} if args.lora_rank else {}
+    engine = Engine.load(path, backend="webgpu", n_ctx=1024, **lora)
+    adapters = []
+    if args.lora_rank:
+        from bench_lora import random_adapter  # bench/ is the script's folder
+
+        engine.load_adapter("random", random_adapter(engine, args.lora_rank, seed=0))
+        adapters = [(engine.adapters.slot("random"), 1.0)]
     rng = np.random.default_rng(0)
     prompt = [2] + [int(t) for t in rng.integers(1000, 20000, args.prefill - 1)]
-    engine.executor.forward(Batch.for_sequence(prompt, 0))
-    profile(engine, Batch.for_sequence(prompt, 0))
-    profile(engine, Batch.for_sequence([prompt[-1]], args.prefill))
+    engine.executor.forward(Batch.for_sequence(prompt, 0, adapters=adapters))
+    profile(engine, Batch.for_sequence(prompt, 0, adapters=adapters))
+    profile(engine, Batch.for_sequence([prompt[-1]], args.prefill, adapters=adapters))
 
 
 if __name__ == "__main__":

@@ -199,11 +199,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     """The model's forward pass as the GPU runs it: its fused kernels, layer by layer."""
     from realm_wasm.gguf import read_gguf
     from realm_wasm.gpu.fuse import describe, fuse
+    from realm_wasm.lora import adaptable_weights
     from realm_wasm.models import build_plan
 
     header = read_gguf(resolve_model(args.model)).header
     plan = build_plan(header)
-    kernels = fuse(plan, args.binding_limit)
+    kernels = fuse(plan, args.binding_limit, adapted=adaptable_weights(plan) if args.lora else ())
     print(f"{plan.arch}: {plan.kv.n_layers} layers, {len(plan.ops)} ops -> {len(kernels)} kernels "
           f"(storage bindings of {args.binding_limit} bytes)")
     for line in describe(plan, kernels):
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
     plan.add_argument("--binding-limit", type=positive_int, default=DEFAULT_BINDING_LIMIT,
                       help="the device's max storage-binding size (default: WebGPU's 128 MiB)")
+    plan.add_argument("--lora", action="store_true",
+                      help="the program of an executor with LoRA adapter slots (its A·x kernels run in steps "
+                           "whose tokens use adapters)")
     plan.set_defaults(func=cmd_plan)
 
     key = sub.add_parser("key", help="API keys for the tenants file")

@@ -1,10 +1,9 @@
 // The LoRA side paths after a mat-mat (lora.wgsl), before a GLU or a residual norm reads its
-// result: y[t, n] += sum_j s_j * B_j[n] · (A_j · x[t]) for the LORA_N rows of the weight, WG rows per
+// result: y[t, n] += sum_j B_j[n] · u_j[t] for the LORA_N rows of the weight, WG rows per
 // workgroup, token t = workgroup_id.y. Tokens without adapters are left as they are.
-// Consts: K, WG, lora.wgsl's and rows_out.wgsl's (where rows land in y, as the mat-mat wrote them).
+// Consts: WG, lora.wgsl's (LORA_AT = 1) and rows_out.wgsl's (where rows land in y, as the mat-mat wrote them).
 
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(0) var<storage, read_write> y: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -12,7 +11,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if !lora_any(t) {
         return;
     }
-    lora_prepare(t, lid);
     let n = wid.x * WG + lid;
     if n < LORA_N {
         y[out_index(t, n)] += lora_row(t, n, 0u, 1u);

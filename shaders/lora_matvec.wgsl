@@ -1,7 +1,8 @@
-// The mat-vec's LoRA hooks (matvec.wgsl calls them; lora_off.wgsl is them without LoRA): the
-// token's A · x once per workgroup (lora_prepare, lora.wgsl), then each lane adds its share of its team's rows' B · u to its
-// sums before the lanes' sums are added up, so the GLU, the norm tail and a joined weight's second
-// region all see y with its side paths. `lo` and `hi` are the weight rows summed in acc.lo and acc.hi.
+// The mat-vec's LoRA hook (matvec.wgsl calls it; lora_off.wgsl is it without LoRA): each lane adds
+// its share of its team's rows' B · u (lora.wgsl; u = A · x was computed once for the step by the
+// input group's A·x kernel) to its sums before the lanes' sums are added up, so the GLU, the norm
+// tail and a joined weight's second region all see y with its side paths. `lo` and `hi` are the
+// weight rows summed in acc.lo and acc.hi.
 
 fn lora_add(acc: ptr<function, Sums>, t: u32, lo: vec4<u32>, hi: vec4<u32>, lane: u32) {
     if !lora_any(t) {

@@ -78,6 +78,13 @@ def test_plan_prints_the_fused_program_per_layer():
     assert layers["layer 0"] == ["norm h", *layers["layers 1-4"]]
     assert layers["layer 5"][3] == "attention"
     assert lines[-1] == "head: gather xl | norm xl | matmul logits"
+    # with adapter slots: A·x once per input of adapted weights (q, k, v read h; gate, up the next h)
+    r = realm("plan", "--lora")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[3].split(": ", 1)[1].split(" | ") == [
+        "lora A·h", "matmul q+k", "matmul v", "rope q,k + norm + kv store", "attention (window 512)", "lora A·a",
+        "matmul o + norm + residual x + norm h", "lora A·h", "glu gelu", "lora A·g",
+        "matmul f + norm + residual x + norm h"]
 
 
 def test_generate_applies_lora_adapters_at_their_scales(tmp_path):

@@ -184,11 +184,11 @@ def gemma(tmp_path_factory):
     return f, build_plan(f.header)
 
 
-def without_rope_pairs(plan, limit):
+def without_rope_pairs(plan, limit, adapted=()):
     """The fused program as before ropes were paired: the queries' rope (with its norm) is a kernel
     of its own again, where the queries' rope op stands."""
     kernels = []
-    for k in fuse(plan, limit):
+    for k in fuse(plan, limit, adapted):
         if "pair" in k.fused:
             roles = dict(k.fused)
             q, q_norm = roles.pop("pair"), roles.pop("pair_norm", None)

@@ -19,6 +19,7 @@ from test_llama import make_model
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.gguf import read_gguf
 from realm_wasm.gpu.executor import GpuExecutor
+from realm_wasm.gpu.fuse import describe
 from realm_wasm.gpu.matmul import QuantMatmul
 from realm_wasm.lora import BadAdapter, adaptable_weights, read_adapter
 from realm_wasm.models import build_plan
@@ -301,23 +302,33 @@ def test_gpu_side_paths_match_numpy(model_name, request, gpu, tmp_path):
         gpu_close(dev.forward(step()), cpu.forward(step()))
 
 
-def test_lora_keeps_the_fused_program_and_its_decode_dispatches(gemma, gpu, tmp_path):
-    """Mat-vecs add the side paths themselves: a decode step dispatches what it does without LoRA;
-    a prefill step with adapters one LoRA kernel more per adaptable mat-mat. An executor with
-    adapter slots but no adapter in use gives the bits of one without."""
+def test_a_times_x_runs_once_per_input_group_and_matmuls_add_b_times_u(gemma, gpu, tmp_path):
+    """u = A·x is one kernel per input the adapted weights read, before the first of them: a layer's
+    q, k and v share the attention norm's h, gate and up the FFN norm's h, o and down have inputs
+    of their own. A decode step with adapters dispatches those 4 more per layer (the mat-vecs add
+    B·u themselves), a prefill step also one B·u kernel per adapted mat-mat. A step without adapters
+    dispatches what an executor without slots does, with the same bits."""
     f, plan = gemma
     made = make_adapter(tmp_path / "a.gguf", plan, all_projections(plan, [1]), 4, np.random.default_rng(2))
     _, dev = gpu_and_numpy(gemma, gpu, [made])
     plain = GpuExecutor(plan, f.tensor_bytes, n_slots=4, n_ctx=64, device=gpu, max_tokens=32)
+    assert describe(plan, dev.program)[2] == (
+        "layers 1-4: lora A·h | matmul q+k | matmul v | rope q,k + norm + kv store | attention (window 4) "
+        "| lora A·a | matmul o + norm + residual x + norm h | lora A·h | glu gelu | lora A·g "
+        "| matmul f + norm + residual x + norm h")
+    groups = {group.label: [name.split(".")[2] for name, _ in group.parts] for group in dev.lora_groups.values()}
+    assert sorted(map(tuple, groups.values())) == sorted([("attn_q", "attn_k", "attn_v"), ("attn_output",),
+                                                          ("ffn_gate", "ffn_up"), ("ffn_down",)] * GEMMA_LAYERS)
     assert dispatches_per_layer(dev) == [8] + [7] * (GEMMA_LAYERS - 1)
     assert decode_dispatches(dev) == decode_dispatches(plain)
     one = {"T": 1, "R": 1, "lora": True}
-    assert sum(len(launch.dispatches(one)) for launch in dev.launches) == decode_dispatches(plain)
+    assert sum(len(launch.dispatches(one)) for launch in dev.launches) == decode_dispatches(plain) + 4 * GEMMA_LAYERS
     pooled = sum(isinstance(k, QuantMatmul) and k.lora is not None for launch in dev.launches for k in launch.kernels)
     assert pooled == 5 * GEMMA_LAYERS  # q+k, v, o, gate+up, down: every projection, not the output head
     prefill = {"T": 20, "R": 20}
     count = sum(len(launch.dispatches(prefill)) for launch in dev.launches)
-    assert sum(len(launch.dispatches({**prefill, "lora": True})) for launch in dev.launches) == count + pooled
+    assert sum(len(launch.dispatches({**prefill, "lora": True})) for launch in dev.launches) == (
+        count + pooled + 4 * GEMMA_LAYERS)
     for step in (prefill_step(False), decode_step(False)):
         np.testing.assert_array_equal(dev.forward(step), plain.forward(step))
 
@@ -482,7 +493,7 @@ def test_a_weight_split_over_bindings_adds_its_side_paths_per_chunk(gpu):
     """Each of a weight's bindings (a dispatch each) adds the side paths of its own rows."""
     from test_gpu_matmul import Case
 
-    from realm_wasm.gpu.lora import LoraPool, LoraTokens
+    from realm_wasm.gpu.lora import LoraGroup, LoraTokens
     from realm_wasm.lora import Adapter, LoraPair
 
     n, k, t_max = 37, 160, 12
@@ -492,17 +503,18 @@ def test_a_weight_split_over_bindings_adds_its_side_paths_per_chunk(gpu):
     pairs = [LoraPair(rng.standard_normal((r, k)).astype(np.float32), rng.standard_normal((n, r)).astype(np.float32))
              for r in (8, 3)]
     tokens = LoraTokens(gpu, t_max)
-    pool = LoraPool(gpu, tokens, [("w", n)], k, slots=2, rank=8, label="w")
+    group = LoraGroup(gpu, tokens, case.bindings[0], [("w", n)], k, slots=2, rank=8,
+                      workgroup=64, subgroups=False, label="w")
     for slot, pair in enumerate(pairs):
-        pool.write(slot, Adapter(f"a{slot}", "test", 0.0, {"w": pair}))
-    mm = case.matmul(lora=pool)
+        group.write(slot, Adapter(f"a{slot}", "test", 0.0, {"w": pair}))
+    mm = case.matmul(lora=group.pool(["w"]))
     per_token = [((0, 1.0),), ((1, -0.5), (0, 2.0)), (), ((1, 1.0),)] * 3
     for t in (4, 12):  # the mat-vec, then the mat-mat and its LoRA kernel
         batch = Batch(np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(1, np.int32),
                       *lora_table(per_token[:t]))
         tokens.write(batch)
         gpu.write_buffer(case.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
-        gpu.submit(mm.dispatches(t, lora=True))
+        gpu.submit(group.dispatches(t, lora=True) + mm.dispatches(t, lora=True))
         got = np.frombuffer(gpu.read_buffer(case.y, 0, t * n * 4), np.float32).reshape(t, n)
         x = case.x[:t].astype(np.float64)
         want = x @ case.w.T

@@ -6,9 +6,10 @@ kernel objects with their pipelines and bind groups (`ops.py`, `matmul.py`). Per
 inputs (a few int32 per token) are written, one command buffer with every dispatch is submitted,
 and either the logits or only the sampled token ids are read back.
 
-With `max_adapters` > 0 every matmul over the step's tokens also gets a pool of that many LoRA
-adapter slots of rank up to `max_lora_rank` (`gpu/lora.py`), which `set_adapter` fills while the
-executor runs; with 0 (the default) no LoRA code is compiled or dispatched at all.
+With `max_adapters` > 0 the weights that read one input (a layer's q, k and v; gate and up) share a
+group of that many LoRA adapter slots of rank up to `max_lora_rank` (`gpu/lora.py`), which
+`set_adapter` fills while the executor runs: the program's `lora_shrink` kernels compute A·x once
+per group, the matmuls add B·u. With 0 (the default) no LoRA code is compiled or dispatched at all.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from ..lora import DEFAULT_MAX_LORA_RANK, Adapter, BadAdapter, adaptable_weights
 from ..plan import STEP_INPUTS, Batch, Op, Plan
 from ..sampling import SamplingParams
 from .device import COPY_DST, COPY_SRC, STORAGE, STORAGE_RW, UNIFORM, Binding, Device, Dispatch, ReadBack
-from .fuse import Kernel, fuse, stored_attentions
-from .lora import LoraPool, LoraTokens, round4
+from .fuse import Kernel, fuse, kernel_weights, stored_attentions
+from .lora import LoraGroup, LoraPool, LoraTokens, round4
 from .matmul import GpuWeight, QuantMatmul, ResidualNorm, concat_rows
 from .ops import (
     SAMPLING_ROW_BYTES,
@@ -39,6 +40,7 @@ from .ops import (
     pack_sampling,
     scratch,
 )
+from .tuning import tuning_for
 from .weights import FileWeights, StreamedWeights, matrix_shape
 
 WeightStore = FileWeights | StreamedWeights
@@ -56,7 +58,7 @@ class Launch:
         add their LoRA kernel)."""
         n = counts[self.rows]
         return [d for k in self.kernels
-                for d in (k.dispatches(n, counts.get("lora", False)) if isinstance(k, QuantMatmul)
+                for d in (k.dispatches(n, counts.get("lora", False)) if isinstance(k, QuantMatmul | LoraGroup)
                           else k.dispatches(n))]
 
 
@@ -84,15 +86,16 @@ class GpuExecutor:
 
         self.step = StepInputs(device, self.capacity)
         self.inputs, self.counts = self.step.inputs, self.step.counts
-        # LoRA: the adapters in each slot, the step's table, and the pools the builders make
+        # LoRA: the adapters in each slot, the step's table, and the groups the lora_shrink builders make
         self.max_adapters, self.max_lora_rank = max_adapters, round4(max_lora_rank)
         self.adapters: dict[int, Adapter] = {}
         self.lora_tokens = LoraTokens(device, max_tokens) if max_adapters else None
-        self.lora_pools: list[LoraPool] = []
+        self.lora_groups: dict[str, LoraGroup] = {}  # adapted weight -> its group
         self.adaptable = adaptable_weights(plan)
         self.acts = {name: self.buffer(4 * width * self.capacity[rows], name)
                      for name, (rows, width) in plan.buffers.items()}
-        self.program = fuse(plan, device.limits["max_storage_buffer_binding_size"])
+        self.program = fuse(plan, device.limits["max_storage_buffer_binding_size"],
+                            adapted=self.adaptable if max_adapters else ())
         for kernel in self.program:  # a joined pair's outputs: two regions of one buffer
             if "second" in kernel.fused:
                 self._colocate(plan.ops[kernel.op].out, plan.ops[kernel.fused["second"]].out)
@@ -139,16 +142,12 @@ class GpuExecutor:
         return self.vectors[name]
 
     def lora_pool(self, weights: Sequence[str]) -> LoraPool | None:
-        """Adapter slots for a kernel computing these weights' rows (one weight, or a joined pair);
-        None without adapters or for weights no adapter may change (the output head)."""
+        """Adapter slots for a kernel computing these weights' rows (one weight, or a joined pair), in
+        the group a lora_shrink kernel built; None without adapters or for weights no adapter may
+        change (the output head)."""
         if not self.max_adapters or not set(weights) <= self.adaptable:
             return None
-        shapes = {name: matrix_shape(self.plan.weights[name]) for name in weights}
-        parts = [(name, n) for name, (n, _) in shapes.items()]
-        pool = LoraPool(self.device, self.lora_tokens, parts, shapes[weights[0]][1], slots=self.max_adapters,
-                        rank=self.max_lora_rank, label=" + ".join(weights))
-        self.lora_pools.append(pool)
-        return pool
+        return self.lora_groups[weights[0]].pool(weights)
 
     def set_adapter(self, slot: int, adapter: Adapter) -> None:
         """Hold `adapter` in `slot` (writes it into every pool; nothing is rebuilt)."""
@@ -157,13 +156,13 @@ class GpuExecutor:
         if adapter.rank > self.max_lora_rank:
             raise BadAdapter(f"adapter {adapter.name} has rank {adapter.rank}; this executor holds adapters of "
                              f"rank up to {self.max_lora_rank} (max_lora_rank)")
-        for pool in self.lora_pools:
-            pool.write(slot, adapter)
+        for group in set(self.lora_groups.values()):
+            group.write(slot, adapter)
         self.adapters[slot] = adapter
 
     def clear_adapter(self, slot: int) -> None:
-        for pool in self.lora_pools:
-            pool.clear(slot)
+        for group in set(self.lora_groups.values()):
+            group.clear(slot)
         self.adapters.pop(slot, None)
 
     def rows_of(self, op: Op) -> str:
@@ -346,6 +345,19 @@ def _joined_weight(ex: GpuExecutor, first: str, second: str) -> GpuWeight:
     return joined
 
 
+def _lora_shrink(ex: GpuExecutor, k: Kernel) -> Launch:
+    """The LoRA group of the weights its reader kernels multiply x by: u = A·x once per step."""
+    readers = [kernel for kernel in ex.program if kernel.op in k.fused.values() and kernel.kind != "lora_shrink"]
+    names = [name for reader in readers for name in kernel_weights(ex.plan, reader)]
+    shapes = [matrix_shape(ex.plan.weights[name]) for name in names]
+    group = LoraGroup(ex.device, ex.lora_tokens, ex.acts[ex.plan.ops[k.op].ins[0]],
+                      [(name, n) for name, (n, _) in zip(names, shapes, strict=True)], shapes[0][1],
+                      slots=ex.max_adapters, rank=ex.max_lora_rank, workgroup=tuning_for(ex.device).wg,
+                      subgroups="subgroups" in ex.device.features, label=" + ".join(names))
+    ex.lora_groups.update(dict.fromkeys(names, group))
+    return Launch("T", group)
+
+
 def _glu(ex: GpuExecutor, k: Kernel) -> Launch:
     """act(W_gate·x) * (W_up·x) from gate and up joined in one weight: one mat-vec at decode."""
     op = ex.plan.ops[k.op]
@@ -423,4 +435,5 @@ def _gather(ex: GpuExecutor, k: Kernel) -> Launch:
 BUILDERS: dict[str, Callable[[GpuExecutor, Kernel], Launch]] = {
     "embed": _embed, "rmsnorm": _rmsnorm, "matmul": _matmul, "glu": _glu, "glu_split": _glu_split,
     "rope": _rope, "attention": lambda ex, k: Launch("T", ex.attentions[k.op]), "add": _add, "gather": _gather,
+    "lora_shrink": _lora_shrink,
 }

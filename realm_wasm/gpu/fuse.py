@@ -16,6 +16,10 @@ reads and writes) rather than by where ops stand, so any legal order of a model'
 | rope      | norm, pair, pair_norm, store        | Q/K norms, RoPE of q and k, the KV-cache store        |
 | glu       | (gate and up joined in one weight)  | act(W_gate·x) * (W_up·x)                              |
 
+With LoRA adapters (`adapted`: the weights they may change), one more kernel runs before the first
+matmul of each input value: `lora_shrink` computes u = scale · A·x for every weight reading that x
+(a layer's q, k and v; gate and up), once per step, so the matmuls only add B·u (`lora_shrinks`).
+
 An op folds into a kernel at another position only where it commutes with every op in between
 (neither writes what the other reads or writes). Fusions that need joined weights also need the
 joined weight to fit one storage binding: `fuse` takes that limit (the device's, or WebGPU's
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from ..plan import Op, Plan
@@ -240,8 +244,9 @@ class _Fusion:
         return self.nearest(range(i + 1, len(ops)), pairs)
 
 
-def fuse(plan: Plan, binding_limit: int = DEFAULT_BINDING_LIMIT) -> list[Kernel]:
-    """The plan as the GPU runs it: fused kernels in execution order."""
+def fuse(plan: Plan, binding_limit: int = DEFAULT_BINDING_LIMIT, adapted: Collection[str] = ()) -> list[Kernel]:
+    """The plan as the GPU runs it: fused kernels in execution order; with `adapted`, the weights
+    LoRA adapters may change, also the A·x kernels of their side paths (`lora_shrinks`)."""
     f, ops = _Fusion(plan, binding_limit), plan.ops
     ropes = [i for i, op in enumerate(ops) if op.kind == "rope"]
     for i in ropes:  # Q/K norms into their ropes
@@ -289,8 +294,37 @@ def fuse(plan: Plan, binding_limit: int = DEFAULT_BINDING_LIMIT) -> list[Kernel]
         if kind == "glu":
             kind = "glu" if _joinable(plan, op.weights, binding_limit) else "glu_split"
         kernels.append(Kernel(kind, i, f.fused.get(i, {})))
-    return kernels
+    return lora_shrinks(plan, kernels, adapted) if adapted else kernels
 
+
+LORA_READERS = ("matmul", "glu", "glu_split")  # kernels that apply LoRA side paths
+
+
+def kernel_weights(plan: Plan, kernel: Kernel) -> list[str]:
+    """The weights a matmul kind of kernel multiplies by, in the order its rows take them."""
+    second = [plan.ops[kernel.fused["second"]].weights[0]] if "second" in kernel.fused else []
+    return [*plan.ops[kernel.op].weights, *second]
+
+
+def lora_shrinks(plan: Plan, kernels: list[Kernel], adapted: Collection[str]) -> list[Kernel]:
+    """`kernels` with a `lora_shrink` kernel before the first reader of each input value whose
+    weights are all adapted: its roles "reader 0", "reader 1", ... are the anchor ops of the kernels
+    that then read u (every one reading that x before a kernel writes it again)."""
+    out: list[Kernel] = []
+    open_groups: dict[str, int] = {}  # input buffer -> index in `out` of its shrink kernel
+    for kernel in kernels:
+        op = plan.ops[kernel.op]
+        if kernel.kind in LORA_READERS and set(kernel_weights(plan, kernel)) <= set(adapted):
+            x = op.ins[0]
+            if x not in open_groups:
+                open_groups[x] = len(out)
+                out.append(Kernel("lora_shrink", kernel.op, {}))
+            readers = out[open_groups[x]].fused
+            readers[f"reader {len(readers)}"] = kernel.op
+        out.append(kernel)
+        for written in {plan.ops[i].out for i in kernel.ops()}:  # a new value of x: a new group
+            open_groups.pop(written, None)
+    return out
 
 def stored_attentions(kernels: list[Kernel]) -> set[int]:
     """The attention ops whose KV-cache store a rope kernel does."""
@@ -320,6 +354,7 @@ def label(plan: Plan, kernel: Kernel) -> str:
         "attention": f"attention{window}",
         "glu": f"glu {op.params.get('act')}",
         "glu_split": f"glu {op.params.get('act')} (gate, up, act: 3 kernels)",
+        "lora_shrink": f"lora A·{op.ins[0]}",
     }
     text = names.get(kernel.kind, f"{'norm' if kernel.kind == 'rmsnorm' else kernel.kind} {op.out}")
     extras = (("norm" in roles or "pair_norm" in roles, " + norm"), ("store" in roles, " + kv store"),

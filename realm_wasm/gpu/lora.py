@@ -1,10 +1,14 @@
-"""LoRA adapters on the device: a pool of adapter slots per adaptable weight, and the step's token table.
+"""LoRA adapters on the device: adapter slots per input group of weights, and the step's token table.
 
-A `LoraPool` is one read-only buffer, sized at load for `slots` adapters of rank up to `rank`, that
-the weight's kernels read (shaders/lora.wgsl describes its layout); loading an adapter writes its A
-and B into a slot, unloading zeroes the slot's ranks. Nothing is rebuilt: pipelines, bind groups
-and dispatch lists stay as they are. The step's table (`LoraTokens`: each token's adapter slots
-and scales) is a uniform buffer shared by every pool's kernels, written with the step's inputs.
+The weights that read one input x (a layer's q, k and v read its attention norm; gate and up its
+FFN norm) form a `LoraGroup`: two buffers, sized at load for `slots` adapters of rank up to `rank`
+(shaders/lora_tokens.wgsl describes their layout), which loading an adapter writes its A and B
+into and unloading zeroes the slot's ranks of. In a step whose tokens use adapters the group's
+A·x kernel (shaders/lora_shrink.wgsl, one dispatch) computes u = scale · A·x of every token, adapter
+and weight once; each weight's mat-vec or mat-mat then only adds B·u (a `LoraPool`: the weight's
+view of its group). Nothing is rebuilt when adapters change: pipelines, bind groups and dispatch
+lists stay as they are. The step's table (`LoraTokens`: each token's adapter slots and scales) is a
+uniform buffer shared by every group's kernels, written with the step's inputs.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import numpy as np
 
 from ..lora import Adapter
 from ..plan import LORA_PER_TOKEN, Batch
-from .device import COPY_DST, STORAGE, UNIFORM, Binding, Device, UnsupportedOnGPU
+from . import compose
+from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM, Binding, Device, Dispatch, UnsupportedOnGPU
 
 TOKEN_BYTES = 8 * 4  # vec4<i32> slots + vec4<f32> scales
+SHRINK_LANES = 32  # invocations sharing one row of A (at most the workgroup): K / 4 / 32 vec4s each
 
 
 def round4(n: int) -> int:
@@ -54,43 +60,68 @@ class LoraTokens:
         self.device.write_buffer(self.binding[0], 0, np.ascontiguousarray(table).tobytes())
 
 
-class LoraPool:
-    """Adapter slots for one weight of `k` columns made of `parts` ((name, rows): one, or the two
-    projections of a joined weight, rows of the first then of the second)."""
+class LoraGroup:
+    """Adapter slots for the weights that read one input `x` ([T, k] f32): `parts` ((name, rows),
+    in the order their kernels take them: a joined pair's two parts next to each other), and the
+    A·x kernel that computes their u once per step. `workgroup` and `subgroups` shape that kernel."""
 
-    def __init__(self, device: Device, tokens: LoraTokens, parts: Sequence[tuple[str, int]], k: int, *,
-                 slots: int, rank: int, label: str = "") -> None:
-        if not 1 <= len(parts) <= 2 or rank % 4 or k % 4:
-            raise ValueError("a LoRA pool has one or two parts, a rank and K that are multiples of 4")
+    def __init__(self, device: Device, tokens: LoraTokens, x: Binding, parts: Sequence[tuple[str, int]], k: int, *,
+                 slots: int, rank: int, workgroup: int, subgroups: bool, label: str = "") -> None:
+        if not parts or rank % 4 or k % 4:
+            raise ValueError("a LoRA group has parts, a rank and K that are multiples of 4")
         self.device, self.tokens, self.parts, self.k = device, tokens, tuple(parts), k
-        self.slots, self.rank = slots, rank
-        self.n = sum(rows for _, rows in parts)
-        # floats: ranks, then A [slots][parts][rank][k], then B [slots][n][rank]
-        self.a_at = round4(slots * len(parts))
-        self.b_at = self.a_at + slots * len(parts) * rank * k
-        size = 4 * (self.b_at + slots * self.n * rank)
+        self.slots, self.rank, self.label = slots, rank, label
+        self.n_all = sum(rows for _, rows in parts)
+        self.first_row = dict(zip((name for name, _ in parts),
+                                  np.cumsum([0] + [rows for _, rows in parts[:-1]]).tolist(), strict=True))
+        # floats: ranks, then A [slots][parts][rank][k]     (read by the A·x kernel)
+        #         ranks, then B [slots][n_all][rank], then u [tokens][4][parts][rank]    (the weights' kernels)
+        self.ranks_len = round4(slots * len(parts))
+        a_size = 4 * (self.ranks_len + slots * len(parts) * rank * k)
+        self.u_at = self.ranks_len + slots * self.n_all * rank
+        side_size = 4 * (self.u_at + tokens.max_tokens * LORA_PER_TOKEN * len(parts) * rank)
         limit = device.limits["max_storage_buffer_binding_size"]
-        if size > limit:
-            raise UnsupportedOnGPU(f"{label}: {slots} LoRA slots of rank {rank} need {size} bytes, more than one "
-                                   f"storage binding holds ({limit}): ask for fewer adapters or a lower rank")
-        # a new buffer is zeros: every slot's ranks are 0, no adapter
-        self.binding = (device.create_buffer(size, STORAGE | COPY_DST, f"lora {label}"), 0, size)
+        if max(a_size, side_size) > limit:
+            raise UnsupportedOnGPU(f"{label}: {slots} LoRA slots of rank {rank} need {max(a_size, side_size)} bytes, "
+                                   f"more than one storage binding holds ({limit}): ask for fewer adapters, a lower "
+                                   f"rank or fewer max_tokens")
+        # new buffers are zeros: every slot's ranks are 0, no adapter
+        self.a = (device.create_buffer(a_size, STORAGE | COPY_DST, f"lora A {label}"), 0, a_size)
+        self.side = (device.create_buffer(side_size, STORAGE_RW | COPY_DST, f"lora B, u {label}"), 0, side_size)
+        lanes = min(SHRINK_LANES, workgroup)
+        consts = dict(K=k, WG=workgroup, LANES=lanes, LORA_AT=3, **self.consts())
+        reduce = "reduce_lanes_subgroup.wgsl" if subgroups else "reduce_lanes_shared.wgsl"
+        pipe = compose.pipeline(device, (reduce, "lora_tokens.wgsl", "lora_shrink.wgsl"), consts,
+                                subgroups=subgroups, label=f"lora A·x {label}")
+        bind_group = device.create_bind_group(pipe, [x, self.a, self.side, tokens.binding])
+        quads = len(parts) * rank // 4  # a team computes 4 rows of u
+        self.shrink = (pipe, bind_group, (-(-quads // (workgroup // lanes)), LORA_PER_TOKEN))
 
     def consts(self) -> dict[str, int]:
-        """lora.wgsl's consts (besides LORA_AT, the binding the kernel gives it)."""
-        first_rows = self.parts[0][1]
-        return dict(LORA_T=self.tokens.max_tokens, LORA_SLOTS=self.slots, LORA_P=len(self.parts), LORA_N=self.n,
-                    LORA_SPLIT=first_rows if len(self.parts) == 2 else self.n, LORA_RANK=self.rank)
+        """lora_tokens.wgsl's consts (besides LORA_AT, the binding the kernel gives the table)."""
+        return dict(LORA_T=self.tokens.max_tokens, LORA_SLOTS=self.slots, LORA_GP=len(self.parts),
+                    LORA_N_ALL=self.n_all, LORA_RANK=self.rank)
 
-    def bindings(self) -> list[Binding]:
-        return [self.tokens.binding, self.binding]
+    def dispatches(self, t: int, lora: bool = False) -> list[Dispatch]:
+        """The A·x kernel over t tokens, in steps whose tokens use adapters (`lora`); else nothing."""
+        if not lora:
+            return []
+        pipe, bind_group, (gx, gy) = self.shrink
+        return [(pipe, bind_group, (gx, gy, t))]
+
+    def pool(self, weights: Sequence[str]) -> LoraPool:
+        """The side paths of a kernel computing these weights' rows (one, or a joined pair)."""
+        names = [name for name, _ in self.parts]
+        first = names.index(weights[0])
+        if tuple(names[first:first + len(weights)]) != tuple(weights):
+            raise ValueError(f"{' + '.join(weights)} are not adjacent parts of the LoRA group {self.label}")
+        return LoraPool(self, first, self.parts[first:first + len(weights)])
 
     def write(self, slot: int, adapter: Adapter) -> None:
-        """Put the adapter's pairs for this weight's parts into `slot` (rank 0 for parts it leaves alone)."""
+        """Put the adapter's pairs for the group's weights into `slot` (rank 0 for weights it leaves alone)."""
         p_count, write = len(self.parts), self.device.write_buffer
-        b = np.zeros((self.n, self.rank), np.float32)
+        b = np.zeros((self.n_all, self.rank), np.float32)
         ranks = np.zeros(p_count, np.float32)
-        row = 0
         for p, (name, rows) in enumerate(self.parts):
             pair = adapter.pairs.get(name)
             if pair is not None:
@@ -98,14 +129,35 @@ class LoraPool:
                     raise ValueError(f"{name}: rank {pair.rank} is over the pool's {self.rank}")
                 a = np.zeros((self.rank, self.k), np.float32)
                 a[:pair.rank] = pair.a
-                write(self.binding[0], 4 * (self.a_at + (slot * p_count + p) * self.rank * self.k), a.tobytes())
+                write(self.a[0], 4 * (self.ranks_len + (slot * p_count + p) * self.rank * self.k), a.tobytes())
+                row = self.first_row[name]
                 b[row:row + rows, :pair.rank] = pair.b
                 ranks[p] = round4(pair.rank)  # the padding rows of A and columns of B are zeros
-            row += rows
         if ranks.any():
-            write(self.binding[0], 4 * (self.b_at + slot * self.n * self.rank), b.tobytes())
-        write(self.binding[0], 4 * slot * p_count, ranks.tobytes())
+            write(self.side[0], 4 * (self.ranks_len + slot * self.n_all * self.rank), b.tobytes())
+        self._write_ranks(slot, ranks)
 
     def clear(self, slot: int) -> None:
-        ranks = np.zeros(len(self.parts), np.float32)
-        self.device.write_buffer(self.binding[0], 4 * slot * len(self.parts), ranks.tobytes())
+        self._write_ranks(slot, np.zeros(len(self.parts), np.float32))
+
+    def _write_ranks(self, slot: int, ranks: np.ndarray) -> None:
+        for buffer in (self.a[0], self.side[0]):
+            self.device.write_buffer(buffer, 4 * slot * len(self.parts), ranks.tobytes())
+
+
+class LoraPool:
+    """One weight kernel's side paths: parts `first` (and `first + 1`, a joined pair) of `group`."""
+
+    def __init__(self, group: LoraGroup, first: int, parts: Sequence[tuple[str, int]]) -> None:
+        self.group, self.first, self.parts = group, first, tuple(parts)
+        self.n, self.k = sum(rows for _, rows in parts), group.k
+
+    def consts(self) -> dict[str, int]:
+        """lora.wgsl's consts (besides LORA_AT, the binding the kernel gives the token table)."""
+        first_rows = self.parts[0][1]
+        return dict(self.group.consts(), LORA_PART0=self.first, LORA_P=len(self.parts), LORA_N=self.n,
+                    LORA_SPLIT=first_rows if len(self.parts) == 2 else self.n,
+                    LORA_ROW0=self.group.first_row[self.parts[0][0]])
+
+    def bindings(self) -> list[Binding]:
+        return [self.group.tokens.binding, self.group.side]

@@ -12,9 +12,10 @@ both dot products of an output row and writes act(g) * u. A mat-vec can also run
 RMSNorm of its output in its last workgroup (`ResidualNorm`, shaders/matvec_norm.wgsl), and two
 projections of one input joined the same way (q and k) are one kernel writing two outputs.
 
-With a `LoraPool` (gpu/lora.py) the weight's LoRA adapters are added as side paths: inside the
-mat-vec (shaders/lora_matvec.wgsl, before its GLU, norm tail or second region: no extra dispatch),
-and after the mat-mat by one more kernel (shaders/lora_main.wgsl) in steps whose tokens use any.
+With a `LoraPool` (gpu/lora.py) the weight's LoRA adapters are added as side paths B·u, u = A·x
+computed for the step by the input group's own kernel: inside the mat-vec (shaders/lora_matvec.wgsl,
+before its GLU, norm tail or second region: no extra dispatch), and after the mat-mat by one more
+kernel (shaders/lora_main.wgsl) in steps whose tokens use any.
 """
 
 from __future__ import annotations
@@ -365,7 +366,7 @@ class QuantMatmul:
                       WG=wg, GLU=bool(self.glu), GELU=self.glu == "gelu", **self.out)
         reduce = "reduce_lanes_subgroup.wgsl" if self.subgroups else "reduce_lanes_shared.wgsl"
         entry = "matvec_norm.wgsl" if self.norm else "matvec_main.wgsl"
-        hooks = ("lora.wgsl", "lora_matvec.wgsl") if self.lora else ("lora_off.wgsl",)
+        hooks = ("lora_tokens.wgsl", "lora.wgsl", "lora_matvec.wgsl") if self.lora else ("lora_off.wgsl",)
         parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "rows_out.wgsl", *hooks,
                  "matvec.wgsl", entry)
         bindings = [(chunk.buffer, 0, chunk.size), self.x, self.y]
@@ -405,10 +406,10 @@ class QuantMatmul:
         put it (the GLU's scratch, or both regions of a joined weight)."""
         wg = self.tuning.wg
         out = dict(self.out, Y_STRIDE=self.weight.n) if self.glu else self.out
-        consts = dict(K=self.weight.k, WG=wg, LORA_AT=2, **self.lora.consts(), **out)
-        pipe = compose.pipeline(self.device, ("rows_out.wgsl", "lora.wgsl", "lora_main.wgsl"), consts,
-                                label=f"lora {self.weight.n}x{self.weight.k}")
-        bind_group = self.device.create_bind_group(pipe, [self.x, self.matmat_y, *self.lora.bindings()])
+        consts = dict(WG=wg, LORA_AT=1, **self.lora.consts(), **out)
+        parts = ("rows_out.wgsl", "lora_tokens.wgsl", "lora.wgsl", "lora_main.wgsl")
+        pipe = compose.pipeline(self.device, parts, consts, label=f"lora B·u {self.weight.n}x{self.weight.k}")
+        bind_group = self.device.create_bind_group(pipe, [self.matmat_y, *self.lora.bindings()])
         return pipe, bind_group, (-(-self.weight.n // wg), 1)
 
     def tile(self, t: int) -> Tile:
