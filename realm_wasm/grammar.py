@@ -526,6 +526,12 @@ class TokenVocabulary:
             data = token_bytes[token]
             joined[row, :len(data)] = np.frombuffer(data, dtype=np.uint8)
         self.columns = [np.ascontiguousarray(joined[:self.running[j], j]) for j in range(self.max_len)]
+        # each row's first two bytes as one code (b0 * 257 + 1 + b1, or b0 * 257 for a one-byte
+        # token): a walk starts with only the rows whose two-byte prefix its state allows
+        if self.max_len:
+            second = joined[:, 1].astype(np.int32) + 1 if self.max_len > 1 else np.zeros(len(joined), np.int32)
+            second[self.running[1]:] = 0
+            self.prefix_codes = joined[:, 0].astype(np.int32) * 257 + second
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TokenVocabulary:
@@ -540,19 +546,42 @@ Stack = tuple[int, ...]  # grammar positions: the top (last) expects a byte, the
 DEAD = 0  # the state with no stacks: nothing can follow
 
 
+@dataclass
+class _KeyWalk:
+    """The vocabulary walked from one stack's top KEY_DEPTH positions alone. inner: tokens that stay
+    inside them (or end exactly where they pop). A token that pops them part-way needs what lies
+    below: escape_suffixes (as a small vocabulary) hold the bytes left at each such point and
+    escape_owner / escape_suffix pair each with its token."""
+    inner: np.ndarray
+    escape_suffixes: TokenVocabulary | None
+    escape_owner: np.ndarray
+    escape_suffix: np.ndarray
+
+
 class GrammarEngine:
     """One grammar run against one vocabulary. States are interned sets of stacks; transitions and
-    per-state masks are cached, so share one engine among every output using the same grammar."""
+    masks are cached, so share one engine among every output using the same grammar.
 
-    MASK_CACHE_SIZE = 512  # masks kept (bit-packed: vocab/8 bytes each)
+    A state's mask is the union over its stacks. Each stack's top KEY_DEPTH positions (its "lexical
+    context": inside a JSON string, the string rule's own positions) are walked once against the
+    vocabulary and cached, whatever lies below them; only the tokens that pop out of them part-way
+    (in a string: the few thousand that hold a closing quote) are walked on from the stack's rest.
+    So a string body in a new place costs a small walk, not a walk of the whole vocabulary."""
+
+    MASK_CACHE_SIZE = 512  # masks per state kept (bit-packed: vocab/8 bytes each)
+    KEY_DEPTH = 3  # positions in a stack's key: JSON's string body is (closing quote, char loop, char)
+    LEXICAL_FIRST_BYTES = 64  # a stack whose key allows this many first bytes is walked by its key
 
     def __init__(self, grammar: Grammar, vocab: TokenVocabulary) -> None:
         self.grammar, self.vocab = grammar, vocab
         self._states: list[frozenset[Stack]] = []
         self._ids: dict[frozenset[Stack], int] = {}
-        self._accepting: list[bool] = []
         self._table = np.full((64, 256), -1, dtype=np.int32)  # -1: not computed yet
+        self._accepting = np.zeros(64, dtype=np.bool_)
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._key_walks: dict[Stack, _KeyWalk] = {}
+        self._lexical: dict[Stack, bool] = {}
+        self._first: dict[int, np.ndarray] = {}
         self._intern(frozenset())
         self._table[DEAD] = DEAD
         root_stacks: set[Stack] = set()
@@ -572,11 +601,12 @@ class GrammarEngine:
         if state is None:
             state = self._ids[stacks] = len(self._states)
             self._states.append(stacks)
-            self._accepting.append(() in stacks)
             if state >= len(self._table):
                 grown = np.full((2 * len(self._table), 256), -1, dtype=np.int32)
                 grown[:len(self._table)] = self._table
                 self._table = grown
+                self._accepting = np.concatenate([self._accepting, np.zeros_like(self._accepting)])
+            self._accepting[state] = () in stacks
         return state
 
     def _expand(self, stack: Stack) -> set[Stack]:
@@ -620,7 +650,7 @@ class GrammarEngine:
         return state
 
     def is_accepting(self, state: int) -> bool:
-        return self._accepting[state]
+        return bool(self._accepting[state])
 
     def token_mask(self, state: int) -> np.ndarray:
         """Bool mask over the vocabulary: the tokens whose bytes keep state alive (no end tokens)."""
@@ -628,22 +658,84 @@ class GrammarEngine:
         if packed is not None:
             self._masks.move_to_end(state)
             return np.unpackbits(packed, count=self.vocab.size).view(np.bool_)
-        mask = self._walk_vocabulary(state)
+        lexical, structural = [], []
+        for stack in self._states[state]:
+            if stack:  # the finished stack () allows only an end token
+                (lexical if self._is_lexical(stack[-self.KEY_DEPTH:]) else structural).append(stack)
+        # structural stacks allow few first bytes: one walk of them together is cheap
+        mask, _ = self._walk(self._intern(frozenset(structural)), self.vocab, record_escapes=False)
+        for stack in lexical:
+            key, rest = stack[-self.KEY_DEPTH:], stack[:-self.KEY_DEPTH]
+            walked = self._key_walk(key)
+            mask |= walked.inner
+            if rest and walked.escape_suffixes is not None:
+                below = self._intern(frozenset(self._expand(rest)))
+                suffix_ok, _ = self._walk(below, walked.escape_suffixes, record_escapes=False)
+                mask[walked.escape_owner[suffix_ok[walked.escape_suffix]]] = True
         self._masks[state] = np.packbits(mask)
         if len(self._masks) > self.MASK_CACHE_SIZE:
             self._masks.popitem(last=False)
         return mask
 
-    def _walk_vocabulary(self, state: int) -> np.ndarray:
-        vocab = self.vocab
+    def _first_bytes(self, state: int) -> np.ndarray:
+        """The bytes that can come next in state: those its stacks' top terminals accept (stepping
+        on one of them always leaves a stack, so no transition needs computing)."""
+        first = self._first.get(state)
+        if first is None:
+            tops = {stack[-1] for stack in self._states[state] if stack}
+            table = np.zeros(256, dtype=np.bool_)
+            for top in tops:
+                table |= np.frombuffer(self.grammar.accepts[top], dtype=np.bool_)
+            first = self._first[state] = np.nonzero(table)[0]
+        return first
+
+    def _is_lexical(self, key: Stack) -> bool:
+        """A key allowing many first bytes (a string body) is walked alone and cached."""
+        lexical = self._lexical.get(key)
+        if lexical is None:
+            first = self._first_bytes(self._intern(frozenset({key})))
+            lexical = self._lexical[key] = len(first) >= self.LEXICAL_FIRST_BYTES
+        return lexical
+
+    def _key_walk(self, key: Stack) -> _KeyWalk:
+        walked = self._key_walks.get(key)
+        if walked is None:
+            inner, escapes = self._walk(self._intern(frozenset({key})), self.vocab, record_escapes=True)
+            suffixes: dict[bytes, int] = {}
+            owner, suffix_of = [], []
+            for token, cut in escapes:
+                data = self.vocab.token_bytes[token][cut:]
+                owner.append(token)
+                suffix_of.append(suffixes.setdefault(data, len(suffixes)))
+            walked = _KeyWalk(inner, TokenVocabulary(list(suffixes), []) if suffixes else None,
+                              np.array(owner, dtype=np.int64), np.array(suffix_of, dtype=np.int64))
+            self._key_walks[key] = walked
+        return walked
+
+    def _walk(self, state: int, vocab: TokenVocabulary,
+              record_escapes: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Run every token of vocab from state, one byte column at a time. Returns the mask of tokens
+        that end alive and, if asked, (token, bytes read) wherever a token passed an accepting state
+        before its end (the popping points of a key walk)."""
         allowed_sorted = np.zeros(vocab.size, dtype=np.bool_)
-        rows = np.arange(vocab.running[0], dtype=np.int64)  # positions in vocab.order still alive
+        escapes: list[tuple[int, int]] = []
+        if not vocab.max_len:
+            return allowed_sorted, escapes
+        prefix_ok = np.zeros(256 * 257, dtype=np.bool_)
+        for first in self._first_bytes(state).tolist():
+            prefix_ok[first * 257] = True
+            prefix_ok[first * 257 + 1 + self._first_bytes(self.step(state, first))] = True
+        rows = np.nonzero(prefix_ok[vocab.prefix_codes])[0]  # positions in vocab.order still alive
         states = np.full(len(rows), state, dtype=np.int64)
         for j, column in enumerate(vocab.columns):
             keep = np.searchsorted(rows, vocab.running[j])  # drop tokens shorter than j+1 bytes
             rows, states = rows[:keep], states[:keep]
             if not len(rows):
                 break
+            if record_escapes and j:
+                popped = self._accepting[states]
+                if popped.any():
+                    escapes.extend((int(vocab.order[r]), j) for r in rows[popped].tolist())
             flat = states * 256 + column[rows]
             nxt = self._table.reshape(-1)[flat]
             unknown = nxt < 0
@@ -656,9 +748,9 @@ class GrammarEngine:
             allowed_sorted[rows[alive & ending]] = True
             go_on = alive & ~ending
             rows, states = rows[go_on], nxt[go_on].astype(np.int64)
-        mask = np.zeros(vocab.size, dtype=np.bool_)
-        mask[vocab.order] = allowed_sorted
-        return mask
+        allowed = np.zeros(vocab.size, dtype=np.bool_)
+        allowed[vocab.order] = allowed_sorted
+        return allowed, escapes
 
 
 class GrammarMatcher:
