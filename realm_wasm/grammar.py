@@ -329,7 +329,7 @@ def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
                 return _utf8_sequences(lo, lo | mask) + _utf8_sequences((lo | mask) + 1, hi)
             if hi & mask != mask:
                 return _utf8_sequences(lo, (hi & ~mask) - 1) + _utf8_sequences(hi & ~mask, hi)
-    return [list(zip(_utf8(lo), _utf8(hi)))]
+    return [list(zip(_utf8(lo), _utf8(hi), strict=True))]
 
 
 # --- compiled form: flat grammar positions for the pushdown automaton -----------------------------
@@ -354,7 +354,8 @@ class Grammar:
     def __init__(self, rules: dict[str, Node]) -> None:
         if "root" not in rules:
             raise GrammarError("grammar has no `root` rule (the start)")
-        self.names: list[str] = list(rules)
+        self.names: list[str] = list(rules)  # the grammar's rules, then helper rules (groups, x*, ...)
+        self._n_named = len(rules)
         self._index = {name: i for i, name in enumerate(self.names)}
         self._bodies: list[list[list[tuple[int, Any]]]] = [[] for _ in self.names]
         self._helpers: dict[Any, int] = {}  # structural key -> helper rule, so equal pieces share one
@@ -476,9 +477,9 @@ class Grammar:
             for nxt in sorted(first[r]):
                 if state[nxt] == 1:
                     cycle = path[path.index(nxt):] + [nxt] if nxt in path else [r, nxt]
-                    raise GrammarError(f"grammar rule {self._display(nxt)!r} is left-recursive "
-                                       f"({' -> '.join(self._display(c) for c in cycle)}); rewrite it "
-                                       f"to recurse on the right")
+                    named = [self.names[c] for c in cycle if c < self._n_named]  # helpers are no news
+                    raise GrammarError(f"grammar rule {named[0]!r} is left-recursive ({' -> '.join(named)}); "
+                                       f"rewrite it to recurse on the right")
                 if state[nxt] == 0:
                     visit(nxt, path + [nxt])
             state[r] = 2
@@ -498,9 +499,6 @@ class Grammar:
         if not productive[self._index["root"]]:
             raise GrammarError("grammar can never be satisfied: `root` derives no finite text "
                                "(an empty character class, or rules that only ever recurse)")
-
-    def _display(self, rule: int) -> str:
-        return self.names[rule]
 
 
 # --- the vocabulary as byte strings ---------------------------------------------------------------
@@ -851,6 +849,17 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _value_gbnf(value: Any) -> str:
+    """GBNF for exactly one JSON value (const, enum), with the usual whitespace between its tokens."""
+    if isinstance(value, dict):
+        members = [f"{gbnf_literal(_json_text(k))} ws \":\" ws {_value_gbnf(v)} ws" for k, v in value.items()]
+        return '"{" ws ' + ' "," ws '.join(members) + (" " if members else "") + '"}"'
+    if isinstance(value, list):
+        items = [f"{_value_gbnf(v)} ws" for v in value]
+        return '"[" ws ' + ' "," ws '.join(items) + (" " if items else "") + '"]"'
+    return gbnf_literal(_json_text(value))
+
+
 class _SchemaConverter:
     def __init__(self, root: Any) -> None:
         self.root = root
@@ -888,12 +897,12 @@ class _SchemaConverter:
         if "$ref" in schema:
             return self.reference(schema["$ref"], where)
         if "const" in schema:
-            return gbnf_literal(_json_text(schema["const"]))
+            return _value_gbnf(schema["const"])
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise self.error(where, "enum must be a non-empty list: an empty one allows no value")
-            return "( " + " | ".join(gbnf_literal(_json_text(v)) for v in values) + " )"
+            return "( " + " | ".join(_value_gbnf(v) for v in values) + " )"
         if "anyOf" in schema:
             options = schema["anyOf"]
             if not isinstance(options, list) or not options:
@@ -980,8 +989,8 @@ class _SchemaConverter:
             else:
                 first = self.add_rule(f"{name}-from-{i}", f"{own} | {first}" if first else f"( {own} )?")
             if i:
-                comma = f'"," ws {text} {rest}'.strip()
-                rest = self.add_rule(f"{name}-rest-{i}", comma if needed else f"( {comma} )?")
+                comma = f'"," ws {text}' if needed else f'( "," ws {text} )?'
+                rest = self.add_rule(f"{name}-rest-{i}", f"{comma} {rest}".strip())
         return f'"{{" ws {first} "}}"'
 
     def array(self, schema: dict, where: str, name: str) -> str:
