@@ -580,6 +580,7 @@ class GrammarEngine:
         self._key_walks: dict[Stack, _KeyWalk] = {}
         self._lexical: dict[Stack, bool] = {}
         self._first: dict[int, np.ndarray] = {}
+        self._expanded: dict[Stack, frozenset[Stack]] = {}  # _expand's results
         self._intern(frozenset())
         self._table[DEAD] = DEAD
         root_stacks: set[Stack] = set()
@@ -607,16 +608,19 @@ class GrammarEngine:
             self._accepting[state] = () in stacks
         return state
 
-    def _expand(self, stack: Stack) -> set[Stack]:
+    def _expand(self, stack: Stack) -> frozenset[Stack]:
         """Stacks whose top is a terminal (or the empty, finished stack), reached from stack without
         reading a byte: END pops, a rule reference pushes its return and each alternative."""
+        done = self._expanded.get(stack)
+        if done is not None:
+            return done
         g = self.grammar
         if not stack:
-            return {()}
+            return frozenset({()})
         top = stack[-1]
         kind = g.kind[top]
         if kind == TERMINAL:
-            return {stack}
+            return frozenset({stack})
         if kind == END:
             return self._expand(stack[:-1])
         # skip a return to END: popping it later is the same as not pushing it (keeps x* flat)
@@ -624,7 +628,8 @@ class GrammarEngine:
         out: set[Stack] = set()
         for start in g.alternatives[g.target[top]]:
             out |= self._expand(base + (start,))
-        return out
+        done = self._expanded[stack] = frozenset(out)
+        return done
 
     def _compute(self, state: int, byte: int) -> int:
         g = self.grammar
@@ -710,6 +715,24 @@ class GrammarEngine:
             self._key_walks[key] = walked
         return walked
 
+    def _lookup(self, flat: np.ndarray) -> np.ndarray:
+        """Next states for (state * 256 + byte) codes, computing the transitions not known yet."""
+        table = self._table.reshape(-1)
+        nxt = table[flat]
+        unknown = nxt < 0
+        if unknown.any():
+            for pair in np.unique(flat[unknown]).tolist():
+                self._compute(pair >> 8, pair & 255)
+            nxt = self._table.reshape(-1)[flat]  # the table may have grown
+        return nxt
+
+    def _note_escapes(self, states: np.ndarray, read: int, vocab: TokenVocabulary,
+                      escapes: list[tuple[int, int]], rows: np.ndarray | None = None) -> None:
+        popped = np.nonzero(self._accepting[states])[0]
+        if len(popped):
+            tokens = vocab.order[popped if rows is None else rows[popped]]
+            escapes.extend((token, read) for token in tokens.tolist())
+
     def _walk(self, state: int, vocab: TokenVocabulary,
               record_escapes: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Run every token of vocab from state, one byte column at a time. Returns the mask of tokens
@@ -723,29 +746,37 @@ class GrammarEngine:
         for first in self._first_bytes(state).tolist():
             prefix_ok[first * 257] = True
             prefix_ok[first * 257 + 1 + self._first_bytes(self.step(state, first))] = True
-        rows = np.nonzero(prefix_ok[vocab.prefix_codes])[0]  # positions in vocab.order still alive
-        states = np.full(len(rows), state, dtype=np.int64)
-        for j, column in enumerate(vocab.columns):
-            keep = np.searchsorted(rows, vocab.running[j])  # drop tokens shorter than j+1 bytes
-            rows, states = rows[:keep], states[:keep]
-            if not len(rows):
-                break
-            if record_escapes and j:
-                popped = self._accepting[states]
-                if popped.any():
-                    escapes.extend((int(vocab.order[r]), j) for r in rows[popped].tolist())
-            flat = states * 256 + column[rows]
-            nxt = self._table.reshape(-1)[flat]
-            unknown = nxt < 0
-            if unknown.any():
-                for pair in np.unique(flat[unknown]).tolist():
-                    self._compute(pair >> 8, pair & 255)
-                nxt = self._table.reshape(-1)[flat]
-            alive = nxt != DEAD
-            ending = rows >= vocab.running[j + 1]  # this was their last byte
-            allowed_sorted[rows[alive & ending]] = True
-            go_on = alive & ~ending
-            rows, states = rows[go_on], nxt[go_on].astype(np.int64)
+        starts = prefix_ok[vocab.prefix_codes]  # per row (position in vocab.order): may be alive
+        if np.count_nonzero(starts) > len(starts) // 2:
+            # most tokens alive (a string body): keep every row in place, dead ones in DEAD
+            states = np.where(starts, state, DEAD).astype(np.int64)
+            for j, column in enumerate(vocab.columns):
+                running, ending_from = vocab.running[j], vocab.running[j + 1]
+                current = states[:running]
+                if record_escapes and j:
+                    self._note_escapes(current, j, vocab, escapes)
+                flat = current * 256 + column
+                nxt = self._lookup(flat)
+                allowed_sorted[ending_from:running] = nxt[ending_from:] != DEAD
+                states = nxt[:ending_from].astype(np.int64)
+                if not states.any():
+                    break
+        else:  # few alive: carry only their rows
+            rows = np.nonzero(starts)[0]
+            states = np.full(len(rows), state, dtype=np.int64)
+            for j, column in enumerate(vocab.columns):
+                keep = np.searchsorted(rows, vocab.running[j])  # drop tokens shorter than j+1 bytes
+                rows, states = rows[:keep], states[:keep]
+                if not len(rows):
+                    break
+                if record_escapes and j:
+                    self._note_escapes(states, j, vocab, escapes, rows)
+                nxt = self._lookup(states * 256 + column[rows])
+                alive = nxt != DEAD
+                ending = rows >= vocab.running[j + 1]  # this was their last byte
+                allowed_sorted[rows[alive & ending]] = True
+                go_on = alive & ~ending
+                rows, states = rows[go_on], nxt[go_on].astype(np.int64)
         allowed = np.zeros(vocab.size, dtype=np.bool_)
         allowed[vocab.order] = allowed_sorted
         return allowed, escapes
