@@ -359,6 +359,7 @@ class Grammar:
         self._index = {name: i for i, name in enumerate(self.names)}
         self._bodies: list[list[list[tuple[int, Any]]]] = [[] for _ in self.names]
         self._helpers: dict[Any, int] = {}  # structural key -> helper rule, so equal pieces share one
+        self._chains: dict[Node, list[int]] = {}  # x{m,n}'s item -> its `x{0,k}` rules by rank k
         for name, node in rules.items():
             self._bodies[self._index[name]] = self._alternatives_of(node, name)
         self._check_left_recursion()
@@ -380,6 +381,11 @@ class Grammar:
                 self.accepts.append(b"")
             self.alternatives.append(starts)
         self.root = self._index["root"]
+        nullable = self._nullable()
+        # chains whose item always reads a byte: (rules by rank) for GrammarEngine's canonical keys
+        self.byte_chains: list[list[int]] = [
+            ranks for ranks in self._chains.values()
+            if ranks and not all(k == RULE and nullable[a] for k, a in self._bodies[ranks[0]][0])]
 
     @classmethod
     def from_gbnf(cls, text: str) -> Grammar:
@@ -443,10 +449,13 @@ class Grammar:
                 self._bodies.append([item + [(RULE, index)], []])
             return item * node.min + [(RULE, self._helpers[key])]
         tail: list[tuple[int, Any]] = []
+        ranks = self._chains.setdefault(node.item, [])  # this item's chain, rank 1 first
         for count in range(1, node.max - node.min + 1):  # x{0,k} as `r_k ::= x r_{k-1} | ε`
             symbols = item + tail
-            tail = [(RULE, self._helper(("optional", node.item, count), f"{name}-opt",
-                                        lambda s=symbols: [s, []]))]
+            rule = self._helper(("optional", node.item, count), f"{name}-opt", lambda s=symbols: [s, []])
+            if count > len(ranks):
+                ranks.append(rule)
+            tail = [(RULE, rule)]
         return item * node.min + tail
 
     def _nullable(self) -> list[bool]:
@@ -581,6 +590,7 @@ class GrammarEngine:
         self._lexical: dict[Stack, bool] = {}
         self._first: dict[int, np.ndarray] = {}
         self._expanded: dict[Stack, frozenset[Stack]] = {}  # _expand's results
+        self._canonical = self._canonical_positions()
         self._intern(frozenset())
         self._table[DEAD] = DEAD
         root_stacks: set[Stack] = set()
@@ -590,6 +600,29 @@ class GrammarEngine:
 
     def matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self, self.initial)
+
+    def _canonical_positions(self) -> list[int]:
+        """Position -> the position a key walk may use instead. In a chain `x{0,k}` whose x reads at
+        least a byte, no token (at most max_len bytes) can tell rank k > max_len from rank max_len,
+        so keys inside ranks above max_len share rank max_len's walk: a string with maxLength 500
+        costs the walks of at most max_len + 1 ranks, not 500."""
+        g, canonical = self.grammar, list(range(len(self.grammar.kind)))
+        deepest = max(self.vocab.max_len, 1)
+        for ranks in g.byte_chains:
+            if len(ranks) <= deepest:
+                continue
+            model = g.alternatives[ranks[deepest - 1]]
+            for rule in ranks[deepest:]:
+                for start, model_start in zip(g.alternatives[rule], model, strict=True):
+                    end = start
+                    while g.kind[end] != END:
+                        end += 1
+                    for offset in range(end - start + 1):
+                        canonical[start + offset] = model_start + offset
+        return canonical
+
+    def _key(self, stack: Stack) -> Stack:
+        return tuple(self._canonical[p] for p in stack[-self.KEY_DEPTH:])
 
     @property
     def n_states(self) -> int:
@@ -664,12 +697,11 @@ class GrammarEngine:
         lexical, structural = [], []
         for stack in self._states[state]:
             if stack:  # the finished stack () allows only an end token
-                (lexical if self._is_lexical(stack[-self.KEY_DEPTH:]) else structural).append(stack)
+                (lexical if self._is_lexical(self._key(stack)) else structural).append(stack)
         # structural stacks allow few first bytes: one walk of them together is cheap
         mask, _ = self._walk(self._intern(frozenset(structural)), self.vocab, record_escapes=False)
         for stack in lexical:
-            key, rest = stack[-self.KEY_DEPTH:], stack[:-self.KEY_DEPTH]
-            walked = self._key_walk(key)
+            walked, rest = self._key_walk(self._key(stack)), stack[:-self.KEY_DEPTH]
             mask |= walked.inner
             if rest and walked.escape_suffixes is not None:
                 below = self._intern(frozenset(self._expand(rest)))

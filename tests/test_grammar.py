@@ -347,3 +347,19 @@ def test_masked_greedy_output_is_always_a_json_object(smollm_vocab):
     engine = GrammarEngine(JSON, smollm_vocab)
     for seed in range(40):
         assert isinstance(json.loads(masked_greedy(engine, seed, tilt)), dict)
+
+
+def test_bounded_strings_longer_than_any_token_keep_exact_masks():
+    # ranks of `char{0,12}` above the longest token (4 bytes) share one key walk: masks stay exact
+    tokens = [bytes([b]) for b in range(256)] + [b"ab", b"abc", b'c"', b'bc"}', "é".encode(), "éa".encode(), b""]
+    vocab = TokenVocabulary(tokens, [len(tokens) - 1])
+    engine = GrammarEngine(Grammar.from_json_schema(
+        {"type": "object", "properties": {"s": {"type": "string", "maxLength": 12}}, "required": ["s"]}), vocab)
+    m = engine.matcher()
+    assert m.advance(b'{"s": "')
+    for token in [b"abc", "éa".encode(), b"ab", b"abc", "é".encode(), b'c"', b"}"]:  # 12 characters
+        assert np.array_equal(m.allowed_tokens(), brute_force_mask(m, vocab))
+        assert m.advance_token(tokens.index(token))
+    assert m.is_accepting() and m.allowed_tokens()[len(tokens) - 1]
+    twelve = Grammar.from_json_schema({"type": "string", "maxLength": 12})
+    assert accepts(twelve, '"' + "é" * 12 + '"') and not accepts(twelve, '"' + "é" * 13 + '"')
