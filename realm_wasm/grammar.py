@@ -607,7 +607,7 @@ class GrammarEngine:
         so keys inside ranks above max_len share rank max_len's walk: a string with maxLength 500
         costs the walks of at most max_len + 1 ranks, not 500."""
         g, canonical = self.grammar, list(range(len(self.grammar.kind)))
-        deepest = max(self.vocab.max_len, 1)
+        deepest = max(self.vocab.max_len, 2)  # rank 1 has no tail position to map the others onto
         for ranks in g.byte_chains:
             if len(ranks) <= deepest:
                 continue

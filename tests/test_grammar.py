@@ -363,3 +363,11 @@ def test_bounded_strings_longer_than_any_token_keep_exact_masks():
     assert m.is_accepting() and m.allowed_tokens()[len(tokens) - 1]
     twelve = Grammar.from_json_schema({"type": "string", "maxLength": 12})
     assert accepts(twelve, '"' + "é" * 12 + '"') and not accepts(twelve, '"' + "é" * 13 + '"')
+
+
+def test_bounded_repeats_under_a_one_byte_vocabulary_mask_exactly():
+    m = matcher(Grammar.from_gbnf('root ::= "<" [^>]{0,5} ">"'))  # a broad class: walked by its key
+    for data in [b"<", b"a", "é".encode()[:1], "é".encode()[1:], b"b", b"c", b"d"]:
+        assert m.advance(data)
+        assert np.array_equal(m.allowed_tokens(), brute_force_mask(m, BYTES))
+    assert m.allowed_tokens().nonzero()[0].tolist() == [ord(">")]
