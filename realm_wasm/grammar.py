@@ -28,10 +28,13 @@ is a set of stacks of grammar positions (the top of each stack is the byte termi
 next; llama.cpp's grammar sampler uses the same idea over code points). The recognizer works on
 BYTES, so a token holding half a UTF-8 character is judged like any other. Each distinct set of
 stacks is interned as a small integer state, and `(state, byte) -> state` transitions go into a
-numpy table as they are first needed: a lazily built DFA. The mask for a state runs the whole
-vocabulary through that table at once, one byte column at a time (tokens sorted by length, dead ones
-dropped as soon as a byte is rejected), and is cached per state: inside a JSON string the state
-after each character is the state before it, so a string body costs one walk, then cache hits.
+numpy table as they are first needed: a lazily built DFA. The mask for a state runs the vocabulary
+through that table at once, one byte column at a time (tokens sorted by length; only those whose
+first two bytes the state allows; dead ones dropped), and is cached per state. Inside a JSON string
+the state after a character is the state before it, so one string costs one mask; and a stack's
+top positions (its "lexical context", e.g. the string rule's own) are walked once per engine and
+reused wherever that rule appears, only the tokens that leave it part-way (a closing quote and
+what follows) being walked on from what lies below (GrammarEngine.token_mask).
 
 JSON whitespace is bounded so that a model cannot loop on it: between JSON tokens at most one
 space, or one newline followed by at most 20 spaces (llama-server's json-schema-to-grammar rule).
