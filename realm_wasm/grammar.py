@@ -575,8 +575,11 @@ class GrammarEngine:
     A state's mask is the union over its stacks. Each stack's top KEY_DEPTH positions (its "lexical
     context": inside a JSON string, the string rule's own positions) are walked once against the
     vocabulary and cached, whatever lies below them; only the tokens that pop out of them part-way
-    (in a string: the few thousand that hold a closing quote) are walked on from the stack's rest.
-    So a string body in a new place costs a small walk, not a walk of the whole vocabulary."""
+    (in a JSON string on gemma's vocabulary: 473 tokens holding a closing quote, 185 distinct
+    remainders) are walked on from the stack's rest. So a string body in a new place costs a small
+    walk, not a walk of the whole vocabulary. Only keys allowing many first bytes are handled so;
+    the other stacks (between JSON tokens) are walked together, pruned by their first two bytes.
+    Not thread-safe: one engine belongs to one thread (the scheduler's)."""
 
     MASK_CACHE_SIZE = 512  # masks per state kept (bit-packed: vocab/8 bytes each)
     KEY_DEPTH = 3  # positions in a stack's key: JSON's string body is (closing quote, char loop, char)
