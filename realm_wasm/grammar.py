@@ -536,6 +536,9 @@ class TokenVocabulary:
             data = token_bytes[token]
             joined[row, :len(data)] = np.frombuffer(data, dtype=np.uint8)
         self.columns = [np.ascontiguousarray(joined[:self.running[j], j]) for j in range(self.max_len)]
+        # GrammarEngine's walks of lexical contexts, by the context's sub-grammar: shared by every
+        # grammar run against this vocabulary (each JSON schema has the same string rule)
+        self.lexical_walks: dict[tuple, Any] = {}
         # each row's first two bytes as one code (b0 * 257 + 1 + b1, or b0 * 257 for a one-byte
         # token): a walk starts with only the rows whose two-byte prefix its state allows
         if self.max_len:
@@ -558,10 +561,10 @@ DEAD = 0  # the state with no stacks: nothing can follow
 
 @dataclass
 class _KeyWalk:
-    """The vocabulary walked from one stack's top KEY_DEPTH positions alone. inner: tokens that stay
-    inside them (or end exactly where they pop). A token that pops them part-way needs what lies
-    below: escape_suffixes (as a small vocabulary) hold the bytes left at each such point and
-    escape_owner / escape_suffix pair each with its token."""
+    """The vocabulary walked from one stack's top KEY_DEPTH positions alone. inner (bit-packed):
+    tokens that stay inside them (or end exactly where they pop). A token that pops them part-way
+    needs what lies below: escape_suffixes (as a small vocabulary) hold the bytes left at each such
+    point and escape_owner / escape_suffix pair each with its token."""
     inner: np.ndarray
     escape_suffixes: TokenVocabulary | None
     escape_owner: np.ndarray
@@ -708,7 +711,7 @@ class GrammarEngine:
         mask, _ = self._walk(self._intern(frozenset(structural)), self.vocab, record_escapes=False)
         for stack in lexical:
             walked, rest = self._key_walk(self._key(stack)), stack[:-self.KEY_DEPTH]
-            mask |= walked.inner
+            mask |= np.unpackbits(walked.inner, count=self.vocab.size).view(np.bool_)
             if rest and walked.escape_suffixes is not None:
                 below = self._intern(frozenset(self._expand(rest)))
                 suffix_ok, _ = self._walk(below, walked.escape_suffixes, record_escapes=False)
@@ -741,6 +744,11 @@ class GrammarEngine:
     def _key_walk(self, key: Stack) -> _KeyWalk:
         walked = self._key_walks.get(key)
         if walked is None:
+            # the same lexical context in another grammar (every JSON schema's string rule) walks
+            # alike: the vocabulary keeps the walks by the context's own sub-grammar
+            signature = self._signature(key)
+            walked = self.vocab.lexical_walks.get(signature)
+        if walked is None:
             inner, escapes = self._walk(self._intern(frozenset({key})), self.vocab, record_escapes=True)
             suffixes: dict[bytes, int] = {}
             owner, suffix_of = [], []
@@ -748,10 +756,38 @@ class GrammarEngine:
                 data = self.vocab.token_bytes[token][cut:]
                 owner.append(token)
                 suffix_of.append(suffixes.setdefault(data, len(suffixes)))
-            walked = _KeyWalk(inner, TokenVocabulary(list(suffixes), []) if suffixes else None,
+            walked = _KeyWalk(np.packbits(inner), TokenVocabulary(list(suffixes), []) if suffixes else None,
                               np.array(owner, dtype=np.int64), np.array(suffix_of, dtype=np.int64))
-            self._key_walks[key] = walked
+            self.vocab.lexical_walks[signature] = walked
+        self._key_walks[key] = walked
         return walked
+
+    def _signature(self, key: Stack) -> tuple:
+        """What a stack of these positions can read, independent of where the grammar keeps them: each
+        position's rest of its alternative and every rule reachable from there, rules numbered in
+        the order they are met, terminals as their byte tables."""
+        g, local, rules = self.grammar, {}, []
+
+        def rest_of(position: int) -> tuple:
+            symbols = []
+            while g.kind[position] != END:
+                if g.kind[position] == TERMINAL:
+                    symbols.append(g.accepts[position])
+                else:
+                    rule = g.target[position]
+                    if rule not in local:
+                        local[rule] = len(local)
+                        rules.append(rule)
+                    symbols.append(local[rule])
+                position += 1
+            return tuple(symbols)
+
+        positions = tuple(rest_of(p) for p in key)
+        bodies, done = [], 0
+        while done < len(rules):  # rules reached while describing earlier ones are appended
+            bodies.append(tuple(rest_of(start) for start in g.alternatives[rules[done]]))
+            done += 1
+        return positions, tuple(bodies)
 
     def _lookup(self, flat: np.ndarray) -> np.ndarray:
         """Next states for (state * 256 + byte) codes, computing the transitions not known yet."""
