@@ -587,6 +587,7 @@ class GrammarEngine:
     MASK_CACHE_SIZE = 512  # masks per state kept (bit-packed: vocab/8 bytes each)
     KEY_DEPTH = 3  # positions in a stack's key: JSON's string body is (closing quote, char loop, char)
     LEXICAL_FIRST_BYTES = 64  # a stack whose key allows this many first bytes is walked by its key
+    LEXICAL_WALKS_KEPT = 1024  # walks a vocabulary keeps for all grammars (~vocab/8 bytes each)
 
     def __init__(self, grammar: Grammar, vocab: TokenVocabulary) -> None:
         self.grammar, self.vocab = grammar, vocab
@@ -759,6 +760,8 @@ class GrammarEngine:
             walked = _KeyWalk(np.packbits(inner), TokenVocabulary(list(suffixes), []) if suffixes else None,
                               np.array(owner, dtype=np.int64), np.array(suffix_of, dtype=np.int64))
             self.vocab.lexical_walks[signature] = walked
+            if len(self.vocab.lexical_walks) > self.LEXICAL_WALKS_KEPT:  # the oldest goes
+                del self.vocab.lexical_walks[next(iter(self.vocab.lexical_walks))]
         self._key_walks[key] = walked
         return walked
 
