@@ -490,6 +490,10 @@ class Grammar:
                 if state[nxt] == 1:
                     cycle = path[path.index(nxt):] + [nxt] if nxt in path else [r, nxt]
                     named = [self.names[c] for c in cycle if c < self._n_named]  # helpers are no news
+                    if not named:  # only helper rules: `x*` or `x+` of an x that can match nothing
+                        owner = self.names[nxt].rsplit("-", 1)[0]  # helpers are named OWNER-what
+                        raise GrammarError(f"grammar rule {owner!r} repeats (* + or {{m,}}) something that "
+                                           f"can match nothing, which never ends; make it match a character")
                     raise GrammarError(f"grammar rule {named[0]!r} is left-recursive ({' -> '.join(named)}); "
                                        f"rewrite it to recurse on the right")
                 if state[nxt] == 0:

@@ -100,6 +100,7 @@ def test_any_character_dot_and_exact_repetition():
     ('root = "a"', "line 1, column 6: expected '::='"),
     ('root ::= expr\nexpr ::= expr "+" "1" | "1"', "rule 'expr' is left-recursive (expr -> expr)"),
     ('root ::= a\na ::= b? "x" | "y"\nb ::= a', "left-recursive (a -> b -> a)"),
+    ('root ::= x\nx ::= ("a"?)*', "rule 'x' repeats (* + or {m,}) something that can match nothing"),
     ("root ::= [^\\x00-\\U0010FFFF]", "never be satisfied"),
     ('root ::= "(" root ")"', "never be satisfied"),
     ("", "grammar is empty"),
