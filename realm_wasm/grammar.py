@@ -528,7 +528,7 @@ class TokenVocabulary:
         self.token_bytes = list(token_bytes)
         self.end_ids = np.array(sorted(set(end_ids)), dtype=np.int64)
         self.end_set = frozenset(self.end_ids.tolist())
-        lengths = np.array([len(b) for b in token_bytes], dtype=np.int64)
+        self.lengths = lengths = np.array([len(b) for b in token_bytes], dtype=np.int64)
         # longest first: the tokens still running at byte column j are a prefix of this order
         self.order = np.argsort(-lengths, kind="stable")
         sorted_lengths = lengths[self.order]
@@ -604,7 +604,7 @@ class GrammarEngine:
         self._lexical: dict[Stack, bool] = {}
         self._first: dict[int, np.ndarray] = {}
         self._expanded: dict[Stack, frozenset[Stack]] = {}  # _expand's results
-        self._canonical = self._canonical_positions()
+        self._canonical, self._lifted = self._chain_positions()
         self._intern(frozenset())
         self._table[DEAD] = DEAD
         root_stacks: set[Stack] = set()
@@ -615,25 +615,34 @@ class GrammarEngine:
     def matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self, self.initial)
 
-    def _canonical_positions(self) -> list[int]:
-        """Position -> the position a key walk may use instead. In a chain `x{0,k}` whose x reads at
-        least a byte, no token (at most max_len bytes) can tell rank k > max_len from rank max_len,
-        so keys inside ranks above max_len share rank max_len's walk: a string with maxLength 500
-        costs the walks of at most max_len + 1 ranks, not 500."""
-        g, canonical = self.grammar, list(range(len(self.grammar.kind)))
+    def _chain_positions(self) -> tuple[list[int], dict[int, tuple[int, int]]]:
+        """Ranks of a chain `x{0,k}` (rule r_k ::= x r_{k-1} | ε) whose x reads at least a byte, seen
+        by a token of n bytes: ranks above n look alike, as no token can use them up.
+        canonical: position -> the same position in rank max_len for ranks above it, so those keys
+        share one walk (a maxLength of 500 costs at most max_len + 1 walks, not 500). lifted: for a
+        position in ranks 2 .. max_len - 1, (the same position in rank max_len, its rank r): such a
+        key walks like rank max_len for every token of at most r bytes, so only longer ones are
+        walked again (_key_walk)."""
+        g = self.grammar
+        canonical, lifted = list(range(len(g.kind))), {}
         deepest = max(self.vocab.max_len, 2)  # rank 1 has no tail position to map the others onto
         for ranks in g.byte_chains:
-            if len(ranks) <= deepest:
+            if len(ranks) < deepest:
                 continue
             model = g.alternatives[ranks[deepest - 1]]
-            for rule in ranks[deepest:]:
+            for rank, rule in enumerate(ranks[1:], start=2):
+                if rank == deepest:
+                    continue
                 for start, model_start in zip(g.alternatives[rule], model, strict=True):
                     end = start
                     while g.kind[end] != END:
                         end += 1
                     for offset in range(end - start + 1):
-                        canonical[start + offset] = model_start + offset
-        return canonical
+                        if rank > deepest:
+                            canonical[start + offset] = model_start + offset
+                        else:
+                            lifted[start + offset] = (model_start + offset, rank)
+        return canonical, lifted
 
     def _key(self, stack: Stack) -> Stack:
         return tuple(self._canonical[p] for p in stack[-self.KEY_DEPTH:])
@@ -754,20 +763,36 @@ class GrammarEngine:
             signature = self._signature(key)
             walked = self.vocab.lexical_walks.get(signature)
         if walked is None:
-            inner, escapes = self._walk(self._intern(frozenset({key})), self.vocab, record_escapes=True)
-            suffixes: dict[bytes, int] = {}
-            owner, suffix_of = [], []
-            for token, cut in escapes:
-                data = self.vocab.token_bytes[token][cut:]
-                owner.append(token)
-                suffix_of.append(suffixes.setdefault(data, len(suffixes)))
-            walked = _KeyWalk(np.packbits(inner), TokenVocabulary(list(suffixes), []) if suffixes else None,
-                              np.array(owner, dtype=np.int64), np.array(suffix_of, dtype=np.int64))
+            walked = self._walk_key(key)
             self.vocab.lexical_walks[signature] = walked
             if len(self.vocab.lexical_walks) > self.LEXICAL_WALKS_KEPT:  # the oldest goes
                 del self.vocab.lexical_walks[next(iter(self.vocab.lexical_walks))]
         self._key_walks[key] = walked
         return walked
+
+    def _walk_key(self, key: Stack) -> _KeyWalk:
+        vocab = self.vocab
+        lifted = [self._lifted[p] for p in key if p in self._lifted]
+        # tokens longer than this may tell key from its lifted twin; every token when nothing lifts
+        longer_than = min(rank for _, rank in lifted) if lifted else 0
+        inner, cuts = self._walk(self._intern(frozenset({key})), vocab, record_escapes=True,
+                                 longer_than=longer_than)
+        escapes = [(token, vocab.token_bytes[token][cut:]) for token, cut in cuts]
+        if lifted:  # the shorter tokens read key as they read its twin in rank max_len
+            twin = self._key_walk(tuple(self._lifted[p][0] if p in self._lifted else p for p in key))
+            short = vocab.lengths <= longer_than
+            inner |= np.unpackbits(twin.inner, count=vocab.size).view(np.bool_) & short
+            if twin.escape_suffixes is not None:
+                escapes += [(token, twin.escape_suffixes.token_bytes[suffix])
+                            for token, suffix in zip(twin.escape_owner.tolist(), twin.escape_suffix.tolist(),
+                                                     strict=True) if short[token]]
+        suffixes: dict[bytes, int] = {}
+        owner, suffix_of = [], []
+        for token, data in escapes:
+            owner.append(token)
+            suffix_of.append(suffixes.setdefault(data, len(suffixes)))
+        return _KeyWalk(np.packbits(inner), TokenVocabulary(list(suffixes), []) if suffixes else None,
+                        np.array(owner, dtype=np.int64), np.array(suffix_of, dtype=np.int64))
 
     def _signature(self, key: Stack) -> tuple:
         """What a stack of these positions can read, independent of where the grammar keeps them: each
@@ -814,11 +839,11 @@ class GrammarEngine:
             tokens = vocab.order[popped if rows is None else rows[popped]]
             escapes.extend((token, read) for token in tokens.tolist())
 
-    def _walk(self, state: int, vocab: TokenVocabulary,
-              record_escapes: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """Run every token of vocab from state, one byte column at a time. Returns the mask of tokens
-        that end alive and, if asked, (token, bytes read) wherever a token passed an accepting state
-        before its end (the popping points of a key walk)."""
+    def _walk(self, state: int, vocab: TokenVocabulary, record_escapes: bool,
+              longer_than: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Run the tokens of vocab longer than longer_than bytes from state, one byte column at a
+        time. Returns the mask of tokens that end alive and, if asked, (token, bytes read) wherever
+        a token passed an accepting state before its end (the popping points of a key walk)."""
         allowed_sorted = np.zeros(vocab.size, dtype=np.bool_)
         escapes: list[tuple[int, int]] = []
         if not vocab.max_len:
@@ -828,6 +853,7 @@ class GrammarEngine:
             prefix_ok[first * 257] = True
             prefix_ok[first * 257 + 1 + self._first_bytes(self.step(state, first))] = True
         starts = prefix_ok[vocab.prefix_codes]  # per row (position in vocab.order): may be alive
+        starts[vocab.running[min(longer_than, vocab.max_len)]:] = False
         if np.count_nonzero(starts) > len(starts) // 2:
             # most tokens alive (a string body): keep every row in place, dead ones in DEAD
             states = np.where(starts, state, DEAD).astype(np.int64)
