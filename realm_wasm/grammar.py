@@ -565,7 +565,7 @@ DEAD = 0  # the state with no stacks: nothing can follow
 
 @dataclass
 class _KeyWalk:
-    """The vocabulary walked from one stack's top KEY_DEPTH positions alone. inner (bit-packed):
+    """The vocabulary walked from sibling stacks' top KEY_DEPTH positions alone. inner (bit-packed):
     tokens that stay inside them (or end exactly where they pop). A token that pops them part-way
     needs what lies below: escape_suffixes (as a small vocabulary) hold the bytes left at each such
     point and escape_owner / escape_suffix pair each with its token."""
@@ -600,7 +600,7 @@ class GrammarEngine:
         self._table = np.full((64, 256), -1, dtype=np.int32)  # -1: not computed yet
         self._accepting = np.zeros(64, dtype=np.bool_)
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._key_walks: dict[Stack, _KeyWalk] = {}
+        self._key_walks: dict[frozenset[Stack], _KeyWalk] = {}
         self._lexical: dict[Stack, bool] = {}
         self._first: dict[int, np.ndarray] = {}
         self._expanded: dict[Stack, frozenset[Stack]] = {}  # _expand's results
@@ -717,14 +717,23 @@ class GrammarEngine:
         if packed is not None:
             self._masks.move_to_end(state)
             return np.unpackbits(packed, count=self.vocab.size).view(np.bool_)
-        lexical, structural = [], []
+        # Stacks that differ only in their top are siblings (the alternatives of one character
+        # class: ASCII, then each UTF-8 lead byte): they are lexical together or not at all.
+        siblings: dict[Stack, list[Stack]] = {}
         for stack in self._states[state]:
             if stack:  # the finished stack () allows only an end token
-                (lexical if self._is_lexical(self._key(stack)) else structural).append(stack)
+                siblings.setdefault(stack[:-1], []).append(stack)
+        lexical, structural = [], []
+        for members in siblings.values():
+            keys = frozenset(self._key(stack) for stack in members)
+            if any(self._is_lexical(key) for key in keys):
+                lexical.append((keys, members[0][:-self.KEY_DEPTH]))
+            else:
+                structural += members
         # structural stacks allow few first bytes: one walk of them together is cheap
         mask, _ = self._walk(self._intern(frozenset(structural)), self.vocab, record_escapes=False)
-        for stack in lexical:
-            walked, rest = self._key_walk(self._key(stack)), stack[:-self.KEY_DEPTH]
+        for keys, rest in lexical:
+            walked = self._key_walk(keys)
             mask |= np.unpackbits(walked.inner, count=self.vocab.size).view(np.bool_)
             if rest and walked.escape_suffixes is not None:
                 below = self._intern(frozenset(self._expand(rest)))
@@ -755,31 +764,31 @@ class GrammarEngine:
             lexical = self._lexical[key] = len(first) >= self.LEXICAL_FIRST_BYTES
         return lexical
 
-    def _key_walk(self, key: Stack) -> _KeyWalk:
-        walked = self._key_walks.get(key)
+    def _key_walk(self, keys: frozenset[Stack]) -> _KeyWalk:
+        walked = self._key_walks.get(keys)
         if walked is None:
             # the same lexical context in another grammar (every JSON schema's string rule) walks
             # alike: the vocabulary keeps the walks by the context's own sub-grammar
-            signature = self._signature(key)
+            signature = frozenset(self._signature(key) for key in keys)
             walked = self.vocab.lexical_walks.get(signature)
         if walked is None:
-            walked = self._walk_key(key)
+            walked = self._walk_key(keys)
             self.vocab.lexical_walks[signature] = walked
             if len(self.vocab.lexical_walks) > self.LEXICAL_WALKS_KEPT:  # the oldest goes
                 del self.vocab.lexical_walks[next(iter(self.vocab.lexical_walks))]
-        self._key_walks[key] = walked
+        self._key_walks[keys] = walked
         return walked
 
-    def _walk_key(self, key: Stack) -> _KeyWalk:
+    def _walk_key(self, keys: frozenset[Stack]) -> _KeyWalk:
         vocab = self.vocab
-        lifted = [self._lifted[p] for p in key if p in self._lifted]
-        # tokens longer than this may tell key from its lifted twin; every token when nothing lifts
+        lifted = [self._lifted[p] for key in keys for p in key if p in self._lifted]
+        # tokens longer than this may tell keys from their lifted twins; all when nothing lifts
         longer_than = min(rank for _, rank in lifted) if lifted else 0
-        inner, cuts = self._walk(self._intern(frozenset({key})), vocab, record_escapes=True,
-                                 longer_than=longer_than)
+        inner, cuts = self._walk(self._intern(keys), vocab, record_escapes=True, longer_than=longer_than)
         escapes = [(token, vocab.token_bytes[token][cut:]) for token, cut in cuts]
         if lifted:  # the shorter tokens read key as they read its twin in rank max_len
-            twin = self._key_walk(tuple(self._lifted[p][0] if p in self._lifted else p for p in key))
+            twin = self._key_walk(frozenset(tuple(self._lifted[p][0] if p in self._lifted else p for p in key)
+                                            for key in keys))
             short = vocab.lengths <= longer_than
             inner |= np.unpackbits(twin.inner, count=vocab.size).view(np.bool_) & short
             if twin.escape_suffixes is not None:
