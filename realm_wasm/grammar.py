@@ -617,28 +617,28 @@ class GrammarEngine:
 
     def _chain_positions(self) -> tuple[list[int], dict[int, tuple[int, int]]]:
         """Ranks of a chain `x{0,k}` (rule r_k ::= x r_{k-1} | ε) whose x reads at least a byte, seen
-        by a token of n bytes: ranks above n look alike, as no token can use them up.
-        canonical: position -> the same position in rank max_len for ranks above it, so those keys
-        share one walk (a maxLength of 500 costs at most max_len + 1 walks, not 500). lifted: for a
-        position in ranks 2 .. max_len - 1, (the same position in rank max_len, its rank r): such a
-        key walks like rank max_len for every token of at most r bytes, so only longer ones are
-        walked again (_key_walk)."""
+        by a token of n bytes: ranks above n look alike, as no token can use them up. The model rank
+        is the chain's highest or max_len, whichever is lower. canonical: position -> the same
+        position in the model for ranks above it, so those keys share one walk (a maxLength of 500
+        costs max_len walks at most, not 500). lifted: for a position in ranks 2 .. model - 1, (the
+        same position in the model, its rank r): such a key walks like the model for every token
+        of at most r bytes, so only the longer ones are walked again (_walk_key)."""
         g = self.grammar
         canonical, lifted = list(range(len(g.kind))), {}
-        deepest = max(self.vocab.max_len, 2)  # rank 1 has no tail position to map the others onto
         for ranks in g.byte_chains:
-            if len(ranks) < deepest:
+            top = min(len(ranks), self.vocab.max_len)  # the model: the highest rank a token can tell
+            if top < 2:  # rank 1 has no tail position to map the others onto
                 continue
-            model = g.alternatives[ranks[deepest - 1]]
+            model = g.alternatives[ranks[top - 1]]
             for rank, rule in enumerate(ranks[1:], start=2):
-                if rank == deepest:
+                if rank == top:
                     continue
                 for start, model_start in zip(g.alternatives[rule], model, strict=True):
                     end = start
                     while g.kind[end] != END:
                         end += 1
                     for offset in range(end - start + 1):
-                        if rank > deepest:
+                        if rank > top:
                             canonical[start + offset] = model_start + offset
                         else:
                             lifted[start + offset] = (model_start + offset, rank)
