@@ -8,6 +8,8 @@ document is tokenized with the model's own tokenizer and forced through token by
 `allowed_tokens()` is taken before each token (which must be allowed) and the token is then
 advanced. Two passes per engine: "cold" on a fresh GrammarEngine, then "warm" with a different
 document of the same shape on the same engine (what a server reusing one engine per grammar sees).
+The vocabulary is built once per model, as a server would: the walk of JSON's string rule it keeps
+for every grammar is made by the first json_object row and reused by the schema rows.
 Steps are split by where the token starts: inside a JSON string body, or between JSON tokens.
 """
 
