@@ -579,13 +579,15 @@ class GrammarEngine:
     """One grammar run against one vocabulary. States are interned sets of stacks; transitions and
     masks are cached, so share one engine among every output using the same grammar.
 
-    A state's mask is the union over its stacks. Each stack's top KEY_DEPTH positions (its "lexical
-    context": inside a JSON string, the string rule's own positions) are walked once against the
-    vocabulary and cached, whatever lies below them; only the tokens that pop out of them part-way
-    (in a JSON string on gemma's vocabulary: 473 tokens holding a closing quote, 185 distinct
-    remainders) are walked on from the stack's rest. So a string body in a new place costs a small
-    walk, not a walk of the whole vocabulary. Only keys allowing many first bytes are handled so;
-    the other stacks (between JSON tokens) are walked together, pruned by their first two bytes.
+    A state's mask is the union over its stacks. Each stack's top KEY_DEPTH positions are its
+    "lexical context" (inside a JSON string: the string rule's own positions); sibling stacks, which
+    differ only in their top (one character class's ASCII and UTF-8 lead-byte alternatives), form
+    one context. A context that allows many first bytes is walked once against the vocabulary and
+    cached, whatever lies below it; only the tokens that pop out of it part-way (in a JSON string on
+    gemma's vocabulary: 476 tokens holding a closing quote, 185 distinct remainders) are walked on
+    from the stack's rest. So a string body in a new place costs a small walk, not a walk of the
+    whole vocabulary. The other stacks (between JSON tokens) are walked together, pruned by their
+    first two bytes. Bounded repeats (maxLength) share walks between their ranks (_chain_positions).
     Not thread-safe: one engine belongs to one thread (the scheduler's)."""
 
     MASK_CACHE_SIZE = 512  # masks per state kept (bit-packed: vocab/8 bytes each)
