@@ -140,6 +140,13 @@ def prepare_web_assets() -> None:
         subprocess.run([sys.executable, str(path)], check=True, stdout=subprocess.DEVNULL)
 
 
+def page_model_dirs(served: list[Path], extra: list[str] | None) -> tuple[Path, ...]:
+    """The folders whose .gguf files the page lists: the served models' (the bundled ones' cache
+    included), then each --model-dir; on a name clash the earlier folder wins, so a name the page
+    lists is the file the API serves."""
+    return tuple(dict.fromkeys([cache_dir(), *(m.parent for m in served), *(Path(d) for d in extra or ())]))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """The page and its assets, plus the OpenAI-compatible / WebSocket API on native inference."""
     import logging
@@ -173,8 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          adapters={a: f for a, f in adapters.items() if arch[f] == arch[m]},
                          max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank,
                          draft=draft if m in drafted else None) for m in models]
-    dirs = args.model_dir or dict.fromkeys([cache_dir(), *(m.parent for m in models)])
-    static = StaticSettings(pyodide_base_url=args.pyodide_base_url, model_dirs=tuple(Path(d) for d in dirs),
+    static = StaticSettings(pyodide_base_url=args.pyodide_base_url, model_dirs=page_model_dirs(models, args.model_dir),
                             default_model=CHAT_MODEL if CHAT_MODEL in {m.name for m in models} else models[0].name)
     app = create_app(served, tenants, static=static)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -255,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the chat page, Pyodide, the runtime bundle, the models and the API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model-dir", action="append", help=f"folder of .gguf files (default {cache_dir()})")
+    serve.add_argument("--model-dir", action="append",
+                       help="another folder of .gguf files for the page to list, besides the served models' "
+                            f"(and {cache_dir()}); repeatable")
     serve.add_argument("--pyodide-base-url", help="load Pyodide from here (e.g. a CDN) instead of /pyodide/")
     serve.add_argument("--model", action="append",
                        help=f"bundled model ({', '.join(BUNDLED)}) or GGUF file the API serves; repeatable "

@@ -9,7 +9,8 @@ template's own `raise_exception`, e.g. "roles must alternate") become `ChatTempl
 Pure Python (jinja2 is too), so it runs in Pyodide as well as in the server.
 
 Models without a template (base models such as the default gemma-3-270m) get the plain template,
-one line per message and an open assistant turn, and generation stops at the next "\\nUser:":
+one line per message and an open assistant turn, and generation stops at the next line that opens
+any role's turn ("\\nUser:", "\\nSystem:", "\\nAssistant:", "\\nTool:"):
 
     System: You are terse.
     User: What is the capital of France?
@@ -36,7 +37,9 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("realm")
 
 PLAIN_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-PLAIN_STOP = ("\nUser:",)
+# A new line opening any role's turn ends the assistant's: a base model goes on writing the
+# conversation ("I don't know.\nSystem: What is the ...") after its answer.
+PLAIN_STOP = tuple(dict.fromkeys(f"\n{name}:" for name in PLAIN_ROLES.values()))
 
 
 class ChatTemplateError(InvalidRequest):

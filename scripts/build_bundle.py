@@ -7,9 +7,9 @@ zip into a folder on sys.path (/realm):
     shaders/*.wgsl       the WGSL sources
     kernels/*.wasm       the WebAssembly kernels, built from web/kernels/*.wat (realm_wasm/wasm_kernels.py)
 
-A kernel is assembled and validated by wabt's wat2wasm (npm `wabt`, pinned, its tarball's sha512
-checked, kept in ~/.cache/realm/tools, never in the repository), which needs Node
-(scripts/vendor_pyodide.py needs npm too). Built kernels are kept beside the bundle, named by the
+A kernel is assembled and validated by wabt's wat2wasm (npm `wabt`, pinned, its tarball fetched
+from the npm registry by scripts/tools.py with its sha512 checked, kept in ~/.cache/realm/tools,
+never in the repository), which needs Node (not npm). Built kernels are kept beside the bundle, named by the
 hash of their source (web/dist/kernels/matvec-<hash>.wasm): an unchanged .wat needs neither Node
 nor wabt again, so a machine given web/dist (the GPU machine's kit, offline) rebuilds the
 bundle as before.
@@ -23,17 +23,17 @@ the same bytes (and the same ETag from the server).
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import io
-import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, also when imported by file (the tests)
+from tools import ToolError, npm_tarball, run, tools_dir  # noqa: E402 - after the path above
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "web" / "dist" / "realm_wasm.zip"
@@ -44,21 +44,8 @@ WABT = "wabt@1.0.39"
 WABT_SHA512 = "ba+dRL/75VQQY7RkU/CgriGbkoWAfS8TDyUlJfJhJ8KhtXgMl5dhNvoPNUcQ9IWRhW8u41glMSuZeTvsYq2rRg=="
 
 
-class BuildError(RuntimeError):
+class BuildError(ToolError):
     """A tool the bundle needs is missing or failed, or a download is not what was pinned."""
-
-
-def tools_dir() -> Path:
-    return Path(os.environ.get("REALM_CACHE", Path.home() / ".cache" / "realm")) / "tools"
-
-
-def _run(cmd: list[str], cwd: Path | None = None) -> None:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise BuildError(f"{cmd[0]} is not installed (needed for: {' '.join(cmd)})") from None
-    if done.returncode != 0:
-        raise BuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
 
 
 def wat2wasm() -> Path:
@@ -69,11 +56,7 @@ def wat2wasm() -> Path:
     if tool.is_file():
         return tool
     with tempfile.TemporaryDirectory(prefix="realm-tools-") as tmp:
-        _run(["npm", "pack", WABT, "--silent"], cwd=Path(tmp))
-        tgz = Path(tmp) / f"{name}-{version}.tgz"
-        digest = base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode()
-        if digest != WABT_SHA512:
-            raise BuildError(f"{tgz.name} has sha512 {digest}, expected {WABT_SHA512}: refusing it")
+        tgz = npm_tarball(WABT, Path(tmp), sha512=WABT_SHA512)
         unpacked = Path(tmp) / "unpacked"
         with tarfile.open(tgz) as tar:  # only the tool
             tar.extractall(unpacked, members=[tar.getmember("package/bin/wat2wasm")], filter="data")
@@ -93,7 +76,7 @@ def assemble(wat: Path, built: Path = DEFAULT_OUT.parent / "kernels") -> bytes:
             raise BuildError(f"node is not installed: it runs wabt's wat2wasm, which builds {wat.name}")
         built.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(".part")
-        _run(["node", str(wat2wasm()), str(wat), "-o", str(partial)])
+        run(["node", str(wat2wasm()), str(wat), "-o", str(partial)])
         for old in built.glob(f"{wat.stem}-*.wasm"):
             old.unlink()
         partial.replace(cached)
@@ -143,7 +126,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         count, size, digest, written = build(args.out)
-    except (FileNotFoundError, BuildError) as e:
+    except (FileNotFoundError, ToolError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     state = "wrote" if written else "unchanged"

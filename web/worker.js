@@ -12,8 +12,9 @@
 //        distribution knows), unpack the runtime zip (bundleUrl) and import the Python host
 //        (hostUrl, realm_web_host.py). Sent once, first.
 //   {type: "load", id, url, backend}
-//        download a model (from the Cache API when it holds `url`, else the network, storing it
-//        there on the way) and stream it, chunk by chunk, into the Python model sink.
+//        download a model (from the Cache API when it holds `url` and a HEAD request finds the
+//        server's file unchanged, else the network, storing it there on the way) and stream it,
+//        chunk by chunk, into the Python model sink. A damaged cached copy is downloaded again.
 //        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
 //   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop, speculation, lora}
 //        prompt: text to complete as it is; messages: [{role: "system" | "user" | "assistant",
@@ -207,20 +208,23 @@ function cacheWriter(cache, url, headers) {
   };
 }
 
-// Open a file: the cached copy if there is one, else the network (and a writer into the cache).
-async function openDownload(url, signal, cacheName) {
+// Open a file: the cached copy when it is sound and still the server's file, else the network
+// (and a writer into the cache). `useCache: false` skips the cached copy (and replaces it).
+async function openDownload(url, signal, cacheName, useCache = true) {
   let cache = null;
   try {
     cache = await caches.open(cacheName);
   } catch (err) {
     post({ type: "warning", code: "cache", message: `cache unavailable, downloading: ${err.message}` });
   }
-  const cached = cache && (await cache.match(url));
-  if (cached) return { response: cached, fromCache: true, writer: null };
+  const cached = cache && useCache && (await cache.match(url));
+  const usable = cached && (await usableCached(cache, url, cached, signal));
+  if (usable) return { response: usable, fromCache: true, writer: null };
 
   let response;
   try {
-    response = await fetch(url, { signal });
+    // with a Cache API store, it is the one copy: not a second one in the HTTP cache (nor one read from it)
+    response = await fetch(url, { signal, cache: cache ? "no-store" : "default" });
   } catch (err) {
     if (signal.aborted) throw err;
     throw Object.assign(new Error(`could not download ${url}: ${err.message}`), { code: "network" });
@@ -230,6 +234,59 @@ async function openDownload(url, signal, cacheName) {
       { code: "network" });
   }
   return { response, fromCache: false, writer: cache && cacheWriter(cache, url, response.headers) };
+}
+
+// The cached copy of `url` as a response to read, or null when it must be downloaded again (it is
+// deleted then): it is damaged, or the server's file is no longer the one it copies.
+async function usableCached(cache, url, cached, signal) {
+  // a Cache API body is a blob on disk: its size and first bytes are read without reading the file
+  const blob = await cached.blob();
+  const damage = await cacheDamage(cached, blob);
+  if (damage) {
+    post({ type: "warning", code: "cache", message: `the cached copy of ${url} was damaged (${damage}): downloading it again` });
+  }
+  if (damage || (await serverFileChanged(url, cached, signal))) {
+    await cache.delete(url);
+    return null;
+  }
+  return new Response(blob, { headers: cached.headers });
+}
+
+const GGUF_MAGIC = "GGUF"; // the first 4 bytes of every model and adapter file
+// What is wrong with a cached body, or null: it must have the size it was stored with and be a GGUF file.
+async function cacheDamage(cached, blob) {
+  const stored = fileSize(cached);
+  if (stored !== null && blob.size !== stored) return `${blob.size} bytes where ${stored} were stored`;
+  const magic = new TextDecoder().decode(await blob.slice(0, GGUF_MAGIC.length).arrayBuffer());
+  return magic === GGUF_MAGIC ? null : "it does not start like a GGUF file";
+}
+
+// A file is known by its ETag (else its Last-Modified date, the header a cross-origin server always
+// lets a page read) and its size, as its response headers give them.
+function fileIdentity(response) {
+  return { etag: response.headers.get("etag"), modified: response.headers.get("last-modified"), size: fileSize(response) };
+}
+
+function sameFile(a, b) {
+  if (a.size !== b.size) return false;
+  return a.etag && b.etag ? a.etag === b.etag : Boolean(a.modified) && a.modified === b.modified;
+}
+
+// Servers (some static hosts) that refuse HEAD: the cached copy is kept, as it is offline.
+const HEAD_UNSUPPORTED = new Set([405, 501]);
+
+// Whether the server's file at `url` differs from the cached copy, asked with a HEAD request (the
+// browser's own HTTP cache bypassed). No answer (offline) keeps the copy; a missing file drops it.
+async function serverFileChanged(url, cached, signal) {
+  let head;
+  try {
+    head = await fetch(url, { method: "HEAD", cache: "no-store", signal });
+  } catch (err) {
+    if (signal.aborted) throw err;
+    return false;
+  }
+  if (!head.ok) return !HEAD_UNSUPPORTED.has(head.status);
+  return !sameFile(fileIdentity(cached), fileIdentity(head));
 }
 
 // The file's size, when the response says it: a compressed body's length is not the file's.
@@ -243,14 +300,16 @@ function fileSize(response) {
 // (realm_web_host.py: a model's or an adapter's), posting progress; returns what the sink's end()
 // gave (a PyProxy), or null when it failed or was stopped (the error or "cancelled" is posted).
 // The sink's own error code (`badCode`: "bad-model") gets the URL in front of its message.
-async function download({ id, url, cacheName, badCode, openSink }) {
+// A cached copy the sink rejects is deleted and the file downloaded once more (`useCache: false`):
+// a damaged copy must not show as a broken model.
+async function download({ id, url, cacheName, badCode, openSink, useCache = true }) {
   const abort = new AbortController();
   job = { kind: "load", id, stopped: false, abort };
   let sink = null;
   let opened = null;
   let reader = null;
   try {
-    opened = await openDownload(url, abort.signal, cacheName);
+    opened = await openDownload(url, abort.signal, cacheName, useCache);
     const { writer } = opened;
     const total = fileSize(opened.response);
     sink = await openSink();
@@ -286,8 +345,16 @@ async function download({ id, url, cacheName, badCode, openSink }) {
     if (sink) sink.abort();
     const writer = opened && opened.writer;
     if (writer) writer.fail(err);
-    // A file that failed must not come from the cache next time; a stopped cached one may.
-    if (!(job.stopped && opened && opened.fromCache)) await forgetCached(url, writer && writer.stored, cacheName);
+    // A file that failed must not come from the cache next time; one stopped before it was read
+    // (while it was revalidated) or while read from the cache may.
+    if (!job.stopped || writer) await forgetCached(url, writer && writer.stored, cacheName);
+    if (!job.stopped && opened && opened.fromCache) {
+      const { message } = describeError(err, "runtime");
+      post({ type: "warning", code: "cache", message: `the cached copy of ${url} failed (${message}): downloading it again` });
+      if (sink) sink.destroy();
+      sink = null;
+      return await download({ id, url, cacheName, badCode, openSink, useCache: false });
+    }
     if (job.stopped) {
       post({ type: "cancelled", id });
     } else if (err.code === "network") {
