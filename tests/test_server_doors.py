@@ -25,7 +25,7 @@ from websockets.sync.client import connect
 
 from realm_server.app import create_app
 from realm_server.cli import build_parser
-from realm_server.doors import DoorPolicy
+from realm_server.doors import DoorPolicy, Doors
 from realm_server.errors import ConfigError
 from realm_server.schema import MAX_MESSAGES, MAX_PROMPT_TOKENS, MAX_STOP_CHARS
 from realm_server.service import ApiSettings, load_model
@@ -361,6 +361,17 @@ def test_every_answer_carries_the_security_headers(http, method, path, headers):
     assert {k: r.headers.get(k) for k in SECURITY_HEADERS} == SECURITY_HEADERS, (r.status_code, dict(r.headers))
 
 
+def test_a_failure_no_route_caught_is_still_a_json_500_with_the_headers():
+    async def broken(scope, receive, send):
+        raise RuntimeError("a bug below the doors")
+
+    client = TestClient(Doors(broken, DoorPolicy.build(True)), base_url="http://127.0.0.1",
+                        raise_server_exceptions=False)  # no `with`: no lifespan for this bare app
+    r = client.get("/anything")
+    assert assert_error(r, 500)["type"] == "server_error"
+    assert {k: r.headers.get(k) for k in SECURITY_HEADERS} == SECURITY_HEADERS
+
+
 def test_door_policy_refuses_what_is_not_a_host_or_an_origin():
     for bad in ("http://realm.test", "realm.test:80", "a/b", "[::1", "[foo]"):
         with pytest.raises(ConfigError, match="--allowed-host"):
@@ -384,6 +395,7 @@ def test_the_model_route_serves_only_listed_gguf_models(http):
     assert http.get("/models/tiny.gguf").content == GGUF
     assert "notes.txt" not in str(http.get("/config.json").json()["models"])
     assert_error(http.get("/models/notes.txt"), 404)  # in the model folder, but not a model
+    assert_error(http.get("/no-such-page.html"), 404)
 
 
 def test_with_tenants_model_files_need_a_key_of_a_tenant_that_may_use_them(site, tmp_path):
