@@ -1,10 +1,10 @@
 """What every request passes before a route sees it: Host, Origin and CORS, security headers, and
 JSON for the refusals Starlette itself makes.
 
-    Host      open mode (no tenants file): loopback names only (localhost, 127.0.0.1, [::1], any port)
-              or those of `realm serve --allowed-host NAME`; this stops DNS rebinding, where a web
-              page's own name comes to resolve to 127.0.0.1. With tenants, only when --allowed-host
-              gives names. Anything else: 403.
+    Host      open mode (no tenants file): loopback names only (localhost, 127.0.0.1, [::1] or another
+              loopback address, any port) or those of `realm serve --allowed-host NAME`; this stops DNS
+              rebinding, where a web page's own name comes to resolve to 127.0.0.1. With tenants, only
+              when --allowed-host gives names. Anything else: 403.
     Origin    a request whose Origin header is not the server's own origin (scheme://Host) is
               refused with 403 unless `realm serve --cors-origin ORIGIN` lists it ("*": any, tenants
               mode only): browsers send Origin with every cross-origin fetch, form POST (text/plain
@@ -127,7 +127,7 @@ class DoorPolicy:
     def refusal(self, conn: HTTPConnection) -> ApiError | None:
         """Why the server does not answer this request (Host or Origin), or None."""
         host = conn.headers.get("host")
-        if self.hosts is not None and host is not None and host_name(host) not in self.hosts:
+        if self.hosts is not None and host is not None and not self.answers(host_name(host)):
             return ApiError(403, f"this server does not answer to Host {host!r} (allowed: "
                             f"{', '.join(sorted(self.hosts))}; add names with realm serve --allowed-host NAME)",
                             code="host_not_allowed")
@@ -136,6 +136,18 @@ class DoorPolicy:
             return ApiError(403, f"cross-origin requests from {origin!r} are not allowed (realm serve "
                             "--cors-origin ORIGIN allows one)", code="origin_not_allowed")
         return None
+
+    def answers(self, name: str) -> bool:
+        """A Host name it answers: a listed one, or (open mode) any loopback address, such as 127.0.0.2
+        (an address literal cannot be rebound, only a DNS name can)."""
+        if self.hosts is None or name in self.hosts:
+            return True
+        if not LOOPBACK_HOSTS <= self.hosts:
+            return False
+        try:
+            return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+        except ValueError:
+            return False
 
     @staticmethod
     def same_origin(conn: HTTPConnection, origin: str) -> bool:

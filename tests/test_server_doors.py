@@ -302,6 +302,7 @@ def test_a_client_that_leaves_a_whole_completion_frees_its_slot_within_a_step(li
 # --- Host, Origin, CORS, security headers -----------------------------------------------------------
 
 @pytest.mark.parametrize("host, status", [("127.0.0.1", 200), ("localhost:8000", 200), ("[::1]:1", 200),
+                                          ("127.0.0.2:8000", 200), ("[0:0:0:0:0:0:0:1]", 200), ("10.0.0.1", 403),
                                           (ALLOWED_HOST, 200), ("REALM.test:99", 200),
                                           ("evil.example", 403), ("127.0.0.1.evil.example", 403),
                                           ("localhost.evil.example:80", 403)])
