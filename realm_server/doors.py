@@ -25,7 +25,6 @@ WebSocket layer closes a frame that is not UTF-8 (1007) or over its size (1009).
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,8 +36,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, ConfigError
-
-log = logging.getLogger("realm.server")
 
 HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", re.ASCII)  # a DNS name or an IPv4 address
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -192,7 +189,7 @@ class Doors:
                 "access-control-allow-headers": CORS_REQUEST_HEADERS, "access-control-max-age": str(CORS_MAX_AGE_S)})
         else:
             response = None
-        extra = [(k.encode(), v.encode()) for k, v in {**SECURITY_HEADERS, **cors}.items()]
+        extra = [(k.encode(), v.encode("latin-1")) for k, v in {**SECURITY_HEADERS, **cors}.items()]  # as ASGI
         started = False
 
         async def send_with_headers(message: Message) -> None:
