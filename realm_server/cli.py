@@ -182,7 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          draft=draft if m in drafted else None) for m in models]
     static = StaticSettings(pyodide_base_url=args.pyodide_base_url, model_dirs=page_model_dirs(models, args.model_dir),
                             default_model=CHAT_MODEL if CHAT_MODEL in {m.name for m in models} else models[0].name)
-    app = create_app(served, tenants, static=static)
+    app = create_app(served, tenants, static=static, allowed_hosts=args.allowed_host or (),
+                     cors_origins=args.cors_origin or ())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"Realm: open http://{args.host}:{args.port}/ (API: /v1, /ws; OpenAPI: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False)
@@ -269,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"bundled model ({', '.join(BUNDLED)}) or GGUF file the API serves; repeatable "
                             "(default: both bundled models)")
     serve.add_argument("--tenants", help="tenants TOML file (API keys, limits); without it: open, loopback only")
+    serve.add_argument("--allowed-host", action="append", metavar="NAME",
+                       help="a Host name the server answers besides localhost, 127.0.0.1 and [::1] (open mode; with "
+                            "--tenants, the names given are the only ones answered); repeatable")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="an origin (scheme://host[:port]) whose pages may call the server from a browser; "
+                            "default: same-origin only; '*': any (needs --tenants); repeatable")
     serve.add_argument("--backend", default="auto", choices=BACKENDS)
     serve.add_argument("--slots", type=positive_int, default=8, help="sequences decoded together (KV-cache slots)")
     serve.add_argument("--ctx", type=positive_int, default=2048, help="context length per sequence")

@@ -14,7 +14,8 @@ from realm_wasm.errors import RealmError
 
 # HTTP status -> OpenAI's error "type"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 409: "conflict_error",
+               413: "request_too_large", 429: "rate_limit_error",
                500: "server_error", 503: "server_busy"}
 
 # RealmError.code -> HTTP status: who can act on it

@@ -23,13 +23,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from realm_wasm.errors import RealmError
 
+from .doors import bearer, error_response
 from .errors import ApiError, api_error
 from .schema import openapi_document, parse_json_object
 from .service import Generation, Service
@@ -37,9 +38,8 @@ from .tenants import Tenant
 
 log = logging.getLogger("realm.server")
 
-
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), error.status, headers=error.headers)
+# a request body must come at this pace on average, after ApiSettings.body_timeout_s of grace
+BODY_MIN_BYTES_PER_S = 1 << 20
 
 
 def endpoint(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -51,6 +51,9 @@ def endpoint(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
             return await handler(request)
         except ApiError as e:
             return error_response(e)
+        except ClientDisconnect:  # it left while sending its body: nobody reads an answer
+            log.info("%s %s: the client left before its body arrived", request.method, request.url.path)
+            return Response(status_code=499)
         except RealmError as e:
             return error_response(api_error(e))
         except Exception:
@@ -60,40 +63,45 @@ def endpoint(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
     return run
 
 
-def bearer(conn: HTTPConnection) -> str | None:
-    """The key of an `Authorization: Bearer KEY` header, if there is one."""
-    scheme, _, key = conn.headers.get("authorization", "").partition(" ")
-    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
-
-
 def caller(service: Service, conn: HTTPConnection, api_key: str | None) -> Tenant:
     return service.authenticate(conn.client.host if conn.client else "", api_key)
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past `limit` bytes (before reading it when Content-Length says so)."""
+def check_content_length(request: Request, limit: int) -> int | None:
+    """The declared body size; 413 past `limit`, judged by its digits before any int() is made of them.
+    (uvicorn refuses a Content-Length that is not digits before the app sees the request.)"""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body of {declared} bytes is over the limit of {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"body is over the limit of {limit} bytes")
-    return parse_json_object(bytes(body))
+    if declared is None:
+        return None
+    digits = declared.strip().lstrip("0") or "0"
+    if not (digits.isascii() and digits.isdigit()):
+        raise ApiError(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        raise ApiError(413, f"body of {declared[:40]} bytes is over the limit of {limit}")
+    return int(digits)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body (an uploaded file); 413 past `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body of {declared} bytes is over the limit of {limit}")
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body; 413 past `limit` bytes (before reading when Content-Length says so), 408 when it
+    does not arrive within `timeout_s` plus a second per MiB it declares (a trickled body: slow loris)."""
+    declared = check_content_length(request, limit)
+    deadline_s = timeout_s + (declared if declared is not None else limit) / BODY_MIN_BYTES_PER_S
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"body is over the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"body is over the limit of {limit} bytes")
+    except TimeoutError as e:
+        raise ApiError(408, f"the request body did not arrive within {deadline_s:g} s ({len(body)} bytes came)",
+                       headers={"Connection": "close"}) from e
     return bytes(body)
+
+
+async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:
+    """The body as a JSON object (read_body's limits), UTF-8 and with valid Unicode in every string."""
+    return parse_json_object(await read_body(request, limit, timeout_s))
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -153,7 +161,7 @@ def http_routes(service: Service) -> list[BaseRoute]:
 
     async def generate(request: Request, kind: str) -> Response:
         tenant = caller(service, request, bearer(request))
-        body = await read_json(request, service.settings.max_body_bytes)
+        body = await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
         job = await service.prepare(tenant, body, kind)
         generation = service.start(job, tenant)
         if job.stream:
@@ -164,10 +172,11 @@ def http_routes(service: Service) -> list[BaseRoute]:
             await asyncio.wait([answer, watch], return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-            if not answer.done():  # the client left (or we are being shut down): stop generating
+            left = not answer.done()  # the client left (or we are being shut down): stop generating
+            if left:
                 answer.cancel()
-                generation.cancel()
-        if answer.cancelled():
+                generation.cancel()  # its slot frees at the next step
+        if left:
             return Response(status_code=499)  # nobody reads this
         return JSONResponse(answer.result())
 
@@ -192,7 +201,7 @@ def http_routes(service: Service) -> list[BaseRoute]:
 
     async def put_adapter(request: Request) -> Response:
         tenant = caller(service, request, bearer(request))
-        data = await read_body(request, service.settings.max_adapter_bytes)
+        data = await read_body(request, service.settings.max_adapter_bytes, service.settings.body_timeout_s)
         return JSONResponse(await service.load_adapter(tenant, request.path_params["id"], data,
                                                        request.query_params.get("model")))
 
@@ -206,12 +215,18 @@ def http_routes(service: Service) -> list[BaseRoute]:
         return JSONResponse(service.health())
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_document())
+        return JSONResponse(openapi_document(service.settings.default_max_tokens))
 
     async def not_found(request: Request) -> Response:
+        # a known path asked with another method: 405, as Starlette says when no catch-all is behind
+        allowed = sorted({method for route in routes[:-1] if route.matches(request.scope)[0] == Match.PARTIAL
+                          for method in route.methods or ()})
+        if allowed:
+            raise ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                           headers={"Allow": ", ".join(allowed)})
         raise ApiError(404, f"no route {request.method} {request.url.path}")
 
-    return [
+    routes: list[BaseRoute] = [
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
         Route("/v1/models", endpoint(list_models), methods=["GET"]),
@@ -223,3 +238,4 @@ def http_routes(service: Service) -> list[BaseRoute]:
         Route("/openapi.json", endpoint(openapi), methods=["GET"]),
         Route("/v1/{path:path}", endpoint(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
+    return routes

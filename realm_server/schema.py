@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,12 @@ from realm_wasm.speculative import MAX_DRAFT, MAX_NGRAM, METHODS
 from .errors import ERROR_TYPES, ApiError
 
 MAX_SEED = 2**64 - 1
+# Bounds on what a request may list, checked before anything loops over it (the body's own size,
+# ApiSettings.max_body_bytes, bounds the rest)
+MAX_PROMPT_TOKENS = 1 << 17  # token ids in one prompt: above any context Realm serves
+MAX_MESSAGES = 4096  # turns in one conversation
+MAX_CONTENT_PARTS = 256  # text parts in one message
+MAX_STOP_CHARS = 256  # characters in one stop string
 
 
 def _nullable(kind: str, **rules: Any) -> dict[str, Any]:
@@ -28,16 +35,18 @@ def _nullable(kind: str, **rules: Any) -> dict[str, Any]:
 
 PROMPT = {"anyOf": [
     {"type": "string", "title": "a string"},
-    {"type": "array", "title": "an array of token ids", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+    {"type": "array", "title": "an array of token ids", "minItems": 1,
+     "maxItems": MAX_PROMPT_TOKENS, "items": {"type": "integer", "minimum": 0}},
     {"type": "array", "title": "an array of one string", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
 ], "description": "the text to continue (or its token ids, BOS included)"}
 
-MESSAGES = {"type": "array", "minItems": 1, "description": "the conversation so far", "items": {
+MESSAGES = {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "description": "the conversation so far",
+            "items": {
     "type": "object", "required": ["role", "content"], "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {"anyOf": [
             {"type": "string", "title": "a string"},
-            {"type": "array", "title": "an array of text parts", "items": {
+            {"type": "array", "title": "an array of text parts", "maxItems": MAX_CONTENT_PARTS, "items": {
                 "type": "object", "required": ["type", "text"],
                 "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}},
         ]},
@@ -54,9 +63,9 @@ GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
     "seed": _nullable("integer", minimum=-(2**63), maximum=MAX_SEED,
                       description="same seed and parameters give the same tokens; default random"),
     "stop": {"anyOf": [
-        {"type": "string", "title": "a string", "minLength": 1},
+        {"type": "string", "title": "a string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
         {"type": "array", "title": "an array of up to 4 strings", "maxItems": 4,
-         "items": {"type": "string", "minLength": 1}},
+         "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}},
         {"type": "null", "title": "null"},
     ], "description": "generation ends before the first of these; they are not returned"},
     "stream": _nullable("boolean"),
@@ -160,22 +169,81 @@ def _join(path: str, key: str) -> str:
 
 
 def parse_json_object(raw: bytes | str) -> dict[str, Any]:
-    """A request body or WebSocket message as a JSON object; ApiError(400) when it is not one."""
+    """A request body or WebSocket message as a JSON object; ApiError(400) when it is not one: not
+    UTF-8 (RFC 8259; a BOM is allowed), not JSON, not an object, or a string (or key) holding an
+    unpaired surrogate escape ("\\ud800"), which is no Unicode text and could not be tokenized."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ApiError(400, f"body is not UTF-8: byte {raw[e.start]:#04x} at offset {e.start}") from e
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ApiError(400, f"body is not valid JSON: {e}") from e
     if not isinstance(value, dict):
         raise ApiError(400, f"body must be a JSON object, got {type(value).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape makes one: then walk the value
+        where = surrogate_path(value)
+        if where is not None:
+            raise ApiError(400, f"{where} holds an unpaired UTF-16 surrogate escape: text must be valid Unicode",
+                           where)
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def surrogate_path(value: Any) -> str | None:
+    """The path of the first string or key that is not valid Unicode ("messages[0].content"), else None.
+    Iterative: a value json.loads built can be as deep as its own recursion allowed."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not is_unicode(item):
+                return path
+        elif isinstance(item, dict):
+            for key, sub in reversed(item.items()):
+                if not is_unicode(key):
+                    return _join(path, "<key>")
+                if isinstance(sub, str | list | dict):
+                    stack.append((_join(path, key), sub))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in reversed(list(enumerate(item)))
+                         if isinstance(sub, str | list | dict))
+    return None
 
 
 # --- OpenAPI ---------------------------------------------------------------------------------------
 
-def openapi_document() -> dict[str, Any]:
+def bounded_max_tokens(default_max_tokens: int) -> dict[str, Any]:
+    """The max_tokens schema saying the server's own bound."""
+    return {**GENERATION_PROPERTIES["max_tokens"], "description": (
+        "tokens to generate at most; it must fit the context left after the prompt (400 otherwise). Absent or "
+        f"null: {default_max_tokens} (the server's default_max_tokens), cut to the context left. Every "
+        "generation is bounded")}
+
+
+def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
+    """The API's OpenAPI 3.1 document; `default_max_tokens` is the server's bound for a request without one."""
+    bound = bounded_max_tokens(default_max_tokens)
+    completion_schema = {**COMPLETION_SCHEMA, "properties": {**COMPLETION_SCHEMA["properties"], "max_tokens": bound}}
+    chat_schema = {**CHAT_SCHEMA, "properties": {**CHAT_SCHEMA["properties"], "max_tokens": bound,
+                                                 "max_completion_tokens": bound}}
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     errors = {str(status): {**error, "description": ERROR_TYPES[status]}
-              for status in (400, 401, 403, 404, 413, 429, 503)}
+              for status in (400, 401, 403, 404, 408, 413, 429, 503)}
     counts = ("prompt_tokens", "completion_tokens", "total_tokens", "drafted_tokens", "accepted_tokens")
     usage_schema = {"type": "object", "properties": {
         **{k: {"type": "integer"} for k in counts},
@@ -216,7 +284,11 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Realm inference API", "version": "1.0.0",
                  "description": "OpenAI-compatible completions over Realm. Streaming tokens over a WebSocket "
-                                "is at /ws (protocol in realm_server/ws.py). Unknown request fields are ignored."},
+                                "is at /ws (protocol in realm_server/ws.py). Unknown request fields are ignored. "
+                                f"Every generation is bounded by max_tokens (default {default_max_tokens}, cut to "
+                                "the context left). A request body must arrive within the server's body timeout "
+                                "(408 after). Browsers' cross-origin requests are refused (403) unless the origin "
+                                "is listed with realm serve --cors-origin."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -225,9 +297,9 @@ def openapi_document() -> dict[str, Any]:
                                                  "code": {"type": ["string", "null"]}}}}}},
         },
         "paths": {
-            "/v1/completions": generation("Continue a prompt", COMPLETION_SCHEMA,
+            "/v1/completions": generation("Continue a prompt", completion_schema,
                                           {"text": {"type": "string"}}),
-            "/v1/chat/completions": generation("Answer a conversation", CHAT_SCHEMA, {"message": {
+            "/v1/chat/completions": generation("Answer a conversation", chat_schema, {"message": {
                 "type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}),
             "/v1/models": {"get": {"summary": "Models the caller may use", "security": [{"bearer": []}],
                                    "responses": {"200": {"description": "models", "content": {"application/json": {

@@ -390,7 +390,8 @@ def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, di
 class ApiSettings:
     max_body_bytes: int = 1 << 20
     max_in_flight: int = 256  # requests queued or running over all tenants (503 beyond)
-    default_max_tokens: int = 256
+    default_max_tokens: int = 256  # a request's max_tokens when it gives none (or null), cut to the context left
+    body_timeout_s: float = 30.0  # a request body must arrive within this, plus 1 s per MiB (408 after)
     max_adapter_bytes: int = 512 << 20  # an uploaded LoRA adapter file
 
 
@@ -475,11 +476,14 @@ class Service:
         if len(ids) >= n_ctx:
             raise ApiError(400, f"prompt is {len(ids)} tokens; the context of {model.name!r} holds {n_ctx}, "
                            "with room for at least one generated token", "messages" if kind == "chat" else "prompt")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        # every generation is bounded: by the max_tokens asked for, which must fit the context, or (absent
+        # or null) by the server's default_max_tokens cut to what the context has left
+        chat_bound = kind == "chat" and body.get("max_completion_tokens") is not None  # chat's newer name wins
+        param = "max_completion_tokens" if chat_bound else "max_tokens"
+        max_tokens = body.get(param)
         if max_tokens is None:
             max_tokens = min(self.settings.default_max_tokens, n_ctx - len(ids))
         elif len(ids) + max_tokens > n_ctx:
-            param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
             raise ApiError(400, f"prompt of {len(ids)} tokens + {param} {max_tokens} exceeds the context of "
                            f"{n_ctx} tokens of {model.name!r}", param)
         stop = body.get("stop") or ()

@@ -6,7 +6,10 @@ URL layout (what web/ expects):
                       it loads besides numpy, bundle URL, models with size and kind)
     /pyodide/<file>   web/vendor/pyodide/ (filled by scripts/vendor_pyodide.py)
     /dist/<file>      web/dist/ (scripts/build_bundle.py writes realm_wasm.zip there)
-    /models/<name>    the first configured model directory that holds <name>
+    /models/<name>    a .gguf model of config.json's list: the first configured model directory
+                      that holds <name>; with tenants, behind a key (Authorization: Bearer KEY) of
+                      a tenant that may use the model, and config.json lists none (the page sends
+                      no key: it is for open mode, or for models from a URL)
 
 Every file answers GET and HEAD with an ETag (If-None-Match gives 304), one byte range at a time
 (206; 416 when the range is malformed or outside the file; several ranges get the whole file, which
@@ -15,6 +18,7 @@ is `application/wasm`, and module workers need a JavaScript type.
 
 Paths never leave their root: `..`, absolute paths, backslashes and symlinks that point outside
 all answer 404. The ASGI server hands us the percent-decoded path, so `%2e%2e` is caught the same.
+Refusals are JSON in the API's error shape (errors.py).
 `app.create_app(static=StaticSettings(...))` serves these routes (`realm serve` adds the API).
 """
 
@@ -35,6 +39,10 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from realm_wasm.model_files import BUNDLED, CHAT_MODEL, cache_dir
+
+from .doors import bearer, error_response
+from .errors import ApiError
+from .tenants import Tenants
 
 ROOT = Path(__file__).resolve().parent.parent
 READ_CHUNK = 1 << 20
@@ -144,6 +152,13 @@ class RangeNotSatisfiable(ValueError):
     """The Range header is malformed or lies outside the file: answer 416."""
 
 
+def _position(digits: str, size: int) -> int:
+    """A Range number, as exact as it matters: one with more digits than any file size is taken as
+    just past the end (int() of thousands of digits is slow, and refused past 4300)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(size)) else size + 1
+
+
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """The inclusive byte span a `Range` header asks for, or None to send the whole file.
 
@@ -159,11 +174,11 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
         raise RangeNotSatisfiable(header)
     first, last = m.groups()
     if first:
-        start = int(first)
-        if start >= size or (last and int(last) < start):
+        start = _position(first, size)
+        if start >= size or (last and _position(last, size) < start):
             raise RangeNotSatisfiable(header)
-        return start, min(int(last), size - 1) if last else size - 1
-    suffix = int(last)
+        return start, min(_position(last, size), size - 1) if last else size - 1
+    suffix = _position(last, size)
     if suffix == 0 or size == 0:
         raise RangeNotSatisfiable(header)
     return max(0, size - suffix), size - 1
@@ -265,8 +280,14 @@ def page_config(pyodide_base_url: str, python_packages: list[str], bundle_url: s
     }
 
 
-def static_routes(settings: StaticSettings) -> list[BaseRoute]:
-    """Routes for the page, Pyodide, the bundle and models; put API routes before these."""
+def not_found(message: str) -> JSONResponse:
+    return error_response(ApiError(404, message))
+
+
+def static_routes(settings: StaticSettings, tenants: Tenants | None = None) -> list[BaseRoute]:
+    """Routes for the page, Pyodide, the bundle and models; put API routes before these. With
+    `tenants` (not open), model files need a tenant's key and config.json lists none."""
+    tenants = tenants or Tenants.open_access()
 
     def serve_from(root: Path) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
@@ -274,20 +295,25 @@ def static_routes(settings: StaticSettings) -> list[BaseRoute]:
             if rel == "" or rel.endswith("/"):
                 rel += "index.html"
             path = resolve_inside(root, rel)
-            return file_response(request, path) if path else Response("not found", 404)
+            return file_response(request, path) if path else not_found(f"no file {request.url.path}")
 
         return endpoint
 
     def model(request: Request) -> Response:
         name = request.path_params["name"]
-        for d in settings.model_dirs:
-            path = resolve_inside(d, name)
-            if path is not None:
-                return file_response(request, path)
-        return Response(f"no model named {name!r}", 404)
+        tenant = tenants.authenticate(bearer(request))
+        if tenant is None:
+            return error_response(ApiError(401, "model files need an API key (Authorization: Bearer KEY)",
+                                           headers={"WWW-Authenticate": "Bearer"}))
+        path = list_models(settings.model_dirs).get(name)  # only the .gguf files config.json lists
+        if path is None:
+            return not_found(f"no model named {name!r}")
+        if not tenant.may_use_model(name.removesuffix(".gguf")):
+            return error_response(ApiError(403, f"tenant {tenant.id!r} may not use model {name!r}"))
+        return file_response(request, path)
 
     def config(request: Request) -> Response:
-        models = list_models(settings.model_dirs)
+        models = list_models(settings.model_dirs) if tenants.open else {}
         return JSONResponse(
             page_config(pyodide_base_url=settings.pyodide_base_url or "/pyodide/",
                         python_packages=python_packages(settings.pyodide_dir, settings.pyodide_base_url),

@@ -12,8 +12,10 @@ Protocol (JSON text messages):
     client -> {"type": "cancel", "id": ID}
     server -> {"type": "error", "id": ID | null, "status": 4xx, "error": {...}, "retry_after": s?}
 Ids are the client's own and live per connection: one connection cannot see or cancel another's.
-A bad message gets an error and the connection stays open; a failed auth closes it (code 1008).
-Closing the connection cancels its generations.
+A bad message (not JSON, binary, a lone surrogate escape, a wrong field) gets an error and the
+connection stays open; a failed auth closes it (code 1008), a server fault that leaves it unusable
+with 1011, each with a reason; uvicorn closes a text frame that is not UTF-8 (1007) or one over its
+size limit (1009). Closing the connection cancels its generations.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from realm_wasm.errors import RealmError
 
 from .errors import ApiError, api_error
 from .http import bearer, caller
-from .schema import WS_MESSAGE_SCHEMA, parse_json_object, validate
+from .schema import WS_MESSAGE_SCHEMA, is_unicode, parse_json_object, validate
 from .service import Generation, Service, read_chunk
 from .tenants import Tenant
 
@@ -48,11 +50,12 @@ def ws_error(error: ApiError, cid: str | None) -> dict[str, Any]:
 
 
 def _message_id(message: dict[str, Any]) -> str | None:
-    """The id a message names, if it is JSON with one: its error goes to that generation."""
+    """The id a message names, if it is JSON with a valid one: its error goes to that generation."""
     with contextlib.suppress(ValueError, TypeError, RecursionError):
         body = json.loads(message.get("text") or "null")
-        if isinstance(body, dict) and isinstance(body.get("id"), str):
-            return body["id"]
+        cid = body.get("id") if isinstance(body, dict) else None
+        if isinstance(cid, str) and is_unicode(cid) and len(cid) <= WS_MESSAGE_SCHEMA["properties"]["id"]["maxLength"]:
+            return cid
     return None
 
 
@@ -81,6 +84,9 @@ class Connection:
                     self.outbox.put_nowait(ws_error(e, _message_id(message)))
                 except RealmError as e:
                     self.outbox.put_nowait(ws_error(api_error(e), _message_id(message)))
+                except Exception:  # a bug, not the message: say so, and keep serving the connection
+                    log.exception("WebSocket message failed")
+                    self.outbox.put_nowait(ws_error(ApiError(500, "internal error"), _message_id(message)))
         except WebSocketDisconnect:
             pass
         finally:
@@ -141,9 +147,22 @@ class Connection:
         self.outbox.put_nowait(last)
 
     async def write(self) -> None:
+        """Send the outbox in order; a message that cannot be sent ends the connection with 1011 and
+        a reason, never in silence (the client would wait forever)."""
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             while True:
-                await self.ws.send_json(await self.outbox.get())
+                message = await self.outbox.get()
+                try:
+                    await self.ws.send_json(message)
+                except (TypeError, ValueError):  # not JSON, or not encodable: a bug on our side
+                    log.exception("WebSocket message %s could not be sent", message.get("type"))
+                    await self.ws.close(code=1011, reason="internal error: a message could not be sent")
+                    return
+
+
+def close_reason(text: str) -> str:
+    """A close frame's reason: at most 123 bytes of UTF-8 (RFC 6455)."""
+    return text.encode()[:123].decode(errors="ignore")
 
 
 def ws_json(message: dict[str, Any], limit: int) -> dict[str, Any]:
@@ -182,7 +201,7 @@ def websocket_route(service: Service) -> WebSocketRoute:
         except ApiError as e:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
                 await ws.send_json({"type": "error", "id": None, "status": e.status, **e.body()})
-                await ws.close(code=1008)
+                await ws.close(code=1008, reason=close_reason(e.message))
             return
         except WebSocketDisconnect:
             return

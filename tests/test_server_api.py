@@ -676,7 +676,7 @@ def test_without_tenants_the_server_is_open_on_loopback_only(served, live, http,
             r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
             assert r.status_code == 200
     # a client that is not on loopback (Starlette's test client calls itself "testclient")
-    with TestClient(create_app([served])) as remote:
+    with TestClient(create_app([served]), base_url="http://localhost") as remote:
         assert remote.get("/v1/models").status_code == 403
     check_bind_host("127.0.0.1", Tenants.open_access())
     with pytest.raises(ValueError, match="127.0.0.1 only"):

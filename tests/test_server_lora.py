@@ -183,7 +183,7 @@ def test_loading_adapters_is_for_tenants_allowed_to_and_files_that_fit(client, f
 
 
 def test_without_tenants_the_open_tenant_manages_the_servers_adapters(files, expected):
-    with TestClient(create_app([served(files)]), client=("127.0.0.1", 50000)) as c:
+    with TestClient(create_app([served(files)]), client=("127.0.0.1", 50000), base_url="http://127.0.0.1") as c:
         ids = sorted(a["id"] for a in c.get("/v1/adapters").json()["data"])
         assert ids == ["style", "terse"]
         assert c.put("/v1/adapters/mine", content=(files / "mine.gguf").read_bytes()).json()["owned_by"] == "server"

@@ -48,7 +48,7 @@ def make_client(site: dict[str, Path], records: list[RequestRecord], **overrides
     options = {"default_model": "tiny.gguf", **overrides}
     settings = StaticSettings(web_dir=site["web"], pyodide_dir=site["pyodide"], dist_dir=site["dist"],
                               model_dirs=(site["a"], site["b"]), on_request=records.append, **options)
-    return TestClient(create_app(static=settings))
+    return TestClient(create_app(static=settings), base_url="http://127.0.0.1")  # open mode answers loopback names
 
 
 @pytest.fixture
