@@ -7,7 +7,7 @@ The model is test_scheduler's tiny random llama (2 layers, 96 tokens of vocabula
 a generation of a few tokens takes tens of milliseconds, so 100 of them fit in seconds (~8 s here).
 Loading it is what costs: 40-60 s on a busy 2-core machine, nearly all of it the GPU process
 compiling the 29 kernels for a new device on SwiftShader (the load's `settle`), so both tests share
-one page and the device is lost once; the whole module still takes ~100 s there.
+one page and the device is lost once: the module takes 45 s on a quiet machine, ~100 s on a busy one.
 """
 
 from __future__ import annotations
