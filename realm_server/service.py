@@ -108,10 +108,11 @@ def check_adapter_id(adapter_id: str, error: Callable[[str], Exception]) -> None
                     "letter or digit")
 
 
-# Tokens reach the loop at most this often (a finished generation, and the last tokens before the
-# stepping thread idles, at once): the loop and the stepping thread share the GIL, and each hand-over
-# costs the steps the loop's wake-up, its sends and the GIL's trips between threads, whether it
-# carries one token or five. At ~1,000 tok/s, five tokens a hand-over; still one SSE event each.
+# Tokens reach the loop at most this often (a generation's first token, a finished generation, and
+# the last tokens before the stepping thread idles, at once): the loop and the stepping thread share
+# the GIL, and each hand-over costs the steps the loop's wake-up, its sends and the GIL's trips
+# between threads, whether it carries one token or five. At ~1,000 tok/s, five tokens a hand-over;
+# still one SSE event each.
 HAND_OVER_S = 0.005
 
 
@@ -124,13 +125,14 @@ class Outbox:
         self.loop = loop
         self.events: deque[tuple[Callable[[Event], None], Event]] = deque()
         self.posted = False  # a hand-over is scheduled and has not begun: it will see what is queued now
-        self.urgent = False  # a queued event ends a generation: hand it over now
+        self.urgent = False  # a queued event begins or ends a generation: hand it over now
         self.last_post = -math.inf
 
     def put(self, on_event: Callable[[Event], None], event: Event) -> None:
         """(stepping thread) Queue an event for `on_event` until a `post` hands it over."""
         self.events.append((on_event, event))
-        self.urgent = self.urgent or isinstance(event, Finished)
+        # a first token at once: time to first token is what a waiting client feels most
+        self.urgent = self.urgent or isinstance(event, Finished) or event.index == 0
 
     def post(self, idle: bool) -> None:
         """(stepping thread, after a step) Have the loop deliver what is queued, unless a hand-over
@@ -187,6 +189,10 @@ class ModelWorker:
             if not worked:
                 self._wake.wait()
                 self._wake.clear()
+            else:
+                # let the event loop have the GIL now, not after the interpreter's 5 ms switch interval:
+                # a new request's every hand-over (read, tokenize, submit, deliver) would wait that long
+                time.sleep(0)
         self.scheduler.cancel_all()
         self._post(idle=True)
 

@@ -36,6 +36,11 @@ state between steps (loading an adapter) goes through `call`, which runs it on t
 
 Fairness: when a slot frees, the next request comes from the waiting tenant with the fewest running
 sequences per unit of its `share`; ties go to the tenant admitted least recently (round-robin).
+When no slot is free, a waiting tenant that would still run fewer sequences per share than the
+tenant running the most takes a slot from it: that tenant's latest-admitted sequence is preempted
+(it goes back to the front of its queue with everything it generated, its KV entries left in the
+slot it gave up) and, once re-admitted, re-reads what it had fed and goes on with the same tokens.
+So one tenant's flood delays another's request by a step, not by the flood's generations.
 
 Threads: `submit()`, `cancel()` and `call()` may be called from any thread: they only append to an
 inbox that the next `step()` drains. `step()` must always run on one thread (executors are not thread-safe).
@@ -168,7 +173,8 @@ class _Sequence:
     fed: int = 0  # positions written into the KV cache (including steps still on the device)
     requested: int = 0  # samples asked for (including steps still on the device): the next step counter
     generated: int = 0  # samples read back and streamed
-    cached: int = 0  # prompt tokens reused from the slot's KV cache
+    cached: int = 0  # prompt tokens reused from the slot's KV cache (at its first admission)
+    preempted: int = 0  # times it gave its slot to another tenant's sequence
     slot: int = -1
     spec: SpeculationState | None = None  # when the request speculates
     adapters: list[tuple[int, float]] = field(default_factory=list)  # (adapter slot, scale), held while admitted
@@ -327,16 +333,10 @@ class Scheduler:
                     return
 
     def _admit(self) -> None:
-        while self._free_slots:
-            waiting = [t for t, q in self._queues.items() if q]
-            if not waiting:
-                return
-            running = {t: 0 for t in waiting}
-            for seq in self._running.values():
-                if seq.request.tenant in running:
-                    running[seq.request.tenant] += 1
-            tenant = min(waiting, key=lambda t: ((running[t] + 1) / self.shares.get(t, 1.0),
-                                                 self._last_admitted.get(t, -1)))
+        while (admission := self._next_admission()) is not None:
+            tenant, victim = admission
+            if victim is not None:
+                self._preempt(victim)
             seq = self._queues[tenant].popleft()
             try:
                 self._hold_adapters(seq)
@@ -347,6 +347,36 @@ class Scheduler:
             self._running[seq.id] = seq
             self._admissions += 1
             self._last_admitted[tenant] = self._admissions
+
+    def _next_admission(self) -> tuple[str, _Sequence | None] | None:
+        """The tenant whose request is admitted next and, when no slot is free, the running sequence
+        it takes the slot of; None when nobody waits, or no tenant runs more than its share."""
+        waiting = [t for t, q in self._queues.items() if q]
+        if not waiting:
+            return None
+        running: dict[str, list[_Sequence]] = {}
+        for seq in self._running.values():  # in admission order
+            running.setdefault(seq.request.tenant, []).append(seq)
+
+        def load(tenant: str, extra: int = 0) -> float:
+            return (len(running.get(tenant, ())) + extra) / self.shares.get(tenant, 1.0)
+
+        tenant = min(waiting, key=lambda t: (load(t, 1), self._last_admitted.get(t, -1)))
+        if self._free_slots:
+            return tenant, None
+        # the swap must leave the taker below the giver, or the two would take the slot back and forth
+        giver = max(running, key=load)
+        if giver == tenant or load(tenant, 1) >= load(giver):
+            return None
+        return tenant, running[giver][-1]
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Give up a running sequence's slot (no step of it is on the device): back to the front of
+        its tenant's queue, with its tokens, counters and stream state."""
+        del self._running[seq.id]
+        self._release_slot(seq, tuple(seq.tokens[:seq.fed]))
+        seq.preempted += 1
+        self._queues[seq.request.tenant].appendleft(seq)
 
     def _hold_adapters(self, seq: _Sequence) -> None:
         """The slots of the sequence's adapters, held until it finishes."""
@@ -373,7 +403,9 @@ class Scheduler:
         slot = max(self._free_slots, key=lambda s: (reuse(s), -self._freed_at[s]))
         self._free_slots.remove(slot)
         seq.slot = slot
-        seq.fed = seq.cached = reuse(slot)
+        seq.fed = reuse(slot)
+        if not seq.preempted:
+            seq.cached = seq.fed
         cached[slot] = ()  # rewritten from position `fed` on: valid again when the sequence ends
 
     def _plan_step(self) -> list[tuple[_Sequence, int]]:
@@ -447,10 +479,10 @@ class Scheduler:
     def _can_follow(self, step: _Step) -> bool:
         """Whether the next step is known before `step`'s ids are: every running sequence is in it
         with one row (no drafts to verify, none to draft next), below its length limit, and no
-        request waits for a free slot."""
+        waiting request is due a slot (a free one, or one it takes from another tenant)."""
         if not self.engine.executor.queues_ahead or self._inbox or isinstance(step.pending, _Failed):
             return False
-        if self._free_slots and any(self._queues.values()):
+        if self._next_admission() is not None:  # a waiting request takes a slot now
             return False
         return (len(step.sampled) == len(self._running)
                 and all(n == 1 and seq.id in self._running and seq.requested < seq.request.max_tokens
@@ -551,17 +583,25 @@ class Scheduler:
                 self._emit(seq, TokenEvent(None, tail, seq.generated, time.perf_counter() - seq.t0))
         if self._running.pop(seq.id, None) is not None:
             # the slot holds the KV of every known token it was fed; a failed step's are unknown
-            self.engine.slot_tokens[seq.slot] = () if error else tuple(seq.tokens[:min(seq.fed, len(seq.tokens))])
-            self.engine.slot_adapters[seq.slot] = seq.lora_key
-            self._free_slots.append(seq.slot)
-            self._freed_at[seq.slot] = self._steps
-        if seq.adapters:  # a step still on the device may read them: it runs before any rewrite of theirs
-            self.engine.adapters.release([slot for slot, _ in seq.adapters])
-            seq.adapters = []
+            self._release_slot(seq, () if error else tuple(seq.tokens[:min(seq.fed, len(seq.tokens))]))
+        self._release_adapters(seq)
         message = f"{type(error).__name__}: {error}" if error else None
         drafted, accepted = (seq.spec.drafted, seq.spec.accepted) if seq.spec else (0, 0)
         self._emit(seq, Finished(reason, len(seq.request.prompt_ids), seq.generated, message, seq.cached,
                                  drafted, accepted, error))
+
+    def _release_slot(self, seq: _Sequence, cached: tuple[int, ...]) -> None:
+        """Free the sequence's slot, which keeps the KV entries of `cached` for a later prompt."""
+        self.engine.slot_tokens[seq.slot] = cached
+        self.engine.slot_adapters[seq.slot] = seq.lora_key
+        self._free_slots.append(seq.slot)
+        self._freed_at[seq.slot] = self._steps
+        self._release_adapters(seq)
+
+    def _release_adapters(self, seq: _Sequence) -> None:
+        if seq.adapters:  # a step still on the device may read them: it runs before any rewrite of theirs
+            self.engine.adapters.release([slot for slot, _ in seq.adapters])
+            seq.adapters = []
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         try:

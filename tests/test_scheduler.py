@@ -22,12 +22,12 @@ CHARS = "\u2581" + "".join(chr(c) for c in range(33, 125))  # "▁" spells a spa
 VOCAB = 3 + len(CHARS)  # <unk>, <s>, </s>, then one token per character
 
 
-def write_tiny_model(path, v_dtype=np.float32, seed: int = 7) -> None:
+def write_tiny_model(path, v_dtype=np.float32, seed: int = 7, n_ctx: int = N_CTX) -> None:
     """A random llama GGUF; `v_dtype` float64 makes the attention's v projection a type no GPU
     kernel reads (F64)."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(N_CTX)
+    w.add_context_length(n_ctx)
     w.add_embedding_length(D)
     w.add_block_count(LAYERS)
     w.add_feed_forward_length(FFN)

@@ -14,6 +14,10 @@
 //   model        URL of a GGUF file (relative URLs are resolved against the page); optional, see load()
 //   onProgress   called with {progress (0..1), text, loaded, total, fromCache} while booting and loading
 //   backend      "auto" (WebGPU on a real GPU, else numpy) | "webgpu" | "numpy"
+//   onDeviceLost called with {message, recovered} when the GPU device is lost: the worker makes a new
+//                one and loads the model again by itself (recovered false, then true once loaded); the
+//                generation that was running rejects with code "device-lost", later requests wait for
+//                the reload. LoRA adapters are not reloaded (engine.adapters is emptied).
 //   baseUrl      where worker.js, realm_web_host.py and config.json are (default: this module's folder);
 //                config.json (written by `realm serve` and `realm build-site`) says where Pyodide and
 //                the runtime bundle are; pyodideBaseUrl, bundleUrl, pythonPackages override it
@@ -39,6 +43,8 @@
 // engine.stats()      {model, loadMs, fromCache, last: {ttftMs, tokensPerSecond, promptTokens,
 //                      cachedTokens, completionTokens, draftedTokens, acceptedTokens, totalMs}};
 //                      runtimeStatsText() in words
+// engine.memory()     resolves to {wasmHeapBytes, gpuBuffers, gpuBytes, kvTokens}: the worker's wasm heap,
+//                      and the GPU buffers the model's device allocated (0 on numpy), asked of the worker now
 // Requests run one at a time, in the order they were made. Failures reject with a RealmEngineError
 // whose `code` is the worker's (worker.js lists them: "bad-model", "network", "context-overflow", ...).
 
@@ -176,6 +182,11 @@ class RealmEngine {
       this.progress({ progress: 0, text: msg.text, loaded: 0, total: null, fromCache: false });
     } else if (msg.type === "ready") {
       this.booting.resolve(msg);
+    } else if (msg.type === "warning" && msg.code === "device-lost") {
+      this.options.onDeviceLost?.({ message: msg.message, recovered: Boolean(msg.recovered) });
+    } else if (msg.type === "loaded" && msg.id === undefined) { // the model again, on a new GPU device
+      this.model = { ...this.model, ...msg.model };
+      this.adapters = [];
     } else if (msg.type === "error" && msg.id === undefined) {
       const error = new RealmEngineError(msg.code, msg.message);
       if (msg.fatal) this.kill(error);
@@ -374,6 +385,24 @@ class RealmEngine {
     return { model: this.model, ...this.loadInfo, last: this.last };
   }
 
+  // Asked of the worker at once (it answers "stats" even while a generation runs).
+  memory() {
+    if (this.dead) return Promise.reject(this.dead);
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.handlers.set(id, (msg) => {
+        this.handlers.delete(id);
+        if (msg.type !== "stats") {
+          reject(new RealmEngineError(msg.code, msg.message));
+          return;
+        }
+        const { wasmHeapBytes, gpuBuffers, gpuBytes, kvTokens } = msg;
+        resolve({ wasmHeapBytes, gpuBuffers, gpuBytes, kvTokens });
+      });
+      this.worker.postMessage({ type: "stats", id });
+    });
+  }
+
   runtimeStatsText() {
     const last = this.last;
     if (!last) return "no generation yet";
@@ -397,6 +426,7 @@ export async function createEngine(options = {}) {
     abort: () => inner.abort(),
     unload: () => inner.unload(),
     stats: () => inner.stats(),
+    memory: () => inner.memory(),
     runtimeStatsText: () => inner.runtimeStatsText(),
     get model() { return inner.model; },
     get adapters() { return inner.adapters; },

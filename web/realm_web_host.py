@@ -380,6 +380,18 @@ class WorkerHost:
 
     def __init__(self) -> None:
         self.loaded: LoadedModel | None = None
+        self.on_device_lost: Any = None  # worker.js's callback(reason): the model's GPU device was lost
+
+    def watch_device_loss(self, callback: Any) -> None:
+        """Have `callback(reason)` called when the loaded model's WebGPU device is lost by anything
+        but an unload (the model is unloaded first: its buffers went with the device)."""
+        self.on_device_lost = callback
+
+    def _device_lost(self, loaded: LoadedModel, reason: str) -> None:
+        if self.loaded is loaded:
+            self.unload()
+        if self.on_device_lost is not None:
+            self.on_device_lost(reason)
 
     def versions(self) -> dict[str, str]:
         return {"realm": realm_wasm.__version__, "python": sys.version.split()[0],
@@ -417,6 +429,8 @@ class WorkerHost:
 
     def model_ready(self, loaded: LoadedModel) -> dict[str, Any]:
         self.loaded = loaded
+        if loaded.device is not None:
+            loaded.device.on_lost = lambda reason: self._device_lost(loaded, reason)
         return loaded.describe()
 
     async def gpu(self) -> dict[str, Any]:
@@ -432,10 +446,13 @@ class WorkerHost:
         return dict(TITLES)
 
     def stats(self) -> dict[str, Any]:
-        """What is loaded now: the model's description and how many tokens its KV slot holds."""
+        """What is loaded now: the model's description, how many tokens its KV slot holds, and the
+        GPU buffers its device allocated (count and bytes; 0 on numpy)."""
         if self.loaded is None:
-            return {"model": None, "kvTokens": 0}
-        return {"model": self.loaded.describe(), "kvTokens": len(self.loaded.engine.slot_tokens[0])}
+            return {"model": None, "kvTokens": 0, "gpuBuffers": 0, "gpuBytes": 0}
+        device = self.loaded.device
+        return {"model": self.loaded.describe(), "kvTokens": len(self.loaded.engine.slot_tokens[0]),
+                "gpuBuffers": device.buffers if device else 0, "gpuBytes": device.allocated_bytes if device else 0}
 
     async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
                        max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -32,7 +32,7 @@
 //   {type: "unloadAdapter", id, name}
 //   {type: "stop"}               stop the running load or generation (it ends with its usual event)
 //   {type: "unload", id}         free the loaded model (its GPU buffers, its KV cache)
-//   {type: "stats", id}          what is loaded now
+//   {type: "stats", id}          what is loaded now, and the memory it holds
 //   {type: "clearCache"}         delete every cached model file
 //
 // worker -> page
@@ -59,10 +59,18 @@
 //   {type: "unloaded", id}
 //   {type: "adapterLoaded", id, adapter: {id, rank, alpha, tensors, bytes}, adapters: [...], fromCache, ms}
 //   {type: "adapterUnloaded", id, name, adapters: [...]}      adapters: every loaded one, in load order
-//   {type: "stats", id, model: {...as in "loaded"} | null, kvTokens, wasmHeapBytes}
+//   {type: "stats", id, model: {...as in "loaded"} | null, kvTokens, wasmHeapBytes, gpuBuffers, gpuBytes}
+//        gpuBuffers, gpuBytes: the GPU buffers the model's device allocated (WebGPU has no memory
+//        query: the device counts its own, realm_wasm/gpu/browser.py), 0 on numpy
 //   {type: "cache", available, entries: [{url, bytes}], usage, quota}   after init, load, clearCache
 //   {type: "warning", code, message}                             something degraded, work goes on
-//        code: "no-webgpu" (models run on the CPU) | "cache"
+//        code: "no-webgpu" (models run on the CPU) | "cache" | "device-lost": the model's GPU device
+//        was lost (a driver reset, the GPU process gone): the worker makes a new one and loads the
+//        model again by itself (from the cache), with "progress" and "loaded" events without an id,
+//        then a second "device-lost" warning saying so (recovered: false, then true); requests sent
+//        meanwhile wait for it. The
+//        generation that was running, if any, ends with an error "device-lost"; adapters are not
+//        reloaded. If the reload fails, its "error" has no id.
 //   {type: "error", id, code, message, fatal}
 //        code: a RealmError code (realm_wasm/errors.py: "bad-model", "bad-adapter", "no-adapter",
 //              "adapter-conflict", "bad-request", "context-overflow",
@@ -79,6 +87,8 @@ const PROGRESS_EVERY_MS = 100;
 let pyodide = null;
 let host = null; // the Python WorkerHost (PyProxy)
 let job = null; // {kind, id, stopped, abort}: the one load or generation running now
+let lastModel = null; // {url, backend} of the loaded model: what a lost device reloads
+let recovery = null; // a Promise while a lost device is replaced and the model loaded again
 
 // Python exception class name -> error code the page understands, from Python (HOST.error_codes():
 // every RealmError subclass and its code), filled at init.
@@ -173,6 +183,7 @@ async function init({ pyodideBaseUrl, bundleUrl, hostUrl, pythonPackages = ["jin
   pyodide.FS.writeFile(`${dir}/realm_web_host.py`, hostSource);
   pyodide.runPython(`import sys\nif ${JSON.stringify(dir)} not in sys.path: sys.path.insert(0, ${JSON.stringify(dir)})`);
   host = pyodide.pyimport("realm_web_host").HOST;
+  host.watch_device_loss((reason) => { recovery = recovery || recoverDevice(String(reason)); });
   const versions = { ...toPlain(host.versions()), pyodide: pyodide.version };
   pythonErrors = toPlain(host.error_codes());
   const errorTitles = toPlain(host.error_titles());
@@ -372,17 +383,41 @@ async function download({ id, url, cacheName, badCode, openSink, useCache = true
   }
 }
 
+// Pyodide's wasm memory (no public accessor in Pyodide 0.27)
+const wasmHeapBytes = () => pyodide._module.HEAPU8.byteLength;
+
 async function loadModel({ id, url, backend = "auto" }) {
   const started = performance.now();
+  lastModel = null; // open_model unloads the one before, whether or not this one loads
   const done = await download({ id, url, cacheName: MODEL_CACHE, badCode: "bad-model",
     openSink: () => host.open_model(url, backend) });
-  if (!done) return;
+  if (!done) return false;
   const model = toPlain(host.model_ready(done.result));
   done.result.destroy();
-  post({
-    type: "loaded", id, model, fromCache: done.fromCache, ms: performance.now() - started,
-    wasmHeapBytes: pyodide._module.HEAPU8.byteLength, // no public accessor in Pyodide 0.27
-  });
+  lastModel = { url, backend };
+  post({ type: "loaded", id, model, fromCache: done.fromCache, ms: performance.now() - started,
+    wasmHeapBytes: wasmHeapBytes() });
+  return true;
+}
+
+// The model's GPU device was lost (realm_web_host.py has unloaded the model): once the generation it
+// broke has ended, make a new device and load the model again, as the page would on "load".
+async function recoverDevice(reason) {
+  const model = lastModel;
+  try {
+    if (!model) return;
+    const lost = `The GPU device was lost (${reason})`;
+    post({ type: "warning", code: "device-lost", recovered: false,
+      message: `${lost}: creating a new one and loading the model again.` });
+    while (job) await new Promise((resolve) => setTimeout(resolve, 10));
+    const started = performance.now();
+    if (await loadModel(model)) {
+      post({ type: "warning", code: "device-lost", recovered: true, message: `${lost}: a new device was created and the model `
+        + `loaded again in ${Math.round(performance.now() - started)} ms (LoRA adapters have to be loaded again).` });
+    }
+  } finally {
+    recovery = null;
+  }
 }
 
 async function loadAdapter({ id, url, name }) {
@@ -504,9 +539,14 @@ async function handle(msg) {
   }
   if (!host) {
     post({ type: "error", id: msg.id, code: "boot", message: "the runtime has not started", fatal: false });
-  } else if (msg.type === "stats") { // answered even while a job runs
-    post({ type: "stats", id: msg.id, ...toPlain(host.stats()), wasmHeapBytes: pyodide._module.HEAPU8.byteLength });
-  } else if (job) {
+    return;
+  }
+  if (msg.type === "stats") { // answered even while a job runs
+    post({ type: "stats", id: msg.id, ...toPlain(host.stats()), wasmHeapBytes: wasmHeapBytes() });
+    return;
+  }
+  if (recovery) await recovery; // the model is being loaded again on a new device: then this request
+  if (job) {
     post({ type: "error", id: msg.id, code: "busy", message: `still busy with a ${job.kind}; stop it first`, fatal: false });
   } else if (msg.type === "load") {
     await loadModel(msg);
@@ -523,6 +563,7 @@ async function handle(msg) {
     }
   } else if (msg.type === "unload") {
     host.unload();
+    lastModel = null;
     post({ type: "unloaded", id: msg.id });
   } else {
     post({ type: "error", id: msg.id, code: "bad-request", message: `unknown request ${msg.type}`, fatal: false });

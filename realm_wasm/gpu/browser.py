@@ -7,12 +7,17 @@ async function, `runPythonAsync` or `callPromising` (web/worker.js does).
 
 Errors come back from WebGPU asynchronously: `device.lost` and `uncapturederror` events are
 recorded as they arrive and raised, as `DeviceLost`, `GPUOutOfMemory` or `GPUError`, by the next call
-that touches the device, so a failure never turns into silent garbage.
+that touches the device, so a failure never turns into silent garbage. A loss that `close` did not
+cause (a driver reset, the GPU process gone, `destroy()` from elsewhere) is also reported to
+`on_lost` as it arrives, so the page can make a new device and load the model again while idle.
+
+Memory: WebGPU has no query for what a device holds, so the device counts what it allocated itself
+(`buffers`, `allocated_bytes`: every buffer lives as long as the device here, which `close` frees).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import js
@@ -137,7 +142,12 @@ class BrowserDevice:
         self.features = frozenset(f for f in FEATURES if device.features.has(f))
         self.limits = {snake_case(name): int(getattr(device.limits, name)) for name in LIMITS}
         self.lost: str | None = None  # why the device stopped working, once it has
+        self.on_lost: Callable[[str], None] | None = None  # told of a loss `close` did not cause
+        self._closed = False
+        self._destroyed_by_close = False  # that loss is ours, not news
         self.errors: list[Exception] = []  # reported by WebGPU, not raised yet
+        self.buffers = 0  # created so far (none is freed before the device is)
+        self.allocated_bytes = 0
         self._staging: list[tuple[int, Buffer]] = []  # idle MAP_READ buffers (size, buffer)
         self._programs: dict[int, tuple[list[Dispatch], Any]] = {}  # id(dispatch list) -> (it, its JS array)
         self._on_error = create_proxy(self._uncaptured)
@@ -166,7 +176,9 @@ class BrowserDevice:
             self.errors.append(GPUError(f"WebGPU {kind}: {error.message}"))
 
     def _lost(self, info: Any) -> None:
-        self.lost = f"{info.reason}: {info.message}" if info.message else str(info.reason)
+        self.lost = self.lost or (f"{info.reason}: {info.message}" if info.message else str(info.reason))
+        if not self._destroyed_by_close and self.on_lost is not None:
+            self.on_lost(self.lost)
 
     def check(self) -> None:
         """Raise what the device reported since the last check (device loss first)."""
@@ -186,6 +198,10 @@ class BrowserDevice:
 
     def close(self) -> None:
         """Free every buffer at once (a new model gets a new device)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._destroyed_by_close = self.lost is None  # a device already lost: its loss is still news
         self.lost = self.lost or "destroyed"
         self.device.onuncapturederror = None
         self.device.destroy()
@@ -196,7 +212,10 @@ class BrowserDevice:
 
     def create_buffer(self, size: int, usage: int, label: str = "") -> Buffer:
         self.check()
-        return self.device.createBuffer(_js_dict({"size": size, "usage": usage, "label": label}))
+        buffer = self.device.createBuffer(_js_dict({"size": size, "usage": usage, "label": label}))
+        self.buffers += 1
+        self.allocated_bytes += size
+        return buffer
 
     def write_buffer(self, buf: Buffer, offset: int, data: bytes | memoryview) -> None:
         self.check()
