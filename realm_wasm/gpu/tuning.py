@@ -61,6 +61,10 @@ class Tuning:
     tiles: tuple[tuple[Tile, int], ...]
     # Sampling: threads of a sampler workgroup (at least sampling.TOP_K_CAP)
     sample_wg: int = 256
+    # Types whose mat-vec walks K in 16-byte chunks of each block against x quantized to int8
+    # (shaders/matvec_chunks.wgsl, matmul.CHUNK_SNIPPETS) where a team has a lane per chunk; the
+    # others walk 8-element groups through their dequant snippet (shaders/matvec_groups.wgsl).
+    matvec_chunks: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         powers = (self.wg, self.matvec_wg, self.matvec_lanes)
@@ -77,6 +81,10 @@ class Tuning:
 # 2 rows per team of 32 lanes at 4096 x 4096 (a lane gets 8 pairs of groups), 2 rows per team of 8
 # at 262144 x 640 (Q8_0: 91 µs, 59% of peak; 16 lanes 96 µs, 32 lanes 125 µs); small weights
 # (2048 x 640: 4.9 µs) one row per team of 32 (2 rows: 5.0-8.2 µs, 8 lanes: 6.7 µs and up).
+# The K-quants walk in chunks on GPUs: their group walk decodes a block's scales for every 8
+# elements and converts every code to float, and reached 9-19% of an H200's bandwidth at
+# 14336 x 4096 (Q5_K 286 GB/s, Q6_K 413, Q4_K 922). On CPU adapters the group walk stays (their
+# tests and goldens run it; the chunk walk's staging barrier costs there what it saves).
 # GPU mat-mat: a workgroup walks K serially, so a small grid takes ~30 us at K=640 (~80 us at
 # K=2048) whatever T is, while the mat-vec kernel's time grows with T (each row re-reads the
 # weights, from L2): mat-vec up to 12 rows (the crossover lay between 8 and 16 for most shapes with
@@ -88,7 +96,8 @@ TUNING = {
                   matvec_wg=256, matvec_lanes=32, matvec_lane_pairs=4, matvec_rows=2, matvec_small=1 << 22,
                   matvec_max_t=12,
                   tiles=((Tile(64, 64, 8, 4, 32), 512), (Tile(64, 64, 8, 4, 64), 80), (Tile(64, 32, 4, 4, 128), 80),
-                         (Tile(32, 32, 4, 4, 128), 0))),
+                         (Tile(32, 32, 4, 4, 128), 0)),
+                  matvec_chunks=frozenset({"Q4_K", "Q5_K", "Q6_K"})),
     True: Tuning(f16=False, wg=64, attn_wg=64, attn_split=1, attn_split_max_t=0,
                  matvec_wg=32, matvec_lanes=1, matvec_lane_pairs=2, matvec_rows=4, matvec_small=0,
                  matvec_max_t=8,
