@@ -25,9 +25,11 @@ gguf = pytest.importorskip("gguf")
 from realm_wasm.gpu import compose, ops  # noqa: E402
 from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW  # noqa: E402
 from realm_wasm.gpu.matmul import (  # noqa: E402
+    CHUNK_SNIPPETS,
     QuantMatmul,
     ResidualNorm,
     allocate_weight,
+    chunk_walk_bytes,
     concat_rows,
     fit_tiles,
     fold_grid,
@@ -121,11 +123,15 @@ class Case:
     def matmul(self, device=None, **options) -> QuantMatmul:
         return QuantMatmul(device or self.gpu, self.weight, *self.bindings, **options)
 
-    def check(self, mm: QuantMatmul, t: int, tol: float) -> None:
+    def run(self, mm: QuantMatmul, t: int, lora: bool = False) -> np.ndarray:
+        """y[:t] after one step of t rows."""
         self.gpu.write_buffer(self.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
         self.gpu.write_buffer(self.y, 0, np.full(t * self.n, np.nan, np.float32).tobytes())
-        self.gpu.submit(mm.dispatches(t))
-        got = np.frombuffer(self.gpu.read_buffer(self.y, 0, t * self.n * 4), np.float32).reshape(t, self.n)
+        self.gpu.submit(mm.dispatches(t, lora=lora))
+        return np.frombuffer(self.gpu.read_buffer(self.y, 0, t * self.n * 4), np.float32).reshape(t, self.n)
+
+    def check(self, mm: QuantMatmul, t: int, tol: float) -> None:
+        got = self.run(mm, t)
         x = self.x[:t].astype(np.float64)
         scale = np.abs(x) @ np.abs(self.w).T
         if mm.chunked and t <= mm.tuning.matvec_max_t:
@@ -251,12 +257,75 @@ def test_matvec_shape_choice():
         dataclasses.replace(gpu_table, matvec_rows=9)
 
 
-class NarrowDevice:
-    """The test device, claiming a tiny per-dimension workgroup limit (forces grid folding)."""
+# (n, k, lanes, rows): row counts no workgroup's rows divide; K of 3 and 9 super-blocks (32 lanes
+# take 4 a step: the last step partial), of 1 (a lane per chunk of one block) and 4; sums in hi (5 rows).
+CHUNK_SHAPES = ((37, 768, 32, 2), (19, 2304, 32, 5), (37, 256, 8, 1), (45, 1024, 16, 3))
 
-    def __init__(self, gpu, max_dim: int) -> None:
+
+@pytest.mark.parametrize("name", sorted(CHUNK_SNIPPETS))
+def test_chunk_walk_matches_int8_x(gpu, name):
+    """The K-quants' chunk walk (shaders/matvec_chunks.wgsl) computes W · int8_x(x) to f32 rounding,
+    within x's rounding of W · x, for several shapes, with subgroups and without."""
+    for i, (n, k, lanes, rows) in enumerate(CHUNK_SHAPES):
+        case = Case(gpu, name, n, k, t_max=3, seed=i)
+        tuning = dataclasses.replace(TUNING[False], matvec_lanes=lanes, matvec_lane_pairs=0, matvec_rows=rows,
+                                     matvec_small=0)
+        mm = case.matmul(subgroups=bool(i % 2), tuning=tuning)
+        assert mm.chunked and mm.matvec_shape == (256, lanes, rows)
+        for t in (1, 3):
+            case.check(mm, t, TOL[False])
+        x = case.x[:3].astype(np.float64)
+        err = np.abs(case.run(mm, 3) - x @ case.w.T) / (np.abs(x) @ np.abs(case.w).T)
+        assert err.max() <= 1e-2, f"{n}x{k}: {err.max():.1e} from exact x"
+
+
+def test_chunk_walk_choice(gpu):
+    """The GPU table walks the K-quants in chunks, the CPU table none; a team with fewer lanes than
+    a block has chunks, or a device whose workgroup memory cannot hold x as int8, walks in groups."""
+    k4, q8 = Case(gpu, "Q4_K", 8, 2048, t_max=1), Case(gpu, "Q8_0", 8, 2048, t_max=1)
+    assert k4.matmul(tuning=TUNING[False]).chunked
+    assert not k4.matmul(tuning=TUNING[True]).chunked
+    assert not q8.matmul(tuning=TUNING[False]).chunked
+    narrow = dataclasses.replace(TUNING[False], matvec_lanes=4, matvec_lane_pairs=0)
+    assert not k4.matmul(tuning=narrow).chunked
+    small = NarrowDevice(gpu, 65535, max_compute_workgroup_storage_size=chunk_walk_bytes(2048, 256) - 4)
+    mm = k4.matmul(small, tuning=TUNING[False])
+    assert not mm.chunked
+    k4.check(mm, 1, TOL[mm.f16])
+
+
+def test_chunk_walk_adds_lora_side_paths(gpu):
+    """LoRA's side paths (from x unrounded) join the chunk walk's sums before they are reduced."""
+    from realm_wasm.gpu.lora import LoraPool, LoraTokens
+    from realm_wasm.lora import Adapter, LoraPair
+    from realm_wasm.plan import Batch, lora_table
+
+    n, k, t = 37, 512, 3
+    case = Case(gpu, "Q5_K", n, k, t_max=t, seed=7)
+    rng = np.random.default_rng(9)
+    pair = LoraPair(rng.standard_normal((8, k)).astype(np.float32), rng.standard_normal((n, 8)).astype(np.float32))
+    tokens = LoraTokens(gpu, t)
+    pool = LoraPool(gpu, tokens, [("w", n)], k, slots=1, rank=8, label="w")
+    pool.write(0, Adapter("a", "test", 0.0, {"w": pair}))
+    mm = case.matmul(tuning=TUNING[False], lora=pool)
+    assert mm.chunked
+    per_token = [((0, 1.0),), (), ((0, -0.5),)]
+    zeros = np.zeros(t, np.int32)
+    tokens.write(Batch(zeros, zeros, zeros, np.zeros(1, np.int32), *lora_table(per_token)))
+    want = int8_x(case.x) @ case.w.T
+    for i, adapters in enumerate(per_token):
+        for _, scale in adapters:
+            want[i] += scale * (pair.b.astype(np.float64) @ (pair.a @ case.x[i].astype(np.float64)))
+    np.testing.assert_allclose(case.run(mm, t, lora=True), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+class NarrowDevice:
+    """The test device, claiming a tiny per-dimension workgroup limit (forces grid folding), and
+    any other `limits` given."""
+
+    def __init__(self, gpu, max_dim: int, **limits: int) -> None:
         self._gpu = gpu
-        self.limits = {**gpu.limits, "max_compute_workgroups_per_dimension": max_dim}
+        self.limits = {**gpu.limits, "max_compute_workgroups_per_dimension": max_dim, **limits}
 
     def __getattr__(self, name):
         return getattr(self._gpu, name)
