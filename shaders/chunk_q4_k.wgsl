@@ -10,8 +10,16 @@ fn chunk_x(c: u32) -> vec2<u32> {
     return vec2<u32>(first, first + 32u);
 }
 
-fn chunk_dot(row: u32, b: u32, c: u32, xc: XChunk) -> f32 {
+struct Chunk {
+    head: vec4<u32>,
+    qs: vec4<u32>,
+}
+
+fn chunk_load(row: u32, b: u32, c: u32) -> Chunk {
     let at = (row + b * BLOCK_BYTES) >> 4u;
-    let q = w4[at + 1u + c];
-    return k4_chunk_dot(w4[at], c >> 1u, q & LOW_NIBBLES, (q >> vec4<u32>(4u)) & LOW_NIBBLES, xc);
+    return Chunk(w4[at], w4[at + 1u + c]);
+}
+
+fn chunk_dot(q: Chunk, row: u32, b: u32, c: u32, xc: XChunk) -> f32 {
+    return k4_chunk_dot(q.head, c >> 1u, q.qs & LOW_NIBBLES, (q.qs >> vec4<u32>(4u)) & LOW_NIBBLES, xc);
 }

@@ -10,13 +10,21 @@ fn chunk_x(c: u32) -> vec2<u32> {
     return vec2<u32>(first, first + 32u);
 }
 
-fn chunk_dot(row: u32, b: u32, c: u32, xc: XChunk) -> f32 {
+struct Chunk {
+    head: vec4<u32>,
+    qh: vec4<u32>,
+    qs: vec4<u32>,
+}
+
+fn chunk_load(row: u32, b: u32, c: u32) -> Chunk {
     let at = (row + b * BLOCK_BYTES) >> 4u;
+    return Chunk(w4[at], w4[at + 1u + (c & 1u)], w4[at + 3u + c]);
+}
+
+fn chunk_dot(q: Chunk, row: u32, b: u32, c: u32, xc: XChunk) -> f32 {
     let j = c >> 1u;
-    let qh = w4[at + 1u + (c & 1u)];
-    let q = w4[at + 3u + c];
     let fifth = vec4<u32>(0x01010101u);
-    let qa = (q & LOW_NIBBLES) | (((qh >> vec4<u32>(2u * j)) & fifth) << vec4<u32>(4u));
-    let qb = ((q >> vec4<u32>(4u)) & LOW_NIBBLES) | (((qh >> vec4<u32>(2u * j + 1u)) & fifth) << vec4<u32>(4u));
-    return k4_chunk_dot(w4[at], j, qa, qb, xc);
+    let qa = (q.qs & LOW_NIBBLES) | (((q.qh >> vec4<u32>(2u * j)) & fifth) << vec4<u32>(4u));
+    let qb = ((q.qs >> vec4<u32>(4u)) & LOW_NIBBLES) | (((q.qh >> vec4<u32>(2u * j + 1u)) & fifth) << vec4<u32>(4u));
+    return k4_chunk_dot(q.head, j, qa, qb, xc);
 }

@@ -12,25 +12,56 @@ fn chunk_x(c: u32) -> vec2<u32> {
     return vec2<u32>(first, first + 64u);
 }
 
-// Bytes byte .. byte + 15 (byte even) as four words.
-fn load16(byte: u32) -> vec4<u32> {
-    let i = byte >> 2u;
-    let words = vec4<u32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
-    let s = vec4<u32>((byte & 3u) * 8u);
-    let next = vec4<u32>(words.yzw, w[i + 4u]);
-    return select((words >> s) | (next << (vec4<u32>(32u) - s)), words, s == vec4<u32>(0u));
+// 16 bytes from an even byte, as loaded: the four words from the one holding the first byte, and
+// the word after them (needed where the bytes start mid-word).
+struct Words16 {
+    words: vec4<u32>,
+    end: u32,
 }
 
-fn chunk_dot(row: u32, b: u32, c: u32, xc: XChunk) -> f32 {
+fn load16(byte: u32) -> Words16 {
+    let i = byte >> 2u;
+    return Words16(vec4<u32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]), w[i + 4u]);
+}
+
+// The 16 bytes of `q`, shifted into place (`shift`: 8 * the first byte's place in its word).
+fn bytes16(q: Words16, shift: u32) -> vec4<u32> {
+    let s = vec4<u32>(shift);
+    let next = vec4<u32>(q.words.yzw, q.end);
+    return select((q.words >> s) | (next << (vec4<u32>(32u) - s)), q.words, s == vec4<u32>(0u));
+}
+
+struct Chunk {
+    ql: Words16,
+    qh: Words16,
+    scales: vec2<u32>,  // the words holding the chunk's two int8 scales, at the same place in each
+    d: u32,  // the word holding d
+}
+
+// Byte of the chunk's first scale in block b of the row at `row`.
+fn scale_at(row: u32, b: u32, c: u32) -> u32 {
+    return row + b * BLOCK_BYTES + 192u + 8u * (c >> 2u) + 2u * ((c >> 1u) & 1u) + (c & 1u);
+}
+
+fn chunk_load(row: u32, b: u32, c: u32) -> Chunk {
     let blk = row + b * BLOCK_BYTES;
+    let sc = scale_at(row, b, c) >> 2u;
+    return Chunk(load16(blk + 16u * c), load16(blk + 128u + 32u * (c >> 2u) + 16u * (c & 1u)),
+                 vec2<u32>(w[sc], w[sc + 1u]), w[(blk + 208u) >> 2u]);
+}
+
+fn chunk_dot(q: Chunk, row: u32, b: u32, c: u32, xc: XChunk) -> f32 {
+    let blk = row + b * BLOCK_BYTES;
+    let shift = (blk & 3u) * 8u;  // every field's offset in the block is even: ql's, qh's place
     let m = (c >> 1u) & 1u;
-    let ql = load16(blk + 16u * c);
-    let qh = load16(blk + 128u + 32u * (c >> 2u) + 16u * (c & 1u));
-    let sc = blk + 192u + 8u * (c >> 2u) + 2u * m + (c & 1u);
+    let ql = bytes16(q.ql, shift);
+    let qh = bytes16(q.qh, shift);
     let nibbles = vec4<u32>(0x0f0f0f0fu);
     let pairs = vec4<u32>(0x03030303u);
     let qa = (ql & nibbles) | (((qh >> vec4<u32>(2u * m)) & pairs) << vec4<u32>(4u));
     let qb = ((ql >> vec4<u32>(4u)) & nibbles) | (((qh >> vec4<u32>(2u * m + 4u)) & pairs) << vec4<u32>(4u));
+    let scales = bitcast<vec2<i32>>(q.scales << vec2<u32>(24u - (scale_at(row, b, c) & 3u) * 8u)) >> vec2<u32>(24u);
+    let d = unpack2x16float(q.d >> (((blk + 208u) & 2u) * 8u)).x;
     let dots = xc.d * vec2<f32>(f32(dot16(qa, xc.a)), f32(dot16(qb, xc.b))) - 32.0 * xc.s;
-    return load_f16(blk + 208u) * dot(vec2<f32>(f32(load_i8(sc)), f32(load_i8(sc + 4u))), dots);
+    return d * dot(vec2<f32>(scales), dots);
 }

@@ -70,17 +70,41 @@ fn dot16(q: vec4<u32>, v: vec4<u32>) -> i32 {
     return (dot4I8Packed(q.x, v.x) + dot4I8Packed(q.y, v.y)) + (dot4I8Packed(q.z, v.z) + dot4I8Packed(q.w, v.w));
 }
 
-// Chunk c of block b of the first `count` rows of `rows` (a constant after inlining; the rest stay 0).
-fn rows_chunk(rows: vec4<u32>, count: u32, b: u32, c: u32, xc: XChunk) -> vec4<f32> {
-    var s = vec4<f32>(chunk_dot(rows.x, b, c, xc), 0.0, 0.0, 0.0);
+// The chunks of up to four rows (only the first `count` loaded: a constant after inlining). Not an
+// array: one indexed in a loop lands in local memory on NVIDIA (see matvec.wgsl).
+struct RowChunks {
+    r0: Chunk,
+    r1: Chunk,
+    r2: Chunk,
+    r3: Chunk,
+}
+
+fn load_rows(rows: vec4<u32>, count: u32, b: u32, c: u32) -> RowChunks {
+    let first = chunk_load(rows.x, b, c);
+    var q = RowChunks(first, first, first, first);
     if count > 1u {
-        s.y = chunk_dot(rows.y, b, c, xc);
+        q.r1 = chunk_load(rows.y, b, c);
     }
     if count > 2u {
-        s.z = chunk_dot(rows.z, b, c, xc);
+        q.r2 = chunk_load(rows.z, b, c);
     }
     if count > 3u {
-        s.w = chunk_dot(rows.w, b, c, xc);
+        q.r3 = chunk_load(rows.w, b, c);
+    }
+    return q;
+}
+
+// Chunk c of block b of the first `count` rows of `rows` (loaded in q), dotted with xc; the rest stay 0.
+fn rows_chunk(q: RowChunks, rows: vec4<u32>, count: u32, b: u32, c: u32, xc: XChunk) -> vec4<f32> {
+    var s = vec4<f32>(chunk_dot(q.r0, rows.x, b, c, xc), 0.0, 0.0, 0.0);
+    if count > 1u {
+        s.y = chunk_dot(q.r1, rows.y, b, c, xc);
+    }
+    if count > 2u {
+        s.z = chunk_dot(q.r2, rows.z, b, c, xc);
+    }
+    if count > 3u {
+        s.w = chunk_dot(q.r3, rows.w, b, c, xc);
     }
     return s;
 }
@@ -88,17 +112,32 @@ fn rows_chunk(rows: vec4<u32>, count: u32, b: u32, c: u32, xc: XChunk) -> vec4<f
 // The partial sums of invocation `lid` over its team's rows (byte offsets in `rows`) for token t.
 // Call from uniform control flow (stage_x waits for the whole workgroup).
 fn walk(rows: Rows, t: u32, lid: u32) -> Sums {
-    stage_x(t, lid);
-    var acc = Sums(vec4<f32>(), vec4<f32>());
     let li = lid % LANES;
     let c = li % CHUNKS;
-    let first = chunk_x(c) / vec2<u32>(16u);  // the chunk's pieces in block 0
-    for (var b = li / CHUNKS; b < BLOCKS; b += BLOCKS_PER_STEP) {
-        let p = first + vec2<u32>(b * (QK / 16u));
+    let b0 = li / CHUNKS;
+    let first = min(b0, BLOCKS - 1u);  // lanes past the last block (short rows) load it, unused
+    var next_lo = load_rows(rows.lo, LO, first, c);
+    var next_hi = next_lo;
+    if HI > 0u {
+        next_hi = load_rows(rows.hi, HI, first, c);
+    }
+    stage_x(t, lid);
+    var acc = Sums(vec4<f32>(), vec4<f32>());
+    let pieces = chunk_x(c) / vec2<u32>(16u);  // the chunk's pieces in block 0
+    for (var b = b0; b < BLOCKS; b += BLOCKS_PER_STEP) {
+        let q_lo = next_lo;
+        let q_hi = next_hi;
+        if b + BLOCKS_PER_STEP < BLOCKS {
+            next_lo = load_rows(rows.lo, LO, b + BLOCKS_PER_STEP, c);
+            if HI > 0u {
+                next_hi = load_rows(rows.hi, HI, b + BLOCKS_PER_STEP, c);
+            }
+        }
+        let p = pieces + vec2<u32>(b * (QK / 16u));
         let xc = XChunk(xq[p.x], xq[p.y], vec2<f32>(xd[p.x / 2u], xd[p.y / 2u]), vec2<f32>(xs[p.x], xs[p.y]));
-        acc.lo += rows_chunk(rows.lo, LO, b, c, xc);
+        acc.lo += rows_chunk(q_lo, rows.lo, LO, b, c, xc);
         if HI > 0u {
-            acc.hi += rows_chunk(rows.hi, HI, b, c, xc);
+            acc.hi += rows_chunk(q_hi, rows.hi, HI, b, c, xc);
         }
     }
     return acc;
