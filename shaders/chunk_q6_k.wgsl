@@ -1,5 +1,5 @@
-// Q6_K in 16-byte chunks (matvec_chunks.wgsl, over blocks.wgsl: 210-byte blocks start at any even
-// byte, so 16 bytes are read as five u32 words, shifted): ql[128] | qh[64] | scales[16] int8 | d f16.
+// Q6_K in 16-byte chunks (matvec_chunks.wgsl, over blocks.wgsl and words16.wgsl: 210-byte blocks
+// start at any even byte): ql[128] | qh[64] | scales[16] int8 | d f16.
 // Chunk c = 4n + 2m + p is ql[16c .. 16c + 16] and qh[32n + 16p .. + 16]: low nibbles with bit pair
 // m of qh are elements 128n + 32m + 16p + (0..15) (scale 8n + 2m + p), high nibbles with bit pair
 // m + 2 the same 64 later (scale + 4); value = d * scale * (q - 32).
@@ -10,25 +10,6 @@ const CHUNKS: u32 = 8u;
 fn chunk_x(c: u32) -> vec2<u32> {
     let first = 128u * (c >> 2u) + 32u * ((c >> 1u) & 1u) + 16u * (c & 1u);
     return vec2<u32>(first, first + 64u);
-}
-
-// 16 bytes from an even byte, as loaded: the four words from the one holding the first byte, and
-// the word after them (needed where the bytes start mid-word).
-struct Words16 {
-    words: vec4<u32>,
-    end: u32,
-}
-
-fn load16(byte: u32) -> Words16 {
-    let i = byte >> 2u;
-    return Words16(vec4<u32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]), w[i + 4u]);
-}
-
-// The 16 bytes of `q`, shifted into place (`shift`: 8 * the first byte's place in its word).
-fn bytes16(q: Words16, shift: u32) -> vec4<u32> {
-    let s = vec4<u32>(shift);
-    let next = vec4<u32>(q.words.yzw, q.end);
-    return select((q.words >> s) | (next << (vec4<u32>(32u) - s)), q.words, s == vec4<u32>(0u));
 }
 
 struct Chunk {

@@ -264,12 +264,14 @@ CHUNK_SHAPES = ((37, 768, 32, 2), (19, 2304, 32, 5), (37, 256, 8, 1), (45, 1024,
 
 @pytest.mark.parametrize("name", sorted(CHUNK_SNIPPETS))
 def test_chunk_walk_matches_int8_x(gpu, name):
-    """The K-quants' chunk walk (shaders/matvec_chunks.wgsl) computes W · int8_x(x) to f32 rounding,
-    within x's rounding of W · x, for several shapes, with subgroups and without."""
-    for i, (n, k, lanes, rows) in enumerate(CHUNK_SHAPES):
+    """The chunk walk (shaders/matvec_chunks.wgsl) of every type that has one computes W · int8_x(x)
+    to f32 rounding, within x's rounding of W · x, for several shapes, with subgroups and without
+    (32-element blocks also with K of 5 blocks)."""
+    shapes = CHUNK_SHAPES + (((37, 160, 32, 2),) if QUANTS_BY_NAME[name].block_size == 32 else ())
+    for i, (n, k, lanes, rows) in enumerate(shapes):
         case = Case(gpu, name, n, k, t_max=3, seed=i)
         tuning = dataclasses.replace(TUNING[False], matvec_lanes=lanes, matvec_lane_pairs=0, matvec_rows=rows,
-                                     matvec_small=0)
+                                     matvec_small=0, matvec_chunks=frozenset(CHUNK_SNIPPETS))
         mm = case.matmul(subgroups=bool(i % 2), tuning=tuning)
         assert mm.chunked and mm.matvec_shape == (256, lanes, rows)
         for t in (1, 3):

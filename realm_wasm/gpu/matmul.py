@@ -191,7 +191,7 @@ def check_snippet(quant: QuantFormat) -> None:
         compose.shader_source(quant.shader or "")
     except OSError:
         raise ValueError(f"{quant.name}: no GPU kernel reads this type (snippet {quant.shader!r} missing)") from None
-    for snippet in (quant.shader, *CHUNK_SNIPPETS.get(quant.name, ())[1:]):
+    for snippet in (quant.shader, *CHUNK_SNIPPETS.get(quant.name, ())[-1:]):
         qk, nbytes = (snippet_const(snippet, c) for c in ("QK", "BLOCK_BYTES"))
         if nbytes * quant.block_size != qk * quant.type_size:
             raise ValueError(
@@ -200,13 +200,14 @@ def check_snippet(quant: QuantFormat) -> None:
             )
 
 
-# Types the mat-vec can walk in 16-byte chunks (shaders/matvec_chunks.wgsl): the file their weights
-# are read through (blocks_vec4.wgsl for 16-byte-multiple blocks, else blocks.wgsl's u32 words) and
-# their chunk snippet.
+# Types the mat-vec can walk in 16-byte chunks (shaders/matvec_chunks.wgsl; `Tuning.matvec_chunks`
+# says which do): the files their weights are read through (blocks_vec4.wgsl for blocks of whole
+# 16-byte multiples, else blocks.wgsl's u32 words), then their chunk snippet.
 CHUNK_SNIPPETS = {
     "Q4_K": ("blocks_vec4.wgsl", "chunk_q4_k.wgsl"),
     "Q5_K": ("blocks_vec4.wgsl", "chunk_q5_k.wgsl"),
-    "Q6_K": ("blocks.wgsl", "chunk_q6_k.wgsl"),
+    "Q6_K": ("blocks.wgsl", "words16.wgsl", "chunk_q6_k.wgsl"),
+    "Q8_0": ("blocks.wgsl", "words16.wgsl", "chunk_q8_0.wgsl"),
 }
 
 
@@ -387,8 +388,7 @@ class QuantMatmul:
     def _walk_parts(self) -> tuple[str, ...]:
         """The shader files that walk K: the weight reader, the type's snippet and the walk."""
         if self.chunked:
-            reader, snippet = CHUNK_SNIPPETS[self.weight.quant.name]
-            return reader, snippet, "matvec_chunks.wgsl"
+            return *CHUNK_SNIPPETS[self.weight.quant.name], "matvec_chunks.wgsl"
         return "blocks.wgsl", self.weight.quant.shader, "matvec_groups.wgsl"
 
     def _chunk_walk_fits(self) -> bool:
@@ -396,7 +396,7 @@ class QuantMatmul:
         a team has a lane for each chunk of a block, and x as int8 fits the workgroup memory beside
         the norm tail's and the LoRA side path's."""
         name, (wg, lanes, _) = self.weight.quant.name, self.matvec_shape
-        if name not in self.tuning.matvec_chunks or lanes < snippet_const(CHUNK_SNIPPETS[name][1], "CHUNKS"):
+        if name not in self.tuning.matvec_chunks or lanes < snippet_const(CHUNK_SNIPPETS[name][-1], "CHUNKS"):
             return False
         need = chunk_walk_bytes(self.weight.k, wg) + (4 * wg if self.norm else 0)
         if self.lora:
