@@ -12,10 +12,11 @@
 Mat-vec configs read "wg W lanes L rows R": W threads per workgroup, L lanes sharing each weight row,
 R output rows per team of L lanes, then the walk along K: "groups" (8 elements at a time through the
 type's dequant snippet) or "chunks" (16-byte chunks of each block against x rounded to int8: the
-K-quants on GPUs; Q8_0 has one too); `--walk` runs the table's choice (default) or each walk named. Without --lanes,
-lanes come from the table and shrink for short rows (as QuantMatmul runs them); --lanes values are
-used as given. The chunk walk needs at least 8 lanes (a lane per chunk of a block): with fewer, or
-for a type without a chunk snippet, it runs the group walk, which is then timed once.
+K-quants on GPUs; Q8_0 and Q5_0 have one too). `--walk` runs the table's choice (default) or each
+walk named. Without --lanes, lanes come from the table and shrink for short rows (as QuantMatmul
+runs them); --lanes values are used as given. The K-quants' chunk walk needs 8 lanes or more (a
+lane per chunk of a block): with fewer, or for a type without a chunk snippet, it runs the group
+walk, which is then timed once.
 GB/s counts the bytes the step must move at least once: the GGML weight bytes plus x and y.
 Time is GPU time from timestamp queries around a pass of `--iters` back-to-back dispatches when
 the adapter has them, else the wall clock of that submit (plus one read-back): the median of 5

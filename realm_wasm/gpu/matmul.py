@@ -208,6 +208,7 @@ CHUNK_SNIPPETS = {
     "Q5_K": ("blocks_vec4.wgsl", "chunk_q5_k.wgsl"),
     "Q6_K": ("blocks.wgsl", "words16.wgsl", "chunk_q6_k.wgsl"),
     "Q8_0": ("blocks.wgsl", "words16.wgsl", "chunk_q8_0.wgsl"),
+    "Q5_0": ("blocks.wgsl", "words16.wgsl", "chunk_q5_0.wgsl"),
 }
 
 

@@ -83,9 +83,9 @@ class Tuning:
 # (2048 x 640: 4.9 µs) one row per team of 32 (2 rows: 5.0-8.2 µs, 8 lanes: 6.7 µs and up).
 # The K-quants walk in chunks on GPUs: their group walk decodes a block's scales for every 8
 # elements and converts every code to float, and reached 9-19% of an H200's bandwidth at
-# 14336 x 4096 (Q5_K 286 GB/s, Q6_K 413, Q4_K 922). Q8_0 has a chunk snippet too but walks in
+# 14336 x 4096 (Q5_K 286 GB/s, Q6_K 413, Q4_K 922). Q8_0 and Q5_0 have chunk snippets too but walk in
 # groups until `bench_matvec.py --walk groups,chunks` shows the chunks faster (its groups reached
-# 50-59% of an H100's peak). CPU adapters keep the group walk for now,
+# 26-59% of an H100's peak). CPU adapters keep the group walk for now,
 # though on lavapipe the chunk walk at wg 32, 8 lanes, 4 rows ran Q4_K / Q6_K 1024 x 1024 and
 # 4096 x 512 2-3x faster than this table's one-lane group walk (2-core machine, noisy): its int8 x
 # moves results ~1e-3 from the numpy executor the CPU-adapter tests compare with, and SwiftShader
