@@ -7,6 +7,9 @@ rounding error of any summation order:
 - f16 path: w and x are rounded to f16 (2^-11 each, so ~1e-3 per product) and each 32-wide
   slice is summed in f16; the errors have random signs: measured <= 4e-4; bound 2e-3.
 A wrong nibble, scale or element order gives errors of order 1e-2 and above.
+Mat-vecs that walk in chunks (`QuantMatmul.chunked`: the K-quants on the GPU table) multiply x
+rounded to int8 per 32 elements, by the rule `int8_x` restates; the oracle then takes that x, and
+the same bounds hold (measured <= 3e-8). Against exact x they are off by ~1e-3 (x's rounding).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ gguf = pytest.importorskip("gguf")
 from realm_wasm.gpu import compose, ops  # noqa: E402
 from realm_wasm.gpu.device import STORAGE_RW, UNIFORM_RW  # noqa: E402
 from realm_wasm.gpu.matmul import (  # noqa: E402
+    CHUNK_SNIPPETS,
     QuantMatmul,
     ResidualNorm,
     allocate_weight,
+    chunk_walk_bytes,
     concat_rows,
     fit_tiles,
     fold_grid,
@@ -88,6 +93,15 @@ def oracle_dequant(name: str, blocks: np.ndarray) -> np.ndarray:
     return gguf.quants.dequantize(blocks, G[name]).astype(np.float64)
 
 
+def int8_x(x: np.ndarray) -> np.ndarray:
+    """x as the chunk walk multiplies it (shaders/matvec_chunks.wgsl): each 32 elements rounded to
+    the nearest multiple of amax / 127 (halves to even), in float32 as the kernel computes them."""
+    blocks = x.astype(np.float32).reshape(len(x), -1, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inv = np.float32(127) / np.where(amax > 0, amax, np.float32(1))
+    return (np.rint(blocks * inv) * (amax / np.float32(127))).reshape(x.shape).astype(np.float64)
+
+
 class Case:
     """One weight on the device with x / y / row-count buffers sized for `t_max` rows."""
 
@@ -109,13 +123,19 @@ class Case:
     def matmul(self, device=None, **options) -> QuantMatmul:
         return QuantMatmul(device or self.gpu, self.weight, *self.bindings, **options)
 
-    def check(self, mm: QuantMatmul, t: int, tol: float) -> None:
+    def run(self, mm: QuantMatmul, t: int, lora: bool = False, before: list | tuple = ()) -> np.ndarray:
+        """y[:t] after one step of t rows (after the dispatches `before`, e.g. LoRA's A·x)."""
         self.gpu.write_buffer(self.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
         self.gpu.write_buffer(self.y, 0, np.full(t * self.n, np.nan, np.float32).tobytes())
-        self.gpu.submit(mm.dispatches(t))
-        got = np.frombuffer(self.gpu.read_buffer(self.y, 0, t * self.n * 4), np.float32).reshape(t, self.n)
+        self.gpu.submit([*before, *mm.dispatches(t, lora=lora)])
+        return np.frombuffer(self.gpu.read_buffer(self.y, 0, t * self.n * 4), np.float32).reshape(t, self.n)
+
+    def check(self, mm: QuantMatmul, t: int, tol: float) -> None:
+        got = self.run(mm, t)
         x = self.x[:t].astype(np.float64)
         scale = np.abs(x) @ np.abs(self.w).T
+        if mm.chunked and t <= mm.tuning.matvec_max_t:
+            x = int8_x(self.x[:t])
         err = np.abs(got - x @ self.w.T) / scale
         assert err.max() <= tol, f"T={t}: max relative error {err.max():.2e} > {tol:.0e}"
 
@@ -237,12 +257,81 @@ def test_matvec_shape_choice():
         dataclasses.replace(gpu_table, matvec_rows=9)
 
 
-class NarrowDevice:
-    """The test device, claiming a tiny per-dimension workgroup limit (forces grid folding)."""
+# (n, k, lanes, rows): row counts no workgroup's rows divide; K of 3 and 9 super-blocks (32 lanes
+# take 4 a step: the last step partial), of 1 (a lane per chunk of one block) and 4; sums in hi (5 rows).
+CHUNK_TABLE = dataclasses.replace(TUNING[False], matvec_chunks=frozenset({"Q4_K", "Q5_K", "Q6_K"}))
+CHUNK_SHAPES = ((37, 768, 32, 2), (19, 2304, 32, 5), (37, 256, 8, 1), (45, 1024, 16, 3))
 
-    def __init__(self, gpu, max_dim: int) -> None:
+
+@pytest.mark.parametrize("name", sorted(CHUNK_SNIPPETS))
+def test_chunk_walk_matches_int8_x(gpu, name):
+    """The chunk walk (shaders/matvec_chunks.wgsl) of every type that has one computes W · int8_x(x)
+    to f32 rounding, within x's rounding of W · x, for several shapes, with subgroups and without
+    (32-element blocks also with K of 5 blocks)."""
+    shapes = CHUNK_SHAPES + (((37, 160, 32, 2),) if QUANTS_BY_NAME[name].block_size == 32 else ())
+    for i, (n, k, lanes, rows) in enumerate(shapes):
+        case = Case(gpu, name, n, k, t_max=3, seed=i)
+        tuning = dataclasses.replace(TUNING[False], matvec_lanes=lanes, matvec_lane_pairs=0, matvec_rows=rows,
+                                     matvec_small=0, matvec_chunks=frozenset(CHUNK_SNIPPETS))
+        mm = case.matmul(subgroups=bool(i % 2), tuning=tuning)
+        assert mm.chunked and mm.matvec_shape == (256, lanes, rows)
+        for t in (1, 3):
+            case.check(mm, t, TOL[False])
+        x = case.x[:3].astype(np.float64)
+        err = np.abs(case.run(mm, 3) - x @ case.w.T) / (np.abs(x) @ np.abs(case.w).T)
+        assert err.max() <= 1e-2, f"{n}x{k}: {err.max():.1e} from exact x"
+
+
+def test_chunk_walk_choice(gpu):
+    """A table that lists the K-quants walks them in chunks and nothing else (no table lists any
+    until the chunk walk is measured on a GPU); a team with fewer lanes than a block has chunks,
+    or a device whose workgroup memory cannot hold x as int8, walks in groups."""
+    k4, q8 = Case(gpu, "Q4_K", 8, 2048, t_max=1), Case(gpu, "Q8_0", 8, 2048, t_max=1)
+    assert k4.matmul(tuning=CHUNK_TABLE).chunked
+    assert not k4.matmul(tuning=TUNING[False]).chunked and not k4.matmul(tuning=TUNING[True]).chunked
+    assert not q8.matmul(tuning=CHUNK_TABLE).chunked
+    narrow = dataclasses.replace(CHUNK_TABLE, matvec_lanes=4, matvec_lane_pairs=0)
+    assert not k4.matmul(tuning=narrow).chunked
+    small = NarrowDevice(gpu, 65535, max_compute_workgroup_storage_size=chunk_walk_bytes(2048, 256) - 4)
+    mm = k4.matmul(small, tuning=CHUNK_TABLE)
+    assert not mm.chunked
+    k4.check(mm, 1, TOL[mm.f16])
+
+
+def test_chunk_walk_adds_lora_side_paths(gpu):
+    """LoRA's side paths (from x unrounded) join the chunk walk's sums before they are reduced."""
+    from realm_wasm.gpu.lora import LoraGroup, LoraTokens
+    from realm_wasm.lora import Adapter, LoraPair
+    from realm_wasm.plan import Batch, lora_table
+
+    n, k, t = 37, 512, 3
+    case = Case(gpu, "Q5_K", n, k, t_max=t, seed=7)
+    rng = np.random.default_rng(9)
+    pair = LoraPair(rng.standard_normal((8, k)).astype(np.float32), rng.standard_normal((n, 8)).astype(np.float32))
+    tokens = LoraTokens(gpu, t)
+    group = LoraGroup(gpu, tokens, case.bindings[0], [("w", n)], k, slots=1, rank=8, workgroup=64,
+                      subgroups=False, label="w")
+    group.write(0, Adapter("a", "test", 0.0, {"w": pair}))
+    mm = case.matmul(tuning=CHUNK_TABLE, lora=group.pool(["w"]))
+    assert mm.chunked
+    per_token = [((0, 1.0),), (), ((0, -0.5),)]
+    zeros = np.zeros(t, np.int32)
+    tokens.write(Batch(zeros, zeros, zeros, np.zeros(1, np.int32), *lora_table(per_token)))
+    want = int8_x(case.x) @ case.w.T
+    for i, adapters in enumerate(per_token):
+        for _, scale in adapters:
+            want[i] += scale * (pair.b.astype(np.float64) @ (pair.a @ case.x[i].astype(np.float64)))
+    got = case.run(mm, t, lora=True, before=group.dispatches(t, lora=True))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+class NarrowDevice:
+    """The test device, claiming a tiny per-dimension workgroup limit (forces grid folding), and
+    any other `limits` given."""
+
+    def __init__(self, gpu, max_dim: int, **limits: int) -> None:
         self._gpu = gpu
-        self.limits = {**gpu.limits, "max_compute_workgroups_per_dimension": max_dim}
+        self.limits = {**gpu.limits, "max_compute_workgroups_per_dimension": max_dim, **limits}
 
     def __getattr__(self, name):
         return getattr(self._gpu, name)
@@ -339,7 +428,7 @@ def test_lookup_tables_are_the_numpy_grids():
 
 def test_pipelines_are_cached_and_features_checked(gpu):
     parts = ("blocks.wgsl", "dequant_q8_0.wgsl", "reduce_lanes_shared.wgsl", "glu_act.wgsl", "rows_out.wgsl",
-             "lora_off.wgsl", "matvec.wgsl", "matvec_main.wgsl")
+             "lora_off.wgsl", "matvec_groups.wgsl", "matvec.wgsl", "matvec_main.wgsl")
     consts = dict(K=64, N=8, R=1, LANES=4, WG=32, GLU=False, GELU=False, GRID_X=1, ROW0=0, Y_STRIDE=8, Y2_FROM=8,
                   Y2_AT=0, N_ALL=8)
     assert compose.pipeline(gpu, parts, consts) is compose.pipeline(gpu, parts, consts)
@@ -386,7 +475,7 @@ class GluCase:
         self.gpu.write_buffer(self.y, 0, np.full(t * self.half, np.nan, np.float32).tobytes())
         self.gpu.submit(mm.dispatches(t))
         got = np.frombuffer(self.gpu.read_buffer(self.y, 0, t * self.half * 4), np.float32).reshape(t, self.half)
-        x = self.x[:t].astype(np.float64)
+        x = int8_x(self.x[:t]) if mm.chunked and t <= mm.tuning.matvec_max_t else self.x[:t].astype(np.float64)
         g, u = x @ self.gate.w.T, x @ self.up.w.T
         # each dot product is within tol of its scale sum |w x|; act' is within [-0.13, 1.13]
         bound = tol * (1.13 * np.abs(x) @ np.abs(self.gate.w).T * np.abs(u)
@@ -457,12 +546,13 @@ def rms_normed(v: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 @pytest.mark.parametrize("then", [True, False], ids=["then-next-norm", "residual-only"])
 @pytest.mark.parametrize("table", [False, True], ids=["gpu-table", "cpu-table"])
-def test_matvec_then_residual_norm(gpu, then, table):
+@pytest.mark.parametrize("name", ["Q8_0", "Q6_K"])  # Q6_K: the chunk walk on the GPU table
+def test_matvec_then_residual_norm(gpu, then, table, name):
     """The mat-vec's last workgroup runs the residual RMSNorm of its output (and the next pre-norm);
     bigger steps run the mat-mat kernel, then ops.RmsNorm. Repeated steps check the arrival
     counters are left at zero."""
     n, k, eps = 300, 256, 1e-6
-    case = Case(gpu, "Q8_0", n, k, t_max=40, seed=5)
+    case = Case(gpu, name, n, k, t_max=40, seed=5)
     rng = np.random.default_rng(6)
     w, w2 = (rng.standard_normal(n, dtype=np.float32) for _ in range(2))
     resid0 = rng.standard_normal((40, n), dtype=np.float32)
@@ -479,7 +569,8 @@ def test_matvec_then_residual_norm(gpu, then, table):
         gpu.write_buffer(case.rows, 0, np.array([t, 0, 0, 0], np.uint32).tobytes())
         assert len(mm.dispatches(t)) == (1 if t <= TUNING[table].matvec_max_t else 2)
         gpu.submit(mm.dispatches(t))
-        y = case.x[:t].astype(np.float64) @ case.w.T.astype(np.float64)
+        x = int8_x(case.x[:t]) if mm.chunked and t <= mm.tuning.matvec_max_t else case.x[:t].astype(np.float64)
+        y = x @ case.w.T
         want_resid = resid0[:t] + rms_normed(y, w, eps)
         got_resid = np.frombuffer(gpu.read_buffer(buf["resid"], 0, t * n * 4), np.float32).reshape(t, n)
         np.testing.assert_allclose(got_resid, want_resid, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,11 @@
 """Fused dequant + matmul for every GGML type: y[T, N] = x[T, K] · W[N, K]ᵀ, W kept in its GGML bytes.
 
 Two skeletons serve all types (shaders/matvec.wgsl for decode, shaders/matmul.wgsl for prefill and
-batches); each type adds only its dequant snippet (shaders/dequant_<type>.wgsl). A weight larger
+batches); each type adds only its dequant snippet (shaders/dequant_<type>.wgsl). The mat-vec walks
+K in one of two ways: 8-element groups through that snippet (shaders/matvec_groups.wgsl, every
+type), or, for the types in `Tuning.matvec_chunks`, 16-byte chunks of each block against x quantized
+to int8 in workgroup memory (shaders/matvec_chunks.wgsl + the type's chunk snippet, `CHUNK_SNIPPETS`).
+A weight larger
 than the device's storage-binding limit is uploaded as several row ranges, one buffer and one
 dispatch each. Everything is built once at load time; `QuantMatmul.dispatches(t)` is what a step
 puts into its command buffer.
@@ -185,15 +189,39 @@ def concat_rows(device: Device, a: GpuWeight, b: GpuWeight, label: str = "") -> 
 def check_snippet(quant: QuantFormat) -> None:
     """The snippet declares its own block geometry; refuse a table row that disagrees with it."""
     try:
-        text = compose.shader_source(quant.shader or "")
+        compose.shader_source(quant.shader or "")
     except OSError:
         raise ValueError(f"{quant.name}: no GPU kernel reads this type (snippet {quant.shader!r} missing)") from None
-    qk, nbytes = (int(re.search(rf"const {c}: u32 = (\d+)u;", text).group(1)) for c in ("QK", "BLOCK_BYTES"))
-    if nbytes * quant.block_size != qk * quant.type_size:
-        raise ValueError(
-            f"{quant.name}: table says {quant.type_size} bytes per {quant.block_size} elements, "
-            f"{quant.shader} says {nbytes} per {qk}"
-        )
+    for snippet in (quant.shader, *CHUNK_SNIPPETS.get(quant.name, ())[-1:]):
+        qk, nbytes = (snippet_const(snippet, c) for c in ("QK", "BLOCK_BYTES"))
+        if nbytes * quant.block_size != qk * quant.type_size:
+            raise ValueError(
+                f"{quant.name}: table says {quant.type_size} bytes per {quant.block_size} elements, "
+                f"{snippet} says {nbytes} per {qk}"
+            )
+
+
+# Types the mat-vec can walk in 16-byte chunks (shaders/matvec_chunks.wgsl; `Tuning.matvec_chunks`
+# says which do): the files their weights are read through (blocks_vec4.wgsl for blocks of whole
+# 16-byte multiples, else blocks.wgsl's u32 words), then their chunk snippet.
+CHUNK_SNIPPETS = {
+    "Q4_K": ("blocks_vec4.wgsl", "chunk_q4_k.wgsl"),
+    "Q5_K": ("blocks_vec4.wgsl", "chunk_q5_k.wgsl"),
+    "Q6_K": ("blocks.wgsl", "words16.wgsl", "chunk_q6_k.wgsl"),
+    "Q8_0": ("blocks.wgsl", "words16.wgsl", "chunk_q8_0.wgsl"),
+    "Q5_0": ("blocks.wgsl", "words16.wgsl", "chunk_q5_0.wgsl"),
+}
+
+
+def snippet_const(snippet: str, name: str) -> int:
+    """The value of `const <name>: u32 = ...u;` in shader file `snippet`."""
+    return int(re.search(rf"const {name}: u32 = (\d+)u;", compose.shader_source(snippet)).group(1))
+
+
+def chunk_walk_bytes(k: int, wg: int) -> int:
+    """Workgroup memory of a chunk-walk mat-vec over rows of k elements, before its tails: x as int8,
+    a scale per 32 and a sum per 16 (matvec_chunks.wgsl), and the lanes' reduction slots."""
+    return k + k // 32 * 4 + k // 16 * 4 + 2 * wg * 16
 
 
 def fold_grid(workgroups: int, max_dim: int) -> tuple[int, int]:
@@ -346,6 +374,7 @@ class QuantMatmul:
             self.norm_bindings = [norm.w or zeros, norm.resid, h, w2]
         self.matvec_shape = matvec_shape(self.tuning, weight.n, weight.k,
                                          device.limits["max_compute_invocations_per_workgroup"], bool(glu))
+        self.chunked = self._chunk_walk_fits()  # the mat-vec walks in chunks against int8 x
         self.matvec = [self._matvec(c) for c in weight.chunks]
         self.tiles = fit_tiles(self.tuning.tiles, device.limits, self.f16, weight.k)
         # every tile a step may pick, built now: a pipeline compiled at first use would stall that
@@ -358,6 +387,25 @@ class QuantMatmul:
         """(x, y) workgroups covering `rows` output rows, `rows_per_group` each."""
         return fold_grid(-(-rows // rows_per_group), self.device.limits["max_compute_workgroups_per_dimension"])
 
+    def _walk_parts(self) -> tuple[str, ...]:
+        """The shader files that walk K: the weight reader, the type's snippet and the walk."""
+        if self.chunked:
+            return *CHUNK_SNIPPETS[self.weight.quant.name], "matvec_chunks.wgsl"
+        return "blocks.wgsl", self.weight.quant.shader, "matvec_groups.wgsl"
+
+    def _chunk_walk_fits(self) -> bool:
+        """Whether this weight's mat-vec walks in chunks: its type is in the table's matvec_chunks,
+        a team has a lane for each chunk of a block, and x as int8 fits the workgroup memory beside
+        the norm tail's and the LoRA side path's."""
+        name, (wg, lanes, _) = self.weight.quant.name, self.matvec_shape
+        if name not in self.tuning.matvec_chunks or lanes < snippet_const(CHUNK_SNIPPETS[name][-1], "CHUNKS"):
+            return False
+        need = chunk_walk_bytes(self.weight.k, wg) + (4 * wg if self.norm else 0)
+        if self.lora:
+            lora = self.lora.consts()
+            need += 4 * wg + 16 * lora["LORA_P"] * lora["LORA_RANK"]
+        return need <= self.device.limits.get("max_compute_workgroup_storage_size", 16384)
+
     def _matvec(self, chunk: WeightChunk) -> Launch:
         wg, lanes, r = self.matvec_shape
         n = self.width if self.glu else chunk.rows  # GLU: output rows (one chunk, checked above)
@@ -367,8 +415,7 @@ class QuantMatmul:
         reduce = "reduce_lanes_subgroup.wgsl" if self.subgroups else "reduce_lanes_shared.wgsl"
         entry = "matvec_norm.wgsl" if self.norm else "matvec_main.wgsl"
         hooks = ("lora_tokens.wgsl", "lora.wgsl", "lora_matvec.wgsl") if self.lora else ("lora_off.wgsl",)
-        parts = ("blocks.wgsl", self.weight.quant.shader, reduce, "glu_act.wgsl", "rows_out.wgsl", *hooks,
-                 "matvec.wgsl", entry)
+        parts = (*self._walk_parts(), reduce, "glu_act.wgsl", "rows_out.wgsl", *hooks, "matvec.wgsl", entry)
         bindings = [(chunk.buffer, 0, chunk.size), self.x, self.y]
         if self.norm:
             consts.update(EPS=float(self.norm.eps), POST_NORM=self.norm.w is not None, THEN=self.norm.then is not None,
@@ -379,6 +426,7 @@ class QuantMatmul:
             bindings += self.lora.bindings()
             self._check_storage_bindings(len(bindings) - 1)  # the token table is a uniform
         label = " ".join(filter(None, ("matvec", self.weight.quant.name, f"{self.weight.n}x{self.weight.k}", self.glu,
+                                       "chunks" if self.chunked else None,
                                        "+ norm" if self.norm else None, "+ lora" if self.lora else None)))
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, subgroups=self.subgroups, label=label)
         return pipe, self.device.create_bind_group(pipe, bindings), grid

@@ -61,6 +61,10 @@ class Tuning:
     tiles: tuple[tuple[Tile, int], ...]
     # Sampling: threads of a sampler workgroup (at least sampling.TOP_K_CAP)
     sample_wg: int = 256
+    # Types whose mat-vec walks K in 16-byte chunks of each block against x quantized to int8
+    # (shaders/matvec_chunks.wgsl, matmul.CHUNK_SNIPPETS) where a team has a lane per chunk; the
+    # others walk 8-element groups through their dequant snippet (shaders/matvec_groups.wgsl).
+    matvec_chunks: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         powers = (self.wg, self.matvec_wg, self.matvec_lanes)
@@ -77,6 +81,17 @@ class Tuning:
 # 2 rows per team of 32 lanes at 4096 x 4096 (a lane gets 8 pairs of groups), 2 rows per team of 8
 # at 262144 x 640 (Q8_0: 91 µs, 59% of peak; 16 lanes 96 µs, 32 lanes 125 µs); small weights
 # (2048 x 640: 4.9 µs) one row per team of 32 (2 rows: 5.0-8.2 µs, 8 lanes: 6.7 µs and up).
+# The chunk walk (int8 x, 16-byte chunks of each block) was written because the K-quants' group
+# walk decodes a block's scales for every 8 elements and converts every code to float, and reached
+# 9-19% of an H200's bandwidth at 14336 x 4096 (Q5_K 286 GB/s, Q6_K 413, Q4_K 922). It is correct
+# (tests/test_gpu_matmul.py, lavapipe) but not yet measured on a GPU, so no table turns it on:
+# `bench_matvec.py --walk groups,chunks` on the GPU machine decides which types it takes (the K-quants
+# first; Q8_0 and Q5_0 have chunk snippets too, their groups reached 26-59% of an H100's peak).
+# CPU adapters keep the group walk too,
+# though on lavapipe the chunk walk at wg 32, 8 lanes, 4 rows ran Q4_K / Q6_K 1024 x 1024 and
+# 4096 x 512 2-3x faster than this table's one-lane group walk (2-core machine, noisy): its int8 x
+# moves results ~1e-3 from the numpy executor the CPU-adapter tests compare with, and SwiftShader
+# (the page's fallback, slow barriers) is unmeasured.
 # GPU mat-mat: a workgroup walks K serially, so a small grid takes ~30 us at K=640 (~80 us at
 # K=2048) whatever T is, while the mat-vec kernel's time grows with T (each row re-reads the
 # weights, from L2): mat-vec up to 12 rows (the crossover lay between 8 and 16 for most shapes with
