@@ -32,7 +32,7 @@ QK_NORMS = {"attn_q_norm.weight": ("n_embd_head",), "attn_k_norm.weight": ("n_em
 class Generation:
     """What sets one Gemma generation apart."""
 
-    global_every: int  # layers (n + 1) * global_every - 1 attend globally, the others in a window (llama.cpp's fixed patterns)
+    global_every: int  # layers (n + 1) * global_every - 1 attend globally, the others in a window
     local_rope_base: float | None  # the window layers' RoPE base (not stored in the GGUF); None: rope.freq_base
     qk_norm: bool  # per-head RMSNorm of q and k before RoPE
     softcap: bool  # attention scores and final logits soft-capped ({arch}.attn_logit_softcapping, ...)

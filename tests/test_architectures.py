@@ -1,0 +1,66 @@
+"""Every architecture family against Hugging Face `transformers`: tiny random-weight models whose
+reference logits (float32) bench/make_arch_refs.py computed once into tests/data/arch_<family>.npz.
+The test rebuilds the same weights from the stored seed and config (tests/arch_families.py), writes
+them to GGUF as llama.cpp's converter does, and runs Realm's plan on numpy and on the GPU executor.
+
+Tolerance: float32 weights and math throughout, so logits agree to 1e-3 of the largest reference
+logit (the KV cache is float16 as in llama.cpp, which is the largest source of difference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from arch_families import FAMILIES, hf_weights, write_gguf
+
+from realm_wasm.cpu import CpuExecutor
+from realm_wasm.gguf import read_gguf
+from realm_wasm.models import build_plan
+from realm_wasm.plan import Batch
+
+DATA = Path(__file__).parent / "data"
+RTOL = 1e-3  # of the largest |logit| of the reference
+
+
+def load(family: str, tmp_path: Path):
+    ref = np.load(DATA / f"arch_{family}.npz")
+    cfg = json.loads(str(ref["config"]))
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(path, family, cfg, hf_weights(family, cfg, int(ref["seed"])))
+    model = read_gguf(path)
+    return model, build_plan(model.header), ref["tokens"].tolist(), ref["logits"]
+
+
+def weight_bytes(model):
+    return lambda t: model.data[t.offset:t.offset + t.nbytes]
+
+
+def assert_close(logits: np.ndarray, want: np.ndarray) -> None:
+    err = np.abs(logits - want).max() / np.abs(want).max()
+    assert err <= RTOL, f"max |Δlogit| is {err:.2e} of the largest logit (allowed {RTOL})"
+    assert (logits.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_numpy_logits_match_transformers(family, tmp_path):
+    model, plan, tokens, want = load(family, tmp_path)
+    assert plan.arch == FAMILIES[family][2]
+    ex = CpuExecutor(plan, weight_bytes(model), n_ctx=64)
+    assert_close(ex.forward(Batch.for_sequence(tokens, 0, all_logits=True)), want)
+    # one token at a time through the KV cache: the sliding windows (5) are crossed at decode too
+    ex = CpuExecutor(plan, weight_bytes(model), n_ctx=64)
+    steps = [ex.forward(Batch.for_sequence([t], i))[0] for i, t in enumerate(tokens)]
+    assert_close(np.stack(steps), want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_logits_match_transformers(family, tmp_path, gpu):
+    from realm_wasm.gpu.executor import GpuExecutor
+
+    model, plan, tokens, want = load(family, tmp_path)
+    ex = GpuExecutor(plan, weight_bytes(model), device=gpu, n_ctx=64, max_tokens=16)
+    assert_close(ex.forward(Batch.for_sequence(tokens[:8], 0, all_logits=True)), want[:8])
+    steps = [ex.forward(Batch.for_sequence([t], 8 + i))[0] for i, t in enumerate(tokens[8:])]
+    assert_close(np.stack(steps), want[8:])
