@@ -101,6 +101,16 @@ def gguf_name(family: str, name: str) -> str:
     return f"blk.{i}.{names[module]}.{kind}"
 
 
+def add_tokenizer(w: gguf.GGUFWriter, v: int) -> None:
+    """A minimal valid SentencePiece-style vocabulary of v tokens: specials, then byte tokens."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)][: v - 3])
+    w.add_token_scores([0.0] * v)
+    w.add_token_types([2, 3, 3] + [6] * (v - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
 def write_gguf(path, family: str, cfg: dict, weights: dict[str, np.ndarray]) -> None:
     """The model as llama.cpp's convert_hf_to_gguf.py writes it (f32), with a minimal tokenizer."""
     arch = FAMILIES[family][2]
@@ -121,13 +131,7 @@ def write_gguf(path, family: str, cfg: dict, weights: dict[str, np.ndarray]) -> 
     if family == "gemma2":
         w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
-    v = cfg["vocab_size"]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)][: v - 3])
-    w.add_token_scores([0.0] * v)
-    w.add_token_types([2, 3, 3] + [6] * (v - 3))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tokenizer(w, cfg["vocab_size"])
     for name, data in weights.items():
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]

@@ -9,11 +9,15 @@ logit (the KV cache is float16 as in llama.cpp, which is the largest source of d
 from __future__ import annotations
 
 import json
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from arch_families import FAMILIES, hf_weights, write_gguf
+import gguf
+from arch_families import FAMILIES, add_tokenizer, hf_weights, write_gguf
 
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.gguf import read_gguf
@@ -64,3 +68,40 @@ def test_gpu_logits_match_transformers(family, tmp_path, gpu):
     assert_close(ex.forward(Batch.for_sequence(tokens[:8], 0, all_logits=True)), want[:8])
     steps = [ex.forward(Batch.for_sequence([t], 8 + i))[0] for i, t in enumerate(tokens[8:])]
     assert_close(np.stack(steps), want[8:])
+
+
+def realm_generate(model: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "realm_server", "generate", "--model", str(model), "--backend", "numpy",
+                           "--prompt", "hi", "--max-tokens", "3"], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
+def test_realm_generate_runs_the_family(family, tmp_path):
+    model, plan, _, _ = load(family, tmp_path)
+    r = realm_generate(model.path)
+    assert r.returncode == 0, r.stderr
+    assert "3 tokens" in r.stderr
+
+
+def test_an_unsupported_architecture_or_tensor_type_is_a_one_line_error(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    add_tokenizer(w, 8)
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = realm_generate(path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "unsupported architecture 'mamba'" in r.stderr
+
+    model, _, _, _ = load("qwen2", tmp_path)
+    data = bytearray(model.path.read_bytes())
+    name = b"token_embd.weight"  # its table entry: name, n_dims (u32), dims (u64 each), then the type (u32)
+    at = data.index(name) + len(name)
+    struct.pack_into("<I", data, at + 4 + 8 * struct.unpack_from("<I", data, at)[0], 99)
+    (tmp_path / "odd.gguf").write_bytes(bytes(data))
+    r = realm_generate(tmp_path / "odd.gguf")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "tensor 'token_embd.weight': unknown GGML tensor type id 99" in r.stderr
