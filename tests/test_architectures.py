@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-import gguf
 from arch_families import FAMILIES, add_tokenizer, hf_weights, write_gguf
 
 from realm_wasm.cpu import CpuExecutor
