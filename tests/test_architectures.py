@@ -71,8 +71,8 @@ def test_gpu_logits_match_transformers(family, tmp_path, gpu):
 
 
 def realm_generate(model: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "realm_server", "generate", "--model", str(model), "--backend", "numpy",
-                           "--prompt", "hi", "--max-tokens", "3"], capture_output=True, text=True, timeout=120)
+    args = ["generate", "--model", str(model), "--backend", "numpy", "--prompt", "hi", "--max-tokens", "3"]
+    return subprocess.run([sys.executable, "-m", "realm_server", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
