@@ -70,6 +70,21 @@ def test_gpu_logits_match_transformers(family, tmp_path, gpu):
     assert_close(np.stack(steps), want[8:])
 
 
+def test_phi3_fused_tensors_stream_into_the_gpu_as_the_page_loads_them(tmp_path, gpu):
+    """The page streams the file into device buffers (StreamedWeights); phi3's q, k, v and gate, up
+    are row views of two file tensors, copied out of them on the device."""
+    from realm_wasm.gpu.executor import GpuExecutor
+    from realm_wasm.gpu.weights import StreamedWeights
+
+    model, plan, tokens, want = load("phi3", tmp_path)
+    store = StreamedWeights(gpu, model.header)
+    data = model.path.read_bytes()
+    for at in range(0, len(data), 10_001):  # pieces that end anywhere, as a download's do
+        store.feed(at, data[at:at + 10_001])
+    ex = GpuExecutor(plan, store, device=gpu, n_ctx=64, max_tokens=16)
+    assert_close(ex.forward(Batch.for_sequence(tokens, 0, all_logits=True)), want)
+
+
 def realm_generate(model: Path) -> subprocess.CompletedProcess:
     args = ["generate", "--model", str(model), "--backend", "numpy", "--prompt", "hi", "--max-tokens", "3"]
     return subprocess.run([sys.executable, "-m", "realm_server", *args], capture_output=True, text=True, timeout=120)
