@@ -120,3 +120,56 @@ def test_an_unsupported_architecture_or_tensor_type_is_a_one_line_error(tmp_path
     r = realm_generate(tmp_path / "odd.gguf")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "tensor 'token_embd.weight': unknown GGML tensor type id 99" in r.stderr
+
+
+VALUE_TYPES = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}
+
+
+def write_split(model, folder: Path, n: int) -> Path:
+    """The model as llama.cpp's gguf-split writes it: NAME-0000i-of-0000n.gguf, the tensors spread
+    over the shards in order, the first with every metadata key, each with split.no / split.count /
+    split.tensors.count."""
+    names = list(model.tensors)
+    parts = [names[i * len(names) // n:(i + 1) * len(names) // n] for i in range(n)]
+    for i, part in enumerate(parts):
+        w = gguf.GGUFWriter(str(folder / f"tiny-{i + 1:05d}-of-{n:05d}.gguf"), model.header.architecture)
+        if i == 0:
+            for key, value in model.metadata.items():
+                if key == "general.architecture":  # the writer adds it
+                    continue
+                if isinstance(value, list | np.ndarray):
+                    w.add_array(key, list(value) if isinstance(value, list) else value.tolist())
+                else:
+                    w.add_key_value(key, value, VALUE_TYPES[type(value)])
+        w.add_uint16("split.no", i)
+        w.add_uint16("split.count", n)
+        w.add_int32("split.tensors.count", len(names))
+        for name in part:
+            t = model.tensors[name]
+            w.add_tensor(name, np.frombuffer(model.tensor_bytes(t), np.float32).reshape(t.shape))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return folder / f"tiny-00001-of-{n:05d}.gguf"
+
+
+def test_a_split_model_loads_from_its_first_shard_with_the_same_logits(tmp_path):
+    from realm_wasm.gguf import GGUFError
+
+    model, plan, tokens, _ = load("qwen2", tmp_path)
+    batch = Batch.for_sequence(tokens, 0, all_logits=True)
+    want = CpuExecutor(plan, model.tensor_bytes, n_ctx=64).forward(batch)
+    first = write_split(model, tmp_path, 3)
+    split = read_gguf(first)
+    assert split.metadata["split.count"] == 3 and list(split.tensors) == list(model.tensors)
+    got = CpuExecutor(build_plan(split.header), split.tensor_bytes, n_ctx=64).forward(batch)
+    np.testing.assert_array_equal(got, want)
+    r = realm_generate(first)
+    assert r.returncode == 0, r.stderr
+
+    (tmp_path / "tiny-00003-of-00003.gguf").unlink()
+    with pytest.raises(GGUFError, match="shard 3 of 3 is missing .*tiny-00003-of-00003.gguf"):
+        read_gguf(first)
+    r = realm_generate(first)
+    assert r.returncode == 2 and "tiny-00003-of-00003.gguf" in r.stderr and "Traceback" not in r.stderr
