@@ -56,6 +56,11 @@ def silu(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {"gelu": gelu, "silu": silu}
 
 
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap · tanh(x / cap): x squashed smoothly into (-cap, cap) (gemma2's attention and logits)."""
+    return np.float32(cap) * np.tanh(x / np.float32(cap))
+
+
 class QuantizedMatmul(Protocol):
     """A kernel that multiplies straight from a weight's GGML bytes (wasm_kernels.WasmMatmul)."""
 
@@ -138,6 +143,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, cache: 
         vals = cache.v[layer, slot, :n_keys].astype(np.float32).reshape(n_keys, nkv, hd)
         qh = q[rows].reshape(len(rows), nkv, group, hd)
         scores = np.einsum("tkgd,skd->kgts", qh, keys) * np.float32(p["scale"])
+        if p.get("softcap"):
+            scores = softcap(scores, p["softcap"])
         j = np.arange(n_keys)[None, :]
         allowed = j <= pos[:, None]
         if p["window"]:
@@ -227,6 +234,10 @@ class CpuExecutor:
                 return apply_rope(x, batch.positions, p, w[0] if w else None)
             case "attention":
                 return attention(x, buf[op.ins[1]], buf[op.ins[2]], batch, self.cache, p)
+            case "bias":
+                return x + w[0]
+            case "softcap":
+                return softcap(x, p["cap"])
             case "add":
                 return x + buf[op.ins[1]]
             case "gather":

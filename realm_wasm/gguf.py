@@ -20,6 +20,9 @@ it: `models/hparams.py` for architectures, `tokenizer.py` for the vocabulary.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,13 +294,29 @@ def _tensor_bytes(name: str, dims: tuple[int, ...], type_id: int) -> int:
     return n // qt.block_size * qt.type_size
 
 
-@dataclass
+SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def shard_paths(first: Path, count: int) -> list[Path]:
+    """The files of a split model as llama.cpp's gguf-split names them: NAME-00001-of-0000N.gguf, ..."""
+    m = SPLIT_NAME.match(first.name)
+    if not m or int(m["no"]) != 1 or int(m["count"]) != count:
+        raise GGUFError(f"{first.name} is shard 1 of a {count}-file split model, but is not named "
+                        f"NAME-00001-of-{count:05d}.gguf")
+    return [first.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
 class GGUFFile:
-    """A GGUF file on disk: the parsed header plus zero-copy access to tensor bytes."""
+    """A GGUF model on disk: the parsed header plus zero-copy access to tensor bytes. A split model
+    (gguf-split's shards) is one header whose tensors' offsets run on across the shards: shard i's
+    bytes start at `bases[i]`, the sum of the sizes of the shards before it."""
 
     path: Path
     header: GGUFHeader
-    data: np.ndarray  # the whole file, memory-mapped uint8
+    data: np.ndarray  # the (first) file, memory-mapped uint8
+    shards: tuple[np.ndarray, ...] = ()  # every shard's bytes, memory-mapped (empty: one file, `data`)
+    bases: tuple[int, ...] = ()
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -309,12 +328,14 @@ class GGUFFile:
 
     def tensor_bytes(self, tensor: TensorInfo | str) -> np.ndarray:
         t = self.tensors[tensor] if isinstance(tensor, str) else tensor
-        return self.data[t.offset:t.offset + t.nbytes]
+        if not self.shards:
+            return self.data[t.offset:t.offset + t.nbytes]
+        i = bisect.bisect_right(self.bases, t.offset) - 1
+        at = t.offset - self.bases[i]
+        return self.shards[i][at:at + t.nbytes]
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Open a GGUF file: parse its header, map its tensor data."""
-    path = Path(path)
+def _read_one(path: Path) -> tuple[GGUFHeader, np.ndarray]:
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -332,4 +353,36 @@ def read_gguf(path: str | Path) -> GGUFFile:
         data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
     except OSError as e:
         raise GGUFError(f"cannot read model file {path}: {e.strerror or e}") from None
-    return GGUFFile(path, header, data)
+    return header, data
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Open a GGUF file: parse its header, map its tensor data. The first shard of a split model
+    (`split.count` > 1) opens every shard, which must lie beside it."""
+    path = Path(path)
+    header, data = _read_one(path)
+    count = header.metadata.get("split.count", 1)
+    if not isinstance(count, int) or count <= 1:
+        return GGUFFile(path, header, data)
+    if header.metadata.get("split.no", 0) != 0:
+        raise GGUFError(f"{path.name} is shard {header.metadata['split.no'] + 1} of a split model: "
+                        "open its first shard (-00001-of-...)")
+    tensors, shards, bases, base = {}, [], [], 0
+    for i, shard in enumerate(shard_paths(path, count)):
+        if not shard.exists():
+            raise GGUFError(f"split model {path.name}: shard {i + 1} of {count} is missing ({shard})")
+        h, d = (header, data) if i == 0 else _read_one(shard)
+        if h.metadata.get("split.no") != i or h.metadata.get("split.count") != count:
+            raise GGUFError(f"{shard.name} is not shard {i + 1} of {count} of {path.name} (its split.no / split.count)")
+        for name, t in h.tensors.items():
+            if name in tensors:
+                raise GGUFError(f"split model {path.name}: tensor {name!r} is in two shards")
+            tensors[name] = dataclasses.replace(t, offset=base + t.offset)
+        shards.append(d)
+        bases.append(base)
+        base += len(d)
+    want = header.metadata.get("split.tensors.count", len(tensors))
+    if want != len(tensors):
+        raise GGUFError(f"split model {path.name}: its shards hold {len(tensors)} tensors, split.tensors.count "
+                        f"says {want}")
+    return GGUFFile(path, dataclasses.replace(header, tensors=tensors), data, tuple(shards), tuple(bases))

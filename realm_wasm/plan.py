@@ -13,11 +13,14 @@ the output is `logits` [R, n_vocab]. Op kinds and their exact meaning:
 | embed      | tokens         | table          | table[tokens] * scale                                       |
 | rmsnorm    | x              | w              | x / sqrt(mean(x², per group of `group`) + eps) * w          |
 | matmul     | x              | W [N, K]       | x @ Wᵀ  (+ the token's adapters' LoRA side paths, rows "T") |
+| bias       | x              | b [N]          | x + b (every row)                                           |
 | glu        | x              | Wgate, Wup     | act(x @ Wgateᵀ) * (x @ Wupᵀ), act ∈ {gelu (tanh), silu}     |
 |            |                |                | (each projection + its LoRA side paths)                     |
 | rope       | x              |                | rotary embedding of each head at `positions` (in place)     |
 | attention  | q, k, v        |                | store k, v in layer's KV cache at (slots, positions), then  |
-|            |                |                | causal (sliding `window` if > 0) softmax(scale·q·kᵀ)·v      |
+|            |                |                | causal (sliding `window` if > 0) softmax(scale·q·kᵀ)·v,     |
+|            |                |                | scores soft-capped to c·tanh(s / c) first if `softcap` c > 0 |
+| softcap    | x              |                | cap · tanh(x / cap) (gemma2's final logits)                  |
 | add        | a, b           |                | a + b                                                       |
 | gather     | x              |                | x[logit_rows]                                               |
 """
@@ -32,7 +35,7 @@ import numpy as np
 
 from .gguf import TensorInfo
 
-OP_KINDS = ("embed", "rmsnorm", "matmul", "glu", "rope", "attention", "add", "gather")
+OP_KINDS = ("embed", "rmsnorm", "matmul", "bias", "glu", "rope", "attention", "add", "gather", "softcap")
 STEP_INPUTS = ("tokens", "positions", "slots", "logit_rows")
 LORA_PER_TOKEN = 4  # adapters one token can apply at once (columns of Batch.lora)
 

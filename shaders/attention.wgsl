@@ -15,7 +15,8 @@
 // guards every loop, which keeps drivers from unrolling them, and loads in a loop that is not
 // unrolled wait for each other.
 // Consts: HD, G (query heads per KV head), HB (heads per workgroup, dividing G, HB * HD / 4 <= WG),
-// NH, NKV, N_CTX, WINDOW (0: none), SCALE, SPLIT (<= WG), WG.
+// NH, NKV, N_CTX, WINDOW (0: none), SCALE, SOFTCAP (0: none; else scores become SOFTCAP·tanh(s / SOFTCAP)),
+// SPLIT (<= WG), WG.
 
 @group(0) @binding(0) var<storage, read_write> out: array<vec4<f32>>;  // [T, NH * HD]
 @group(0) @binding(1) var<storage, read_write> partials: array<vec4<f32>>;
@@ -100,7 +101,8 @@ fn attend(wid: vec3<u32>, lid: u32) {
                 sum += (dots[at + i] + dots[at + min(i + 1u, C - 1u)] * f32(i + 1u < C))
                     + (dots[at + min(i + 2u, C - 1u)] * f32(i + 2u < C) + dots[at + min(i + 3u, C - 1u)] * f32(i + 3u < C));
             }
-            scores[hk] = sum;
+            // the clamp keeps exp-based tanh from inf / inf (tanh is 1 to f32 precision past 10)
+            scores[hk] = select(sum, SOFTCAP * tanh(clamp(sum / SOFTCAP, -10.0, 10.0)), SOFTCAP > 0.0);
         }
         workgroupBarrier();
         // The next tile writes `dots` and `scores` only after its first barrier, which every

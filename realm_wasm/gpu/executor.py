@@ -30,6 +30,7 @@ from .ops import (
     SAMPLING_ROW_BYTES,
     Add,
     Attention,
+    Bias,
     Embed,
     Gather,
     Glu,
@@ -37,6 +38,7 @@ from .ops import (
     Rope,
     RopeHeads,
     Sampler,
+    Softcap,
     pack_sampling,
     scratch,
 )
@@ -411,7 +413,8 @@ def _attention(ex: GpuExecutor, index: int, stored: bool) -> Attention:
     return Attention(ex.device, q, None if stored else k, None if stored else v, ex.inputs["positions"],
                      ex.inputs["slots"], ex.acts[op.out], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
                      head_dim=p["head_dim"], n_ctx=ex.n_ctx, n_slots=ex.n_slots, window=p["window"],
-                     scale=p["scale"], kv_f16=ex.kv_f16, label=f"attention {p['layer']}")
+                     scale=p["scale"], softcap=p.get("softcap", 0.0), kv_f16=ex.kv_f16,
+                     label=f"attention {p['layer']}")
 
 
 def _add(ex: GpuExecutor, k: Kernel) -> Launch:
@@ -432,8 +435,24 @@ def _gather(ex: GpuExecutor, k: Kernel) -> Launch:
                               width=ex.width(op.out)))
 
 
+def _in_place(ex: GpuExecutor, op: Op) -> Binding:
+    if op.ins[0] != op.out:
+        raise ValueError(f"{op.kind} {op.ins[0]} -> {op.out}: the GPU runs {op.kind} in place only")
+    return ex.acts[op.out]
+
+
+def _bias(ex: GpuExecutor, k: Kernel) -> Launch:
+    op = ex.plan.ops[k.op]
+    return Launch(ex.rows_of(op), Bias(ex.device, _in_place(ex, op), ex.vector(op.weights[0]), width=ex.width(op.out)))
+
+
+def _softcap(ex: GpuExecutor, k: Kernel) -> Launch:
+    op = ex.plan.ops[k.op]
+    return Launch(ex.rows_of(op), Softcap(ex.device, _in_place(ex, op), width=ex.width(op.out), cap=op.params["cap"]))
+
+
 BUILDERS: dict[str, Callable[[GpuExecutor, Kernel], Launch]] = {
     "embed": _embed, "rmsnorm": _rmsnorm, "matmul": _matmul, "glu": _glu, "glu_split": _glu_split,
     "rope": _rope, "attention": lambda ex, k: Launch("T", ex.attentions[k.op]), "add": _add, "gather": _gather,
-    "lora_shrink": _lora_shrink,
+    "lora_shrink": _lora_shrink, "bias": _bias, "softcap": _softcap,
 }

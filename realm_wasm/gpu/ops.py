@@ -216,6 +216,31 @@ class Add(_Op):
         self.row_bindings = (("a", a, width * 4), ("b", b, width * 4), ("y", y, width * 4))
 
 
+class Bias(_Op):
+    """y += b in place, b [width] added to every row (qwen2's q, k, v biases)."""
+
+    def __init__(self, device: Device, y: Binding, b: Binding, *, width: int, tuning: Tuning | None = None) -> None:
+        tune = tuning or tuning_for(device)
+        pipe = compose.pipeline(device, ("bias.wgsl",), dict(WIDTH=width, WG=tune.wg), label=f"bias {width}")
+        self.label = "bias"
+        self.steps = [(pipe, device.create_bind_group(pipe, [y, b]), (_groups(width, tune.wg), 1))]
+        self.row_bindings = (("y", y, width * 4),)
+
+
+class Softcap(_Op):
+    """y = cap · tanh(y / cap) in place (gemma2's final logits)."""
+
+    def __init__(self, device: Device, y: Binding, *, width: int, cap: float, tuning: Tuning | None = None) -> None:
+        if not cap > 0:
+            raise ValueError(f"softcap: cap must be positive, got {cap}")
+        tune = tuning or tuning_for(device)
+        pipe = compose.pipeline(device, ("softcap.wgsl",), dict(WIDTH=width, CAP=float(cap), WG=tune.wg),
+                                label=f"softcap {width}")
+        self.label = "softcap"
+        self.steps = [(pipe, device.create_bind_group(pipe, [y]), (_groups(width, tune.wg), 1))]
+        self.row_bindings = (("y", y, width * 4),)
+
+
 class Glu(_Op):
     """y = act(gate) * up elementwise. gate and up rows are `row_stride` floats apart (default
     `width`), up `up_offset` floats into its binding: a mat-mat result of [rows, 2 * width], gate
@@ -268,7 +293,8 @@ class Embed(_Op):
 
 
 class Attention:
-    """Causal (optionally sliding-window) GQA attention of a step's tokens over one layer's KV cache.
+    """Causal (optionally sliding-window) GQA attention of a step's tokens over one layer's KV cache,
+    its scores soft-capped to c·tanh(s / c) where `softcap` c > 0 (gemma2).
 
     The cache is owned here: `k_cache` and `v_cache` hold [n_slots, n_ctx, n_kv_heads * head_dim]
     f32 (f16 with `kv_f16`). Given the step's `k` and `v`, the attention first stores them there
@@ -280,7 +306,7 @@ class Attention:
     def __init__(self, device: Device, q: Binding, k: Binding | None, v: Binding | None, positions: Binding,
                  slots: Binding, y: Binding, *,
                  n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, n_slots: int, window: int,
-                 scale: float, kv_f16: bool = False, tuning: Tuning | None = None,
+                 scale: float, softcap: float = 0.0, kv_f16: bool = False, tuning: Tuning | None = None,
                  label: str = "attention") -> None:
         self.tuning = tune = tuning or tuning_for(device)
         if n_heads % n_kv_heads or head_dim % 4:
@@ -314,7 +340,7 @@ class Attention:
         arrived = (scratch(device, "attention arrivals", count_bytes), 0, count_bytes)
         bindings = [y, partials, self.k_cache, self.v_cache, q, positions, slots, arrived]
         shape = dict(HD=head_dim, G=group, HB=hb, NH=n_heads, NKV=n_kv_heads, N_CTX=n_ctx, WINDOW=window,
-                     SCALE=float(scale), WG=tune.attn_wg)
+                     SCALE=float(scale), SOFTCAP=float(softcap), WG=tune.attn_wg)
 
         def kernel(n_split: int) -> tuple:
             pipe = compose.pipeline(device, ("attention.wgsl",), dict(shape, SPLIT=n_split), f16=kv_f16,

@@ -15,7 +15,7 @@ import numpy as np
 from ..gguf import GGUFHeader, TensorInfo
 from ..quants import dequantize, quant_type
 from .device import Device
-from .matmul import GpuWeight, allocate_weight, upload_weight, write_weight
+from .matmul import GpuWeight, allocate_weight, row_bytes, upload_weight, write_weight
 
 MAX_HOST_VECTOR = 1 << 20  # elements: 1-D tensors (norms) stay on the host until their kernels are built
 
@@ -107,7 +107,34 @@ class StreamedWeights(DeviceMatrices):
         self.carry = bytes(buf[cut:])
 
     def matrix(self, t: TensorInfo) -> GpuWeight:
+        if t.name not in self.matrices:  # a row view of a file tensor (models.hparams.row_view)
+            self.matrices[t.name] = self._copy_rows(t)
         return self.matrices[t.name]
+
+    def _copy_rows(self, t: TensorInfo) -> GpuWeight:
+        """A view's rows copied on the device out of the streamed tensor that holds them (buffer
+        copies move whole words: rows must start and end on them)."""
+        parent = next((p for start, end, p in self.spans
+                       if p.name in self.matrices and start <= t.offset and t.offset + t.nbytes <= end), None)
+        if parent is None:
+            raise KeyError(f"no streamed tensor holds {t.name!r}")
+        src = self.matrices[parent.name]
+        n, k = matrix_shape(t)
+        rb = row_bytes(src.quant, k)
+        first = (t.offset - parent.offset) // rb
+        view = allocate_weight(self.device, src.quant, n, k, label=t.name)
+        copies = []
+        for dst in view.chunks:
+            for c in src.chunks:  # parent rows [lo, hi) land at view row lo - first
+                lo, hi = max(first + dst.row0, c.row0), min(first + dst.row0 + dst.rows, c.row0 + c.rows)
+                if lo < hi:
+                    copies.append(((c.buffer, (lo - c.row0) * rb, (hi - lo) * rb),
+                                   (dst.buffer, (lo - first - dst.row0) * rb, (hi - lo) * rb)))
+        if any(at % 4 or size % 4 for part in copies for _, at, size in part):
+            raise ValueError(f"{t.name}: rows of {rb} bytes do not start on 4-byte boundaries; "
+                             "the GPU cannot take this view in the page")
+        self.device.submit([], copies=copies)
+        return view
 
     def vector(self, t: TensorInfo) -> np.ndarray:
         return dequantize(np.frombuffer(self.host[t.name], np.uint8), t.type_id, t.shape).reshape(-1)

@@ -11,9 +11,8 @@ from . import gemma3, llama
 
 # general.architecture -> plan builder
 ARCHITECTURES: dict[str, Callable[[GGUFHeader], Plan]] = {
-    "gemma3": gemma3.build_plan,
-    "llama": llama.build_plan,
-    "mistral": llama.build_plan,
+    **{arch: gemma3.build_plan for arch in gemma3.GENERATIONS},
+    **{arch: llama.build_plan for arch in llama.FAMILIES},
 }
 
 

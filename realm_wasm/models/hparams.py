@@ -206,3 +206,15 @@ def logits_ops(eps: float, d: int, head: TensorInfo) -> list[Op]:
         Op("rmsnorm", "xl", ("xl",), ("output_norm.weight",), dict(eps=eps, group=d)),
         Op("matmul", "logits", ("xl",), (head.name,)),
     ]
+
+
+def row_view(t: TensorInfo, first: int, rows: int, part: str) -> TensorInfo:
+    """Rows [first, first + rows) of a 2-D tensor as a tensor of their own (named `t.name[part]`):
+    a tensor's rows are contiguous in the file, so a view is an offset and a length, and every
+    weight source (file, download stream, wasm heap) reads it like any other tensor."""
+    n_rows, row_length = t.shape
+    if not 0 <= first < first + rows <= n_rows:
+        raise GGUFError(f"tensor {t.name!r} has {n_rows} rows, not the {first + rows} its parts need")
+    row_bytes = t.nbytes // n_rows
+    return TensorInfo(f"{t.name}[{part}]", (row_length, rows), t.type_id, t.offset + first * row_bytes,
+                      rows * row_bytes)

@@ -1,0 +1,175 @@
+"""Every architecture family against Hugging Face `transformers`: tiny random-weight models whose
+reference logits (float32) bench/make_arch_refs.py computed once into tests/data/arch_<family>.npz.
+The test rebuilds the same weights from the stored seed and config (tests/arch_families.py), writes
+them to GGUF as llama.cpp's converter does, and runs Realm's plan on numpy and on the GPU executor.
+
+Tolerance: float32 weights and math throughout, so logits agree to 1e-3 of the largest reference
+logit (the KV cache is float16 as in llama.cpp, which is the largest source of difference)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from arch_families import FAMILIES, add_tokenizer, hf_weights, write_gguf
+
+from realm_wasm.cpu import CpuExecutor
+from realm_wasm.gguf import read_gguf
+from realm_wasm.models import build_plan
+from realm_wasm.plan import Batch
+
+DATA = Path(__file__).parent / "data"
+RTOL = 1e-3  # of the largest |logit| of the reference
+
+
+def load(family: str, tmp_path: Path):
+    ref = np.load(DATA / f"arch_{family}.npz")
+    cfg = json.loads(str(ref["config"]))
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(path, family, cfg, hf_weights(family, cfg, int(ref["seed"])))
+    model = read_gguf(path)
+    return model, build_plan(model.header), ref["tokens"].tolist(), ref["logits"]
+
+
+def weight_bytes(model):
+    return lambda t: model.data[t.offset:t.offset + t.nbytes]
+
+
+def assert_close(logits: np.ndarray, want: np.ndarray) -> None:
+    err = np.abs(logits - want).max() / np.abs(want).max()
+    assert err <= RTOL, f"max |Δlogit| is {err:.2e} of the largest logit (allowed {RTOL})"
+    assert (logits.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_numpy_logits_match_transformers(family, tmp_path):
+    model, plan, tokens, want = load(family, tmp_path)
+    assert plan.arch == FAMILIES[family][2]
+    ex = CpuExecutor(plan, weight_bytes(model), n_ctx=64)
+    assert_close(ex.forward(Batch.for_sequence(tokens, 0, all_logits=True)), want)
+    # one token at a time through the KV cache: the sliding windows (5) are crossed at decode too
+    ex = CpuExecutor(plan, weight_bytes(model), n_ctx=64)
+    steps = [ex.forward(Batch.for_sequence([t], i))[0] for i, t in enumerate(tokens)]
+    assert_close(np.stack(steps), want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_logits_match_transformers(family, tmp_path, gpu):
+    from realm_wasm.gpu.executor import GpuExecutor
+
+    model, plan, tokens, want = load(family, tmp_path)
+    ex = GpuExecutor(plan, weight_bytes(model), device=gpu, n_ctx=64, max_tokens=16)
+    assert_close(ex.forward(Batch.for_sequence(tokens[:8], 0, all_logits=True)), want[:8])
+    steps = [ex.forward(Batch.for_sequence([t], 8 + i))[0] for i, t in enumerate(tokens[8:])]
+    assert_close(np.stack(steps), want[8:])
+
+
+def test_phi3_fused_tensors_stream_into_the_gpu_as_the_page_loads_them(tmp_path, gpu):
+    """The page streams the file into device buffers (StreamedWeights); phi3's q, k, v and gate, up
+    are row views of two file tensors, copied out of them on the device."""
+    from realm_wasm.gpu.executor import GpuExecutor
+    from realm_wasm.gpu.weights import StreamedWeights
+
+    model, plan, tokens, want = load("phi3", tmp_path)
+    store = StreamedWeights(gpu, model.header)
+    data = model.path.read_bytes()
+    for at in range(0, len(data), 10_001):  # pieces that end anywhere, as a download's do
+        store.feed(at, data[at:at + 10_001])
+    ex = GpuExecutor(plan, store, device=gpu, n_ctx=64, max_tokens=16)
+    assert_close(ex.forward(Batch.for_sequence(tokens, 0, all_logits=True)), want)
+
+
+def realm_generate(model: Path) -> subprocess.CompletedProcess:
+    args = ["generate", "--model", str(model), "--backend", "numpy", "--prompt", "hi", "--max-tokens", "3"]
+    return subprocess.run([sys.executable, "-m", "realm_server", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
+def test_realm_generate_runs_the_family(family, tmp_path):
+    model, plan, _, _ = load(family, tmp_path)
+    r = realm_generate(model.path)
+    assert r.returncode == 0, r.stderr
+    assert "3 tokens" in r.stderr
+
+
+def test_an_unsupported_architecture_or_tensor_type_is_a_one_line_error(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    add_tokenizer(w, 8)
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = realm_generate(path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "unsupported architecture 'mamba'" in r.stderr
+
+    model, _, _, _ = load("qwen2", tmp_path)
+    data = bytearray(model.path.read_bytes())
+    name = b"token_embd.weight"  # its table entry: name, n_dims (u32), dims (u64 each), then the type (u32)
+    at = data.index(name) + len(name)
+    struct.pack_into("<I", data, at + 4 + 8 * struct.unpack_from("<I", data, at)[0], 99)
+    (tmp_path / "odd.gguf").write_bytes(bytes(data))
+    r = realm_generate(tmp_path / "odd.gguf")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "tensor 'token_embd.weight': unknown GGML tensor type id 99" in r.stderr
+
+
+VALUE_TYPES = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}
+
+
+def write_split(model, folder: Path, n: int) -> Path:
+    """The model as llama.cpp's gguf-split writes it: NAME-0000i-of-0000n.gguf, the tensors spread
+    over the shards in order, the first with every metadata key, each with split.no / split.count /
+    split.tensors.count."""
+    names = list(model.tensors)
+    parts = [names[i * len(names) // n:(i + 1) * len(names) // n] for i in range(n)]
+    for i, part in enumerate(parts):
+        w = gguf.GGUFWriter(str(folder / f"tiny-{i + 1:05d}-of-{n:05d}.gguf"), model.header.architecture)
+        if i == 0:
+            for key, value in model.metadata.items():
+                if key == "general.architecture":  # the writer adds it
+                    continue
+                if isinstance(value, list | np.ndarray):
+                    w.add_array(key, list(value) if isinstance(value, list) else value.tolist())
+                else:
+                    w.add_key_value(key, value, VALUE_TYPES[type(value)])
+        w.add_uint16("split.no", i)
+        w.add_uint16("split.count", n)
+        w.add_int32("split.tensors.count", len(names))
+        for name in part:
+            t = model.tensors[name]
+            w.add_tensor(name, np.frombuffer(model.tensor_bytes(t), np.float32).reshape(t.shape))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return folder / f"tiny-00001-of-{n:05d}.gguf"
+
+
+def test_a_split_model_loads_from_its_first_shard_with_the_same_logits(tmp_path):
+    from realm_wasm.gguf import GGUFError
+
+    model, plan, tokens, _ = load("qwen2", tmp_path)
+    batch = Batch.for_sequence(tokens, 0, all_logits=True)
+    want = CpuExecutor(plan, model.tensor_bytes, n_ctx=64).forward(batch)
+    first = write_split(model, tmp_path, 3)
+    split = read_gguf(first)
+    assert split.metadata["split.count"] == 3 and list(split.tensors) == list(model.tensors)
+    got = CpuExecutor(build_plan(split.header), split.tensor_bytes, n_ctx=64).forward(batch)
+    np.testing.assert_array_equal(got, want)
+    r = realm_generate(first)
+    assert r.returncode == 0, r.stderr
+
+    (tmp_path / "tiny-00003-of-00003.gguf").unlink()
+    with pytest.raises(GGUFError, match="shard 3 of 3 is missing .*tiny-00003-of-00003.gguf"):
+        read_gguf(first)
+    r = realm_generate(first)
+    assert r.returncode == 2 and "tiny-00003-of-00003.gguf" in r.stderr and "Traceback" not in r.stderr
