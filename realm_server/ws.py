@@ -110,7 +110,11 @@ class Connection:
             return
         if self.running(cid) is not None:
             raise ApiError(400, f"generation {cid!r} is already running on this connection", "id")
-        fields = {k: v for k, v in body.items() if k not in ("type", "id")}
+        fields = {k: v for k, v in body.items() if k not in ("type", "id", "api_key")}
+        for name, plain in (("n", 1), ("logprobs", False), ("top_logprobs", None)):  # token messages: text only
+            value = fields.get(name)
+            if value is not None and not (value == plain and type(value) is type(plain)):
+                raise ApiError(400, f"{name} is not supported over the WebSocket (use HTTP)", name)
         if ("prompt" in fields) == ("messages" in fields):
             raise ApiError(400, "a generate message needs exactly one of prompt and messages", "prompt")
         job = await self.service.prepare(self.tenant, fields, "chat" if "messages" in fields else "completion")

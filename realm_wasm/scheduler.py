@@ -303,6 +303,20 @@ class Scheduler:
         self._receive(self._in_flight.popleft())
         return True
 
+    def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+        """The final hidden state [len(ids), n_embd] of every token of `ids`, fed from position 0 into
+        a free KV slot (the one caching the least; it forgets what it cached). Stepping thread only,
+        between steps: call it through `call`. InvalidRequest when every slot is running."""
+        if not self._free_slots:
+            raise InvalidRequest("every KV slot is running a generation; retry shortly")
+        if not 0 < len(ids) <= self.engine.n_ctx:
+            raise ContextOverflow(f"{len(ids)} tokens do not fit the context of {self.engine.n_ctx}")
+        slot = min(self._free_slots, key=lambda s: len(self.engine.slot_tokens[s]))
+        self.engine.slot_tokens[slot] = self.engine.slot_adapters[slot] = ()
+        size = min(PREFILL_CHUNK, self.engine.executor.max_logit_rows)
+        return np.concatenate([self.engine.executor.hidden(Batch.for_sequence(list(ids[i:i + size]), i, slot, True))
+                               for i in range(0, len(ids), size)])
+
     def cancel_all(self) -> None:
         """Finish every queued and running request as cancelled (at shutdown)."""
         self._drain_inbox()
