@@ -285,7 +285,10 @@ def openapi_document() -> dict[str, Any]:
             "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
             "model": {"type": "string"}, "usage": usage_schema, "lora": applied,
             "choices": {"type": "array", "items": {"type": "object", "properties": {
-                "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]}, **choice}}}}}
+                "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]},
+                "logprobs": {"type": ["object", "null"], "description": "when asked: completions {tokens, "
+                             "token_logprobs, top_logprobs, text_offset}; chat {content: [{token, logprob, bytes, "
+                             "top_logprobs}]}"}, **choice}}}}}
         refused = {name: f"a 400 unless null (or, where said, the one accepted value): {why}"
                    for name, (_, why) in REFUSED.items()}
         return {"post": {
@@ -297,6 +300,12 @@ def openapi_document() -> dict[str, Any]:
                                   "content": {"application/json": {"schema": result},
                                               "text/event-stream": {"schema": {"type": "string"}}}},
                           **errors}}}
+
+    def post_json(summary: str, request_schema: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        return {"post": {"summary": summary, "security": [{"bearer": []}],
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+                         "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {
+                             "type": "object", "properties": answer}}}}, **errors}}}
 
     adapter = {"type": "object", "properties": {
         "id": {"type": "string"}, "object": {"const": "adapter"}, "model": {"type": "string"},
@@ -354,6 +363,22 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Unload one of the caller's adapters (generations using it finish with it)",
                            "security": [{"bearer": []}], "parameters": [adapter_id, which_model],
                            "responses": {"200": {"description": "unloaded"}, **errors}}},
+            "/v1/embeddings": post_json("Embeddings: each input's final hidden states pooled (the GGUF's "
+                                        "pooling_type, else mean) and L2-normalized", EMBEDDINGS_SCHEMA, {
+                "object": {"const": "list"}, "model": {"type": "string"},
+                "data": {"type": "array", "items": {"type": "object", "properties": {
+                    "object": {"const": "embedding"}, "index": {"type": "integer"},
+                    "embedding": {"type": ["array", "string"], "description": "floats, or base64 of float32"}}}},
+                "usage": {"type": "object", "properties": {k: {"type": "integer"}
+                                                           for k in ("prompt_tokens", "total_tokens")}}}),
+            "/tokenize": post_json("Token ids of a text (llama-server's)", TOKENIZE_SCHEMA,
+                                   {"tokens": {"type": "array", "description": "ids, or {id, piece} with_pieces"}}),
+            "/detokenize": post_json("The text of token ids (llama-server's)", DETOKENIZE_SCHEMA,
+                                     {"content": {"type": "string"}}),
+            "/metrics": {"get": {"summary": "Prometheus text: the caller's tenant's requests, tokens, TTFT and "
+                                            "latency histograms; queue depth per model", "security": [{"bearer": []}],
+                                 "responses": {"200": {"description": "metrics", "content": {
+                                     "text/plain": {"schema": {"type": "string"}}}}, **errors}}},
             "/health": {"get": {"summary": "Liveness and KV-slot use per model", "responses": {"200": {
                 "description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         },

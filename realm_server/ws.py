@@ -5,7 +5,8 @@ Protocol (JSON text messages):
     server -> {"type": "ready", "tenant": ID, "models": [NAME, ...]}
     client -> {"type": "generate", "id": ID, "model": ..., "prompt": ... | "messages": [...],
                "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "lora", "speculation"}
-                                                                                (as over HTTP)
+                                                                                (as over HTTP;
+               "n" > 1 and "logprobs" are HTTP only: a 400 here)
     server -> {"type": "token", "id": ID, "text": "..."}                        (many)
     server -> {"type": "done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...},
                "lora": [{"id", "scale"}, ...]}  (the adapters applied, when any; "lora" asks for them as over HTTP)
