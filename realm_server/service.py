@@ -736,7 +736,7 @@ class Service:
         inputs = [given] if isinstance(given, str) or isinstance(given[0], int) else given
         tokenizer, n_ctx = model.engine.tokenizer, model.engine.n_ctx
         worker, (_, pool) = self.workers[model.name], pooling_of(model)
-        data, total = [], 0
+        token_lists = []
         for i, item in enumerate(inputs):
             param = f"input[{i}]" if inputs is given else "input"
             if isinstance(item, str):
@@ -747,15 +747,29 @@ class Service:
                 ids = item
             if not ids or len(ids) > n_ctx or max(ids) >= tokenizer.vocab_size:
                 raise ApiError(400, f"{param} must be 1 to {n_ctx} tokens with ids below {tokenizer.vocab_size}", param)
-            try:
-                states = await worker.call(lambda ids=ids: worker.scheduler.hidden_states(ids))
-            except InvalidRequest as e:
-                raise ApiError(503, f"cannot embed now: {e}", headers={"Retry-After": "1"}) from e
-            vector = embedding(states, pool)
-            total += len(ids)
-            base64_asked = body.get("encoding_format") == "base64"
-            encoded = base64.b64encode(vector.astype("<f4").tobytes()).decode() if base64_asked else vector.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": encoded})
+            token_lists.append(ids)
+        total = sum(len(ids) for ids in token_lists)
+        limiter = self.limiters[tenant.id]  # the tenant's limits, as a generation of `total` tokens
+        if limiter.exceeds_bucket(total):
+            raise ApiError(400, f"input of {total} tokens is more than tenant {tenant.id!r} may use in a minute "
+                           f"({tenant.tokens_per_minute})", "input")
+        refused = limiter.try_acquire(total)
+        if refused is not None:
+            raise ApiError(429, refused[1], headers={"Retry-After": retry_after_header(refused[0])})
+        data = []
+        try:
+            for i, ids in enumerate(token_lists):
+                try:
+                    states = await worker.call(lambda ids=ids: worker.scheduler.hidden_states(ids))
+                except InvalidRequest as e:
+                    raise ApiError(503, f"cannot embed now: {e}", headers={"Retry-After": "1"}) from e
+                vector = embedding(states, pool)
+                base64_asked = body.get("encoding_format") == "base64"
+                encoded = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if base64_asked
+                           else vector.tolist())
+                data.append({"object": "embedding", "index": i, "embedding": encoded})
+        finally:
+            limiter.release(0)
         return {"object": "list", "data": data, "model": model.name,
                 "usage": {"prompt_tokens": total, "total_tokens": total}}
 
@@ -839,13 +853,19 @@ class Service:
         generation = Generation(job, worker)
         t0 = time.perf_counter()
         observe = self.metrics.request(tenant.id, job.model.name, job.kind)
+        unused = [0]  # reserved tokens the choices did not generate: given back once all have finished
+
+        def end_choice(unused_tokens: int) -> None:
+            generation.unfinished -= 1
+            unused[0] += unused_tokens
+            if generation.finished:
+                self.in_flight -= 1
+                limiter.release(unused[0])
 
         def deliver_to(index: int) -> Callable[[Event], None]:
             def deliver(event: Event) -> None:  # on the loop, whether or not anyone still reads
                 if isinstance(event, Finished):
-                    generation.unfinished -= 1
-                    self.in_flight -= generation.finished
-                    limiter.release(req.max_tokens - event.completion_tokens)
+                    end_choice(req.max_tokens - event.completion_tokens)
                     observe.finished(event, count_prompt=index == 0, last=generation.finished)
                     log.info("%s %s[%d] tenant=%s%s model=%s prompt=%d completion=%d finish=%s %.2fs", job.kind,
                              job.id, index, tenant.id, f" user={job.user!r}" if job.user else "", job.model.name,
@@ -862,8 +882,7 @@ class Service:
         except BaseException:  # refused at once (prepare() checked this already): no Finished will release it
             for seq_id in generation.seq_ids:  # the choices already queued end as cancelled, releasing theirs
                 worker.cancel(seq_id)
-            generation.unfinished -= len(requests) - len(generation.seq_ids)
-            self.in_flight -= generation.finished
-            limiter.release(req.max_tokens * (len(requests) - len(generation.seq_ids)))
+            for _ in requests[len(generation.seq_ids):]:
+                end_choice(req.max_tokens)
             raise
         return generation

@@ -13,13 +13,14 @@ import math
 
 import numpy as np
 import pytest
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from test_logit_rules import oracle_generation
 from test_scheduler import CHARS, N_CTX, write_tiny_model
 
-from realm_server.app import create_app
+from realm_server.http import http_routes
 from realm_server.schema import openapi_document
-from realm_server.service import load_model
+from realm_server.service import Service, load_model
 from realm_server.tenants import hash_key, load_tenants
 from realm_wasm.engine import Engine, Model
 from realm_wasm.gguf import read_gguf
@@ -28,7 +29,8 @@ from realm_wasm.sampling import LogitRules, SamplingParams
 from realm_wasm.scheduler import Scheduler
 
 MODEL = "tiny"
-KEYS = {"acme": "acme-secret-key", "other": "other-secret-key"}
+KEYS = {"acme": "acme-secret-key", "other": "other-secret-key", "single": "single-secret-key"}
+LIMITS = {"single": "max_concurrent = 1\ntokens_per_minute = 200\n"}
 PROMPT = "abcab"  # 5 one-character tokens after BOS
 CHAT = [{"role": "user", "content": "abc"}]
 
@@ -69,11 +71,19 @@ def oracle(model_path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def client(model_path, tmp_path_factory):
+def service(model_path, tmp_path_factory) -> Service:
     tenants = tmp_path_factory.mktemp("cfg") / "tenants.toml"
-    tenants.write_text("".join(f'[[tenant]]\nid = "{t}"\nkey_sha256 = "{hash_key(k)}"\n\n' for t, k in KEYS.items()))
-    served = load_model(model_path, name=MODEL, backend="numpy", n_ctx=N_CTX, n_slots=4)
-    with TestClient(create_app([served], load_tenants(tenants))) as c:
+    tenants.write_text("".join(f'[[tenant]]\nid = "{t}"\nkey_sha256 = "{hash_key(k)}"\n{LIMITS.get(t, "")}\n'
+                               for t, k in KEYS.items()))
+    return Service([load_model(model_path, name=MODEL, backend="numpy", n_ctx=N_CTX, n_slots=4)],
+                   load_tenants(tenants))
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    """The app's routes over `service` (as create_app builds them), with its lifespan."""
+    app = Starlette(routes=http_routes(service), lifespan=lambda app: service.serving())
+    with TestClient(app) as c:
         yield c
 
 
@@ -188,6 +198,21 @@ def test_n_choices_are_the_single_requests_with_seed_plus_index(client):
     assert body["usage"]["completion_tokens"] == sum(complete(client, temperature=1.0, seed=10 + i)["usage"][
         "completion_tokens"] for i in range(3))
     assert body["usage"]["prompt_tokens"] == len(PROMPT) + 1
+
+
+def test_n_choices_take_one_request_of_the_tenants_limits_and_give_back_what_they_did_not_use(client, service):
+    limiter = service.limiters["single"]
+    a = str(service.models[MODEL].engine.tokenizer.encode("a", add_bos=False)[0])
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stop": "a", "logit_bias": {a: 100}}
+    for _ in range(3):  # 3 x 3 x (6 + 20) > 200 tokens: passes only if each gave back 3 x 19 unused
+        r = post(client, "/v1/completions", {**body, "n": 3}, tenant="single")
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in r.json()["choices"]] == ["", "", ""]  # stopped at their first token
+        assert limiter.in_flight == 0  # one request of max_concurrent 1, released once
+    r = post(client, "/v1/completions", {**body, "n": 16, "max_tokens": 20}, tenant="single")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # 16 x 26 > 200: never fits
+    r = post(client, "/v1/embeddings", {"model": MODEL, "input": "a" * 250}, tenant="single")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
 
 
 def test_penalties_and_bias_over_http_follow_the_oracle(client, oracle):
