@@ -513,7 +513,7 @@ def test_oversized_bodies_get_413(live, http):
 
 
 def test_unknown_routes_are_json_404s(http):
-    r = http.post("/v1/embeddings", headers=auth("alpha"), json={})
+    r = http.post("/v1/audio/speech", headers=auth("alpha"), json={})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
