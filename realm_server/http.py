@@ -5,13 +5,17 @@
     GET  /v1/models, /v1/models/{name}                the models the caller's tenant may use
     GET  /v1/adapters                                 the LoRA adapters it may use ("lora" in a request)
     PUT  /v1/adapters/{id}[?model=M], DELETE ...       load (body: the GGUF adapter file) / unload its own
+    POST /v1/embeddings                               OpenAI's embeddings (pooled final hidden state)
+    POST /tokenize, POST /detokenize                  llama-server's: {"content"} <-> {"tokens"}
+    GET  /metrics                                     Prometheus text: the caller's tenant's series
     GET  /health                                      liveness and slot usage per model (no key needed)
     GET  /openapi.json                                OpenAPI 3.1 description of all of the above
 
 Errors are JSON (errors.py): 400 bad input (invalid JSON, wrong type, out of range, prompt longer
 than the context), 401 missing or unknown API key, 403 a model the tenant may not use, 404 unknown
 model or route, 413 body too large, 429 tenant limits (with Retry-After), 503 every tenant together
-is over the server's in-flight cap (with Retry-After). Fields the API does not know are ignored.
+is over the server's in-flight cap (with Retry-After). No field is ignored: an unknown one is a 400,
+and so is one of OpenAI's that Realm does not implement (schema.REFUSED).
 A client that goes away (closed stream, dropped connection) cancels its generation.
 """
 
@@ -32,6 +36,7 @@ from realm_wasm.errors import RealmError
 
 from .doors import bearer, error_response
 from .errors import ApiError, api_error
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .schema import openapi_document, parse_json_object
 from .service import Generation, Service
 from .tenants import Tenant
@@ -217,6 +222,23 @@ def http_routes(service: Service) -> list[BaseRoute]:
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document(service.settings.default_max_tokens))
 
+    async def embeddings(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        body = await read_json(request, service.settings.max_body_bytes)
+        return JSONResponse(await service.embeddings(tenant, body))
+
+    async def tokenize(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        return JSONResponse(await service.tokenize(tenant, await read_json(request, service.settings.max_body_bytes)))
+
+    async def detokenize(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        return JSONResponse(service.detokenize(tenant, await read_json(request, service.settings.max_body_bytes)))
+
+    async def metrics(request: Request) -> Response:
+        tenant = caller(service, request, bearer(request))
+        return Response(service.metrics.text(tenant.id, tenant.may_use_model), media_type=METRICS_CONTENT_TYPE)
+
     async def not_found(request: Request) -> Response:
         # a known path asked with another method: 405, as Starlette says when no catch-all is behind
         allowed = sorted({method for route in routes[:-1] if route.matches(request.scope)[0] == Match.PARTIAL
@@ -234,6 +256,10 @@ def http_routes(service: Service) -> list[BaseRoute]:
         Route("/v1/adapters", endpoint(list_adapters), methods=["GET"]),
         Route("/v1/adapters/{id}", endpoint(put_adapter), methods=["PUT"]),
         Route("/v1/adapters/{id}", endpoint(delete_adapter), methods=["DELETE"]),
+        Route("/v1/embeddings", endpoint(embeddings), methods=["POST"]),
+        Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+        Route("/metrics", endpoint(metrics), methods=["GET"]),
         Route("/health", endpoint(health), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi), methods=["GET"]),
         Route("/v1/{path:path}", endpoint(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),

@@ -4,7 +4,12 @@ and the OpenAPI document built from the same tables.
 `validate(value, schema, path)` raises ApiError(400) whose `param` is the path of the field at
 fault ("messages[0].role"). The keywords it knows are the ones the schemas below use: type (one
 or a list), anyOf (each option with a `title` for the message), properties, required, items,
-enum and the RULES. Fields a schema does not name are ignored, as OpenAI's API does.
+enum, additionalProperties (False only) and the RULES.
+
+No field is ignored silently: every field of OpenAI's completions and chat-completions requests is
+either implemented (GENERATION_PROPERTIES and the endpoint's own) or refused with a 400 naming it
+and saying why (`REFUSED`, checked by `refuse_unsupported` before the schema); a field neither
+knows is a 400 "unknown field". The OpenAPI document lists the refused ones (x-refused).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from realm_wasm.sampling import MAX_TOP_LOGPROBS
 from realm_wasm.speculative import MAX_DRAFT, MAX_NGRAM, METHODS
 
 from .errors import ERROR_TYPES, ApiError
@@ -27,6 +33,7 @@ MAX_PROMPT_TOKENS = 1 << 17  # token ids in one prompt: above any context Realm 
 MAX_MESSAGES = 4096  # turns in one conversation
 MAX_CONTENT_PARTS = 256  # text parts in one message
 MAX_STOP_CHARS = 256  # characters in one stop string
+MAX_CHOICES = 16  # n: each choice is its own sequence in the scheduler
 
 
 def _nullable(kind: str, **rules: Any) -> dict[str, Any]:
@@ -51,7 +58,10 @@ MESSAGES = {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "descripti
                 "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}},
         ]},
         "name": {"type": "string"},
-    }}}
+        # what OpenAI's client sends back with an assistant turn: harmless when empty
+        "refusal": {"type": "null", "description": "only null (Realm never refuses)"},
+        "tool_calls": {"type": "null", "description": "only null: tool calling is not implemented yet"},
+    }, "additionalProperties": False}}
 
 GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
     "model": {"type": "string", "description": "a name from GET /v1/models"},
@@ -70,10 +80,24 @@ GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
     ], "description": "generation ends before the first of these; they are not returned"},
     "stream": _nullable("boolean"),
     "stream_options": _nullable("object", properties={"include_usage": {"type": "boolean"}}),
-    "n": _nullable("integer", minimum=1, maximum=1, description="only 1 choice is supported"),
-    "presence_penalty": _nullable("number", minimum=0, maximum=0, description="only 0 is supported"),
-    "frequency_penalty": _nullable("number", minimum=0, maximum=0, description="only 0 is supported"),
-    "user": {"type": "string"},
+    "n": _nullable("integer", minimum=1, maximum=MAX_CHOICES,
+                   description="choices to generate, each its own sequence (choice i samples with seed + i); "
+                               "each prefills the prompt (a free slot holding it reuses its KV)"),
+    "presence_penalty": _nullable("number", minimum=-2, maximum=2, description="OpenAI's: a token generated "
+                                  "before loses this much (the prompt does not count)"),
+    "frequency_penalty": _nullable("number", minimum=-2, maximum=2, description="OpenAI's: a token loses this "
+                                   "much for each time it was generated before"),
+    "repetition_penalty": _nullable("number", exclusiveMinimum=0, maximum=10, description="llama.cpp's "
+                                    "repeat_penalty: the logit of a token among the last repeat_last_n (prompt "
+                                    "included) is divided by it when positive, multiplied when not; default 1"),
+    "repeat_last_n": _nullable("integer", minimum=-1, description="tokens repetition_penalty looks back over; "
+                               "default 64, 0 disables, -1: the whole context"),
+    "logit_bias": _nullable("object", description="token id (a string, as JSON keys are) -> bias in [-100, 100] "
+                            "added to its logit before sampling"),
+    "user": {"type": "string", "description": "an end-user id: written to the server's log line of the request"},
+    "safety_identifier": {"type": "string", "description": "as user"},
+    "service_tier": _nullable("string", enum=["auto", "default"], description="Realm has one tier"),
+    "store": _nullable("boolean", enum=[False], description="Realm stores no completions: false only"),
     "lora": _nullable("array", maxItems=4, items={
         "type": "object", "required": ["id"], "properties": {
             "id": {"type": "string", "minLength": 1, "description": "an id from GET /v1/adapters"},
@@ -91,11 +115,76 @@ GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
                     "same as without, usage counts drafted_tokens and accepted_tokens"),
 }
 
-COMPLETION_SCHEMA = {"type": "object", "required": ["model", "prompt"],
-                     "properties": {**GENERATION_PROPERTIES, "prompt": PROMPT}}
-CHAT_SCHEMA = {"type": "object", "required": ["model", "messages"],
-               "properties": {**GENERATION_PROPERTIES, "messages": MESSAGES,
-                              "max_completion_tokens": GENERATION_PROPERTIES["max_tokens"]}}
+COMPLETION_SCHEMA = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": {
+    **GENERATION_PROPERTIES, "prompt": PROMPT,
+    "logprobs": _nullable("integer", minimum=0, maximum=MAX_TOP_LOGPROBS, description="OpenAI's legacy logprobs: "
+                          "each token's logprob and this many most likely alternatives (choices[].logprobs: tokens, "
+                          "token_logprobs, top_logprobs, text_offset), from the model's own distribution"),
+    "echo": _nullable("boolean", enum=[False], description="false only: the prompt is not repeated"),
+    "best_of": _nullable("integer", minimum=1, maximum=1, description="1 only (ask for n choices instead)"),
+    "suffix": _nullable("string", maxLength=0, description="empty only: no insertion mode")}}
+CHAT_SCHEMA = {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": {
+    **GENERATION_PROPERTIES, "messages": MESSAGES,
+    "max_completion_tokens": GENERATION_PROPERTIES["max_tokens"],
+    "logprobs": _nullable("boolean", description="each token's logprob in choices[].logprobs.content "
+                          "(token, logprob, bytes, top_logprobs), from the model's own distribution"),
+    "top_logprobs": _nullable("integer", minimum=0, maximum=MAX_TOP_LOGPROBS,
+                              description="alternatives per token; needs logprobs: true")}}
+
+# OpenAI's request fields Realm does not implement: field -> (accepts the value, why it is refused).
+# Null is always accepted, and so are the values that ask for what Realm does anyway ("tool_choice":
+# "none"); `refuse_unsupported` then drops the field.
+REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (lambda v: v == {"type": "text"}, "structured output (json_object, json_schema) is not "
+                        "implemented yet; only {\"type\": \"text\"}"),
+    "tools": (lambda v: False, "tool calling is not implemented yet"),
+    "tool_choice": (lambda v: v == "none", "tool calling is not implemented yet (only \"none\")"),
+    "parallel_tool_calls": (lambda v: False, "tool calling is not implemented yet"),
+    "functions": (lambda v: False, "function calling is not implemented"),
+    "function_call": (lambda v: v == "none", "function calling is not implemented (only \"none\")"),
+    "audio": (lambda v: False, "audio output is not supported"),
+    "modalities": (lambda v: v == ["text"], "text output only ([\"text\"])"),
+    "prediction": (lambda v: False, "predicted outputs are not supported; see the speculation field"),
+    "web_search_options": (lambda v: False, "web search is not supported"),
+    "reasoning_effort": (lambda v: False, "the served models have no reasoning-effort control"),
+    "verbosity": (lambda v: False, "the served models have no verbosity control"),
+    "metadata": (lambda v: False, "metadata is for stored completions, and Realm stores none"),
+    "prompt_cache_key": (lambda v: False, "KV reuse is automatic (a free slot with the same prefix); no cache keys"),
+}
+
+
+def refuse_unsupported(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` without its REFUSED fields; ApiError(400) naming the first whose value asks for what
+    Realm does not do, and why."""
+    for name, (accepts, why) in REFUSED.items():
+        value = body.get(name)
+        if value is not None and not accepts(value):
+            raise ApiError(400, f"{name} is not supported: {why}", name)
+    return {k: v for k, v in body.items() if k not in REFUSED}
+WHICH_MODEL = {"type": "string", "description": "a name from GET /v1/models; may be left out when the caller "
+               "may use one model only"}
+TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+TOKENIZE_SCHEMA = {"type": "object", "required": ["content"], "additionalProperties": False, "properties": {
+    "model": WHICH_MODEL, "content": {"type": "string"},
+    "add_special": {"type": "boolean", "description": "add BOS as a prompt would (default false)"},
+    "parse_special": {"type": "boolean", "description": "spell control tokens as themselves (default true)"},
+    "with_pieces": {"type": "boolean", "description": "tokens as {id, piece} (piece: a string, or the bytes "
+                    "when they are not valid UTF-8 alone); default false"}}}
+DETOKENIZE_SCHEMA = {"type": "object", "required": ["tokens"], "additionalProperties": False,
+                     "properties": {"model": WHICH_MODEL, "tokens": TOKEN_IDS}}
+EMBEDDINGS_SCHEMA = {"type": "object", "required": ["model", "input"], "additionalProperties": False, "properties": {
+    "model": {"type": "string", "description": "a name from GET /v1/models"},
+    "input": {"anyOf": [
+        {"type": "string", "title": "a string"},
+        {"type": "array", "title": "an array of strings", "minItems": 1, "items": {"type": "string"}},
+        {"type": "array", "title": "an array of token ids", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+        {"type": "array", "title": "an array of arrays of token ids", "minItems": 1,
+         "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}},
+    ], "description": "text(s) or token ids to embed (no BOS is added to token ids)"},
+    "encoding_format": _nullable("string", enum=["float", "base64"],
+                                 description="base64: the little-endian float32 bytes; default float"),
+    "dimensions": _nullable("integer", minimum=1, description="must equal the model's embedding width if given"),
+    "user": {"type": "string"}}}
 WS_MESSAGE_SCHEMA = {"type": "object", "required": ["type"], "properties": {
     "type": {"enum": ["auth", "generate", "cancel"]},
     "id": {"type": "string", "minLength": 1, "maxLength": 128},
@@ -153,6 +242,11 @@ def validate(value: Any, schema: dict[str, Any], path: str) -> None:
         if rule in schema and fails(value, schema[rule]):
             raise ApiError(400, f"{path} {message.format(schema[rule])}", path)
     if isinstance(value, dict):
+        if schema.get("additionalProperties") is False:
+            unknown = [key for key in value if key not in schema.get("properties", {})]
+            if unknown:
+                raise ApiError(400, f"unknown field {_join(path, unknown[0])} (see /openapi.json)",
+                               _join(path, unknown[0]))
         for key, sub in schema.get("properties", {}).items():
             if key in value:
                 validate(value[key], sub, _join(path, key))
@@ -259,15 +353,27 @@ def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
             "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
             "model": {"type": "string"}, "usage": usage_schema, "lora": applied,
             "choices": {"type": "array", "items": {"type": "object", "properties": {
-                "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]}, **choice}}}}}
+                "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]},
+                "logprobs": {"type": ["object", "null"], "description": "when asked: completions {tokens, "
+                             "token_logprobs, top_logprobs, text_offset}; chat {content: [{token, logprob, bytes, "
+                             "top_logprobs}]}"}, **choice}}}}}
+        refused = {name: f"a 400 unless null (or, where said, the one accepted value): {why}"
+                   for name, (_, why) in REFUSED.items()}
         return {"post": {
             "summary": summary, "security": [{"bearer": []}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {**request_schema, "x-refused": refused}}}},
             "responses": {"200": {"description": "the completion; with \"stream\": true, server-sent events "
                                   "of chunks of the same shape, then `data: [DONE]`",
                                   "content": {"application/json": {"schema": result},
                                               "text/event-stream": {"schema": {"type": "string"}}}},
                           **errors}}}
+
+    def post_json(summary: str, request_schema: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        return {"post": {"summary": summary, "security": [{"bearer": []}],
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+                         "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {
+                             "type": "object", "properties": answer}}}}, **errors}}}
 
     adapter = {"type": "object", "properties": {
         "id": {"type": "string"}, "object": {"const": "adapter"}, "model": {"type": "string"},
@@ -284,7 +390,9 @@ def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Realm inference API", "version": "1.0.0",
                  "description": "OpenAI-compatible completions over Realm. Streaming tokens over a WebSocket "
-                                "is at /ws (protocol in realm_server/ws.py). Unknown request fields are ignored. "
+                                "is at /ws (protocol in realm_server/ws.py). No request field is ignored: an unknown "
+                                "field is a 400, and so is one of OpenAI's that Realm does not implement "
+                                "(each request body's x-refused says which, and why). "
                                 f"Every generation is bounded by max_tokens (default {default_max_tokens}, cut to "
                                 "the context left). A request body must arrive within the server's body timeout "
                                 "(408 after). Browsers' cross-origin requests are refused (403) unless the origin "
@@ -327,6 +435,22 @@ def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
                 "delete": {"summary": "Unload one of the caller's adapters (generations using it finish with it)",
                            "security": [{"bearer": []}], "parameters": [adapter_id, which_model],
                            "responses": {"200": {"description": "unloaded"}, **errors}}},
+            "/v1/embeddings": post_json("Embeddings: each input's final hidden states pooled (the GGUF's "
+                                        "pooling_type, else mean) and L2-normalized", EMBEDDINGS_SCHEMA, {
+                "object": {"const": "list"}, "model": {"type": "string"},
+                "data": {"type": "array", "items": {"type": "object", "properties": {
+                    "object": {"const": "embedding"}, "index": {"type": "integer"},
+                    "embedding": {"type": ["array", "string"], "description": "floats, or base64 of float32"}}}},
+                "usage": {"type": "object", "properties": {k: {"type": "integer"}
+                                                           for k in ("prompt_tokens", "total_tokens")}}}),
+            "/tokenize": post_json("Token ids of a text (llama-server's)", TOKENIZE_SCHEMA,
+                                   {"tokens": {"type": "array", "description": "ids, or {id, piece} with_pieces"}}),
+            "/detokenize": post_json("The text of token ids (llama-server's)", DETOKENIZE_SCHEMA,
+                                     {"content": {"type": "string"}}),
+            "/metrics": {"get": {"summary": "Prometheus text: the caller's tenant's requests, tokens, TTFT and "
+                                            "latency histograms; queue depth per model", "security": [{"bearer": []}],
+                                 "responses": {"200": {"description": "metrics", "content": {
+                                     "text/plain": {"schema": {"type": "string"}}}}, **errors}}},
             "/health": {"get": {"summary": "Liveness and KV-slot use per model", "responses": {"200": {
                 "description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         },

@@ -35,7 +35,10 @@ serve --draft FILE`); its usage then counts drafted_tokens and accepted_tokens.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import itertools
 import logging
 import math
 import re
@@ -48,17 +51,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from realm_wasm.chat_template import ChatTemplate, ChatTemplateError
 from realm_wasm.engine import PREFILL_CHUNK, Engine
-from realm_wasm.errors import RealmError
+from realm_wasm.errors import InvalidRequest, RealmError
 from realm_wasm.lora import Adapter, read_adapter
-from realm_wasm.sampling import SamplingParams
+from realm_wasm.plan import head_input
+from realm_wasm.sampling import LogitRules, SamplingParams, TokenLogprob
 from realm_wasm.scheduler import Event, Finished, Scheduler, TokenEvent
 from realm_wasm.scheduler import Request as GenerationRequest
 from realm_wasm.speculative import Speculation
+from realm_wasm.tokenizer import Tokenizer
 
 from .errors import ApiError, ConfigError, api_error
-from .schema import CHAT_SCHEMA, COMPLETION_SCHEMA, validate
+from .metrics import Metrics
+from .schema import (
+    CHAT_SCHEMA,
+    COMPLETION_SCHEMA,
+    DETOKENIZE_SCHEMA,
+    EMBEDDINGS_SCHEMA,
+    TOKENIZE_SCHEMA,
+    refuse_unsupported,
+    validate,
+)
 from .tenants import Limiter, Tenant, Tenants, is_loopback, retry_after_header
 
 log = logging.getLogger("realm.server")
@@ -227,6 +243,38 @@ class ModelWorker:
 
 # --- jobs: a checked request, then a running generation --------------------------------------------
 
+def token_piece(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token's text as logprobs name it (a piece of a multi-byte character shows as U+FFFD)."""
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def legacy_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """OpenAI's completions logprobs; text_offset counts characters of the pieces from `offset`
+    (0 at the completion's first token: Realm never echoes the prompt)."""
+    pieces = [token_piece(tokenizer, e.token_id) for e in entries]
+    return {"tokens": pieces, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_piece(tokenizer, t): lp for t, lp in e.top} for e in entries],
+            "text_offset": list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=offset))}
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """OpenAI's chat logprobs: content[{token, logprob, bytes, top_logprobs}]."""
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        return {"token": token_piece(tokenizer, token_id), "logprob": logprob,
+                "bytes": list(tokenizer.token_bytes(token_id))}
+
+    return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def join_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The logprobs of a whole answer from its chunks' (each field's lists concatenated)."""
+    if not parts:
+        return None
+    return {key: (list(itertools.chain.from_iterable(p[key] for p in parts)) if isinstance(value, list) else value)
+            for key, value in parts[0].items()}
+
+
 @dataclass(frozen=True)
 class Shape:
     """How one endpoint's JSON looks (OpenAI's text completion vs chat completion)."""
@@ -240,6 +288,7 @@ class Shape:
     opening: dict[str, Any] | None  # the payload of a first chunk before any text
     closing: dict[str, Any]  # the payload of the chunk that carries the finish reason
     strip_leading_space: bool  # chat content starts at its first visible character
+    logprobs: Callable[[Tokenizer, list[TokenLogprob], int], dict[str, Any]]  # (tokens, text offset) -> logprobs
 
 
 SHAPES = {
@@ -247,13 +296,14 @@ SHAPES = {
                         choice=lambda text: {"text": text, "logprobs": None},
                         delta=lambda text: {"text": text, "logprobs": None},
                         text=lambda choice: choice["text"],
-                        opening=None, closing={"text": "", "logprobs": None}, strip_leading_space=False),
+                        opening=None, closing={"text": "", "logprobs": None}, strip_leading_space=False,
+                        logprobs=legacy_logprobs),
     "chat": Shape("chat.completion", "chat.completion.chunk", "chatcmpl-",
-                  choice=lambda text: {"message": {"role": "assistant", "content": text}},
+                  choice=lambda text: {"message": {"role": "assistant", "content": text}, "logprobs": None},
                   delta=lambda text: {"delta": {"content": text}},
                   text=lambda choice: choice["delta"].get("content", ""),
                   opening={"delta": {"role": "assistant", "content": ""}}, closing={"delta": {}},
-                  strip_leading_space=True),
+                  strip_leading_space=True, logprobs=chat_logprobs),
 }
 
 
@@ -267,12 +317,20 @@ class Job:
     stream: bool
     include_usage: bool
     lora: list[dict[str, Any]] = field(default_factory=list)  # the adapters applied, as the response says
+    n: int = 1  # choices: choice i is `request` sampled with seed + i
+    user: str | None = None  # the caller's end-user id, for the log
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def shape(self) -> Shape:
         return SHAPES[self.kind]
+
+    def requests(self) -> list[GenerationRequest]:
+        """One scheduler request per choice."""
+        sampling = self.request.sampling
+        return [dataclasses.replace(self.request, sampling=dataclasses.replace(
+            sampling, seed=(sampling.seed + i) & 0xFFFFFFFF)) for i in range(self.n)]
 
     def applied(self) -> dict[str, Any]:
         """What an answer adds to say which LoRA adapters applied (nothing when none did)."""
@@ -297,15 +355,17 @@ def adapter_card(adapter_id: str, model: str, adapter: Adapter, owner: str | Non
             "rank": adapter.rank, "alpha": adapter.alpha, "tensors": len(adapter.pairs)}
 
 
-def usage(event: Finished, speculated: bool) -> dict[str, Any]:
-    """OpenAI's usage; a request that speculated adds its drafts, also as OpenAI's predicted-output counts."""
-    counts: dict[str, Any] = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                              "total_tokens": event.prompt_tokens + event.completion_tokens}
+def usage(events: list[Finished], speculated: bool) -> dict[str, Any]:
+    """OpenAI's usage of a request's choices (the prompt counted once); a request that speculated
+    adds its drafts, also as OpenAI's predicted-output counts."""
+    prompt, completion = events[0].prompt_tokens, sum(e.completion_tokens for e in events)
+    counts: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": prompt + completion}
     if speculated:
-        counts |= {"drafted_tokens": event.drafted_tokens, "accepted_tokens": event.accepted_tokens,
-                   "completion_tokens_details": {
-                       "accepted_prediction_tokens": event.accepted_tokens,
-                       "rejected_prediction_tokens": event.drafted_tokens - event.accepted_tokens}}
+        drafted, accepted = sum(e.drafted_tokens for e in events), sum(e.accepted_tokens for e in events)
+        counts |= {"drafted_tokens": drafted, "accepted_tokens": accepted,
+                   "completion_tokens_details": {"accepted_prediction_tokens": accepted,
+                                                 "rejected_prediction_tokens": drafted - accepted}}
     return counts
 
 
@@ -321,65 +381,95 @@ def failure(event: Finished) -> ApiError:
 
 
 class Generation:
-    """A job running on its model's scheduler: its events queue here until `chunks` reads them."""
+    """A job running on its model's scheduler, one sequence per choice: their events (choice index,
+    event) queue here until `chunks` reads them."""
 
     def __init__(self, job: Job, worker: ModelWorker) -> None:
         self.job, self.worker = job, worker
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.seq_id = -1
-        self.finished = False
+        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.seq_ids: list[int] = []
+        self.unfinished = job.n  # choices whose Finished has not been delivered
         self.cancelled_by_client = False
+
+    @property
+    def finished(self) -> bool:
+        return self.unfinished == 0
 
     def ready(self) -> bool:
         """Whether `chunks` has its next chunk without waiting (all of them, once finished)."""
         return self.finished or not self.events.empty()
 
     def cancel(self) -> None:
-        """Stop generating (the client asked, or left); the slot frees at the next step."""
+        """Stop generating (the client asked, or left); the slots free at the next step."""
         if not self.finished:
             self.cancelled_by_client = True
-            self.worker.cancel(self.seq_id)
+            for seq_id in self.seq_ids:
+                self.worker.cancel(seq_id)
 
-    def chunk(self, payload: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    def chunk(self, payload: dict[str, Any], finish_reason: str | None, index: int = 0) -> dict[str, Any]:
         shape = self.job.shape
         return {"id": shape.id_prefix + self.job.id, "object": shape.chunk_object, "created": self.job.created,
-                "model": self.job.model.name, "choices": [{"index": 0, **payload, "finish_reason": finish_reason}]}
+                "model": self.job.model.name,
+                "choices": [{"index": index, **payload, "finish_reason": finish_reason}]}
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI's stream chunks: (chat) one announcing the role, one per piece of text, one with the
-        finish reason ("stop", "length", or "cancelled" when this generation's own client cancelled
-        it), then one with the usage when asked. Raises the ApiError of a generation that failed or
-        that the server cancelled."""
-        shape, shaper = self.job.shape, TextShaper(self.job.shape.strip_leading_space)
+        """OpenAI's stream chunks: (chat) one announcing the role per choice, one per piece of text
+        (and its tokens' logprobs, when asked), one per choice with its finish reason ("stop",
+        "length", or "cancelled" when this generation's own client cancelled it), then one with the
+        usage when asked. Raises the ApiError of a generation that failed or that the server cancelled."""
+        job, shape = self.job, self.job.shape
+        shapers = [TextShaper(shape.strip_leading_space) for _ in range(job.n)]
+        offsets = [0] * job.n  # characters of logprob pieces so far (legacy text_offset)
+        tokenizer = job.model.engine.tokenizer
         if shape.opening is not None:
-            yield self.chunk(shape.opening, None)
-        while True:
-            event = await self.events.get()
+            for index in range(job.n):
+                yield self.chunk(shape.opening, None, index)
+        done: list[Finished] = []
+        while len(done) < job.n:
+            index, event = await self.events.get()
             if isinstance(event, TokenEvent):
-                text = shaper(event.text)
-                if text:
-                    yield self.chunk(shape.delta(text), None)
+                text = shapers[index](event.text)
+                payload = shape.delta(text) if text else None
+                if event.logprob is not None:
+                    payload = {**(payload or shape.delta("")),
+                               "logprobs": shape.logprobs(tokenizer, [event.logprob], offsets[index])}
+                    offsets[index] += len(token_piece(tokenizer, event.logprob.token_id))
+                if payload is not None:
+                    yield self.chunk(payload, None, index)
                 continue
             asked_to_stop = event.reason == "cancelled" and self.cancelled_by_client
             if event.reason not in ("stop", "length") and not asked_to_stop:
+                self.cancel()  # the other choices are of no use without this one
                 raise failure(event)
-            yield {**self.chunk(shape.closing, event.reason), **self.job.applied()}
-            if include_usage:
-                speculated = self.job.request.speculation is not None
-                yield {**self.chunk({}, None), "choices": [], "usage": usage(event, speculated)}
-            return
+            done.append(event)
+            yield {**self.chunk(shape.closing, event.reason, index), **job.applied()}
+        if include_usage:
+            yield {**self.chunk({}, None), "choices": [], "usage": usage(done, job.request.speculation is not None)}
 
     async def answer(self) -> dict[str, Any]:
         """The whole (non-streamed) answer, joined from the chunks the stream would have sent."""
-        parts, finish_reason, used = [], None, None
+        shape, n = self.job.shape, self.job.n
+        parts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        finish_reasons: list[str | None] = [None] * n
+        used = None
         async for chunk in self.chunks(include_usage=True):
-            text, reason, chunk_usage = read_chunk(self.job.shape, chunk)
-            parts.append(text)
-            finish_reason, used = reason or finish_reason, chunk_usage or used
-        shape = self.job.shape
-        choice = {"index": 0, **shape.choice("".join(parts)), "finish_reason": finish_reason}
+            if not chunk["choices"]:
+                used = chunk["usage"]
+                continue
+            choice = chunk["choices"][0]
+            index = choice["index"]
+            parts[index].append(shape.text(choice))
+            finish_reasons[index] = choice["finish_reason"] or finish_reasons[index]
+            if choice.get("logprobs"):
+                logprobs[index].append(choice["logprobs"])
+        choices = [{"index": i, **shape.choice("".join(parts[i])), "finish_reason": finish_reasons[i]}
+                   for i in range(n)]
+        for choice, pieces in zip(choices, logprobs, strict=True):
+            if pieces:
+                choice["logprobs"] = join_logprobs(pieces)
         return {"id": shape.id_prefix + self.job.id, "object": shape.object, "created": self.job.created,
-                "model": self.job.model.name, "choices": [choice], "usage": used, **self.job.applied()}
+                "model": self.job.model.name, "choices": choices, "usage": used, **self.job.applied()}
 
 
 def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, Any] | None]:
@@ -388,6 +478,28 @@ def read_chunk(shape: Shape, chunk: dict[str, Any]) -> tuple[str, str | None, di
         return "", None, chunk["usage"]
     choice = chunk["choices"][0]
     return shape.text(choice), choice["finish_reason"], None
+
+
+# GGUF's {arch}.pooling_type (llama.cpp's enum) -> how token states become one embedding. A decoder
+# model declares none: its embedding is the mean over the tokens, as llama-server's --pooling mean.
+POOLING: dict[int, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    1: ("mean", lambda states: states.mean(axis=0)),
+    2: ("cls", lambda states: states[0]),
+    3: ("last", lambda states: states[-1]),
+}
+MEAN_POOLING = 1
+
+
+def pooling_of(model: ServedModel) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    metadata = model.engine.model.header.metadata
+    declared = metadata.get(f"{metadata.get('general.architecture', '')}.pooling_type")
+    return POOLING.get(declared, POOLING[MEAN_POOLING])
+
+
+def embedding(states: np.ndarray, pool: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The pooled final hidden states, L2-normalized (as llama-server's embeddings are)."""
+    pooled = pool(states.astype(np.float64))
+    return (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
 
 
 # --- the service -----------------------------------------------------------------------------------
@@ -419,6 +531,7 @@ class Service:
         self.limiters = {t.id: Limiter(t) for t in self.tenants.by_id.values()}
         self.workers = {m.name: ModelWorker(m, self.tenants.shares) for m in models}
         self.in_flight = 0
+        self.metrics = Metrics(self.workers)
         for tenant in self.tenants.by_id.values():  # a default adapter must exist, or all its requests fail
             for name in self.model_names(tenant):
                 missing = [a for a, _ in tenant.lora if a not in self.models[name].engine.adapters]
@@ -475,6 +588,7 @@ class Service:
 
     async def prepare(self, tenant: Tenant, body: dict[str, Any], kind: str) -> Job:
         """Validate a completion/chat body into a Job: every 4xx about the request's content is raised here."""
+        body = refuse_unsupported(body)
         validate(body, CHAT_SCHEMA if kind == "chat" else COMPLETION_SCHEMA, "")
         model = self.model_for(tenant, body["model"])
         ids, template_stop = await self.prompt_ids(model, body, kind)
@@ -500,13 +614,51 @@ class Service:
             seed=(secrets.randbits(32) if seed is None else seed) & 0xFFFFFFFF)
         asked = body.get("lora")
         lora = [(a["id"], float(_default(a.get("scale"), 1.0))) for a in asked] if asked is not None else tenant.lora
+        rules, logprobs = self.logit_rules(model, body), self.logprobs(body, kind)
+        speculation = self.speculation(model, body.get("speculation"))
+        if speculation is not None and (rules.active or logprobs is not None):
+            raise ApiError(400, "speculation cannot be combined with logprobs, logit_bias or penalties "
+                           "(their tokens are sampled on the host, one at a time)", "speculation")
         request = GenerationRequest(ids, max_tokens, sampling, tenant.id,
                                     stop=(*([stop] if isinstance(stop, str) else stop), *template_stop),
-                                    speculation=self.speculation(model, body.get("speculation")),
-                                    lora=tuple((self.adapter_name(tenant, model, a), scale) for a, scale in lora))
+                                    speculation=speculation,
+                                    lora=tuple((self.adapter_name(tenant, model, a), scale) for a, scale in lora),
+                                    rules=rules, logprobs=logprobs)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return Job(kind, model, request, bool(body.get("stream")), include_usage,
-                   [{"id": a, "scale": scale} for a, scale in lora])
+                   [{"id": a, "scale": scale} for a, scale in lora], n=int(_default(body.get("n"), 1)),
+                   user=body.get("user") or body.get("safety_identifier"))
+
+    @staticmethod
+    def logit_rules(model: ServedModel, body: dict[str, Any]) -> LogitRules:
+        """logit_bias and the penalties of a request (ranges checked by the schema)."""
+        vocab = model.engine.tokenizer.vocab_size
+        bias = []
+        for key, value in (body.get("logit_bias") or {}).items():
+            param = f"logit_bias.{key}"
+            if not (key.isdigit() and int(key) < vocab):
+                raise ApiError(400, f"logit_bias keys must be token ids below the vocab of {vocab}, got {key!r}",
+                               param)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+                raise ApiError(400, f"{param} must be a number in [-100, 100], got {value!r}", param)
+            bias.append((int(key), float(value)))
+        last_n = int(_default(body.get("repeat_last_n"), 64))
+        return LogitRules(tuple(bias), float(body.get("presence_penalty") or 0.0),
+                          float(body.get("frequency_penalty") or 0.0),
+                          float(_default(body.get("repetition_penalty"), 1.0)),
+                          model.engine.n_ctx if last_n == -1 else last_n)
+
+    @staticmethod
+    def logprobs(body: dict[str, Any], kind: str) -> int | None:
+        """How many alternatives each token's logprob comes with (None: no logprobs)."""
+        if kind == "completion":
+            return body.get("logprobs")
+        top = body.get("top_logprobs")
+        if not body.get("logprobs"):
+            if top is not None:
+                raise ApiError(400, "top_logprobs needs \"logprobs\": true", "top_logprobs")
+            return None
+        return int(_default(top, 0))
 
     @staticmethod
     def speculation(model: ServedModel, asked: dict[str, Any] | None) -> Speculation | None:
@@ -540,6 +692,96 @@ class Service:
             raise ApiError(400, f"prompt of {len(text)} characters cannot fit the context of "
                            f"{model.engine.n_ctx} tokens of {model.name!r}", param)
         return await asyncio.to_thread(tokenizer.encode, text, add_bos), stop
+
+    # --- tokens and embeddings ---
+
+    def named_or_only_model(self, tenant: Tenant, name: str | None) -> ServedModel:
+        """The model a request names, or the only one the tenant may use."""
+        names = self.model_names(tenant)
+        if name is None and len(names) != 1:
+            raise ApiError(400, f"say which model (\"model\": one of {names})", "model")
+        return self.model_for(tenant, name or names[0])
+
+    async def tokenize(self, tenant: Tenant, body: dict[str, Any]) -> dict[str, Any]:
+        """llama-server's /tokenize: {"content": text} -> {"tokens": [ids]} (or [{id, piece}])."""
+        validate(body, TOKENIZE_SCHEMA, "")
+        model = self.named_or_only_model(tenant, body.get("model"))
+        text, tokenizer = body["content"], model.engine.tokenizer
+        if len(text) > model.max_prompt_chars:
+            raise ApiError(400, f"content of {len(text)} characters is longer than any prompt of {model.name!r}",
+                           "content")
+        ids = await asyncio.to_thread(tokenizer.encode, text, bool(body.get("add_special", False)),
+                                      bool(body.get("parse_special", True)))
+        if not body.get("with_pieces"):
+            return {"tokens": ids}
+
+        def piece(token_id: int) -> str | list[int]:
+            raw = tokenizer.token_bytes(token_id)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return list(raw)
+
+        return {"tokens": [{"id": i, "piece": piece(i)} for i in ids]}
+
+    def detokenize(self, tenant: Tenant, body: dict[str, Any]) -> dict[str, Any]:
+        """llama-server's /detokenize: {"tokens": [ids]} -> {"content": text}."""
+        validate(body, DETOKENIZE_SCHEMA, "")
+        model = self.named_or_only_model(tenant, body.get("model"))
+        vocab = model.engine.tokenizer.vocab_size
+        if any(t >= vocab for t in body["tokens"]):
+            raise ApiError(400, f"tokens has ids outside the vocab of {vocab}", "tokens")
+        return {"content": model.engine.tokenizer.decode(body["tokens"])}
+
+    async def embeddings(self, tenant: Tenant, body: dict[str, Any]) -> dict[str, Any]:
+        """OpenAI's /v1/embeddings: each input's final hidden states, pooled (pooling_of) and
+        L2-normalized. Texts get BOS as prompts do; token ids are taken as they are. Each input
+        runs on the model's stepping thread between steps, in a free KV slot."""
+        validate(body, EMBEDDINGS_SCHEMA, "")
+        model = self.model_for(tenant, body["model"])
+        width = model.engine.model.plan.buffers[head_input(model.engine.model.plan)][1]
+        if body.get("dimensions") not in (None, width):
+            raise ApiError(400, f"{model.name!r} embeds in {width} dimensions, not {body['dimensions']}", "dimensions")
+        given = body["input"]
+        inputs = [given] if isinstance(given, str) or isinstance(given[0], int) else given
+        tokenizer, n_ctx = model.engine.tokenizer, model.engine.n_ctx
+        worker, (_, pool) = self.workers[model.name], pooling_of(model)
+        token_lists = []
+        for i, item in enumerate(inputs):
+            param = f"input[{i}]" if inputs is given else "input"
+            if isinstance(item, str):
+                if len(item) > model.max_prompt_chars:
+                    raise ApiError(400, f"{param} is longer than the context of {model.name!r}", param)
+                ids = await asyncio.to_thread(tokenizer.encode, item, True)
+            else:
+                ids = item
+            if not ids or len(ids) > n_ctx or max(ids) >= tokenizer.vocab_size:
+                raise ApiError(400, f"{param} must be 1 to {n_ctx} tokens with ids below {tokenizer.vocab_size}", param)
+            token_lists.append(ids)
+        total = sum(len(ids) for ids in token_lists)
+        limiter = self.limiters[tenant.id]  # the tenant's limits, as a generation of `total` tokens
+        if limiter.exceeds_bucket(total):
+            raise ApiError(400, f"input of {total} tokens is more than tenant {tenant.id!r} may use in a minute "
+                           f"({tenant.tokens_per_minute})", "input")
+        refused = limiter.try_acquire(total)
+        if refused is not None:
+            raise ApiError(429, refused[1], headers={"Retry-After": retry_after_header(refused[0])})
+        data = []
+        try:
+            for i, ids in enumerate(token_lists):
+                try:
+                    states = await worker.call(lambda ids=ids: worker.scheduler.hidden_states(ids))
+                except InvalidRequest as e:
+                    raise ApiError(503, f"cannot embed now: {e}", headers={"Retry-After": "1"}) from e
+                vector = embedding(states, pool)
+                base64_asked = body.get("encoding_format") == "base64"
+                encoded = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if base64_asked
+                           else vector.tolist())
+                data.append({"object": "embedding", "index": i, "embedding": encoded})
+        finally:
+            limiter.release(0)
+        return {"object": "list", "data": data, "model": model.name,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
 
     # --- LoRA adapters ---
 
@@ -602,12 +844,12 @@ class Service:
     def start(self, job: Job, tenant: Tenant) -> Generation:
         """Admit a job under the server's and the tenant's limits and hand it to its model's scheduler."""
         req = job.request
-        cost = len(req.prompt_ids) + req.max_tokens
+        cost = job.n * (len(req.prompt_ids) + req.max_tokens)
         limiter = self.limiters[tenant.id]
         worker = self.workers[job.model.name]
         if limiter.exceeds_bucket(cost):
-            raise ApiError(400, f"prompt tokens + max_tokens = {cost} is more than tenant {tenant.id!r} may use "
-                           f"in a minute ({tenant.tokens_per_minute})", "max_tokens")
+            raise ApiError(400, f"(prompt tokens + max_tokens) x n = {cost} is more than tenant {tenant.id!r} may "
+                           f"use in a minute ({tenant.tokens_per_minute})", "max_tokens")
         if not worker.alive:
             raise ApiError(503, f"the worker of {job.model.name!r} is not running (is the app's lifespan in use?)")
         if self.in_flight >= self.settings.max_in_flight:
@@ -620,21 +862,37 @@ class Service:
         self.in_flight += 1
         generation = Generation(job, worker)
         t0 = time.perf_counter()
+        observe = self.metrics.request(tenant.id, job.model.name, job.kind)
+        unused = [0]  # reserved tokens the choices did not generate: given back once all have finished
 
-        def deliver(event: Event) -> None:  # on the loop, whether or not anyone still reads
-            if isinstance(event, Finished):
-                generation.finished = True
+        def end_choice(unused_tokens: int) -> None:
+            generation.unfinished -= 1
+            unused[0] += unused_tokens
+            if generation.finished:
                 self.in_flight -= 1
-                limiter.release(req.max_tokens - event.completion_tokens)
-                log.info("%s %s tenant=%s model=%s prompt=%d completion=%d finish=%s %.2fs", job.kind, job.id,
-                         tenant.id, job.model.name, event.prompt_tokens, event.completion_tokens, event.reason,
-                         time.perf_counter() - t0)
-            generation.events.put_nowait(event)
+                limiter.release(unused[0])
 
+        def deliver_to(index: int) -> Callable[[Event], None]:
+            def deliver(event: Event) -> None:  # on the loop, whether or not anyone still reads
+                if isinstance(event, Finished):
+                    end_choice(req.max_tokens - event.completion_tokens)
+                    observe.finished(event, count_prompt=index == 0, last=generation.finished)
+                    log.info("%s %s[%d] tenant=%s%s model=%s prompt=%d completion=%d finish=%s %.2fs", job.kind,
+                             job.id, index, tenant.id, f" user={job.user!r}" if job.user else "", job.model.name,
+                             event.prompt_tokens, event.completion_tokens, event.reason, time.perf_counter() - t0)
+                elif event.index == 0 and event.token_id is not None:
+                    observe.first_token()
+                generation.events.put_nowait((index, event))
+            return deliver
+
+        requests = job.requests()
         try:
-            generation.seq_id = worker.submit(req, deliver)
+            for index, request in enumerate(requests):
+                generation.seq_ids.append(worker.submit(request, deliver_to(index)))
         except BaseException:  # refused at once (prepare() checked this already): no Finished will release it
-            self.in_flight -= 1
-            limiter.release(req.max_tokens)
+            for seq_id in generation.seq_ids:  # the choices already queued end as cancelled, releasing theirs
+                worker.cancel(seq_id)
+            for _ in requests[len(generation.seq_ids):]:
+                end_choice(req.max_tokens)
             raise
         return generation

@@ -5,7 +5,8 @@ Protocol (JSON text messages):
     server -> {"type": "ready", "tenant": ID, "models": [NAME, ...]}
     client -> {"type": "generate", "id": ID, "model": ..., "prompt": ... | "messages": [...],
                "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "lora", "speculation"}
-                                                                                (as over HTTP)
+                                                                                (as over HTTP;
+               "n" > 1 and "logprobs" are HTTP only: a 400 here)
     server -> {"type": "token", "id": ID, "text": "..."}                        (many)
     server -> {"type": "done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...},
                "lora": [{"id", "scale"}, ...]}  (the adapters applied, when any; "lora" asks for them as over HTTP)
@@ -116,7 +117,11 @@ class Connection:
             return
         if self.running(cid) is not None:
             raise ApiError(400, f"generation {cid!r} is already running on this connection", "id")
-        fields = {k: v for k, v in body.items() if k not in ("type", "id")}
+        fields = {k: v for k, v in body.items() if k not in ("type", "id", "api_key")}
+        for name, plain in (("n", 1), ("logprobs", False), ("top_logprobs", None)):  # token messages: text only
+            value = fields.get(name)
+            if value is not None and not (value == plain and type(value) is type(plain)):
+                raise ApiError(400, f"{name} is not supported over the WebSocket (use HTTP)", name)
         if ("prompt" in fields) == ("messages" in fields):
             raise ApiError(400, "a generate message needs exactly one of prompt and messages", "prompt")
         job = await self.service.prepare(self.tenant, fields, "chat" if "messages" in fields else "completion")

@@ -22,7 +22,7 @@ import numpy as np
 
 from .gguf import TensorInfo
 from .lora import Adapter, add_side_paths, check_batch
-from .plan import Batch, Op, Plan
+from .plan import Batch, Op, Plan, head_input
 from .quants import dequantize
 from .sampling import SamplingParams, sample
 
@@ -190,7 +190,7 @@ class CpuExecutor:
     def clear_adapter(self, slot: int) -> None:
         self.adapters.pop(slot, None)
 
-    def forward(self, batch: Batch) -> np.ndarray:
+    def forward(self, batch: Batch, until: str = "logits") -> np.ndarray:
         if len(batch) == 0:
             raise ValueError("empty batch")
         if int(batch.positions.max()) >= self.cache.n_ctx:
@@ -198,8 +198,14 @@ class CpuExecutor:
         check_batch(batch, self.adapters)
         buf: dict[str, np.ndarray] = {"tokens": batch.tokens}
         for op in self.plan.ops:
+            if op.out == "logits" and until != "logits":
+                return buf[until]
             buf[op.out] = self._run(op, buf, batch)
         return buf["logits"]
+
+    def hidden(self, batch: Batch) -> np.ndarray:
+        """The final hidden state [R, n_embd] of the batch's logit rows: the output head's input."""
+        return self.forward(batch, until=head_input(self.plan))
 
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
         self.last_sampled = [sample(logits, params, step)

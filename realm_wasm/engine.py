@@ -53,6 +53,9 @@ class Executor(Protocol):
     def forward(self, batch: Batch) -> np.ndarray:
         """Logits [R, n_vocab] of the batch's logit rows."""
 
+    def hidden(self, batch: Batch) -> np.ndarray:
+        """The final hidden state [R, n_embd] of the batch's logit rows (the output head's input)."""
+
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
         """Token ids sampled from each logit row with its (params, step counter)."""
 

@@ -117,6 +117,11 @@ class Batch:
         return len(self.tokens)
 
 
+def head_input(plan: Plan) -> str:
+    """The buffer the output head reads: the final hidden state (after the output norm) of each logit row."""
+    return next(op.ins[0] for op in plan.ops if op.out == "logits")
+
+
 def lora_table(rows: Sequence[Sequence[tuple[int, float]]]) -> tuple[np.ndarray | None, np.ndarray | None]:
     """`Batch.lora` and `Batch.lora_scale` from each token's (adapter slot, scale) pairs; (None, None)
     when no token has any."""

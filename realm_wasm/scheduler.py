@@ -71,7 +71,7 @@ import numpy as np
 from .errors import ContextOverflow, InvalidRequest
 from .lora import AdapterNotFound
 from .plan import LORA_PER_TOKEN, Batch, lora_table
-from .sampling import SamplingParams
+from .sampling import NO_RULES, LogitRules, SamplingParams, TokenLogprob, adjust_logits, sample, token_logprobs
 from .speculative import DraftModel, Speculation, SpeculationState, accepted_prefix
 from .tokenizer import StreamDecoder
 
@@ -100,6 +100,13 @@ class Request:
     stop_at_eos: bool = True
     speculation: Speculation | None = None  # draft tokens for the target to verify (speculative.py)
     lora: tuple[tuple[str, float], ...] = ()  # (adapter name, scale): LoRA adapters every token applies
+    rules: LogitRules = NO_RULES  # logit_bias and penalties (sampling.LogitRules)
+    logprobs: int | None = None  # each token's logprob and this many top alternatives (None: none)
+
+    @property
+    def reads_logits(self) -> bool:
+        """Whether its steps are sampled on the host from logits read back (see `_launch`)."""
+        return self.rules.active or self.logprobs is not None
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class TokenEvent:
     text: str  # the new complete UTF-8 text this token made (may be "")
     index: int  # 0 for the first generated token
     elapsed_s: float  # since the request was submitted
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -251,6 +259,10 @@ class Scheduler:
             raise InvalidRequest(f"adapter scales must be finite numbers, got {[s for _, s in request.lora]}")
         for name in names:
             self.engine.adapters.slot(name)  # AdapterNotFound now rather than at admission
+        if request.reads_logits and spec is not None:
+            raise InvalidRequest("speculation cannot be combined with logprobs, logit_bias or penalties")
+        if not all(0 <= t < vocab for t, _ in request.rules.logit_bias):
+            raise InvalidRequest(f"logit_bias has token ids outside the vocab of {vocab}")
         seq = _Sequence(next(self._ids), request, sink, StreamDecoder(self.engine.tokenizer),
                         StopText(request.stop), time.perf_counter(), ids,
                         spec=SpeculationState.start(spec) if spec is not None else None)
@@ -296,6 +308,20 @@ class Scheduler:
             self._in_flight.append(self._submit_follow(self._in_flight[-1]))
         self._receive(self._in_flight.popleft())
         return True
+
+    def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+        """The final hidden state [len(ids), n_embd] of every token of `ids`, fed from position 0 into
+        a free KV slot (the one caching the least; it forgets what it cached). Stepping thread only,
+        between steps: call it through `call`. InvalidRequest when every slot is running."""
+        if not self._free_slots:
+            raise InvalidRequest("every KV slot is running a generation; retry shortly")
+        if not 0 < len(ids) <= self.engine.n_ctx:
+            raise ContextOverflow(f"{len(ids)} tokens do not fit the context of {self.engine.n_ctx}")
+        slot = min(self._free_slots, key=lambda s: len(self.engine.slot_tokens[s]))
+        self.engine.slot_tokens[slot] = self.engine.slot_adapters[slot] = ()
+        size = min(PREFILL_CHUNK, self.engine.executor.max_logit_rows)
+        return np.concatenate([self.engine.executor.hidden(Batch.for_sequence(list(ids[i:i + size]), i, slot, True))
+                               for i in range(0, len(ids), size)])
 
     def cancel_all(self) -> None:
         """Finish every queued and running request as cancelled (at shutdown)."""
@@ -484,6 +510,8 @@ class Scheduler:
             return False
         if self._next_admission() is not None:  # a waiting request takes a slot now
             return False
+        if any(seq.request.reads_logits for seq in self._running.values()):  # sampled on the host
+            return False
         return (len(step.sampled) == len(self._running)
                 and all(n == 1 and seq.id in self._running and seq.requested < seq.request.max_tokens
                         and (seq.spec is None or not seq.spec.worth_a_pause(seq.tokens))
@@ -507,7 +535,10 @@ class Scheduler:
         # a verifying sequence's row i with the counter of the token it gives, as plain decoding would
         rows = [(seq.request.sampling, seq.requested + i) for seq, n in sampled for i in range(n)] or [(GREEDY, 0)]
         try:
-            pending = self.engine.executor.submit_sample(batch, rows, follow=follow)
+            if any(seq.request.reads_logits for seq, _ in sampled):
+                pending = _HostSampled(self.engine.executor.forward(batch), sampled, rows)
+            else:
+                pending = self.engine.executor.submit_sample(batch, rows, follow=follow)
         except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving the others
             pending = _Failed(e)
         for seq, n in fed:
@@ -524,13 +555,14 @@ class Scheduler:
             self._fail(step, e)
             return
         self._steps += 1
+        logprobs = getattr(step.pending, "logprobs", None)
         at = 0
         for seq, n in step.sampled:
             sampled, at = tokens[at:at + n], at + n
             if self._running.get(seq.id) is not seq:  # finished or cancelled meanwhile
                 continue
             if n == 1:
-                self._advance(seq, sampled[0])
+                self._advance(seq, sampled[0], logprobs[at - 1] if logprobs else None)
                 continue
             # verified drafts: keep the accepted ones and the target's own next token; the KV
             # entries of the rejected drafts are rolled back (overwritten by the next step)
@@ -557,7 +589,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - their sequences are being finished anyway
                 pass
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Stream the sequence's new token; finish on end of text, a stop sequence or length."""
         req = seq.request
         if req.stop_at_eos and token in self.engine.tokenizer.eot_ids:
@@ -566,7 +598,7 @@ class Scheduler:
         seq.generated += 1
         self._generated += 1
         text, stopped = seq.stop.feed(seq.decoder.feed(token))
-        self._emit(seq, TokenEvent(token, text, seq.generated - 1, time.perf_counter() - seq.t0))
+        self._emit(seq, TokenEvent(token, text, seq.generated - 1, time.perf_counter() - seq.t0, logprob))
         if stopped:
             self._finish(seq, "stop", flush=False)
         elif seq.generated == req.max_tokens:
@@ -608,6 +640,32 @@ class Scheduler:
             seq.sink(event)
         except Exception:  # noqa: BLE001 - nobody can read this sequence any more: stop it, serve the others
             self._inbox.append(("cancel", seq.id))
+
+
+class _HostSampled:
+    """A step sampled on the host from its logits read back: for requests whose logits depend on
+    their own tokens (logit_bias, penalties) or that report logprobs, on every executor alike. It
+    costs the read of R x n_vocab floats (1 MiB a row for a 262k vocabulary) and no decoding ahead
+    while such a request runs; the other rows of the step are sampled by the same rules as the
+    GPU's sampler (sampling.py), so their tokens do not change."""
+
+    def __init__(self, logits: np.ndarray, sampled: list[tuple[_Sequence, int]],
+                 rows: list[tuple[SamplingParams, int]]) -> None:
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob | None] = []
+        at = 0
+        for seq, n in sampled:  # one row each: a sequence that reads logits never speculates
+            req = seq.request
+            for i in range(n):
+                row = logits[at + i]
+                z = adjust_logits(row, req.rules, seq.tokens, len(req.prompt_ids)) if req.rules.active else row
+                token = sample(z, *rows[at + i])
+                self.tokens.append(token)
+                self.logprobs.append(token_logprobs(row, token, req.logprobs) if req.logprobs is not None else None)
+            at += n
+
+    def result(self) -> list[int]:
+        return self.tokens
 
 
 class _Failed:

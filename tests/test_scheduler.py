@@ -22,9 +22,9 @@ CHARS = "\u2581" + "".join(chr(c) for c in range(33, 125))  # "▁" spells a spa
 VOCAB = 3 + len(CHARS)  # <unk>, <s>, </s>, then one token per character
 
 
-def write_tiny_model(path, v_dtype=np.float32, seed: int = 7, n_ctx: int = N_CTX) -> None:
+def write_tiny_model(path, v_dtype=np.float32, seed: int = 7, n_ctx: int = N_CTX, chars: str = CHARS) -> None:
     """A random llama GGUF; `v_dtype` float64 makes the attention's v projection a type no GPU
-    kernel reads (F64)."""
+    kernel reads (F64); `chars`: the characters of its vocab, one token each."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(n_ctx)
@@ -36,9 +36,9 @@ def write_tiny_model(path, v_dtype=np.float32, seed: int = 7, n_ctx: int = N_CTX
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>", *CHARS])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([2, 3, 3] + [1] * len(CHARS))
+    w.add_token_list(["<unk>", "<s>", "</s>", *chars])
+    w.add_token_scores([0.0] * (3 + len(chars)))
+    w.add_token_types([2, 3, 3] + [1] * len(chars))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_space_prefix(False)
@@ -46,7 +46,7 @@ def write_tiny_model(path, v_dtype=np.float32, seed: int = 7, n_ctx: int = N_CTX
     def add(name, shape, scale=0.4, dtype=np.float32):
         w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(dtype))
 
-    add("token_embd.weight", (VOCAB, D), 1.0)
+    add("token_embd.weight", (3 + len(chars), D), 1.0)
     add("output_norm.weight", (D,), 1.0)
     hd = D // HEADS
     for i in range(LAYERS):

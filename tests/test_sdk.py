@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from realm_client import (
     APIConnectionError,
@@ -238,3 +239,127 @@ def test_js_sdk_under_node(live, expected, tmp_path):
     assert out["ws"] == expected[PROMPTS[2]]
     assert out["cancelled"] == "cancelled"
     assert out["errors"] == {"auth": [True, 401], "bad": [True, "max_tokens"], "denied": True, "wsAuth": True}
+
+
+# --- logprobs, n, penalties, logit_bias, embeddings, tokens (the tiny model of test_scheduler) ----
+
+TINY_JS_SCRIPT = """
+import { RealmClient } from %(sdk)s;
+const [url, key] = process.argv.slice(2);
+const client = new RealmClient({ baseURL: url, apiKey: key });
+const out = {};
+const done = await client.complete(%(prompt)s, { max_tokens: 4, temperature: 0, logprobs: 2 });
+out.logprobs = done.logprobs.map((e) => [e.token, e.logprob, e.top.length]);
+const chat = await client.chat([{ role: "user", content: "abc" }], { max_tokens: 3, temperature: 0, logprobs: 1 });
+out.chatLogprobs = chat.logprobs.map((e) => e.top.length);
+const many = await client.complete(%(prompt)s, { max_tokens: 4, temperature: 1, seed: 10, n: 2 });
+out.choices = many.choices.map((c) => [c.index, c.text]);
+const single = await client.complete(%(prompt)s, { max_tokens: 4, temperature: 1, seed: 11 });
+out.second = single.text;
+out.biased = (await client.complete(%(prompt)s, { max_tokens: 4, temperature: 0, logit_bias: { 45: 100 } })).text;
+out.penalized = (await client.complete(%(prompt)s, { max_tokens: 6, temperature: 0, presence_penalty: 1.5,
+                                                     frequency_penalty: 2, repetition_penalty: 1.3,
+                                                     repeat_last_n: 8, logit_bias: { 45: 20 } })).text;
+let streamed = 0;
+for await (const chunk of client.stream(%(prompt)s, { max_tokens: 4, temperature: 0, logprobs: 0 })) {
+  streamed += chunk.logprobs?.length ?? 0;
+}
+out.streamedLogprobs = streamed;
+out.embeddings = await client.embeddings([%(prompt)s, "zz"]);
+out.tokens = await client.tokenize(%(prompt)s);
+out.text = await client.detokenize(out.tokens);
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A live server of the tiny model, its key, an oracle engine of the same file, and its path."""
+    from test_api_fields import KEYS as TINY_KEYS
+    from test_api_fields import MODEL as TINY
+    from test_scheduler import CHARS, write_tiny_model
+
+    from realm_server.tenants import hash_key
+    from realm_wasm.engine import Engine
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_model(path, chars=CHARS + "\n")
+    tenants = path.parent / "tenants.toml"
+    tenants.write_text(f'[[tenant]]\nid = "acme"\nkey_sha256 = "{hash_key(TINY_KEYS["acme"])}"\n')
+    served_tiny = load_model(path, name=TINY, backend="numpy", n_ctx=96, n_slots=4)
+    with LiveServer(create_app([served_tiny], load_tenants(tenants))) as server:
+        yield server, TINY_KEYS["acme"], Engine.load(path, backend="numpy", n_ctx=96, n_slots=2)
+
+
+def tiny_expectations(oracle) -> dict:
+    """What the tiny model must answer, from the oracles of test_api_fields and test_logit_rules."""
+    from test_api_fields import PROMPT, oracle_logprobs
+    from test_logit_rules import oracle_generation
+
+    from realm_wasm.sampling import LogitRules, SamplingParams
+    from realm_wasm.scheduler import Scheduler
+
+    ids = oracle.tokenizer.encode(PROMPT)
+    greedy, _ = oracle_generation(oracle, ids, 4, LogitRules(), SamplingParams())
+    penalized, _ = oracle_generation(oracle, ids, 6, LogitRules(((45, 20.0),), 1.5, 2.0, 1.3, 8), SamplingParams())
+    vectors = []
+    for text in (PROMPT, "zz"):
+        mean = Scheduler(oracle, 1).hidden_states(oracle.tokenizer.encode(text)).mean(axis=0)
+        vectors.append(mean / np.linalg.norm(mean))
+    return {"prompt": PROMPT, "greedy": greedy, "logprobs": [lp[t] for lp, t in zip(
+        oracle_logprobs(oracle, greedy), greedy, strict=True)], "penalized": oracle.tokenizer.decode(penalized),
+        "biased": oracle.tokenizer.decode([45]) * 4, "embeddings": vectors, "tokens": oracle.tokenizer.encode(
+            PROMPT, add_bos=False)}
+
+
+def test_sdk_logprobs_choices_penalties_embeddings_and_tokens(tiny):
+    server, key, oracle = tiny
+    want = tiny_expectations(oracle)
+    prompt = want["prompt"]
+    with RealmClient(server.url, api_key=key) as client:
+        done = client.complete(prompt, max_tokens=4, temperature=0, logprobs=2)
+        assert [e.token for e in done.logprobs] == [oracle.tokenizer.decode([t]) for t in want["greedy"]]
+        assert [e.logprob for e in done.logprobs] == pytest.approx(want["logprobs"], abs=1e-4)
+        assert all(len(e.top) == 2 and e.top[0][0] == e.token for e in done.logprobs)  # greedy: the best
+        chat = client.chat([{"role": "user", "content": "abc"}], max_tokens=3, temperature=0, logprobs=1)
+        assert chat.logprobs and all(len(e.top) == 1 for e in chat.logprobs)
+        many = client.complete(prompt, max_tokens=4, temperature=1, seed=10, n=2)
+        assert [c.text for c in many.choices] == [client.complete(prompt, max_tokens=4, temperature=1, seed=s).text
+                                                  for s in (10, 11)]
+        assert client.complete(prompt, max_tokens=4, temperature=0, logit_bias={45: 100}).text == want["biased"]
+        assert client.complete(prompt, max_tokens=6, temperature=0, presence_penalty=1.5, frequency_penalty=2,
+                               repetition_penalty=1.3, repeat_last_n=8, logit_bias={45: 20}).text == want["penalized"]
+        with client.stream(prompt, max_tokens=4, temperature=0, logprobs=0) as stream:
+            assert sum(len(c.logprobs or ()) for c in stream) == 4
+        np.testing.assert_allclose(client.embeddings([prompt, "zz"]), want["embeddings"], atol=1e-5)
+        assert client.tokenize(prompt) == want["tokens"]
+        assert client.detokenize(want["tokens"]) == prompt
+
+    async def run():
+        async with AsyncRealmClient(server.url, api_key=key) as client:
+            return await client.embeddings(prompt), await client.tokenize(prompt, add_special=True)
+
+    vectors, with_bos = asyncio.run(run())
+    np.testing.assert_allclose(vectors[0], want["embeddings"][0], atol=1e-5)
+    assert with_bos == oracle.tokenizer.encode(prompt)
+
+
+def test_js_sdk_logprobs_choices_penalties_embeddings_and_tokens(tiny, tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    server, key, oracle = tiny
+    want = tiny_expectations(oracle)
+    script = tmp_path / "sdk_tiny.mjs"
+    script.write_text(TINY_JS_SCRIPT % {"sdk": json.dumps(JS_SDK.as_uri()), "prompt": json.dumps(want["prompt"])})
+    r = subprocess.run([node, str(script), server.url, key], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [t for t, _, _ in out["logprobs"]] == [oracle.tokenizer.decode([t]) for t in want["greedy"]]
+    assert [lp for _, lp, _ in out["logprobs"]] == pytest.approx(want["logprobs"], abs=1e-4)
+    assert {k for _, _, k in out["logprobs"]} == {2} and set(out["chatLogprobs"]) == {1}
+    assert [i for i, _ in out["choices"]] == [0, 1] and out["choices"][1][1] == out["second"]
+    assert (out["biased"], out["penalized"]) == (want["biased"], want["penalized"])
+    assert out["streamedLogprobs"] == 4
+    np.testing.assert_allclose(out["embeddings"], want["embeddings"], atol=1e-5)
+    assert out["tokens"] == want["tokens"] and out["text"] == want["prompt"]

@@ -452,9 +452,14 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "stop": 5}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop[0]"),
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 17}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": "x", "min_p": 0.1}, 400, "min_p"),  # an unknown field is not ignored
     ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
-    ({"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias.a"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 1, "speculation": {"method": "lookup"}}, 400, "speculation"),
     ({"model": MODEL, "prompt": "x", "speculation": "lookup"}, 400, "speculation"),
     ({"model": MODEL, "prompt": "x", "speculation": {"max_draft": 4}}, 400, "speculation.method"),
     ({"model": MODEL, "prompt": "x", "speculation": {"method": "medusa"}}, 400, "speculation.method"),
@@ -475,6 +480,8 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content[0].type"),
     ({"model": MODEL, "messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}, 400, "messages"),
 ]
 
@@ -506,7 +513,7 @@ def test_oversized_bodies_get_413(live, http):
 
 
 def test_unknown_routes_are_json_404s(http):
-    r = http.post("/v1/embeddings", headers=auth("alpha"), json={})
+    r = http.post("/v1/audio/speech", headers=auth("alpha"), json={})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..gguf import TensorInfo
 from ..lora import DEFAULT_MAX_LORA_RANK, Adapter, BadAdapter, adaptable_weights, check_batch
-from ..plan import STEP_INPUTS, Batch, Op, Plan
+from ..plan import STEP_INPUTS, Batch, Op, Plan, head_input
 from ..sampling import SamplingParams
 from .device import COPY_DST, COPY_SRC, STORAGE, STORAGE_RW, UNIFORM, Binding, Device, Dispatch, ReadBack
 from .fuse import Kernel, fuse, kernel_weights, stored_attentions
@@ -209,6 +209,15 @@ class GpuExecutor:
         logits = (self.acts["logits"][0], 0, 4 * counts["R"] * self.plan.n_vocab)
         raw = self.device.submit(self._dispatches(counts), read=logits).result()
         return np.frombuffer(raw, np.float32).reshape(counts["R"], self.plan.n_vocab)
+
+    def hidden(self, batch: Batch) -> np.ndarray:
+        """The final hidden state [R, n_embd] of the batch's logit rows: the output head's input,
+        read back after a whole step (the head's logits are computed too, unread)."""
+        counts = self._write_step(batch)
+        name = head_input(self.plan)
+        buffer, offset, _ = self.acts[name]
+        raw = self.device.submit(self._dispatches(counts), read=(buffer, offset, 4 * counts["R"] * self.width(name)))
+        return np.frombuffer(raw.result(), np.float32).reshape(counts["R"], self.width(name))
 
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
         """One step whose logit rows are sampled on the device: only R token ids come back."""

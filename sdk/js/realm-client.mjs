@@ -6,7 +6,13 @@
 //   const { text } = await client.complete("The capital of France is", { max_tokens: 8, temperature: 0 });
 //   for await (const chunk of client.stream("Once upon a time", { max_tokens: 40 })) console.log(chunk.text);
 //
-// Parameters use the API's own names (max_tokens, temperature, top_p, top_k, seed, stop);
+//   const [vector] = await client.embeddings("some text");
+//   const ids = await client.tokenize("Hello"); const text = await client.detokenize(ids);
+//
+// Parameters use the API's own names (max_tokens, temperature, top_p, top_k, seed, stop, n,
+// presence_penalty, frequency_penalty, repetition_penalty, repeat_last_n, logit_bias {id: bias});
+// `logprobs: k` asks for each token's logprob and k alternatives on both endpoints (chat's
+// logprobs/top_logprobs pair is written for you);
 // `model` defaults to the first model the server lists. Node 20 has WebSocket only with
 // --experimental-websocket; otherwise pass one in: new RealmClient({ WebSocket: (await import("ws")).default }).
 
@@ -38,12 +44,24 @@ export function errorFrom(status, body, retryAfter = null) {
 function body(model, input, params, stream) {
   const out = { model, ...input };
   for (const [key, value] of Object.entries(params)) if (value != null) out[key] = value;
+  if (input.messages && out.logprobs != null) Object.assign(out, { logprobs: true, top_logprobs: out.logprobs });
   if (stream) Object.assign(out, { stream: true, stream_options: { include_usage: true } });
   return out;
 }
 
 // One choice of a completion or chat response/chunk -> its text.
 const choiceText = (choice) => choice.message?.content ?? choice.delta?.content ?? choice.text ?? "";
+
+// A choice's logprobs (chat's content[...] or the legacy shape) -> [{ token, logprob, top: [[token, logprob]] }].
+function parseLogprobs(logprobs) {
+  if (!logprobs) return null;
+  if (logprobs.content) {
+    return logprobs.content.map((e) => ({ token: e.token, logprob: e.logprob,
+                                          top: e.top_logprobs.map((t) => [t.token, t.logprob]) }));
+  }
+  return logprobs.tokens.map((token, i) => ({ token, logprob: logprobs.token_logprobs[i],
+                                              top: Object.entries(logprobs.top_logprobs[i]) }));
+}
 
 // A queue whose reader awaits: WebSocket messages wait here until their generation reads them.
 class Channel {
@@ -108,18 +126,38 @@ export class RealmClient {
 
   async #complete(path, input, { model, ...params }) {
     const result = await this.#json("POST", path, body(model ?? await this.defaultModel(), input, params, false));
-    const choice = result.choices[0];
-    return { id: result.id, model: result.model, text: choiceText(choice), finishReason: choice.finish_reason,
-             usage: result.usage };
+    const choices = result.choices.map((c) => ({ index: c.index, text: choiceText(c), finishReason: c.finish_reason,
+                                                 logprobs: parseLogprobs(c.logprobs) }));
+    const [first] = choices;
+    return { id: result.id, model: result.model, text: first.text, finishReason: first.finishReason,
+             logprobs: first.logprobs, choices, usage: result.usage };
   }
 
-  /** Continue a prompt: resolves to { text, finishReason, usage, id, model }. */
+  /** Embeddings of a text or an array of texts: resolves to one array of numbers per text. */
+  async embeddings(input, { model } = {}) {
+    const result = await this.#json("POST", "/v1/embeddings", { model: model ?? await this.defaultModel(), input });
+    return result.data.sort((a, b) => a.index - b.index).map((item) => item.embedding);
+  }
+
+  /** Token ids of a text (add_special: with BOS, as a prompt). */
+  async tokenize(content, { model, add_special = false } = {}) {
+    const payload = { model: model ?? await this.defaultModel(), content, add_special };
+    return (await this.#json("POST", "/tokenize", payload)).tokens;
+  }
+
+  async detokenize(tokens, { model } = {}) {
+    return (await this.#json("POST", "/detokenize", { model: model ?? await this.defaultModel(), tokens })).content;
+  }
+
+  /** Continue a prompt: resolves to { text, finishReason, usage, id, model, logprobs, choices } (choices: n of
+   *  { index, text, finishReason, logprobs }; the top level repeats the first). */
   complete(prompt, params = {}) { return this.#complete("/v1/completions", { prompt }, params); }
 
   /** Answer chat messages ([{ role, content }]): resolves to { text, finishReason, usage, id, model }. */
   chat(messages, params = {}) { return this.#complete("/v1/chat/completions", { messages }, params); }
 
-  /** Async iterable of { text } chunks; the last has finishReason and usage. `signal` aborts it. */
+  /** Async iterable of { text, index, logprobs? } chunks (index: the choice); the last has finishReason and
+   *  usage. `signal` aborts it. */
   stream(prompt, params = {}) { return this.#stream("/v1/completions", { prompt }, params); }
 
   chatStream(messages, params = {}) { return this.#stream("/v1/chat/completions", { messages }, params); }
@@ -151,10 +189,12 @@ export class RealmClient {
           if (parsed.usage && last) last.usage = parsed.usage;
           const choice = parsed.choices?.[0];
           if (!choice) continue;
-          const text = choiceText(choice);
-          // the finishing chunk waits for the usage event that follows it
-          if (choice.finish_reason) last = { text, finishReason: choice.finish_reason, usage: null };
-          else if (text) yield { text };
+          const text = choiceText(choice), index = choice.index ?? 0, logprobs = parseLogprobs(choice.logprobs);
+          // the finishing chunk waits for the usage event that follows it (with n > 1, earlier choices' go out)
+          if (choice.finish_reason) {
+            if (last) yield last;
+            last = { text, index, finishReason: choice.finish_reason, usage: null };
+          } else if (text || logprobs) yield logprobs ? { text, index, logprobs } : { text, index };
         }
       }
       throw new APIConnectionError("the stream ended before [DONE]");

@@ -18,12 +18,12 @@ from .errors import (
     RealmError,
     ServerError,
 )
-from .types import Chunk, Completion, GenerationParams, ModelInfo, Usage
+from .types import Choice, Chunk, Completion, GenerationParams, ModelInfo, TokenLogprob, Usage
 from .ws import AsyncGeneration, AsyncWebSocketSession, Generation, WebSocketSession
 
 __all__ = [
     "APIConnectionError", "AsyncGeneration", "AsyncRealmClient", "AsyncStream", "AsyncWebSocketSession",
-    "AuthenticationError", "BadRequestError", "Chunk", "Completion", "GenerationParams", "Generation", "ModelInfo",
-    "NotFoundError", "PermissionDeniedError", "RateLimitError", "RealmClient", "RealmError", "ServerError", "Stream",
-    "Usage", "WebSocketSession",
+    "AuthenticationError", "BadRequestError", "Choice", "Chunk", "Completion", "GenerationParams", "Generation",
+    "ModelInfo", "NotFoundError", "PermissionDeniedError", "RateLimitError", "RealmClient", "RealmError",
+    "ServerError", "Stream", "TokenLogprob", "Usage", "WebSocketSession",
 ]

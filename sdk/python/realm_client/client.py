@@ -6,6 +6,9 @@
         for chunk in stream:
             print(chunk.text, end="", flush=True)
 
+    vectors = client.embeddings(["first text", "second text"])
+    ids = client.tokenize("Hello"); text = client.detokenize(ids)
+
 `model` may be left out: the first model the server lists is used. Sampling parameters left as
 None take the server's defaults. Leaving a stream early (break, close, exception) closes the
 connection, which cancels the generation on the server.
@@ -160,6 +163,20 @@ class RealmClient:
             raise _error(response)
         return Stream(response, context.__exit__)
 
+    def embeddings(self, input: str | Sequence[str], *, model: str | None = None) -> list[list[float]]:
+        """One L2-normalized embedding per text (a single text: a list of one)."""
+        body = self._request("POST", "/v1/embeddings", {"model": model or self.default_model(), "input": input})
+        return [item["embedding"] for item in sorted(body["data"], key=lambda item: item["index"])]
+
+    def tokenize(self, content: str, *, model: str | None = None, add_special: bool = False) -> list[int]:
+        """Token ids of a text (`add_special`: with BOS, as a prompt)."""
+        return self._request("POST", "/tokenize", {"model": model or self.default_model(), "content": content,
+                                                   "add_special": add_special})["tokens"]
+
+    def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
+        return self._request("POST", "/detokenize", {"model": model or self.default_model(),
+                                                     "tokens": list(tokens)})["content"]
+
     def websocket(self, open_timeout: float = 30.0) -> WebSocketSession:
         """A WebSocket session (a context manager) for token streams with cancel."""
         return WebSocketSession(ws_url(self.base_url), self.api_key, open_timeout)
@@ -268,6 +285,19 @@ class AsyncRealmClient:
             await context.__aexit__(None, None, None)
             raise _error(response)
         return AsyncStream(response, context.__aexit__)
+
+    async def embeddings(self, input: str | Sequence[str], *, model: str | None = None) -> list[list[float]]:
+        body = await self._request("POST", "/v1/embeddings", {"model": model or await self.default_model(),
+                                                              "input": input})
+        return [item["embedding"] for item in sorted(body["data"], key=lambda item: item["index"])]
+
+    async def tokenize(self, content: str, *, model: str | None = None, add_special: bool = False) -> list[int]:
+        return (await self._request("POST", "/tokenize", {"model": model or await self.default_model(),
+                                                          "content": content, "add_special": add_special}))["tokens"]
+
+    async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
+        return (await self._request("POST", "/detokenize", {"model": model or await self.default_model(),
+                                                            "tokens": list(tokens)}))["content"]
 
     def websocket(self, open_timeout: float = 30.0) -> AsyncWebSocketSession:
         """`async with client.websocket() as ws:` a WebSocket session for token streams with cancel."""

@@ -23,6 +23,42 @@ class GenerationParams(TypedDict, total=False):
     stop: str | Sequence[str]
     lora: Sequence[dict[str, Any]]  # LoRA adapters [{"id": ..., "scale": ...}]; [] = none, omitted = tenant's default
     speculation: dict[str, Any]  # speculative decoding {"method": "lookup" | "draft", "max_draft": k, "ngram": n}
+    n: int  # choices to generate (Completion.choices); choice i samples with seed + i
+    logprobs: int  # each token's logprob and this many most likely alternatives (0..20)
+    presence_penalty: float  # OpenAI's, -2..2: a token generated before loses this much
+    frequency_penalty: float  # OpenAI's, -2..2: ... this much per time it was generated
+    repetition_penalty: float  # llama.cpp's: logits of the last repeat_last_n tokens divided (> 0) / multiplied
+    repeat_last_n: int  # default 64; 0 disables, -1 the whole context
+    logit_bias: dict[int, float]  # token id -> bias in [-100, 100] added to its logit
+    user: str  # an end-user id for the server's log
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and its most likely alternatives (most likely first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+def parse_logprobs(logprobs: dict[str, Any] | None) -> list[TokenLogprob] | None:
+    """The logprobs of a choice or chunk, from the chat shape (content[...]) or the legacy one."""
+    if not logprobs:
+        return None
+    if "content" in logprobs:
+        return [TokenLogprob(e["token"], e["logprob"], tuple((t["token"], t["logprob"]) for t in e["top_logprobs"]))
+                for e in logprobs["content"]]
+    return [TokenLogprob(token, logprob, tuple(top.items())) for token, logprob, top in
+            zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -46,6 +82,11 @@ class Completion:
     text: str
     finish_reason: str  # "stop" or "length"
     usage: Usage
+    choices: tuple[Choice, ...] = ()  # every choice (n of them); text and finish_reason are the first's
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.choices[0].logprobs if self.choices else None
 
 
 @dataclass(frozen=True)
@@ -54,6 +95,8 @@ class Chunk:
 
     text: str
     finish_reason: str | None = None
+    index: int = 0  # the choice it belongs to (n > 1)
+    logprobs: list[TokenLogprob] | None = None  # its tokens' logprobs, when asked
 
 
 @dataclass(frozen=True)
@@ -72,8 +115,12 @@ def generation_body(model: str, prompt: str | list[int] | None, messages: Sequen
     body: dict[str, Any] = {"model": model, **{k: v for k, v in params.items() if v is not None}}
     if isinstance(body.get("stop"), tuple):
         body["stop"] = list(body["stop"])
+    if "logit_bias" in body:  # JSON keys are strings
+        body["logit_bias"] = {str(token): bias for token, bias in body["logit_bias"].items()}
     if messages is not None:
         body["messages"] = list(messages)
+        if "logprobs" in body:  # chat spells it as a switch and a count
+            body["logprobs"], body["top_logprobs"] = True, body["logprobs"]
     else:
         body["prompt"] = prompt
     if stream:
@@ -83,9 +130,10 @@ def generation_body(model: str, prompt: str | list[int] | None, messages: Sequen
 
 
 def parse_completion(body: dict[str, Any]) -> Completion:
-    choice = body["choices"][0]
-    text = choice["message"]["content"] if "message" in choice else choice["text"]
-    return Completion(body["id"], body["model"], text, choice["finish_reason"], Usage.of(body["usage"]))
+    choices = tuple(Choice(c["index"], c["message"]["content"] if "message" in c else c["text"], c["finish_reason"],
+                           parse_logprobs(c.get("logprobs"))) for c in body["choices"])
+    first = choices[0]
+    return Completion(body["id"], body["model"], first.text, first.finish_reason, Usage.of(body["usage"]), choices)
 
 
 def parse_models(body: dict[str, Any]) -> list[ModelInfo]:
@@ -122,9 +170,10 @@ class SSEDecoder:
         choice = event["choices"][0]
         text = choice["delta"].get("content") or "" if "delta" in choice else choice.get("text", "")
         self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        if not text and choice.get("finish_reason") is None:
+        logprobs = parse_logprobs(choice.get("logprobs"))
+        if not text and choice.get("finish_reason") is None and logprobs is None:
             return None
-        return Chunk(text, choice.get("finish_reason"))
+        return Chunk(text, choice.get("finish_reason"), choice.get("index", 0), logprobs)
 
     def check_complete(self) -> None:
         if not self.done:
