@@ -164,9 +164,12 @@ class EventStream:
 def http_routes(service: Service) -> list[BaseRoute]:
     """The API's HTTP routes; the last one answers every other /v1/ path with a JSON 404."""
 
+    async def json_body(request: Request) -> dict[str, Any]:
+        return await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
+
     async def generate(request: Request, kind: str) -> Response:
         tenant = caller(service, request, bearer(request))
-        body = await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
+        body = await json_body(request)
         job = await service.prepare(tenant, body, kind)
         generation = service.start(job, tenant)
         if job.stream:
@@ -224,16 +227,15 @@ def http_routes(service: Service) -> list[BaseRoute]:
 
     async def embeddings(request: Request) -> Response:
         tenant = caller(service, request, bearer(request))
-        body = await read_json(request, service.settings.max_body_bytes)
-        return JSONResponse(await service.embeddings(tenant, body))
+        return JSONResponse(await service.embeddings(tenant, await json_body(request)))
 
     async def tokenize(request: Request) -> Response:
         tenant = caller(service, request, bearer(request))
-        return JSONResponse(await service.tokenize(tenant, await read_json(request, service.settings.max_body_bytes)))
+        return JSONResponse(await service.tokenize(tenant, await json_body(request)))
 
     async def detokenize(request: Request) -> Response:
         tenant = caller(service, request, bearer(request))
-        return JSONResponse(service.detokenize(tenant, await read_json(request, service.settings.max_body_bytes)))
+        return JSONResponse(service.detokenize(tenant, await json_body(request)))
 
     async def metrics(request: Request) -> Response:
         tenant = caller(service, request, bearer(request))
