@@ -86,6 +86,19 @@ def test_engine_api_streams_answers_and_reports_openai_shapes(
     assert aborted["reasons"][-1] == "abort" and 2 <= aborted["pieces"] < 200
     assert aborted["stats"]["model"]["backend"] == "numpy" and aborted["stats"]["last"]["ttftMs"] > 0
 
+    # structured output: the answer follows its JSON schema (enforced while sampling, in the page)
+    shaped = page.evaluate("""async () => {
+        const schema = {type: "object", properties: {color: {enum: ["red", "green", "blue"]}}, required: ["color"]};
+        const reply = await window.realmEngine.chat.completions.create({messages: [{role: "user",
+            content: "What color is the sky?"}], max_tokens: 16, temperature: 1, seed: 3,
+            response_format: {type: "json_schema", json_schema: {name: "sky", schema}}});
+        const bad = await window.realmEngine.chat.completions.create({messages: [{role: "user", content: "hi"}],
+            grammar: "root ::= ["}).then(() => "resolved", (e) => `${e.name} ${e.code}`);
+        return {content: reply.choices[0].message.content, finish: reply.choices[0].finish_reason, bad};
+    }""")
+    assert json.loads(shaped["content"])["color"] in ("red", "green", "blue") and shaped["finish"] == "stop", shaped
+    assert shaped["bad"] == "RealmEngineError bad-request"
+
     # bad requests and an unloaded engine are RealmEngineErrors with a code
     errors = page.evaluate("""async () => {
         const engine = window.realmEngine;

@@ -34,6 +34,7 @@ MAX_MESSAGES = 4096  # turns in one conversation
 MAX_CONTENT_PARTS = 256  # text parts in one message
 MAX_STOP_CHARS = 256  # characters in one stop string
 MAX_CHOICES = 16  # n: each choice is its own sequence in the scheduler
+MAX_GRAMMAR_CHARS = 65536  # characters of a GBNF grammar
 
 
 def _nullable(kind: str, **rules: Any) -> dict[str, Any]:
@@ -94,6 +95,16 @@ GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
                                "default 64, 0 disables, -1: the whole context"),
     "logit_bias": _nullable("object", description="token id (a string, as JSON keys are) -> bias in [-100, 100] "
                             "added to its logit before sampling"),
+    "response_format": _nullable("object", required=["type"], properties={
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "required": ["schema"], "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+            "strict": _nullable("boolean", description="Realm's output always follows the schema")}}},
+        description="structured output, enforced while sampling: json_object (a JSON object) or json_schema "
+                    "(a JSON Schema subset: realm_wasm/grammar.py; an unsupported keyword is a 400 naming it); "
+                    "max_tokens still bounds the output (finish_reason length: cut short)"),
+    "grammar": _nullable("string", minLength=1, maxLength=MAX_GRAMMAR_CHARS, description="llama-server's GBNF "
+                         "grammar the output must follow (root is the start); not with response_format"),
     "user": {"type": "string", "description": "an end-user id: written to the server's log line of the request"},
     "safety_identifier": {"type": "string", "description": "as user"},
     "service_tier": _nullable("string", enum=["auto", "default"], description="Realm has one tier"),
@@ -135,8 +146,6 @@ CHAT_SCHEMA = {"type": "object", "required": ["model", "messages"], "additionalP
 # Null is always accepted, and so are the values that ask for what Realm does anyway ("tool_choice":
 # "none"); `refuse_unsupported` then drops the field.
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v == {"type": "text"}, "structured output (json_object, json_schema) is not "
-                        "implemented yet; only {\"type\": \"text\"}"),
     "tools": (lambda v: False, "tool calling is not implemented yet"),
     "tool_choice": (lambda v: v == "none", "tool calling is not implemented yet (only \"none\")"),
     "parallel_tool_calls": (lambda v: False, "tool calling is not implemented yet"),

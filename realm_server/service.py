@@ -56,6 +56,7 @@ import numpy as np
 from realm_wasm.chat_template import ChatTemplate, ChatTemplateError
 from realm_wasm.engine import PREFILL_CHUNK, Engine
 from realm_wasm.errors import InvalidRequest, RealmError
+from realm_wasm.grammar import GrammarCache, GrammarEngine, GrammarError
 from realm_wasm.lora import Adapter, read_adapter
 from realm_wasm.plan import head_input
 from realm_wasm.sampling import LogitRules, SamplingParams, TokenLogprob
@@ -92,10 +93,12 @@ class ServedModel:
     max_step_tokens: int = PREFILL_CHUNK
     chat: ChatTemplate = field(init=False)
     max_prompt_chars: int = field(init=False)  # longer text cannot fit the context: refused untokenized
+    grammars: GrammarCache = field(init=False)  # structured output's compiled grammars (its stepping thread's)
 
     def __post_init__(self) -> None:
         tokenizer = self.engine.tokenizer
         self.chat = ChatTemplate.from_metadata(tokenizer, self.engine.model.header.metadata)
+        self.grammars = GrammarCache(tokenizer)
         self.max_prompt_chars = self.engine.n_ctx * max(len(t) for t in tokenizer.tokens)
 
 
@@ -616,18 +619,42 @@ class Service:
         lora = [(a["id"], float(_default(a.get("scale"), 1.0))) for a in asked] if asked is not None else tenant.lora
         rules, logprobs = self.logit_rules(model, body), self.logprobs(body, kind)
         speculation = self.speculation(model, body.get("speculation"))
-        if speculation is not None and (rules.active or logprobs is not None):
-            raise ApiError(400, "speculation cannot be combined with logprobs, logit_bias or penalties "
-                           "(their tokens are sampled on the host, one at a time)", "speculation")
+        grammar = await self.grammar(model, body)
+        if speculation is not None and (rules.active or logprobs is not None or grammar is not None):
+            raise ApiError(400, "speculation cannot be combined with logprobs, logit_bias, penalties, response_format "
+                           "or grammar (their tokens are sampled on the host, one at a time)", "speculation")
         request = GenerationRequest(ids, max_tokens, sampling, tenant.id,
                                     stop=(*([stop] if isinstance(stop, str) else stop), *template_stop),
                                     speculation=speculation,
                                     lora=tuple((self.adapter_name(tenant, model, a), scale) for a, scale in lora),
-                                    rules=rules, logprobs=logprobs)
+                                    rules=rules, logprobs=logprobs, grammar=grammar)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return Job(kind, model, request, bool(body.get("stream")), include_usage,
                    [{"id": a, "scale": scale} for a, scale in lora], n=int(_default(body.get("n"), 1)),
                    user=body.get("user") or body.get("safety_identifier"))
+
+    async def grammar(self, model: ServedModel, body: dict[str, Any]) -> GrammarEngine | None:
+        """The grammar the output must follow: response_format json_object / json_schema, or
+        llama-server's `grammar` (GBNF). Compiled on the model's stepping thread, where its masks
+        are computed while sampling (realm_wasm/grammar.py)."""
+        asked = body.get("response_format") or {"type": "text"}
+        if body.get("grammar") is not None:
+            if asked["type"] != "text":
+                raise ApiError(400, "give response_format or grammar, not both", "grammar")
+            kind, spec, param = "gbnf", body["grammar"], "grammar"
+        elif asked["type"] == "json_object":
+            kind, spec, param = "json_object", None, "response_format"
+        elif asked["type"] == "json_schema":
+            if "json_schema" not in asked:
+                raise ApiError(400, "response_format of type json_schema needs its json_schema",
+                               "response_format.json_schema")
+            kind, spec, param = "json_schema", asked["json_schema"]["schema"], "response_format.json_schema.schema"
+        else:
+            return None
+        try:
+            return await self.workers[model.name].call(lambda: model.grammars.engine(kind, spec))
+        except GrammarError as e:
+            raise ApiError(400, str(e), param) from e
 
     @staticmethod
     def logit_rules(model: ServedModel, body: dict[str, Any]) -> LogitRules:

@@ -23,6 +23,7 @@ from .backends import check_backend, choose
 from .errors import ContextOverflow
 from .gguf import GGUFHeader, read_gguf
 from .gpu.device import Device, GPUUnavailable
+from .grammar import GrammarEngine
 from .lora import DEFAULT_MAX_LORA_RANK, Adapter, AdapterTable, read_adapter
 from .models import build_plan
 from .plan import Batch, Plan
@@ -150,13 +151,14 @@ class Engine:
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
                  stop_at_eos: bool = True, stop: Sequence[str] = (), speculation: Speculation | None = None,
-                 lora: Lora = ()) -> Generator[TokenEvent, None, Finished]:
+                 lora: Lora = (), grammar: GrammarEngine | None = None) -> Generator[TokenEvent, None, Finished]:
         """Stream generated tokens for a prompt (text, or token ids including BOS); the text of
         `stop` sequences ends it (they are not returned); `speculation` drafts tokens to verify
         (the same tokens, faster where drafts are good); `lora`: (adapter name, scale) pairs to
-        apply. Errors of the run raise here. The generator's return value is the request's
-        `Finished` (why it ended, token counts, prompt tokens from the KV cache, drafts accepted)."""
-        events = self.generate_events(prompt, max_tokens, sampling, stop_at_eos, stop, speculation, lora)
+        apply; `grammar`: the output follows it (structured output, grammar.py). Errors of the run
+        raise here. The generator's return value is the request's `Finished` (why it ended, token
+        counts, prompt tokens from the KV cache, drafts accepted)."""
+        events = self.generate_events(prompt, max_tokens, sampling, stop_at_eos, stop, speculation, lora, grammar)
         try:
             for event in events:
                 if isinstance(event, TokenEvent):
@@ -168,14 +170,16 @@ class Engine:
 
     def generate_events(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
                         stop_at_eos: bool = True, stop: Sequence[str] = (), speculation: Speculation | None = None,
-                        lora: Lora = ()) -> Generator[TokenEvent | Finished, None, Finished]:
+                        lora: Lora = (), grammar: GrammarEngine | None = None,
+                        ) -> Generator[TokenEvent | Finished, None, Finished]:
         """`generate`, also yielding the request's `Finished` as its last event."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if self._scheduler is None:
             self._scheduler = Scheduler(self, n_slots=1, draft=self.draft)
         events: list[TokenEvent | Finished] = []
         self._scheduler.submit(Request(ids, max_tokens, sampling, stop=tuple(stop), stop_at_eos=stop_at_eos,
-                                       speculation=speculation, lora=tuple((n, float(s)) for n, s in lora)),
+                                       speculation=speculation, lora=tuple((n, float(s)) for n, s in lora),
+                                       grammar=grammar),
                                events.append)
         finished: Finished | None = None
         try:

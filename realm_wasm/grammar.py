@@ -953,6 +953,34 @@ class GrammarMatcher:
         return self.state == DEAD
 
 
+class GrammarCache:
+    """One model's compiled grammars, the `size` latest used: requests that ask for the same
+    grammar or schema share its engine, and so the masks it has computed. Built on first use (the
+    vocabulary's byte strings too). Like an engine, it belongs to one thread: the one that samples."""
+
+    MAKERS = {"gbnf": Grammar.from_gbnf, "json_schema": Grammar.from_json_schema,
+              "json_object": lambda _: Grammar.json_object()}
+
+    def __init__(self, tokenizer: Any, size: int = 16) -> None:
+        self.tokenizer, self.size = tokenizer, size
+        self._vocab: TokenVocabulary | None = None
+        self._engines: OrderedDict[tuple[str, str], GrammarEngine] = OrderedDict()
+
+    def engine(self, kind: str, spec: Any) -> GrammarEngine:
+        """The engine of a grammar given as `kind` ("gbnf", "json_schema" or "json_object") and its
+        text or schema; GrammarError when it is not one this module can compile."""
+        key = (kind, json.dumps(spec, sort_keys=True))
+        engine = self._engines.get(key)
+        if engine is None:
+            if self._vocab is None:
+                self._vocab = TokenVocabulary.from_tokenizer(self.tokenizer)
+            engine = self._engines[key] = GrammarEngine(self.MAKERS[kind](spec), self._vocab)
+            if len(self._engines) > self.size:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(key)
+        return engine
+
+
 # --- JSON: the json_object grammar and JSON Schema -> GBNF ----------------------------------------
 
 # Shared by json_object and every schema: generic values, strings, numbers and bounded whitespace.

@@ -77,6 +77,7 @@ from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from .engine import Engine, Pending
+    from .grammar import GrammarEngine, GrammarMatcher
 
 PREFILL_CHUNK = 256  # tokens per step by default: bounds activation memory on every executor
 # Fewer shared tokens are re-read rather than reused: a step of up to ~16 tokens costs about what
@@ -102,11 +103,12 @@ class Request:
     lora: tuple[tuple[str, float], ...] = ()  # (adapter name, scale): LoRA adapters every token applies
     rules: LogitRules = NO_RULES  # logit_bias and penalties (sampling.LogitRules)
     logprobs: int | None = None  # each token's logprob and this many top alternatives (None: none)
+    grammar: GrammarEngine | None = None  # structured output: tokens its grammar cannot continue are masked
 
     @property
     def reads_logits(self) -> bool:
         """Whether its steps are sampled on the host from logits read back (see `_launch`)."""
-        return self.rules.active or self.logprobs is not None
+        return self.rules.active or self.logprobs is not None or self.grammar is not None
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class _Sequence:
     spec: SpeculationState | None = None  # when the request speculates
     adapters: list[tuple[int, float]] = field(default_factory=list)  # (adapter slot, scale), held while admitted
     lora_key: tuple[tuple[int, float], ...] = ()  # (adapter uid, scale): what its KV entries are computed with
+    matcher: GrammarMatcher | None = None  # where its output stands in the request's grammar (read back so far)
 
     @property
     def pending(self) -> int:
@@ -260,12 +263,13 @@ class Scheduler:
         for name in names:
             self.engine.adapters.slot(name)  # AdapterNotFound now rather than at admission
         if request.reads_logits and spec is not None:
-            raise InvalidRequest("speculation cannot be combined with logprobs, logit_bias or penalties")
+            raise InvalidRequest("speculation cannot be combined with logprobs, logit_bias, penalties or a grammar")
         if not all(0 <= t < vocab for t, _ in request.rules.logit_bias):
             raise InvalidRequest(f"logit_bias has token ids outside the vocab of {vocab}")
         seq = _Sequence(next(self._ids), request, sink, StreamDecoder(self.engine.tokenizer),
                         StopText(request.stop), time.perf_counter(), ids,
-                        spec=SpeculationState.start(spec) if spec is not None else None)
+                        spec=SpeculationState.start(spec) if spec is not None else None,
+                        matcher=request.grammar.matcher() if request.grammar is not None else None)
         self._inbox.append(("submit", seq))
         return seq.id
 
@@ -556,10 +560,14 @@ class Scheduler:
             return
         self._steps += 1
         logprobs = getattr(step.pending, "logprobs", None)
+        errors = getattr(step.pending, "errors", {})
         at = 0
         for seq, n in step.sampled:
             sampled, at = tokens[at:at + n], at + n
             if self._running.get(seq.id) is not seq:  # finished or cancelled meanwhile
+                continue
+            if seq.id in errors:
+                self._finish(seq, "error", error=errors[seq.id])
                 continue
             if n == 1:
                 self._advance(seq, sampled[0], logprobs[at - 1] if logprobs else None)
@@ -592,6 +600,8 @@ class Scheduler:
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Stream the sequence's new token; finish on end of text, a stop sequence or length."""
         req = seq.request
+        if seq.matcher is not None:
+            seq.matcher.advance_token(token)  # sampled from its mask: it cannot fail
         if req.stop_at_eos and token in self.engine.tokenizer.eot_ids:
             self._finish(seq, "stop")
             return
@@ -644,7 +654,8 @@ class Scheduler:
 
 class _HostSampled:
     """A step sampled on the host from its logits read back: for requests whose logits depend on
-    their own tokens (logit_bias, penalties) or that report logprobs, on every executor alike. It
+    their own tokens (logit_bias, penalties, a grammar's mask) or that report logprobs, on every
+    executor alike. A sequence whose grammar allows no token of the vocabulary here fails (`errors`). It
     costs the read of R x n_vocab floats (1 MiB a row for a 262k vocabulary) and no decoding ahead
     while such a request runs; the other rows of the step are sampled by the same rules as the
     GPU's sampler (sampling.py), so their tokens do not change."""
@@ -653,13 +664,21 @@ class _HostSampled:
                  rows: list[tuple[SamplingParams, int]]) -> None:
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob | None] = []
+        self.errors: dict[int, Exception] = {}  # sequence id -> why it cannot go on
         at = 0
         for seq, n in sampled:  # one row each: a sequence that reads logits never speculates
             req = seq.request
             for i in range(n):
                 row = logits[at + i]
                 z = adjust_logits(row, req.rules, seq.tokens, len(req.prompt_ids)) if req.rules.active else row
-                token = sample(z, *rows[at + i])
+                if seq.matcher is not None:
+                    allowed = seq.matcher.allowed_tokens()
+                    if not allowed.any():
+                        self.errors[seq.id] = InvalidRequest(
+                            "the output's grammar allows no token of the model's vocabulary here (its text so far "
+                            f"is {len(seq.tokens) - len(req.prompt_ids)} tokens)")
+                    z = np.where(allowed, z, np.float32(-np.inf))
+                token = 0 if seq.id in self.errors else sample(z, *rows[at + i])
                 self.tokens.append(token)
                 self.logprobs.append(token_logprobs(row, token, req.logprobs) if req.logprobs is not None else None)
             at += n

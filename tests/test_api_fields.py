@@ -128,7 +128,7 @@ def test_what_realm_does_anyway_is_accepted_and_unknown_fields_are_refused(clien
                      {"service_tier": "auto"}, {"tools": None}, {"modalities": ["text"]}):
         assert post(client, "/v1/chat/completions", {**chat, **accepted}).status_code == 200, accepted
     r = post(client, "/v1/chat/completions", {**chat, "response_format": {"type": "json_schema", "json_schema": {}}})
-    assert r.status_code == 400 and "structured output" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
     r = post(client, "/v1/chat/completions", {**chat, "min_p": 0.1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_p"
     assert "unknown field" in r.json()["error"]["message"]

@@ -481,7 +481,10 @@ BAD_CHAT = [
      "messages[0].content[0].type"),
     ({"model": MODEL, "messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
-    ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": MODEL, "messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "string", "pattern": "a+"}}}}, 400, "response_format.json_schema.schema"),
+    ({"model": MODEL, "messages": CHAT, "grammar": "root ::= (", "max_tokens": 2}, 400, "grammar"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}, 400, "messages"),
 ]
 

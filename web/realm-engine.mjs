@@ -23,7 +23,7 @@
 //                the runtime bundle are; pyodideBaseUrl, bundleUrl, pythonPackages override it
 //
 // engine.chat.completions.create({messages, stream, max_tokens, temperature, top_p, top_k, seed, stop,
-//                                 speculation, lora, stream_options: {include_usage}})
+//                                 speculation, lora, response_format, grammar, stream_options: {include_usage}})
 //   messages are rendered with the model's own chat template (from its GGUF; a base model gets a plain
 //   one). stream: true resolves to an async iterable of "chat.completion.chunk" objects; otherwise
 //   to one "chat.completion". A conversation's next turn re-reads only the new messages: the worker
@@ -33,6 +33,8 @@
 //   usage then adds drafted_tokens, accepted_tokens and OpenAI's completion_tokens_details
 //   (accepted_prediction_tokens, rejected_prediction_tokens).
 //   lora: [{id, scale}] (scale default 1), as the server takes it: loaded LoRA adapters to apply.
+//   response_format ({type: "json_object"} or {type: "json_schema", json_schema: {schema}}) or grammar
+//   (GBNF text), as the server takes them: the output follows it, enforced while sampling.
 // engine.completions.create({prompt, ...the same}) continues a text ("text_completion").
 // engine.abort()      ends the running generation: its stream ends with finish_reason "abort"
 // engine.load(url)    loads another model (the previous one is freed, and its adapters)
@@ -310,6 +312,7 @@ class RealmEngine {
         maxTokens: settings.max_tokens, temperature: settings.temperature, topK: settings.top_k,
         topP: settings.top_p, seed: settings.seed ?? Math.floor(Math.random() * 2 ** 31), stop,
         speculation: req.speculation ?? null, lora: req.lora ?? null,
+        responseFormat: req.response_format ?? null, grammar: req.grammar ?? null,
       });
     }));
     done.catch((err) => channel.fail(err));

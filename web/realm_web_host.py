@@ -59,6 +59,7 @@ from realm_wasm.gguf import GGUFError, GGUFHeader, GGUFNeedMoreData, parse_heade
 from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
 from realm_wasm.gpu.weights import StreamedWeights
+from realm_wasm.grammar import GrammarCache, GrammarEngine
 from realm_wasm.lora import Adapter, AdapterConflict, BadAdapter, adaptable_weights, check_header
 from realm_wasm.plan import Plan
 from realm_wasm.sampling import SamplingParams
@@ -128,6 +129,26 @@ def check_speculation(speculation: Any) -> Speculation | None:
     if unknown:
         raise InvalidRequest(f"speculation has unknown field(s) {', '.join(sorted(unknown))}")
     return Speculation(**speculation)
+
+
+def check_output_grammar(response_format: Any, grammar: Any, grammars: GrammarCache) -> GrammarEngine | None:
+    """The page's structured output options, as the server takes them: response_format
+    ({"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
+    or grammar (GBNF text), compiled for the loaded model's vocabulary; None for free text."""
+    asked = {"type": "text"} if response_format is None else response_format
+    kind = asked.get("type") if isinstance(asked, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise InvalidRequest('response_format must be {"type": "text" | "json_object" | "json_schema", ...} or null')
+    if grammar is not None:
+        if kind != "text" or not isinstance(grammar, str):
+            raise InvalidRequest("grammar is GBNF text, and not given with a response_format")
+        return grammars.engine("gbnf", grammar)
+    if kind == "json_schema":
+        schema = (asked.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequest('response_format of type json_schema needs {"json_schema": {"schema": {...}}}')
+        return grammars.engine("json_schema", schema)
+    return grammars.engine("json_object", None) if kind == "json_object" else None
 
 
 def check_lora(lora: Any) -> list[tuple[str, float]]:
@@ -380,6 +401,7 @@ class WorkerHost:
 
     def __init__(self) -> None:
         self.loaded: LoadedModel | None = None
+        self._grammars: GrammarCache | None = None  # the loaded vocabulary's compiled output grammars
         self.on_device_lost: Any = None  # worker.js's callback(reason): the model's GPU device was lost
 
     def watch_device_loss(self, callback: Any) -> None:
@@ -458,7 +480,8 @@ class WorkerHost:
                        max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                        seed: int = 0, stop: list[str] | None = None,
                        speculation: dict[str, Any] | None = None,
-                       lora: list[dict[str, Any]] | None = None) -> AsyncIterator[dict[str, Any]]:
+                       lora: list[dict[str, Any]] | None = None, response_format: dict[str, Any] | None = None,
+                       grammar: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Events for worker.js: {"kind": "token", "tokenId": int | None, "text": str} for each
         token, then one {"kind": "finished", "reason": "stop" | "length", "promptTokens",
         "completionTokens", "cachedTokens"} (+ "draftedTokens", "acceptedTokens" with
@@ -467,7 +490,8 @@ class WorkerHost:
         the generation and is not sent. `speculation` ({"method": "lookup", "max_draft", "ngram"},
         as the server takes it; the page loads no draft model) drafts tokens to verify: the same
         tokens, fewer steps where the text repeats itself. `lora` ([{"id", "scale"}], as the server
-        takes it) names loaded adapters to apply."""
+        takes it) names loaded adapters to apply. `response_format` / `grammar` (as the server takes
+        them) make the output follow a JSON schema, any JSON object or a GBNF grammar."""
         if self.loaded is None:
             raise NoModel("load a model before generating")
         if (prompt is None) == (messages is None):
@@ -476,6 +500,9 @@ class WorkerHost:
         drafting = check_speculation(speculation)
         adapters = check_lora(lora)
         tokenizer, stops = self.loaded.engine.tokenizer, tuple(stop or ())
+        if self._grammars is None or self._grammars.tokenizer is not tokenizer:  # compiled per vocabulary
+            self._grammars = GrammarCache(tokenizer)
+        output_grammar = check_output_grammar(response_format, grammar, self._grammars)
         if messages is not None:
             chat = self.loaded.chat.render(check_messages(messages))
             ids = tokenizer.encode(chat.text, add_bos=chat.add_bos)
@@ -483,7 +510,7 @@ class WorkerHost:
         else:
             ids = tokenizer.encode(prompt)
         events = self.loaded.engine.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stops,
-                                             speculation=drafting, lora=adapters)
+                                             speculation=drafting, lora=adapters, grammar=output_grammar)
         try:
             while True:
                 try:

@@ -16,7 +16,8 @@
 //        server's file unchanged, else the network, storing it there on the way) and stream it,
 //        chunk by chunk, into the Python model sink. A damaged cached copy is downloaded again.
 //        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
-//   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop, speculation, lora}
+//   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop, speculation, lora,
+//    responseFormat, grammar}
 //        prompt: text to complete as it is; messages: [{role: "system" | "user" | "assistant",
 //        content}], rendered with the model's chat template in Python (a base model's is the plain
 //        one). A chat's next turn sends the whole conversation again: the KV cache still holds the
@@ -451,6 +452,7 @@ async function forgetCached(url, stored, cacheName) {
 
 async function generate({
   id, prompt, messages, maxTokens, temperature, topK, topP, seed, stop = [], speculation = null, lora = null,
+  responseFormat = null, grammar = null,
 }) {
   job = { kind: "generate", id, stopped: false, abort: null };
   const started = performance.now();
@@ -463,6 +465,7 @@ async function generate({
       prompt: prompt ?? null, messages: messages ? pyodide.toPy(messages) : null, max_tokens: maxTokens,
       temperature, top_k: topK, top_p: topP, seed, stop: pyodide.toPy(stop),
       speculation: speculation ? pyodide.toPy(speculation) : null, lora: lora ? pyodide.toPy(lora) : null,
+      response_format: responseFormat ? pyodide.toPy(responseFormat) : null, grammar,
     });
     for (;;) {
       if (job.stopped) {

@@ -31,6 +31,8 @@ class GenerationParams(TypedDict, total=False):
     repeat_last_n: int  # default 64; 0 disables, -1 the whole context
     logit_bias: dict[int, float]  # token id -> bias in [-100, 100] added to its logit
     user: str  # an end-user id for the server's log
+    response_format: dict[str, Any]  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema"}}
+    grammar: str  # llama-server's GBNF grammar the output follows (not with response_format)
 
 
 @dataclass(frozen=True)
