@@ -56,6 +56,7 @@ import numpy as np
 from realm_wasm.chat_template import ChatTemplate, ChatTemplateError
 from realm_wasm.engine import PREFILL_CHUNK, Engine
 from realm_wasm.errors import InvalidRequest, RealmError
+from realm_wasm.gguf import model_name
 from realm_wasm.grammar import GrammarCache, GrammarEngine, GrammarError
 from realm_wasm.lora import Adapter, read_adapter
 from realm_wasm.plan import head_input
@@ -115,7 +116,7 @@ def load_model(path: str | Path, name: str | None = None, backend: str = "auto",
                          max_adapters=max_adapters, max_lora_rank=max_lora_rank)
     if draft is not None:
         engine.set_draft(Engine.load(draft, backend=backend, n_ctx=n_ctx, n_slots=n_slots))
-    return ServedModel(name or path.name.removesuffix(".gguf"), engine, n_slots)
+    return ServedModel(name or model_name(path), engine, n_slots)
 
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

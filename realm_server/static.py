@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from realm_wasm.gguf import SPLIT_NAME
 from realm_wasm.model_files import BUNDLED, CHAT_MODEL, cache_dir
 
 from .doors import bearer, error_response
@@ -238,12 +239,16 @@ def file_response(request: Request, path: Path) -> Response:
 
 
 def list_models(model_dirs: tuple[Path, ...]) -> dict[str, Path]:
-    """GGUF files servable at /models/<name>; on a name clash the earlier directory wins."""
+    """GGUF files servable at /models/<name>; on a name clash the earlier directory wins. The
+    shards of a split model (NAME-0000i-of-0000N.gguf) are left out: the page's worker loads one
+    file (`realm generate` and `realm serve --model` load split models)."""
     found: dict[str, Path] = {}
     for d in model_dirs:
         if not d.is_dir():
             continue
         for entry in sorted(d.glob("*.gguf")):
+            if SPLIT_NAME.match(entry.name):
+                continue
             path = resolve_inside(d, entry.name)
             if path is not None:
                 found.setdefault(entry.name, path)

@@ -297,6 +297,12 @@ def _tensor_bytes(name: str, dims: tuple[int, ...], type_id: int) -> int:
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
+def model_name(path: Path) -> str:
+    """What a GGUF file's model is called: its file name without .gguf, or a split model's NAME."""
+    m = SPLIT_NAME.match(path.name)
+    return m["prefix"] if m else path.name.removesuffix(".gguf")
+
+
 def shard_paths(first: Path, count: int) -> list[Path]:
     """The files of a split model as llama.cpp's gguf-split names them: NAME-00001-of-0000N.gguf, ..."""
     m = SPLIT_NAME.match(first.name)

@@ -167,6 +167,11 @@ def test_a_split_model_loads_from_its_first_shard_with_the_same_logits(tmp_path)
     np.testing.assert_array_equal(got, want)
     r = realm_generate(first)
     assert r.returncode == 0, r.stderr
+    from realm_server.service import load_model
+    from realm_server.static import list_models
+
+    assert load_model(first, backend="numpy", n_ctx=64, n_slots=1).name == "tiny"  # not "tiny-00001-of-00003"
+    assert not any("-of-" in name for name in list_models((tmp_path,)))  # the page loads one file: not listed
 
     (tmp_path / "tiny-00003-of-00003.gguf").unlink()
     with pytest.raises(GGUFError, match="shard 3 of 3 is missing .*tiny-00003-of-00003.gguf"):
