@@ -64,7 +64,7 @@ from realm_wasm.sampling import LogitRules, SamplingParams, TokenLogprob
 from realm_wasm.scheduler import Event, Finished, Scheduler, TokenEvent
 from realm_wasm.scheduler import Request as GenerationRequest
 from realm_wasm.speculative import Speculation
-from realm_wasm.tokenizer import Tokenizer
+from realm_wasm.tokenizer import Tokenizer, TokenizerError
 
 from .errors import ApiError, ConfigError, api_error
 from .metrics import Metrics
@@ -719,7 +719,10 @@ class Service:
         if len(text) > model.max_prompt_chars:
             raise ApiError(400, f"prompt of {len(text)} characters cannot fit the context of "
                            f"{model.engine.n_ctx} tokens of {model.name!r}", param)
-        return await asyncio.to_thread(tokenizer.encode, text, add_bos), stop
+        try:
+            return await asyncio.to_thread(tokenizer.encode, text, add_bos), stop
+        except TokenizerError as e:  # this text (e.g. a template's newline) has no spelling in the vocab
+            raise ApiError(400, f"the prompt cannot be tokenized by {model.name!r}: {e}", param) from e
 
     # --- tokens and embeddings ---
 

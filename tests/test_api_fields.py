@@ -296,3 +296,18 @@ def test_metrics_count_each_tenants_requests_in_prometheus_text(client):
 def metric(client, tenant: str, series: str) -> float:
     text = client.get("/metrics", headers={"Authorization": f"Bearer {KEYS[tenant]}"}).text
     return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
+
+def test_a_prompt_the_vocabulary_cannot_spell_is_a_400_naming_it(tmp_path):
+    """The plain chat template ends turns in newlines; a vocabulary without one cannot spell it."""
+    path = tmp_path / "no-newline.gguf"
+    write_tiny_model(path)  # CHARS only: no "\n"
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[[tenant]]\nid = "acme"\nkey_sha256 = "{hash_key(KEYS["acme"])}"\n')
+    service = Service([load_model(path, name=MODEL, backend="numpy", n_ctx=N_CTX, n_slots=1)], load_tenants(tenants))
+    app = Starlette(routes=http_routes(service), lifespan=lambda app: service.serving())
+    with TestClient(app) as c:
+        r = post(c, "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 2})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "messages"), r.text
+        assert "cannot be tokenized" in r.json()["error"]["message"]
+        assert post(c, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
