@@ -635,27 +635,16 @@ class Service:
                    user=body.get("user") or body.get("safety_identifier"))
 
     async def grammar(self, model: ServedModel, body: dict[str, Any]) -> GrammarEngine | None:
-        """The grammar the output must follow: response_format json_object / json_schema, or
-        llama-server's `grammar` (GBNF). Compiled on the model's stepping thread, where its masks
+        """The grammar the output must follow (response_format json_object / json_schema, or
+        llama-server's GBNF `grammar`), compiled on the model's stepping thread, where its masks
         are computed while sampling (realm_wasm/grammar.py)."""
-        asked = body.get("response_format") or {"type": "text"}
-        if body.get("grammar") is not None:
-            if asked["type"] != "text":
-                raise ApiError(400, "give response_format or grammar, not both", "grammar")
-            kind, spec, param = "gbnf", body["grammar"], "grammar"
-        elif asked["type"] == "json_object":
-            kind, spec, param = "json_object", None, "response_format"
-        elif asked["type"] == "json_schema":
-            if "json_schema" not in asked:
-                raise ApiError(400, "response_format of type json_schema needs its json_schema",
-                               "response_format.json_schema")
-            kind, spec, param = "json_schema", asked["json_schema"]["schema"], "response_format.json_schema.schema"
-        else:
+        if body.get("response_format") is None and body.get("grammar") is None:
             return None
         try:
-            return await self.workers[model.name].call(lambda: model.grammars.engine(kind, spec))
+            return await self.workers[model.name].call(
+                lambda: model.grammars.for_request(body.get("response_format"), body.get("grammar")))
         except GrammarError as e:
-            raise ApiError(400, str(e), param) from e
+            raise ApiError(400, str(e), e.param) from e
 
     @staticmethod
     def logit_rules(model: ServedModel, body: dict[str, Any]) -> LogitRules:

@@ -60,7 +60,10 @@ from .errors import InvalidRequest
 
 class GrammarError(InvalidRequest):
     """A grammar or JSON schema that cannot be used: bad syntax (with line and column), an unknown
-    rule, left recursion, an unsupported schema keyword, or nothing that could ever satisfy it."""
+    rule, left recursion, an unsupported schema keyword, or nothing that could ever satisfy it.
+    `param`: the request field that asked for it, when a request did (GrammarCache.for_request)."""
+
+    param: str | None = None
 
 
 # --- the grammar as parsed: a small tree per rule -------------------------------------------------
@@ -979,6 +982,41 @@ class GrammarCache:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(key)
         return engine
+
+    def for_request(self, response_format: Any, grammar: Any) -> GrammarEngine | None:
+        """The engine of a request's structured output options, as the API and the page's engine
+        take them: response_format ({"type": "text" | "json_object"} or {"type": "json_schema",
+        "json_schema": {"schema": {...}}}) or grammar (GBNF text); None for free text. A
+        GrammarError names the field (`param`)."""
+        asked = {"type": "text"} if response_format is None else response_format
+        kind = asked.get("type") if isinstance(asked, dict) else None
+        if grammar is not None:
+            kind, spec, param = "gbnf", grammar, "grammar"
+            if asked != {"type": "text"} or not isinstance(grammar, str):
+                raise _refused("grammar is GBNF text, given without a response_format", param)
+        elif kind == "json_object":
+            spec, param = None, "response_format"
+        elif kind == "json_schema":
+            spec, param = (asked.get("json_schema") or {}).get("schema"), "response_format.json_schema.schema"
+            if not isinstance(spec, dict):
+                raise _refused('response_format of type json_schema needs {"json_schema": {"schema": {...}}}',
+                               "response_format.json_schema")
+        elif kind == "text":
+            return None
+        else:
+            raise _refused('response_format must be {"type": "text" | "json_object" | "json_schema", ...} or null',
+                           "response_format.type")
+        try:
+            return self.engine(kind, spec)
+        except GrammarError as e:
+            e.param = param
+            raise
+
+
+def _refused(message: str, param: str) -> GrammarError:
+    error = GrammarError(message)
+    error.param = param
+    return error
 
 
 # --- JSON: the json_object grammar and JSON Schema -> GBNF ----------------------------------------

@@ -59,7 +59,7 @@ from realm_wasm.gguf import GGUFError, GGUFHeader, GGUFNeedMoreData, parse_heade
 from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
 from realm_wasm.gpu.weights import StreamedWeights
-from realm_wasm.grammar import GrammarCache, GrammarEngine
+from realm_wasm.grammar import GrammarCache
 from realm_wasm.lora import Adapter, AdapterConflict, BadAdapter, adaptable_weights, check_header
 from realm_wasm.plan import Plan
 from realm_wasm.sampling import SamplingParams
@@ -129,26 +129,6 @@ def check_speculation(speculation: Any) -> Speculation | None:
     if unknown:
         raise InvalidRequest(f"speculation has unknown field(s) {', '.join(sorted(unknown))}")
     return Speculation(**speculation)
-
-
-def check_output_grammar(response_format: Any, grammar: Any, grammars: GrammarCache) -> GrammarEngine | None:
-    """The page's structured output options, as the server takes them: response_format
-    ({"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
-    or grammar (GBNF text), compiled for the loaded model's vocabulary; None for free text."""
-    asked = {"type": "text"} if response_format is None else response_format
-    kind = asked.get("type") if isinstance(asked, dict) else None
-    if kind not in ("text", "json_object", "json_schema"):
-        raise InvalidRequest('response_format must be {"type": "text" | "json_object" | "json_schema", ...} or null')
-    if grammar is not None:
-        if kind != "text" or not isinstance(grammar, str):
-            raise InvalidRequest("grammar is GBNF text, and not given with a response_format")
-        return grammars.engine("gbnf", grammar)
-    if kind == "json_schema":
-        schema = (asked.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise InvalidRequest('response_format of type json_schema needs {"json_schema": {"schema": {...}}}')
-        return grammars.engine("json_schema", schema)
-    return grammars.engine("json_object", None) if kind == "json_object" else None
 
 
 def check_lora(lora: Any) -> list[tuple[str, float]]:
@@ -502,7 +482,7 @@ class WorkerHost:
         tokenizer, stops = self.loaded.engine.tokenizer, tuple(stop or ())
         if self._grammars is None or self._grammars.tokenizer is not tokenizer:  # compiled per vocabulary
             self._grammars = GrammarCache(tokenizer)
-        output_grammar = check_output_grammar(response_format, grammar, self._grammars)
+        output_grammar = self._grammars.for_request(response_format, grammar)
         if messages is not None:
             chat = self.loaded.chat.render(check_messages(messages))
             ids = tokenizer.encode(chat.text, add_bos=chat.add_bos)
