@@ -75,14 +75,18 @@ class LookupDrafter:
         self.last_end: dict[tuple[int, ...], int] = {}  # n-gram -> end (exclusive) of its latest occurrence
         self.indexed = 0  # n-grams ending before this position are in the index
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        """What followed the latest earlier occurrence of the longest n-gram ending `tokens`."""
+    def _index(self, tokens: Sequence[int]) -> None:
+        """Index every n-gram ending before the last token (the suffix must not match itself)."""
         end = len(tokens)
-        # index every n-gram ending before the last token (the suffix itself must not match itself)
         for e in range(max(self.indexed, 1), end):
             for n in range(1, min(self.ngram, e) + 1):
                 self.last_end[tuple(tokens[e - n:e])] = e
         self.indexed = max(self.indexed, end)
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        """What followed the latest earlier occurrence of the longest n-gram ending `tokens`."""
+        self._index(tokens)
+        end = len(tokens)
         for n in range(min(self.ngram, end - 1), 0, -1):
             at = self.last_end.get(tuple(tokens[end - n:end]))
             if at is not None and at < end:
@@ -95,7 +99,7 @@ class LookupDrafter:
         end = len(tokens)
         if end <= self.ngram:
             return False
-        self.propose(tokens, 0)  # brings the index up to `tokens`
+        self._index(tokens)
         at = self.last_end.get(tuple(tokens[end - self.ngram:end]))
         return at is not None and at < end
 
