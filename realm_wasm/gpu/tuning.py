@@ -82,16 +82,16 @@ class Tuning:
 # at 262144 x 640 (Q8_0: 91 µs, 59% of peak; 16 lanes 96 µs, 32 lanes 125 µs); small weights
 # (2048 x 640: 4.9 µs) one row per team of 32 (2 rows: 5.0-8.2 µs, 8 lanes: 6.7 µs and up).
 # The chunk walk (int8 x, 16-byte chunks of each block) was written because the K-quants' group
-# walk decodes a block's scales for every 8 elements and converts every code to float, and reached
-# 9-19% of an H200's bandwidth at 14336 x 4096 (Q5_K 286 GB/s, Q6_K 413, Q4_K 922). It is correct
-# (tests/test_gpu_matmul.py, lavapipe) but not yet measured on a GPU, so no table turns it on:
-# `bench_matvec.py --walk groups,chunks` on the GPU machine decides which types it takes (the K-quants
-# first; Q8_0 and Q5_0 have chunk snippets too, their groups reached 26-59% of an H100's peak).
-# CPU adapters keep the group walk too,
-# though on lavapipe the chunk walk at wg 32, 8 lanes, 4 rows ran Q4_K / Q6_K 1024 x 1024 and
-# 4096 x 512 2-3x faster than this table's one-lane group walk (2-core machine, noisy): its int8 x
-# moves results ~1e-3 from the numpy executor the CPU-adapter tests compare with, and SwiftShader
-# (the page's fallback, slow barriers) is unmeasured.
+# walk decodes a block's scales for every 8 elements and converts every code to float. On an H200
+# (bench_matvec.py --walk groups,chunks, 2026-12-03, docs/benchmarks.md) it took 14336 x 4096 from
+# 149-328 GB/s to 548-1816 (Q5_K 272 -> 74 us, Q6_K 319 -> 27, Q8_0 190 -> 113, Q5_0 257 -> 24) and
+# Q4_K 4096 x 14336 from 41 to 29 us; only Q4_K 4096 x 4096 lost (14.3 -> 15.0 us), so the GPU table
+# gives it all five types: gemma-3-270m decode went from ~1,020 to ~1,160 tok/s. (Mat-mat steps of these
+# weights round x the same way first, so a token's logits do not depend on its step's size.)
+# CPU adapters keep the group walk, though on lavapipe the chunk walk at wg 32, 8 lanes, 4 rows
+# ran Q4_K / Q6_K 1024 x 1024 and 4096 x 512 2-3x faster than this table's one-lane group walk
+# (2-core machine, noisy): its int8 x moves results ~1e-3 from the numpy executor the CPU-adapter
+# tests compare with, and SwiftShader (the page's fallback, slow barriers) is unmeasured.
 # GPU mat-mat: a workgroup walks K serially, so a small grid takes ~30 us at K=640 (~80 us at
 # K=2048) whatever T is, while the mat-vec kernel's time grows with T (each row re-reads the
 # weights, from L2): mat-vec up to 12 rows (the crossover lay between 8 and 16 for most shapes with
@@ -103,7 +103,8 @@ TUNING = {
                   matvec_wg=256, matvec_lanes=32, matvec_lane_pairs=4, matvec_rows=2, matvec_small=1 << 22,
                   matvec_max_t=12,
                   tiles=((Tile(64, 64, 8, 4, 32), 512), (Tile(64, 64, 8, 4, 64), 80), (Tile(64, 32, 4, 4, 128), 80),
-                         (Tile(32, 32, 4, 4, 128), 0))),
+                         (Tile(32, 32, 4, 4, 128), 0)),
+                  matvec_chunks=frozenset({"Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0"})),
     True: Tuning(f16=False, wg=64, attn_wg=64, attn_split=1, attn_split_max_t=0,
                  matvec_wg=32, matvec_lanes=1, matvec_lane_pairs=2, matvec_rows=4, matvec_small=0,
                  matvec_max_t=8,
