@@ -49,6 +49,10 @@ SAMPLED = SamplingParams(temperature=1.0, seed=7)
 def decode(engine: Engine, prompt: str, tokens: int, speculation: Speculation | None,
            sampling: SamplingParams = GREEDY) -> tuple[list[int], float, float]:
     """(tokens, decode tok/s, accepted share of drafted tokens)."""
+    # Each run prefills the prompt afresh: a run that reuses the last one's KV recomputes the prompt's
+    # last token alone (a mat-vec step, not the prefill's mat-mat), and on a GPU whose mat-vec rounds
+    # x to int8 that moves greedy text ~100 tokens on, which would be blamed on the speculation.
+    engine.slot_tokens[0] = ()
     events = list(engine.generate_events(prompt, tokens, sampling=sampling, stop_at_eos=False,
                                          speculation=speculation))
     end, steps = events[-1], [e for e in events[:-1] if e.token_id is not None]

@@ -2,6 +2,7 @@
 one greedy generation through the same Python, side by side.
 
     python bench/profile_page.py [--tokens 128] [--top 25] [--backend webgpu]
+    python bench/profile_page.py --long-prompt 512 --tokens 4   # 4 fresh 512-token prompts, 1 token each
 
 Natively it profiles `Engine.generate` (wgpu-py); in Chromium the page's worker profiles
 `WorkerHost.generate` (what worker.js runs per message, realm_web_host.py) on the page's own
@@ -9,7 +10,9 @@ device, after a warm-up generation. Each side prints its decode rate with the pr
 slows pure-Python code several times, so read the shares, not the speed), then the functions with
 the most time of their own. Time a step spends waiting for the GPU shows up in the function that
 waits (the native read-back's `map_sync`, the page's JSPI `run_sync`), so what is left is the host's
-Python: what the page has to shed to reach native speed (issue #10).
+Python: what the page has to shed to reach native speed (issue #10). With `--long-prompt N` each
+"event" is instead the first token of a fresh N-token prompt (no prefix shared with any before):
+the time to first token.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the page helpers the e2e tests use
 
-from bench_browser import PROMPT, browser  # noqa: E402
+from bench_browser import PROMPT, browser, long_prompts  # noqa: E402
 from harness import live_server, load, wait_ready  # noqa: E402
 
 from realm_wasm.model_files import default_model_path  # noqa: E402
@@ -49,31 +52,48 @@ async def profiled(generation, tokens, top):
 '''
 
 
-def native(model: Path, tokens: int, top: int, backend: str) -> str:
+def prompts(long_prompt: int, count: int) -> list[str]:
+    """`count` different prompts of about `long_prompt` tokens (none a prefix of another)."""
+    return [long_prompts(long_prompt + i)[0] for i in range(count)]
+
+
+def native(model: Path, tokens: int, top: int, backend: str, long_prompt: int) -> str:
     import asyncio
 
     from realm_wasm.engine import Engine
 
     engine = Engine.load(model, backend=backend)
-    ids = engine.tokenizer.encode(PROMPT)
+    fresh = iter(prompts(long_prompt, 8 + tokens))
 
     async def generation(n: int):
-        for event in engine.generate(ids, max_tokens=n):
-            yield event
+        if long_prompt:  # n fresh prompts, their first token each
+            for _ in range(n):
+                for event in engine.generate(next(fresh), max_tokens=1):
+                    yield event
+        else:
+            for event in engine.generate(PROMPT, max_tokens=n):
+                yield event
 
     space: dict = {}
     exec(PROFILE, space)
     return asyncio.run(space["profiled"](generation, tokens, top))
 
 
-def page(model: Path, tokens: int, top: int, backend: str) -> str:
+def page(model: Path, tokens: int, top: int, backend: str, long_prompt: int) -> str:
     from playwright.sync_api import sync_playwright
 
     code = PROFILE + f'''
 from realm_web_host import HOST
+fresh = iter({prompts(long_prompt, 8 + tokens)!r})
 
-def generation(n):
-    return HOST.generate(prompt={PROMPT!r}, max_tokens=n)
+async def generation(n):
+    if {long_prompt}:  # n fresh prompts, their first token each
+        for _ in range(n):
+            async for event in HOST.generate(prompt=next(fresh), max_tokens=1):
+                yield event
+    else:
+        async for event in HOST.generate(prompt={PROMPT!r}, max_tokens=n):
+            yield event
 
 await profiled(generation, {tokens}, {top})
 '''
@@ -90,11 +110,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="functions listed per side")
     parser.add_argument("--backend", default="webgpu", help="webgpu or numpy, on both sides")
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the bundled gemma-3-270m)")
+    parser.add_argument("--long-prompt", type=int, default=0, help="profile first tokens of fresh N-token prompts")
     args = parser.parse_args()
     model = args.model or default_model_path()
     for where, run in (("native (wgpu-py)", native), ("page (Chromium worker)", page)):
         print(f"## {where}, {model.name}, {args.backend}, {args.tokens} tokens\n")
-        print(run(model, args.tokens, args.top, args.backend))
+        print(run(model, args.tokens, args.top, args.backend, args.long_prompt))
 
 
 if __name__ == "__main__":

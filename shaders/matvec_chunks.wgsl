@@ -1,8 +1,8 @@
 // The mat-vec's walk along K for the K-quants (composed with matvec.wgsl), after llama.cpp's MMVQ
 // idea: x quantized to int8, integer dot products, each lane owning a slice of every block.
 //
-// First the workgroup quantizes x[t] into workgroup memory (stage_x, with x_int8.wgsl): int8 values
-// with one f32 scale per 32 elements (amax / 127, as llama.cpp's q8_1) and the sum of every 16 quantized values
+// First the workgroup quantizes x[t] into workgroup memory (stage_x): int8 values with one f32
+// scale per 32 elements (amax / 127, as llama.cpp's q8_1) and the sum of every 16 quantized values
 // (for the blocks' mins and offsets: with the quantized x's sum, not x's, a row's errors are its
 // centred weights' times x's rounding, not its offsets'), shared by all the workgroup's rows. Then lane li of a team reads chunk c = li % CHUNKS of super-block
 // li / CHUNKS, of LANES / CHUNKS neighbouring blocks per step: one 16-byte load of quants per row
@@ -18,6 +18,7 @@ const BLOCKS: u32 = K / QK;
 const PIECES: u32 = K / 16u;  // 16-element pieces of x
 const BLOCKS_PER_STEP: u32 = LANES / CHUNKS;
 const ONES = vec4<u32>(0x01010101u);  // sixteen int8 ones
+const ROUNDING: f32 = 12582912.0;  // 1.5 * 2^23: v + ROUNDING holds round(v) in its low mantissa bits
 
 var<workgroup> xq: array<vec4<u32>, PIECES>;  // x[t] as int8, a piece per vec4
 var<workgroup> xd: array<f32, PIECES / 2u>;  // scale of each 32 elements
@@ -29,6 +30,11 @@ struct XChunk {
     b: vec4<u32>,
     d: vec2<f32>,
     s: vec2<f32>,
+}
+
+// Four values times `inv`, rounded to the nearest integer (in -127..127), as packed int8.
+fn int8x4(v: vec4<f32>, inv: f32) -> u32 {
+    return pack4xU8(bitcast<vec4<u32>>(v * inv + ROUNDING));
 }
 
 // x[t] into xq, xd, xs: invocation lid quantizes every WG-th 32 elements. Call from uniform
@@ -44,8 +50,9 @@ fn stage_x(t: u32, lid: u32) {
         let v5 = x[at + 5u];
         let v6 = x[at + 6u];
         let v7 = x[at + 7u];
-        let amax = amax32(v0, v1, v2, v3, v4, v5, v6, v7);
-        let inv = int8_inv(amax);
+        let m4 = max(max(max(abs(v0), abs(v1)), max(abs(v2), abs(v3))), max(max(abs(v4), abs(v5)), max(abs(v6), abs(v7))));
+        let amax = max(max(m4.x, m4.y), max(m4.z, m4.w));
+        let inv = select(0.0, 127.0 / amax, amax > 0.0);
         let d = amax / 127.0;
         let a = vec4<u32>(int8x4(v0, inv), int8x4(v1, inv), int8x4(v2, inv), int8x4(v3, inv));
         let b = vec4<u32>(int8x4(v4, inv), int8x4(v5, inv), int8x4(v6, inv), int8x4(v7, inv));

@@ -4,10 +4,9 @@ Two skeletons serve all types (shaders/matvec.wgsl for decode, shaders/matmul.wg
 batches); each type adds only its dequant snippet (shaders/dequant_<type>.wgsl). The mat-vec walks
 K in one of two ways: 8-element groups through that snippet (shaders/matvec_groups.wgsl, every
 type), or, for the types in `Tuning.matvec_chunks`, 16-byte chunks of each block against x quantized
-to int8 in workgroup memory (shaders/matvec_chunks.wgsl + the type's chunk snippet, `CHUNK_SNIPPETS`);
-the mat-mat of such a weight then reads x rounded the same way (shaders/round_x.wgsl, one more
-dispatch), so that every step size multiplies the same x. A weight larger than the device's
-storage-binding limit is uploaded as several row ranges, one buffer and one
+to int8 in workgroup memory (shaders/matvec_chunks.wgsl + the type's chunk snippet, `CHUNK_SNIPPETS`).
+A weight larger
+than the device's storage-binding limit is uploaded as several row ranges, one buffer and one
 dispatch each. Everything is built once at load time; `QuantMatmul.dispatches(t)` is what a step
 puts into its command buffer.
 
@@ -376,9 +375,6 @@ class QuantMatmul:
         self.matvec_shape = matvec_shape(self.tuning, weight.n, weight.k,
                                          device.limits["max_compute_invocations_per_workgroup"], bool(glu))
         self.chunked = self._chunk_walk_fits()  # the mat-vec walks in chunks against int8 x
-        # ... and then the mat-mat reads x rounded the same way (shaders/round_x.wgsl), so that a
-        # token's rows do not depend on the size of its step (speculation and batches stay exact)
-        self.round_x, self.matmat_x = self._round_x() if self.chunked else (None, x)
         self.matvec = [self._matvec(c) for c in weight.chunks]
         self.tiles = fit_tiles(self.tuning.tiles, device.limits, self.f16, weight.k)
         # every tile a step may pick, built now: a pipeline compiled at first use would stall that
@@ -394,7 +390,7 @@ class QuantMatmul:
     def _walk_parts(self) -> tuple[str, ...]:
         """The shader files that walk K: the weight reader, the type's snippet and the walk."""
         if self.chunked:
-            return *CHUNK_SNIPPETS[self.weight.quant.name], "x_int8.wgsl", "matvec_chunks.wgsl"
+            return *CHUNK_SNIPPETS[self.weight.quant.name], "matvec_chunks.wgsl"
         return "blocks.wgsl", self.weight.quant.shader, "matvec_groups.wgsl"
 
     def _chunk_walk_fits(self) -> bool:
@@ -445,19 +441,7 @@ class QuantMatmul:
         label = f"matmul {self.weight.quant.name} {self.weight.n}x{self.weight.k} {tile}"
         pipe = compose.pipeline(self.device, parts, consts, f16=self.f16, label=label)
         w = (chunk.buffer, 0, chunk.size)
-        return pipe, self.device.create_bind_group(pipe, [w, self.matmat_x, self.matmat_y, self.rows]), grid
-
-    def _round_x(self) -> tuple[Launch, Binding]:
-        """The kernel writing x rounded as the chunk walk rounds it, and the scratch binding (x's
-        size) it writes."""
-        from . import ops  # ops builds on this module
-
-        size, wg = self.x[2], self.tuning.wg
-        x_rounded = (ops.scratch(self.device, "x rounded to int8", size), 0, size)
-        pipe = compose.pipeline(self.device, ("x_int8.wgsl", "round_x.wgsl"), dict(K=self.weight.k, WG=wg),
-                                label=f"round x {self.weight.k}")
-        bind_group = self.device.create_bind_group(pipe, [self.x, x_rounded])
-        return (pipe, bind_group, (-(-self.weight.k // 32 // wg), 1)), x_rounded
+        return pipe, self.device.create_bind_group(pipe, [w, self.x, self.matmat_y, self.rows]), grid
 
     def _check_storage_bindings(self, count: int) -> None:
         limit = self.device.limits.get("max_storage_buffers_per_shader_stage", 8)
@@ -490,9 +474,6 @@ class QuantMatmul:
         tile = self.tile(t)
         tiles = -(-t // tile.tt)
         steps = [(pipe, bg, (gx, gy, tiles)) for pipe, bg, (gx, gy) in self.matmat[tile]]
-        if self.round_x:
-            pipe, bg, (gx, _) = self.round_x
-            steps.insert(0, (pipe, bg, (gx, t, 1)))
         if lora and self.lora_after:
             pipe, bg, (gx, _) = self.lora_after
             steps.append((pipe, bg, (gx, t, 1)))

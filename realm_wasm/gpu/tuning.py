@@ -86,8 +86,10 @@ class Tuning:
 # (bench_matvec.py --walk groups,chunks, 2026-12-03, docs/benchmarks.md) it took 14336 x 4096 from
 # 149-328 GB/s to 548-1816 (Q5_K 272 -> 74 us, Q6_K 319 -> 27, Q8_0 190 -> 113, Q5_0 257 -> 24) and
 # Q4_K 4096 x 14336 from 41 to 29 us; only Q4_K 4096 x 4096 lost (14.3 -> 15.0 us), so the GPU table
-# gives it all five types: gemma-3-270m decode went from ~1,020 to ~1,160 tok/s. (Mat-mat steps of these
-# weights round x the same way first, so a token's logits do not depend on its step's size.)
+# gives it all five types: gemma-3-270m decode went from ~1,020 to ~1,160 tok/s. Their mat-mat
+# keeps f32 x: rounding x there too (a rounding dispatch before each, tried 2026-12-04) cost 12% of
+# prefill and did not make a token's logits independent of its step's kind, since every int8
+# rounding turns f32 summation-order noise into whole rounding steps, layer after layer.
 # CPU adapters keep the group walk, though on lavapipe the chunk walk at wg 32, 8 lanes, 4 rows
 # ran Q4_K / Q6_K 1024 x 1024 and 4096 x 512 2-3x faster than this table's one-lane group walk
 # (2-core machine, noisy): its int8 x moves results ~1e-3 from the numpy executor the CPU-adapter
