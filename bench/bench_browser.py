@@ -260,14 +260,14 @@ def main() -> None:
     ap.add_argument("--lookup", action="store_true", help=f"decode with prompt lookup (k={LOOKUP_K}) on "
                     "bench_speculative.py's paragraph rewrite, natively and on WebGPU in the page")
     ap.add_argument("--run-ahead", type=int, help="decode steps queued behind the one being read (the "
-                    "scheduler's RUN_AHEAD), natively and in the page")
+                    "devices' run_ahead), natively and in the page")
     args = ap.parse_args()
     setup = ""
     if args.run_ahead is not None:
-        import realm_wasm.scheduler
+        from realm_wasm.gpu.native import NativeDevice
 
-        realm_wasm.scheduler.RUN_AHEAD = args.run_ahead
-        setup = f"import realm_wasm.scheduler; realm_wasm.scheduler.RUN_AHEAD = {args.run_ahead}"
+        NativeDevice.run_ahead = args.run_ahead
+        setup = f"from realm_wasm.gpu.browser import BrowserDevice; BrowserDevice.run_ahead = {args.run_ahead}"
 
     from playwright.sync_api import sync_playwright
 

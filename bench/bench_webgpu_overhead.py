@@ -106,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dispatches", type=int, default=140, help="dispatches a step (the default model: ~140)")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--queued", type=int, default=3, help="steps submitted ahead (the scheduler's RUN_AHEAD)")
+    parser.add_argument("--queued", type=int, default=3, help="steps submitted ahead (a device's run_ahead)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     where = {"wgpu-py": native(args.dispatches, args.steps, args.queued),

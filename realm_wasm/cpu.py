@@ -162,7 +162,7 @@ class CpuExecutor:
 
     name = "numpy"
     max_logit_rows = 1 << 20
-    queues_ahead = False  # runs each step when submitted
+    run_ahead = 0  # runs each step when submitted
 
     def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048,
                  eager_limit: int | None = None, kernel: QuantizedMatmul | None = None,

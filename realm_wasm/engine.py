@@ -42,7 +42,7 @@ class Executor(Protocol):
     name: str  # "webgpu" | "numpy"
     n_slots: int  # KV-cache slots: sequences it can hold at once
     max_logit_rows: int  # rows of logits one step can return
-    queues_ahead: bool  # submit_sample returns before the step has run (a GPU queue)
+    run_ahead: int  # decode steps the scheduler queues behind the one it reads (0: each runs when submitted)
     max_adapters: int  # LoRA adapter slots
 
     def set_adapter(self, slot: int, adapter: Adapter) -> None:

@@ -12,12 +12,13 @@ own `SamplingParams` and step counter, so its tokens never depend on what else w
 (up to float rounding of the batched matmuls).
 
 Running ahead: on an executor that queues (a GPU), when every running sequence is decoding and
-nothing waits to be admitted, steps n + 1 ... n + RUN_AHEAD are submitted before step n's ids are
-read, each one's tokens copied on the device from the samples of the step before, so the GPU never
-idles while the host reads, streams and checks stop conditions, however long a read takes to come
-back (in a browser, a mapped buffer comes back through the GPU process: milliseconds). A sequence
-that ends at step n leaves a wasted row in each step queued behind it (KV entries past the sequence,
-never read); once those are read, the next step is built from the host again.
+nothing waits to be admitted, steps n + 1 ... n + `run_ahead` (the executor's: its device's) are
+submitted before step n's ids are read, each one's tokens copied on the device from the samples of
+the step before, so the GPU never idles while the host reads, streams and checks stop conditions,
+however long a read takes to come back (in a browser, a mapped buffer comes back through the GPU
+process: milliseconds). A sequence that ends at step n leaves a wasted row in each step queued
+behind it (KV entries past the sequence, never read); once those are read, the next step is
+built from the host again.
 
 Everything that ends a generation lives here, once: end of text, stop sequences (cut from the
 text, holding back a tail that may begin one), the length limit, and the UTF-8 bytes of a
@@ -83,11 +84,6 @@ PREFILL_CHUNK = 256  # tokens per step by default: bounds activation memory on e
 # Fewer shared tokens are re-read rather than reused: a step of up to ~16 tokens costs about what
 # one decode step costs (mat-vec kernels), so reusing them saves nothing measurable.
 MIN_REUSE = 16
-# Decode steps queued behind the one being read: the GPU always has the next ones while the host
-# reads, streams and checks stops. Measured on the H200 (docs/benchmarks.md, 2026-12-03), 1 -> 3 gave
-# native 951 -> 970-1035 tok/s and the page 376 -> 407; 6 made the page slower (313). Each costs at most
-# one wasted row per sequence that finishes.
-RUN_AHEAD = 3
 GREEDY = SamplingParams()
 
 
@@ -301,14 +297,14 @@ class Scheduler:
         """Admit, run one forward pass, sample and stream. False when there was nothing to do.
 
         With steps already on the device, this queues more behind them while it can (up to
-        RUN_AHEAD), then reads the oldest one's ids: each call streams one step's tokens."""
+        the executor's run_ahead), then reads the oldest one's ids: each call streams one step's tokens."""
         self._drain_inbox()
         if not self._in_flight:
             self._admit()
             if not self._running:
                 return False
             self._in_flight.append(self._submit(self._plan_step()))
-        while len(self._in_flight) <= RUN_AHEAD and self._can_follow(self._in_flight[-1]):
+        while len(self._in_flight) <= self.engine.executor.run_ahead and self._can_follow(self._in_flight[-1]):
             self._in_flight.append(self._submit_follow(self._in_flight[-1]))
         self._receive(self._in_flight.popleft())
         return True
@@ -510,7 +506,7 @@ class Scheduler:
         """Whether the next step is known before `step`'s ids are: every running sequence is in it
         with one row (no drafts to verify, none to draft next), below its length limit, and no
         waiting request is due a slot (a free one, or one it takes from another tenant)."""
-        if not self.engine.executor.queues_ahead or self._inbox or isinstance(step.pending, _Failed):
+        if not self.engine.executor.run_ahead or self._inbox or isinstance(step.pending, _Failed):
             return False
         if self._next_admission() is not None:  # a waiting request takes a slot now
             return False

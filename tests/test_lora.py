@@ -383,7 +383,7 @@ def run_batched(engine, prompt: str, loras, max_tokens: int = 10):
 
     from realm_wasm.scheduler import Request, Scheduler
 
-    if not engine.executor.queues_ahead:  # numpy: keep the batches to look at them
+    if not engine.executor.run_ahead:  # numpy: keep the batches to look at them
         engine.executor = RecordingExecutor(engine.executor)
     scheduler = Scheduler(engine, n_slots=len(loras), max_step_tokens=16)
     sinks = [Recorder() for _ in loras]

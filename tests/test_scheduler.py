@@ -114,7 +114,7 @@ class Recorder:
 class RecordingExecutor:
     """Wraps an executor to keep every Batch it runs (each step run when submitted, as numpy does)."""
 
-    queues_ahead = False
+    run_ahead = 0
 
     def __init__(self, inner) -> None:
         self.inner, self.name, self.max_logit_rows, self.batches = inner, inner.name, inner.max_logit_rows, []
@@ -368,8 +368,8 @@ def test_batched_on_the_gpu_executor_matches_running_alone(model_path, gpu):
 class Follows:
     """Wraps an executor, counting the steps queued with `follow` (their tokens sampled on the device)."""
 
-    def __init__(self, inner, queues_ahead: bool) -> None:
-        self.inner, self.queues_ahead, self.follows, self.steps = inner, queues_ahead, 0, 0
+    def __init__(self, inner, run_ahead: int) -> None:
+        self.inner, self.run_ahead, self.follows, self.steps = inner, run_ahead, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -387,9 +387,9 @@ def test_running_ahead_on_the_gpu_gives_what_stepping_from_the_host_gives(model_
     model = Model.from_header(f.header)
     hot = SamplingParams(temperature=1.2, top_k=30, seed=3)
     runs = {}
-    for ahead in (False, True):
+    for ahead in (0, 3):
         engine = Engine(model, GpuExecutor(model.plan, f.tensor_bytes, n_slots=3, n_ctx=N_CTX, device=gpu), N_CTX)
-        engine.executor = executor = Follows(engine.executor, queues_ahead=ahead)
+        engine.executor = executor = Follows(engine.executor, run_ahead=ahead)
         scheduler = Scheduler(engine, n_slots=3, max_step_tokens=32)
         sinks = [Recorder() for _ in range(4)]
         scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 14, stop_at_eos=False), sinks[0])
@@ -400,7 +400,7 @@ def test_running_ahead_on_the_gpu_gives_what_stepping_from_the_host_gives(model_
         scheduler.submit(Request(engine.tokenizer.encode("0123456789"), 5, stop_at_eos=False), sinks[3])
         run_all(scheduler)
         runs[ahead] = ([s.tokens for s in sinks], [s.finished for s in sinks], executor)
-    (host_tokens, host_ends, host), (ahead_tokens, ahead_ends, queued) = runs[False], runs[True]
+    (host_tokens, host_ends, host), (ahead_tokens, ahead_ends, queued) = runs[0], runs[3]
     assert ahead_tokens == host_tokens and ahead_ends == host_ends
     assert host.follows == 0 and queued.follows >= 10
     assert [len(t) for t in host_tokens[:2]] == [14, 6]

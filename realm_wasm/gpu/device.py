@@ -75,6 +75,10 @@ class Device(Protocol):
     limits: dict[str, int]  # snake_case WebGPU limits, e.g. "max_storage_buffer_binding_size"
     is_fallback_adapter: bool  # a CPU rasterizer (lavapipe, SwiftShader): pick lean kernel variants
     host: str  # "naga" (wgpu-py) or "tint" (Chromium): WGSL directives differ, see compose.py
+    # Decode steps to queue behind the one whose ids are being read, so that the GPU never idles
+    # while the host reads, streams and checks stops; each costs at most one wasted row per
+    # sequence that finishes. Per host: a browser's read-back comes back through the GPU process.
+    run_ahead: int
 
     def create_buffer(self, size: int, usage: int, label: str = "") -> Buffer: ...
 

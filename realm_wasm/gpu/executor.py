@@ -69,13 +69,13 @@ class GpuExecutor:
     `submit_sample` queues a sampled step and returns at once."""
 
     name = "webgpu"
-    queues_ahead = True  # submit_sample returns once the step is queued
 
     def __init__(self, plan: Plan, weights: Callable[[TensorInfo], np.ndarray] | WeightStore, *, device: Device,
                  n_slots: int = 1, n_ctx: int = 2048, max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_logit_rows: int | None = None, max_adapters: int = 0,
                  max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> None:
         self.device, self.plan, self.n_slots, self.n_ctx = device, plan, n_slots, n_ctx
+        self.run_ahead = device.run_ahead  # submit_sample returns once the step is queued
         # a callable gives a tensor's bytes (a GGUF file); a store was filled some other way (a stream)
         self.store = FileWeights(device, weights) if callable(weights) else weights
         # logits [R, n_vocab] must fit one storage binding (128 MiB on some adapters: 128 rows of 262,144);

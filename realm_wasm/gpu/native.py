@@ -176,6 +176,8 @@ class NativeDevice:
     """One wgpu-py device with the adapter's own limits and the optional features Realm uses."""
 
     host = "naga"
+    # H200 (docs/benchmarks.md, 2026-12-03): 1 -> 3 steps ahead gave 951 -> 970-1035 tok/s
+    run_ahead = 3
 
     def __init__(self, adapter: wgpu.GPUAdapter, device: wgpu.GPUDevice) -> None:
         self.adapter, self.device = adapter, device
