@@ -9,7 +9,10 @@
   then pairs merge in `tokenizer.ggml.merges` rank order.
 
 In both, special tokens (control, user-defined, unknown) are cut out of the raw text first, longest
-first, as llama.cpp does, so "<start_of_turn>" in a prompt is one token.
+first, as llama.cpp does, so "<start_of_turn>" in a prompt is one token. Both merge words (BPE's
+pre-split words; SPM's runs from a word's U+2581 to the next word's, where no token spans one)
+each on its own, and keep the ids of the words they have merged (`_WordCache`): a long prompt's
+merges are most of its time to first token in the page, where Python is several times slower.
 
 The metadata comes from an untrusted file: every key this module reads is type-checked first
 (`_METADATA_TYPES`), so a malformed vocab is a `TokenizerError` naming the key, never a crash later.
@@ -40,6 +43,8 @@ _END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end
                       "<|endoftext|>", "<EOT>")
 _SPM_SPACE = "\u2581"
 MAX_VOCAB = 1 << 21  # 8x gemma-3's 262144: bounds the tables built from an untrusted vocab
+_WORD_START = re.compile(f"[^{_SPM_SPACE}]{_SPM_SPACE}")  # a word's U+2581 after another word
+MAX_SPANNING = 64  # tokens spanning a word start that an SPM vocab may have and still be split
 
 
 class TokenizerError(BadModel):
@@ -248,12 +253,43 @@ def _merge_pairs(symbols: list[str], priority: Callable[[str, str], float | None
     return [p for p in pieces if p]
 
 
+class _WordCache(dict):
+    """Word -> its ids, bounded: emptied when full (a chat's words repeat; a flood of new ones
+    must not grow it without end)."""
+
+    LIMIT = 1 << 16
+
+    def ids(self, word: str, encode: Callable[[str], list[int]]) -> list[int]:
+        ids = self.get(word)
+        if ids is None:
+            if len(self) >= self.LIMIT:
+                self.clear()
+            ids = self[word] = encode(word)
+        return ids
+
+
+class _Specials:
+    """Special tokens in the order they are cut (longest first), indexed by their first two
+    characters: a text is checked only for those whose start it contains (gemma-3 has 6,414, and
+    looking for each one in a long prompt took most of its encoding)."""
+
+    def __init__(self, specials: list[tuple[str, int]]) -> None:
+        self._by_head: dict[str, list[tuple[int, str, int]]] = {}
+        for order, (text, token_id) in enumerate(specials):
+            self._by_head.setdefault(text[:2], []).append((order, text, token_id))
+
+    def in_text(self, text: str) -> list[tuple[str, int]]:
+        heads = {text[i:i + 2] for i in range(len(text))} | set(text)  # one-character specials too
+        found = sorted(entry for head in heads & self._by_head.keys() for entry in self._by_head[head])
+        return [(special, token_id) for _, special, token_id in found if special in text]
+
+
 def _cut_specials(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
     """Text split into raw pieces and special token ids. Specials are tried longest first over the
     whole text, each cutting every raw piece at its leftmost non-overlapping occurrences
     (llama.cpp's tokenizer_st_partition)."""
     parts: list[str | int] = [text] if text else []
-    for special, token_id in (s for s in specials if s[0] in text):
+    for special, token_id in specials:
         cut: list[str | int] = []
         for part in parts:
             if isinstance(part, int) or special not in part:
@@ -280,6 +316,11 @@ class _SentencePiece:
         self._byte_ids = [self._byte_token(b, unk_id) for b in range(256)]
         self.add_bos = True
         self.space_prefix = bool(metadata.get(_KEY + "add_space_prefix", True))
+        # Tokens a merge across a word start would make ('>▁</' in gemma-3's vocab): the text is not
+        # split inside their occurrences; a vocab with many of them is merged whole.
+        spanning = [token for token in token_ids if _WORD_START.search(token)]
+        self._spanning = spanning if len(spanning) <= MAX_SPANNING else None
+        self._words = _WordCache()
 
     def _byte_token(self, byte: int, unk_id: int | None) -> int | None:
         """A byte's token: "<0xXX>", else the byte as a one-character token (ASCII), else <unk>."""
@@ -293,8 +334,25 @@ class _SentencePiece:
         return None if token_id is None else -self._scores[token_id]
 
     def encode_text(self, text: str) -> list[int]:
+        return [i for word in self._words_of(text.replace(" ", _SPM_SPACE)) for i in self._words.ids(word, self._merge)]
+
+    def _words_of(self, text: str) -> list[str]:
+        """Text cut before each word's U+2581, except inside a spanning token: no merge can join
+        two of the pieces, so merging each alone gives what merging the whole text gives."""
+        if self._spanning is None:
+            return [text]
+        cuts = {m.start() + 1 for m in _WORD_START.finditer(text)}
+        for token in self._spanning:
+            at = text.find(token)
+            while at >= 0 and cuts:
+                cuts.difference_update(range(at + 1, at + len(token)))
+                at = text.find(token, at + 1)
+        bounds = [0, *sorted(cuts), len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+    def _merge(self, word: str) -> list[int]:
         ids: list[int] = []
-        for piece in _merge_pairs(list(text.replace(" ", _SPM_SPACE)), self._pair_priority):
+        for piece in _merge_pairs(list(word), self._pair_priority):
             token_id = self._token_ids.get(piece)
             ids.extend(self._byte_fallback(piece) if token_id is None else [token_id])
         return ids
@@ -326,18 +384,19 @@ class _BytePairs:
         self._token_ids, self._unk_id = token_ids, unk_id
         self.add_bos = self._pre.add_bos
         self.space_prefix = False
+        self._words = _WordCache()
 
     def _pair_priority(self, left: str, right: str) -> int | None:
         return self._ranks.get(f"{left} {right}")
 
     def encode_text(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for word in _pre_split(text, self._pre.patterns):
-            spelled = _spell_bytes(word)
-            whole = self._token_ids.get(spelled) if self._pre.ignore_merges else None
-            pieces = [spelled] if whole is not None else _merge_pairs(list(spelled), self._pair_priority)
-            ids.extend(self._piece_id(piece) for piece in pieces)
-        return ids
+        return [i for word in _pre_split(text, self._pre.patterns) for i in self._words.ids(word, self._merge)]
+
+    def _merge(self, word: str) -> list[int]:
+        spelled = _spell_bytes(word)
+        whole = self._token_ids.get(spelled) if self._pre.ignore_merges else None
+        pieces = [spelled] if whole is not None else _merge_pairs(list(spelled), self._pair_priority)
+        return [self._piece_id(piece) for piece in pieces]
 
     def _piece_id(self, piece: str) -> int:
         token_id = self._token_ids.get(piece, self._unk_id)
@@ -395,8 +454,9 @@ class Tokenizer:
         # Cut out of raw text longest first (UTF-8 length, as llama.cpp); user-defined ones always.
         special_ids = [i for i, t in enumerate(self._types) if t in (CONTROL, USER_DEFINED, UNKNOWN) and self.tokens[i]]
         special_ids.sort(key=lambda i: -len(self.tokens[i].encode()))
-        self._specials = [(self.tokens[i], i) for i in special_ids]
-        self._user_defined = [(text, i) for text, i in self._specials if self._types[i] == USER_DEFINED]
+        specials = [(self.tokens[i], i) for i in special_ids]
+        self._specials = _Specials(specials)
+        self._user_defined = _Specials([(text, i) for text, i in specials if self._types[i] == USER_DEFINED])
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> Tokenizer:
@@ -416,7 +476,7 @@ class Tokenizer:
         ids = [self.bos_id] if add_bos and self.add_bos_token and self.bos_id is not None else []
         text = _SURROGATE.sub("\ufffd", text)
         after_special = True  # SPM's space prefix goes on the first piece and after each special
-        for part in _cut_specials(text, self._specials if parse_special else self._user_defined):
+        for part in _cut_specials(text, (self._specials if parse_special else self._user_defined).in_text(text)):
             if isinstance(part, int):
                 ids.append(part)
                 after_special = True

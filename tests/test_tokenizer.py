@@ -64,6 +64,33 @@ def test_gemma_golden_prompts_and_generations(gemma, case):
     assert "".join(stream(gemma, case.greedy_ids)) == text
 
 
+def whole_text_ids(tok: Tokenizer, text: str) -> list[int]:
+    """SPM as llama.cpp runs it: the whole text's symbols merged at once (no words, no cache)."""
+    spm = tok._model
+    return [i for piece in tokenizer_module._merge_pairs(list(text.replace(" ", "\u2581")), spm._pair_priority)
+            for i in ([spm._token_ids[piece]] if piece in spm._token_ids else spm._byte_fallback(piece))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.lists(st.sampled_from(["> </", ">", " ", "  ", "</", "a", "the", "\n", "é", "ab>", "\u2581", "<"]),
+                     max_size=12).map("".join))
+def test_gemma_words_merge_as_the_whole_text_does(gemma, text):
+    """Merged word by word (and cached), the ids of the whole text merged at once: also around the
+    one gemma-3 token that spans a word start ('>\u2581</'), and on a second encoding (cached words)."""
+    assert gemma._model._spanning == [">\u2581</"]
+    for _ in range(2):
+        assert gemma._model.encode_text(text) == whole_text_ids(gemma, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specials=st.lists(st.text(alphabet="<>ab", min_size=1, max_size=4), unique=True, max_size=12),
+       text=st.text(alphabet="<>abc", max_size=16))
+def test_specials_found_in_a_text_are_those_it_contains_in_cutting_order(specials, text):
+    ordered = sorted(specials, key=len, reverse=True)
+    index = tokenizer_module._Specials([(s, i) for i, s in enumerate(ordered)])
+    assert index.in_text(text) == [(s, i) for i, s in enumerate(ordered) if s in text]
+
+
 def test_gemma_special_ids(gemma):
     assert (gemma.bos_id, gemma.eos_id, gemma.vocab_size) == (2, 1, 262144)
     assert gemma.eot_ids == {1, gemma.tokens.index("<end_of_turn>")}
