@@ -163,6 +163,8 @@ class CpuExecutor:
     name = "numpy"
     max_logit_rows = 1 << 20
     run_ahead = 0  # runs each step when submitted
+    # numpy's BLAS may sum a row differently with T (float noise only: x is never rounded to int8)
+    exact_rows = 1 << 20
 
     def __init__(self, plan: Plan, weight_bytes: WeightSource, n_slots: int = 1, n_ctx: int = 2048,
                  eager_limit: int | None = None, kernel: QuantizedMatmul | None = None,

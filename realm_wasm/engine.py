@@ -43,6 +43,9 @@ class Executor(Protocol):
     n_slots: int  # KV-cache slots: sequences it can hold at once
     max_logit_rows: int  # rows of logits one step can return
     run_ahead: int  # decode steps the scheduler queues behind the one it reads (0: each runs when submitted)
+    # The most tokens a step may hold and still compute each one bit for bit as a step of its own
+    # would: the scheduler keeps a decoding step's drafts within it, so speculation stays exact.
+    exact_rows: int
     max_adapters: int  # LoRA adapter slots
 
     def set_adapter(self, slot: int, adapter: Adapter) -> None:

@@ -441,7 +441,10 @@ class Scheduler:
         prefilling = [seq for seq in self._running.values() if seq.pending > 1]
         # rows: every decoding sequence's and, at most, one per prefill chunk that ends its prompt
         rows = self.engine.executor.max_logit_rows - len(decoding) - len(prefilling)
-        self._draft(decoding, min(rows, (self.max_step_tokens - len(decoding)) // 2))
+        budget = min(rows, (self.max_step_tokens - len(decoding)) // 2)
+        if not prefilling:  # drafts that keep the step exact (a prefill chunk makes it a mat-mat anyway)
+            budget = min(budget, self.engine.executor.exact_rows - len(decoding))
+        self._draft(decoding, budget)
         take = {seq: 1 + len(seq.spec.drafts if seq.spec else ()) for seq in decoding}
         budget = self.max_step_tokens - sum(take.values())
         # share the rest evenly; what a short prompt leaves over goes round again

@@ -117,6 +117,7 @@ class RecordingExecutor:
     run_ahead = 0
 
     def __init__(self, inner) -> None:
+        self.exact_rows = inner.exact_rows
         self.inner, self.name, self.max_logit_rows, self.batches = inner, inner.name, inner.max_logit_rows, []
 
     def forward_sample(self, batch, rows):

@@ -213,3 +213,22 @@ def test_verification_rows_follow_the_executor_logit_budget(tiny):
     engine.executor.submit_sample = recording
     tokens_of(engine, engine.tokenizer.encode(REPEAT), 20, speculation=Speculation("lookup", max_draft=8))
     assert max(seen) <= 4
+
+
+
+def test_drafts_keep_a_decoding_step_within_the_executor_exact_rows(default_engine, monkeypatch):
+    """On the GPU a step of more than `exact_rows` tokens runs the mat-mat, whose logits are not
+    the mat-vec's: drafts stop where the step would leave it (k = 8 asked, 3 fit with the token)."""
+    engine, plain = default_engine
+    seen = []
+    inner = engine.executor.submit_sample
+
+    def recording(batch: Batch, rows, follow=False):
+        seen.append(len(batch))
+        return inner(batch, rows, follow)
+
+    monkeypatch.setattr(engine.executor, "exact_rows", 4)
+    monkeypatch.setattr(engine.executor, "submit_sample", recording)
+    spec, end = tokens_of(engine, COPY, 12, speculation=Speculation("lookup", max_draft=8))
+    assert spec == plain and end.drafted_tokens > 0
+    assert max(seen[1:]) == 4  # the steps after the prompt's

@@ -228,7 +228,7 @@ class BrowserDevice:
         return await self.submit([], read=(buf, offset, size)).result_async()
 
     def read_buffer(self, buf: Buffer, offset: int, size: int) -> bytes:
-        return run_sync(self.read_buffer_async(buf, offset, size))
+        return self.submit([], read=(buf, offset, size)).result()
 
     def _take_staging(self, size: int) -> tuple[int, Buffer]:
         for i, (capacity, _) in enumerate(self._staging):
@@ -277,18 +277,31 @@ class BrowserReadBack:
         self.device, self.staging, self.size, self.mapped = device, staging, size, mapped
 
     async def result_async(self) -> bytes:
-        device, (_, buf) = self.device, self.staging
         try:
             await self.mapped
         except JsException as e:
-            # the staging buffer is ours and mappable: only a lost device refuses to map it
-            device.lost = device.lost or str(e)
-            device.check()
+            self._refused(e)
+        return self._take()
+
+    def result(self) -> bytes:
+        # JSPI blocks on the mapping's own promise: a coroutine here (result_async) would be a
+        # task of Pyodide's event loop, two more trips through the worker's message queue a step
+        try:
+            run_sync(self.mapped)
+        except JsException as e:
+            self._refused(e)
+        return self._take()
+
+    def _refused(self, e: JsException) -> None:
+        # the staging buffer is ours and mappable: only a lost device refuses to map it
+        self.device.lost = self.device.lost or str(e)
+        self.device.check()
+
+    def _take(self) -> bytes:
+        """The mapped bytes; the staging buffer goes back to the device's idle ones."""
+        device, (_, buf) = self.device, self.staging
         data = js.Uint8Array.new(buf.getMappedRange(0, self.size)).to_bytes()
         buf.unmap()
         device._staging.append(self.staging)
         device.check()  # errors of the work just finished arrived before its results
         return data
-
-    def result(self) -> bytes:
-        return run_sync(self.result_async())

@@ -76,6 +76,10 @@ class GpuExecutor:
                  max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> None:
         self.device, self.plan, self.n_slots, self.n_ctx = device, plan, n_slots, n_ctx
         self.run_ahead = device.run_ahead  # submit_sample returns once the step is queued
+        # up to this many rows every matmul is the mat-vec, whose rows do not depend on each other;
+        # the mat-mat's f32 order differs, and int8 rounding of x downstream grows that to ~0.5 in
+        # the logits (docs/benchmarks.md, 2026-12-04)
+        self.exact_rows = tuning_for(device).matvec_max_t
         # a callable gives a tensor's bytes (a GGUF file); a store was filled some other way (a stream)
         self.store = FileWeights(device, weights) if callable(weights) else weights
         # logits [R, n_vocab] must fit one storage binding (128 MiB on some adapters: 128 rows of 262,144);
