@@ -5,8 +5,8 @@ one greedy generation through the same Python, side by side.
     python bench/profile_page.py --long-prompt 512 --tokens 4   # 4 fresh 512-token prompts, 1 token each
 
 Natively it profiles `Engine.generate` (wgpu-py); in Chromium the page's worker profiles
-`WorkerHost.generate` (what worker.js runs per message, realm_web_host.py) on the page's own
-device, after a warm-up generation. Each side prints its decode rate with the profiler on (it
+`WorkerHost.start_generation` and its `step()`s (what worker.js runs per message,
+realm_web_host.py) on the page's own device, after a warm-up generation. Each side prints its decode rate with the profiler on (it
 slows pure-Python code several times, so read the shares, not the speed), then the functions with
 the most time of their own. Time a step spends waiting for the GPU shows up in the function that
 waits (the native read-back's `map_sync`, the page's JSPI `run_sync`), so what is left is the host's
@@ -86,13 +86,21 @@ def page(model: Path, tokens: int, top: int, backend: str, long_prompt: int) -> 
 from realm_web_host import HOST
 fresh = iter({prompts(long_prompt, 8 + tokens)!r})
 
+def events(**request):  # as worker.js steps it
+    generation = HOST.start_generation(**request)
+    try:
+        while (event := generation.step()) is not None:
+            yield event
+    finally:
+        generation.close()
+
 async def generation(n):
     if {long_prompt}:  # n fresh prompts, their first token each
         for _ in range(n):
-            async for event in HOST.generate(prompt=next(fresh), max_tokens=1):
+            for event in events(prompt=next(fresh), max_tokens=1):
                 yield event
     else:
-        async for event in HOST.generate(prompt={PROMPT!r}, max_tokens=n):
+        for event in events(prompt={PROMPT!r}, max_tokens=n):
             yield event
 
 await profiled(generation, {tokens}, {top})

@@ -27,8 +27,10 @@ first bytes (a model file, or another architecture's adapter, fails before the r
 and `end()` loads the adapter into the engine under its name. A generation names the ones it
 applies (`lora`: [{"id", "scale"}], the server's request field). A new model has none.
 
-Generation (`HOST.generate`) is an async generator: worker.js awaits each event, which lets the
-WebGPU device block on its read-backs through JSPI (see realm_wasm/gpu/browser.py). It takes a
+Generation (`HOST.start_generation`) returns a `Generation` whose `step()` worker.js calls once
+per event with `callPromising`, which lets the WebGPU device block on its read-backs through JSPI
+(see realm_wasm/gpu/browser.py) inside a plain call: an async generator here would cost tasks of
+Pyodide's event loop every token. It takes a
 prompt (completion) or chat messages, which are rendered with the model's own chat template
 (realm_wasm/chat_template.py, the server's renderer) and tokenized here. A chat's next turn is
 its whole conversation again, rendered and tokenized anew: the scheduler finds that its ids begin
@@ -43,7 +45,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +65,7 @@ from realm_wasm.grammar import GrammarCache
 from realm_wasm.lora import Adapter, AdapterConflict, BadAdapter, adaptable_weights, check_header
 from realm_wasm.plan import Plan
 from realm_wasm.sampling import SamplingParams
+from realm_wasm.scheduler import Finished, TokenEvent
 from realm_wasm.speculative import Speculation
 from realm_wasm.wasm_kernels import WasmMatmul
 
@@ -456,14 +459,14 @@ class WorkerHost:
         return {"model": self.loaded.describe(), "kvTokens": len(self.loaded.engine.slot_tokens[0]),
                 "gpuBuffers": device.buffers if device else 0, "gpuBytes": device.allocated_bytes if device else 0}
 
-    async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
-                       max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                       seed: int = 0, stop: list[str] | None = None,
-                       speculation: dict[str, Any] | None = None,
-                       lora: list[dict[str, Any]] | None = None, response_format: dict[str, Any] | None = None,
-                       grammar: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Events for worker.js: {"kind": "token", "tokenId": int | None, "text": str} for each
-        token, then one {"kind": "finished", "reason": "stop" | "length", "promptTokens",
+    def start_generation(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                         max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         seed: int = 0, stop: list[str] | None = None,
+                         speculation: dict[str, Any] | None = None,
+                         lora: list[dict[str, Any]] | None = None, response_format: dict[str, Any] | None = None,
+                         grammar: str | None = None) -> Generation:
+        """A generation whose `step()` gives worker.js's events: {"kind": "token", "tokenId": int |
+        None, "text": str} for each token, then one {"kind": "finished", "reason": "stop" | "length", "promptTokens",
         "completionTokens", "cachedTokens"} (+ "draftedTokens", "acceptedTokens" with
         `speculation`). Either `prompt` (text, completed as it is) or `messages` (rendered with the
         model's chat template, whose stop sequences join `stop`); the text of a stop sequence ends
@@ -491,23 +494,39 @@ class WorkerHost:
             ids = tokenizer.encode(prompt)
         events = self.loaded.engine.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stops,
                                              speculation=drafting, lora=adapters, grammar=output_grammar)
+        return Generation(self, events, drafting is not None)
+
+
+class Generation:
+    """One generation's events, one per `step()`: a token, then "finished", then None."""
+
+    def __init__(self, host: WorkerHost, events: Generator[TokenEvent, None, Finished], drafting: bool) -> None:
+        self.host, self.events, self.drafting, self.done = host, events, drafting, False
+
+    def step(self) -> dict[str, Any] | None:
+        if self.done:
+            return None
         try:
-            while True:
-                try:
-                    event = next(events)
-                except StopIteration as end:  # the generator's value: the request's Finished
-                    finished = end.value
-                    break
-                yield {"kind": "token", "tokenId": event.token_id, "text": event.text}
+            event = next(self.events)
+        except StopIteration as end:  # the generator's value: the request's Finished
+            self.done, finished = True, end.value
+            drafts = {"draftedTokens": finished.drafted_tokens, "acceptedTokens": finished.accepted_tokens}
+            return {"kind": "finished", "reason": finished.reason, "promptTokens": finished.prompt_tokens,
+                    "completionTokens": finished.completion_tokens, "cachedTokens": finished.cached_tokens,
+                    **(drafts if self.drafting else {})}
         except DeviceLost:
-            self.unload()  # its buffers went with the device: the model has to be loaded again
+            self.done = True
+            self.host.unload()  # its buffers went with the device: the model has to be loaded again
             raise
-        finally:
-            events.close()  # stopped early (worker.js closes us): frees the slot, keeps its KV
-        drafts = {"draftedTokens": finished.drafted_tokens, "acceptedTokens": finished.accepted_tokens}
-        yield {"kind": "finished", "reason": finished.reason, "promptTokens": finished.prompt_tokens,
-               "completionTokens": finished.completion_tokens, "cachedTokens": finished.cached_tokens,
-               **(drafts if drafting is not None else {})}
+        except BaseException:
+            self.done = True
+            raise
+        return {"kind": "token", "tokenId": event.token_id, "text": event.text}
+
+    def close(self) -> None:
+        """Stopped early (or ended): frees the slot, keeps its KV."""
+        self.done = True
+        self.events.close()
 
 
 HOST = WorkerHost()

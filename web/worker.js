@@ -459,22 +459,22 @@ async function generate({
   let tokens = 0;
   let firstAt = null;
   let finished = null; // the host's last event: why it ended, token counts, reused KV
-  let events = null;
+  let generation = null;
+  let step = null;
   try {
-    events = host.generate.callKwargs({
+    generation = host.start_generation.callKwargs({
       prompt: prompt ?? null, messages: messages ? pyodide.toPy(messages) : null, max_tokens: maxTokens,
       temperature, top_k: topK, top_p: topP, seed, stop: pyodide.toPy(stop),
       speculation: speculation ? pyodide.toPy(speculation) : null, lora: lora ? pyodide.toPy(lora) : null,
       response_format: responseFormat ? pyodide.toPy(responseFormat) : null, grammar,
     });
+    step = generation.step;
     for (;;) {
-      if (job.stopped) {
-        await events.return(); // closes the Python generator: the KV slot keeps what was fed
-        break;
-      }
-      const step = await events.next(); // an async generator: its steps may block on the GPU (JSPI)
-      if (step.done) break;
-      const event = toPlain(step.value);
+      if (job.stopped) break; // closed below: the KV slot keeps what was fed
+      // one plain call per event, which may block on the GPU's read-backs inside (JSPI)
+      const value = await step.callPromising();
+      if (value === undefined || value === null) break;
+      const event = toPlain(value);
       if (event.kind === "finished") {
         finished = event;
         continue;
@@ -506,7 +506,11 @@ async function generate({
   } catch (err) {
     postError(id, err, "runtime");
   } finally {
-    if (events) events.destroy();
+    if (step) step.destroy();
+    if (generation) {
+      generation.close();
+      generation.destroy();
+    }
     job = null;
   }
 }
