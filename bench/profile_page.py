@@ -6,11 +6,12 @@ one greedy generation through the same Python, side by side.
 
 Natively it profiles `Engine.generate` (wgpu-py); in Chromium the page's worker profiles
 `WorkerHost.start_generation` and its `step()`s (what worker.js runs per message,
-realm_web_host.py) on the page's own device, after a warm-up generation. Each side prints its decode rate with the profiler on (it
-slows pure-Python code several times, so read the shares, not the speed), then the functions with
-the most time of their own. Time a step spends waiting for the GPU shows up in the function that
-waits (the native read-back's `map_sync`, the page's JSPI `run_sync`), so what is left is the host's
-Python: what the page has to shed to reach native speed (issue #10). With `--long-prompt N` each
+realm_web_host.py) on the page's own device, after a warm-up generation. Each side prints its
+decode rate with the profiler on (it slows pure-Python code several times, so read the shares,
+not the speed), then the functions with the most time of their own. Time a step spends waiting
+for the GPU shows up in the function that waits (the native read-back's `map_sync`, the page's
+JSPI `run_sync`), so what is left is the host's Python: what the page has to shed to reach native
+speed (issue #10). With `--long-prompt N` each
 "event" is instead the first token of a fresh N-token prompt (no prefix shared with any before):
 the time to first token.
 """

@@ -507,13 +507,18 @@ class Scheduler:
 
     def _can_follow(self, step: _Step) -> bool:
         """Whether the next step is known before `step`'s ids are: every running sequence is in it
-        with one row (no drafts to verify, none to draft next), below its length limit, and no
-        waiting request is due a slot (a free one, or one it takes from another tenant)."""
+        with one row (no drafts to verify, none to draft next), has had its first token read, is
+        below its length limit, and no waiting request is due a slot (a free one, or one it takes
+        from another tenant)."""
         if not self.engine.executor.run_ahead or self._inbox or isinstance(step.pending, _Failed):
             return False
         if self._next_admission() is not None:  # a waiting request takes a slot now
             return False
         if any(seq.request.reads_logits for seq in self._running.values()):  # sampled on the host
+            return False
+        # A first token goes out before anything queues behind it: each queued step is host work
+        # (~1 ms in the page) that would come before reading it, i.e. before the time to first token.
+        if any(seq.generated == 0 for seq, _ in step.sampled):
             return False
         return (len(step.sampled) == len(self._running)
                 and all(n == 1 and seq.id in self._running and seq.requested < seq.request.max_tokens

@@ -407,6 +407,27 @@ def test_running_ahead_on_the_gpu_gives_what_stepping_from_the_host_gives(model_
     assert [len(t) for t in host_tokens[:2]] == [14, 6]
 
 
+def test_a_first_token_is_read_before_steps_queue_behind_it(model_path, gpu):
+    """Running ahead starts once a sequence's first token is out: the prompt's step is read with
+    nothing queued behind it (the time to first token), then the queue fills as before."""
+    f = read_gguf(model_path)
+    model = Model.from_header(f.header)
+    engine = Engine(model, GpuExecutor(model.plan, f.tensor_bytes, n_ctx=N_CTX, device=gpu), N_CTX)
+    engine.executor = executor = Follows(engine.executor, run_ahead=3)
+    follows_when_read = []
+
+    def sink(event) -> None:
+        if isinstance(event, TokenEvent):
+            follows_when_read.append(executor.follows)
+
+    scheduler = Scheduler(engine, n_slots=1)
+    scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 12, stop_at_eos=False), sink)
+    run_all(scheduler)
+    assert follows_when_read[0] == 0  # the first token: no step queued behind the prompt's
+    # then the second token's step is built from the host, three queued behind it, and so on
+    assert follows_when_read[1] == 3 and executor.follows == 10
+
+
 def test_a_follow_up_prompt_reuses_the_kv_of_its_prefix(model_path, alone):
     """A chat's next turn: the slot that served the first turn keeps its KV entries, and the second
     prompt (first prompt + answer + a new message) feeds only what is new, with the same tokens."""
