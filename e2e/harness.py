@@ -137,6 +137,15 @@ def generate(page, max_tokens: int, prompt: str | None = None, **settings: str) 
     return token_ids(page)
 
 
+def load_adapter(page, url: str) -> str:
+    """Load the adapter at `url` from the settings; returns the page's verdict, 'loaded' or 'failed'."""
+    page.evaluate("delete document.body.dataset.adapter")
+    page.fill("#adapter-url", url)
+    page.click("#adapter-load")
+    page.wait_for_function("['loaded', 'failed'].includes(document.body.dataset.adapter)", timeout=LOAD_TIMEOUT_MS)
+    return page.evaluate("document.body.dataset.adapter")
+
+
 def chat(page, message: str, max_tokens: int | None = None) -> dict:
     """Send one chat message and wait for the answer to finish; returns the answer's text and the
     numbers the page shows with it (data-* of its article)."""

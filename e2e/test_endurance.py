@@ -1,7 +1,7 @@
 """The page over a long session, in headless Chromium on WebGPU (SwiftShader): 100 generations in a
 row leave the wasm heap and the GPU buffers where they were, and a lost GPU device (destroyed from
 the worker in the middle of a generation) is replaced by the page itself: a new device, the model
-loaded again from the cache, a message, and the next generation as before.
+and its LoRA adapter loaded again from the cache, a message, and the next generation as before.
 
 The model is test_scheduler's tiny random llama (2 layers, 96 tokens of vocabulary): on SwiftShader
 a generation of a few tokens takes tens of milliseconds, so 100 of them fit in seconds (~8 s here).
@@ -12,11 +12,12 @@ one page and the device is lost once: the module takes 45 s on a quiet machine, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from harness import (
     CHROMIUM,
@@ -28,14 +29,20 @@ from harness import (
     in_worker,
     live_server,
     load,
+    load_adapter,
     wait_ready,
 )
 
-_spec = importlib.util.spec_from_file_location("test_scheduler", ROOT / "tests" / "test_scheduler.py")
-test_scheduler = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_scheduler)
+sys.path.insert(0, str(ROOT / "tests"))  # test_lora's own imports (golden, test_llama, ...)
+import test_lora  # noqa: E402
+import test_scheduler  # noqa: E402
+
+from realm_wasm.gguf import read_gguf  # noqa: E402
+from realm_wasm.lora import adaptable_weights  # noqa: E402
+from realm_wasm.models import build_plan  # noqa: E402
 
 MODEL = "/models/tiny.gguf"
+ADAPTER = "/models/tiny-lora.gguf"  # rank 4 on every projection: it changes the greedy tokens
 PROMPT = "Once upon a time"
 WARM_UP, GENERATIONS = 5, 100
 
@@ -65,6 +72,9 @@ DESTROY_DEVICE = """() => self.pyodide.runPython(
 def tiny_server(site_assets: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     folder = tmp_path_factory.mktemp("tiny-model")
     test_scheduler.write_tiny_model(folder / "tiny.gguf")
+    plan = build_plan(read_gguf(folder / "tiny.gguf").header)
+    test_lora.make_adapter(folder / "tiny-lora.gguf", plan, adaptable_weights(plan), 4, np.random.default_rng(5),
+                           alpha=8.0)
     with live_server((folder,), "tiny") as live:
         yield live
 
@@ -114,6 +124,11 @@ def test_100_generations_leave_wasm_heap_and_gpu_memory_flat(tiny_page, output_d
 def test_a_lost_gpu_device_is_replaced_and_the_model_loaded_again(tiny_page) -> None:
     page = tiny_page
     expected = generate(page, 4)
+    assert load_adapter(page, ADAPTER) == "loaded", page.inner_text("#error")
+    switch = page.locator("#adapter-list li[data-adapter-id='tiny-lora'] .adapter-on")
+    with_adapter = generate(page, 4)  # switched on as it loads
+    assert with_adapter != expected
+    switch.uncheck()  # off while the device is lost (with it, this model ends its text too soon)
     device = in_worker(page, "from realm_web_host import HOST; id(HOST.loaded.device)")
 
     # lost in the middle of a generation: that one fails with its own message ...
@@ -129,9 +144,13 @@ def test_a_lost_gpu_device_is_replaced_and_the_model_loaded_again(tiny_page) -> 
     assert page.get_attribute("#warning", "data-code") == "device-lost"
     page.wait_for_function("document.getElementById('warning').textContent.includes('loaded again')"
                            " && document.body.dataset.model === 'loaded'", timeout=LOAD_TIMEOUT_MS)
+    assert "with its adapters (tiny-lora)" in page.inner_text("#warning")
     assert page.inner_text("#warning").startswith("The GPU device was lost (")  # and why, as WebGPU said it
     assert in_worker(page, "from realm_web_host import HOST; id(HOST.loaded.device)") != device
     assert in_worker(page, "from realm_web_host import HOST; HOST.loaded.device.lost is None")
     assert page.get_attribute("#model-info", "data-from-cache") == "true"  # not downloaded again
-    # and the next generation is the one before the loss
+    # and the next generation is the one before the loss; the adapter is back, switched as it was
     assert generate(page, 4) == expected
+    assert not switch.is_checked()
+    switch.check()
+    assert generate(page, 4) == with_adapter

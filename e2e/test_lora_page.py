@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import LOAD_TIMEOUT_MS, LORA_ADAPTER, ROOT, generate, load, wait_ready
+from harness import LORA_ADAPTER, ROOT, generate, load, load_adapter, wait_ready
 
 # tests/golden.py: where llama.cpp's outputs are, and the margin below which they do not judge
 _spec = importlib.util.spec_from_file_location("golden", ROOT / "tests" / "golden.py")
@@ -20,15 +20,6 @@ _spec.loader.exec_module(golden)
 GOLDEN = json.loads((golden.LORA_GOLDEN_DIR / "golden.json").read_text())
 CASE = "count"  # "1, 2, 3, 4, 5,": without the adapter llama.cpp's top-1 leads by > 2.7 at every step
 STEPS = 8
-
-
-def load_adapter(page, url: str) -> str:
-    """Load the adapter at `url` from the settings; returns the page's verdict, 'loaded' or 'failed'."""
-    page.evaluate("delete document.body.dataset.adapter")
-    page.fill("#adapter-url", url)
-    page.click("#adapter-load")
-    page.wait_for_function("['loaded', 'failed'].includes(document.body.dataset.adapter)", timeout=LOAD_TIMEOUT_MS)
-    return page.evaluate("document.body.dataset.adapter")
 
 
 def disagreements(got: list[int], case: dict) -> list[int]:

@@ -51,6 +51,7 @@ const state = {
   modelLoaded: false,
   model: null, // the "loaded" event's model description
   adapters: [], // the model's LoRA adapters: the worker's description + {on, scale} as set here
+  lostAdapters: null, // the adapters of a model whose device was lost, until it is loaded again
   nextId: 1,
   config: DEFAULT_CONFIG,
   cachedUrls: new Set(), // model URLs the browser's Cache API holds
@@ -239,6 +240,7 @@ function renderModel({ model, fromCache, ms: took, wasmHeapBytes }) {
 function forgetModel(why) {
   state.modelLoaded = false;
   state.model = null;
+  state.lostAdapters = why === "lost" ? state.adapters : null; // their switches, for restoreAdapters
   setAdapters([]);
   $("adapter-status").textContent = "";
   $("model-info").textContent = "";
@@ -258,6 +260,13 @@ function statsText({ ttftMs, tokensPerSecond, tokens, promptTokens, cachedTokens
     parts.push(`lookup drafted ${draftedTokens}, accepted ${acceptedTokens}`);
   }
   return parts.join(" · ");
+}
+
+// The adapters a lost device's model was loaded again with, switched as they were before the loss.
+function restoreAdapters(described) {
+  state.adapters = state.lostAdapters || [];
+  state.lostAdapters = null;
+  setAdapters(described);
 }
 
 // The adapters the worker lists, keeping the switch and scale of those already here.
@@ -622,6 +631,7 @@ function onMessage(msg) {
       break;
     case "warning":
       showWarning(msg.code, msg.message);
+      if (msg.adapters) restoreAdapters(msg.adapters); // a lost device's model came back with them
       break;
     case "error":
       onError(msg);

@@ -15,9 +15,10 @@
 //   onProgress   called with {progress (0..1), text, loaded, total, fromCache} while booting and loading
 //   backend      "auto" (WebGPU on a real GPU, else numpy) | "webgpu" | "numpy"
 //   onDeviceLost called with {message, recovered} when the GPU device is lost: the worker makes a new
-//                one and loads the model again by itself (recovered false, then true once loaded); the
+//                one and loads the model and its LoRA adapters again by itself (recovered false, then
+//                true once loaded; engine.adapters then lists the adapters that came back); the
 //                generation that was running rejects with code "device-lost", later requests wait for
-//                the reload. LoRA adapters are not reloaded (engine.adapters is emptied).
+//                the reload.
 //   baseUrl      where worker.js, realm_web_host.py and config.json are (default: this module's folder);
 //                config.json (written by `realm serve` and `realm build-site`) says where Pyodide and
 //                the runtime bundle are; pyodideBaseUrl, bundleUrl, pythonPackages override it
@@ -185,10 +186,11 @@ class RealmEngine {
     } else if (msg.type === "ready") {
       this.booting.resolve(msg);
     } else if (msg.type === "warning" && msg.code === "device-lost") {
+      if (msg.adapters) this.adapters = msg.adapters; // those loaded again with the model
       this.options.onDeviceLost?.({ message: msg.message, recovered: Boolean(msg.recovered) });
     } else if (msg.type === "loaded" && msg.id === undefined) { // the model again, on a new GPU device
       this.model = { ...this.model, ...msg.model };
-      this.adapters = [];
+      this.adapters = []; // until the "recovered" warning lists the ones loaded again
     } else if (msg.type === "error" && msg.id === undefined) {
       const error = new RealmEngineError(msg.code, msg.message);
       if (msg.fatal) this.kill(error);

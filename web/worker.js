@@ -67,11 +67,11 @@
 //   {type: "warning", code, message}                             something degraded, work goes on
 //        code: "no-webgpu" (models run on the CPU) | "cache" | "device-lost": the model's GPU device
 //        was lost (a driver reset, the GPU process gone): the worker makes a new one and loads the
-//        model again by itself (from the cache), with "progress" and "loaded" events without an id,
-//        then a second "device-lost" warning saying so (recovered: false, then true); requests sent
-//        meanwhile wait for it. The
-//        generation that was running, if any, ends with an error "device-lost"; adapters are not
-//        reloaded. If the reload fails, its "error" has no id.
+//        model and its adapters again by itself (from the cache), with "progress" and "loaded"
+//        events without an id, then a second "device-lost" warning saying so (recovered: false, then true, with
+//        `adapters` as "adapterLoaded" lists them); requests sent meanwhile wait for it. The
+//        generation that was running, if any, ends with an error "device-lost". If a reload fails,
+//        its "error" has no id (an adapter that does not load again is left out).
 //   {type: "error", id, code, message, fatal}
 //        code: a RealmError code (realm_wasm/errors.py: "bad-model", "bad-adapter", "no-adapter",
 //              "adapter-conflict", "bad-request", "context-overflow",
@@ -90,6 +90,7 @@ let host = null; // the Python WorkerHost (PyProxy)
 let job = null; // {kind, id, stopped, abort}: the one load or generation running now
 let lastModel = null; // {url, backend} of the loaded model: what a lost device reloads
 let recovery = null; // a Promise while a lost device is replaced and the model loaded again
+const adapterUrls = new Map(); // name -> url of the model's loaded adapters: what a lost device reloads
 
 // Python exception class name -> error code the page understands, from Python (HOST.error_codes():
 // every RealmError subclass and its code), filled at init.
@@ -413,12 +414,31 @@ async function recoverDevice(reason) {
     while (job) await new Promise((resolve) => setTimeout(resolve, 10));
     const started = performance.now();
     if (await loadModel(model)) {
-      post({ type: "warning", code: "device-lost", recovered: true, message: `${lost}: a new device was created and the model `
-        + `loaded again in ${Math.round(performance.now() - started)} ms (LoRA adapters have to be loaded again).` });
+      const adapters = await reloadAdapters();
+      post({ type: "warning", code: "device-lost", recovered: true, adapters: toPlain(host.adapters()),
+        message: `${lost}: a new device was created and the model loaded again`
+          + `${adapters ? `, with its adapters (${adapters}),` : ""} in ${Math.round(performance.now() - started)} ms.` });
     }
   } finally {
     recovery = null;
   }
+}
+
+// The adapters the model had before its device was lost, from the browser's cache (their downloads
+// put them there); one that does not load again is left out, with the error its download posted.
+async function reloadAdapters() {
+  const names = [];
+  for (const [name, url] of [...adapterUrls]) {
+    const done = await download({ id: undefined, url, cacheName: ADAPTER_CACHE, badCode: "bad-adapter",
+      openSink: () => host.open_adapter(name) });
+    if (done) {
+      done.result.destroy();
+      names.push(name);
+    } else {
+      adapterUrls.delete(name);
+    }
+  }
+  return names.join(", ");
 }
 
 async function loadAdapter({ id, url, name }) {
@@ -427,7 +447,9 @@ async function loadAdapter({ id, url, name }) {
   const done = await download({ id, url, cacheName: ADAPTER_CACHE, badCode: "bad-adapter",
     openSink: () => host.open_adapter(name) });
   if (!done) return;
-  post({ type: "adapterLoaded", id, adapter: toPlain(done.result), adapters: toPlain(host.adapters()),
+  const adapter = toPlain(done.result);
+  adapterUrls.set(adapter.id, url);
+  post({ type: "adapterLoaded", id, adapter, adapters: toPlain(host.adapters()),
     fromCache: done.fromCache, ms: performance.now() - started });
 }
 
@@ -556,6 +578,7 @@ async function handle(msg) {
   if (job) {
     post({ type: "error", id: msg.id, code: "busy", message: `still busy with a ${job.kind}; stop it first`, fatal: false });
   } else if (msg.type === "load") {
+    adapterUrls.clear(); // a new model has none
     await loadModel(msg);
   } else if (msg.type === "generate") {
     await generate(msg);
@@ -564,11 +587,13 @@ async function handle(msg) {
   } else if (msg.type === "unloadAdapter") {
     try {
       host.unload_adapter(msg.name);
+      adapterUrls.delete(msg.name);
       post({ type: "adapterUnloaded", id: msg.id, name: msg.name, adapters: toPlain(host.adapters()) });
     } catch (err) {
       postError(msg.id, err, "runtime");
     }
   } else if (msg.type === "unload") {
+    adapterUrls.clear();
     host.unload();
     lastModel = null;
     post({ type: "unloaded", id: msg.id });
