@@ -30,7 +30,6 @@ from .ops import (
     SAMPLING_ROW_BYTES,
     Add,
     Attention,
-    Bias,
     Embed,
     Gather,
     Glu,
@@ -456,7 +455,8 @@ def _in_place(ex: GpuExecutor, op: Op) -> Binding:
 
 def _bias(ex: GpuExecutor, k: Kernel) -> Launch:
     op = ex.plan.ops[k.op]
-    return Launch(ex.rows_of(op), Bias(ex.device, _in_place(ex, op), ex.vector(op.weights[0]), width=ex.width(op.out)))
+    y = _in_place(ex, op)
+    return Launch(ex.rows_of(op), Add(ex.device, y, ex.vector(op.weights[0]), y, width=ex.width(op.out), bias=True))
 
 
 def _softcap(ex: GpuExecutor, k: Kernel) -> Launch:

@@ -202,29 +202,19 @@ class Rope(_Op):
 
 
 class Add(_Op):
-    """y = a + b (in place when y is a)."""
+    """y = a + b (in place when y is a); with `bias`, b is one row [width] added to every row
+    (qwen2's q, k, v biases)."""
 
-    def __init__(self, device: Device, a: Binding, b: Binding, y: Binding, *, width: int,
+    def __init__(self, device: Device, a: Binding, b: Binding, y: Binding, *, width: int, bias: bool = False,
                  tuning: Tuning | None = None) -> None:
         tune = tuning or tuning_for(device)
         in_place = _same(a, y)
-        pipe = compose.pipeline(device, ("add.wgsl",), dict(WIDTH=width, IN_PLACE=in_place, WG=tune.wg),
-                                label=f"add {width}")
+        pipe = compose.pipeline(device, ("add.wgsl",), dict(WIDTH=width, IN_PLACE=in_place, B_PER_ROW=not bias,
+                                                            WG=tune.wg), label=f"{'bias' if bias else 'add'} {width}")
         bg = device.create_bind_group(pipe, [y, b, b if in_place else a])
-        self.label = "add"
+        self.label = "bias" if bias else "add"
         self.steps = [(pipe, bg, (_groups(width, tune.wg), 1))]
-        self.row_bindings = (("a", a, width * 4), ("b", b, width * 4), ("y", y, width * 4))
-
-
-class Bias(_Op):
-    """y += b in place, b [width] added to every row (qwen2's q, k, v biases)."""
-
-    def __init__(self, device: Device, y: Binding, b: Binding, *, width: int, tuning: Tuning | None = None) -> None:
-        tune = tuning or tuning_for(device)
-        pipe = compose.pipeline(device, ("bias.wgsl",), dict(WIDTH=width, WG=tune.wg), label=f"bias {width}")
-        self.label = "bias"
-        self.steps = [(pipe, device.create_bind_group(pipe, [y, b]), (_groups(width, tune.wg), 1))]
-        self.row_bindings = (("y", y, width * 4),)
+        self.row_bindings = (("a", a, width * 4), ("b", b, 0 if bias else width * 4), ("y", y, width * 4))
 
 
 class Softcap(_Op):
