@@ -157,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .app import create_app
     from .errors import ConfigError
-    from .service import load_model
+    from .service import ApiSettings, load_model
     from .static import StaticSettings
     from .tenants import Tenants, check_bind_host, load_tenants
 
@@ -186,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                      cors_origins=args.cors_origin or ())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"Realm: open http://{args.host}:{args.port}/ (API: /v1, /ws; OpenAPI: /openapi.json)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, ws_max_size=ApiSettings().ws_max_bytes)
 
 
 def cmd_build_site(args: argparse.Namespace) -> None:

@@ -516,6 +516,13 @@ class ApiSettings:
     body_timeout_s: float = 30.0  # a request body must arrive within this, plus 1 s per MiB (408 after)
     max_adapter_bytes: int = 512 << 20  # an uploaded LoRA adapter file
 
+    @property
+    def ws_max_bytes(self) -> int:
+        """The largest WebSocket frame uvicorn takes (its `ws_max_size`; its default is 16 MiB): a
+        message of max_body_bytes characters at 4 UTF-8 bytes each, so that every larger one is a
+        413 from the API, and a frame past even that is closed (1009) before it is buffered whole."""
+        return 4 * self.max_body_bytes + 4096
+
 
 def _default(value: Any, default: Any) -> Any:
     return default if value is None else value

@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 from realm_server import http as api_http
 from realm_server.app import create_app
 from realm_server.errors import STATUS_BY_CODE, api_error
-from realm_server.service import ServedModel, Service, load_model
+from realm_server.service import ApiSettings, ServedModel, Service, load_model
 from realm_server.tenants import Limiter, Tenant, Tenants, TenantsConfigError, check_bind_host, hash_key, load_tenants
 from realm_wasm.chat_template import PLAIN_STOP, ChatTemplate, ChatTemplateError
 from realm_wasm.errors import ContextOverflow, RealmError
@@ -80,8 +80,9 @@ class LiveServer:
     """uvicorn serving an app on 127.0.0.1 at a free port, on a thread (a context manager)."""
 
     def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5,
+                                ws_max_size=ApiSettings().ws_max_bytes)  # as `realm serve` runs it
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

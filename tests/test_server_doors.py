@@ -439,6 +439,21 @@ def test_a_bad_websocket_message_gets_an_error_and_the_connection_stays(live, fr
         assert (message["type"], message["id"]) == ("done", "ok")
 
 
+def test_websocket_messages_over_the_limit_are_a_413_then_past_the_frame_limit_a_close(live):
+    """Over max_body_bytes: a 413 error and the connection stays; a frame past ws_max_bytes (what
+    such a message can take in UTF-8) is closed by uvicorn (1009), not buffered up to its 16 MiB."""
+    limits = ApiSettings()
+    with connect(live.ws_url, open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        ws.send(json.dumps({"type": "cancel", "id": "x" * limits.max_body_bytes}))
+        error = json.loads(ws.recv(timeout=10))
+        assert (error["type"], error["status"]) == ("error", 413)
+        ws.send("x" * (limits.ws_max_bytes + 1))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 1009
+
+
 def test_a_text_frame_that_is_not_utf8_ends_with_a_close_frame(live):
     with connect(live.ws_url, open_timeout=30) as ws:
         assert json.loads(ws.recv(timeout=30))["type"] == "ready"
