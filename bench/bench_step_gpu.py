@@ -14,15 +14,12 @@ costs beyond it (bench_browser.py) is the scheduler's and the page's own work pe
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the page helpers the e2e tests use
+from profile_page import in_page_worker
 
-from bench_browser import browser  # noqa: E402
-from harness import live_server, load, wait_ready  # noqa: E402
-
-from realm_wasm.model_files import default_model_path  # noqa: E402
+from realm_wasm.model_files import default_model_path
 
 # Runs on either side with `executor` bound: {T: {"dispatches": n, "back to back": ms, Q: ms}}.
 STEPS = '''
@@ -72,20 +69,12 @@ def native(model: Path, steps: int, sizes: list[int], depths: list[int]) -> dict
 
 
 def page(model: Path, steps: int, sizes: list[int], depths: list[int]) -> dict:
-    from playwright.sync_api import sync_playwright
-
     code = STEPS + f'''
 import json
 from realm_web_host import HOST
 json.dumps(await step_ms(HOST.loaded.engine.executor, {steps}, {sizes!r}, {depths!r}))
 '''
-    with live_server((model.parent,), model.name) as server, sync_playwright() as pw, browser(pw) as p:
-        p.goto(f"{server.url}?backend=webgpu")
-        wait_ready(p)
-        assert load(p) == "loaded", p.inner_text("#error")
-        import json
-
-        return json.loads(p.workers[0].evaluate("(code) => self.pyodide.runPythonAsync(code)", code))
+    return json.loads(in_page_worker(model, "webgpu", code))
 
 
 def main() -> None:

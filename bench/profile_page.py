@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the page helpers the e2e tests use
 
@@ -80,9 +81,19 @@ def native(model: Path, tokens: int, top: int, backend: str, long_prompt: int) -
     return asyncio.run(space["profiled"](generation, tokens, top))
 
 
-def page(model: Path, tokens: int, top: int, backend: str, long_prompt: int) -> str:
+def in_page_worker(model: Path, backend: str, code: str) -> Any:
+    """`code`'s value, run by Pyodide in the page's worker once the page has loaded `model` on
+    `backend` in headless Chromium (bench_browser.py's)."""
     from playwright.sync_api import sync_playwright
 
+    with live_server((model.parent,), model.name) as server, sync_playwright() as pw, browser(pw) as p:
+        p.goto(f"{server.url}?backend={backend}")
+        wait_ready(p)
+        assert load(p) == "loaded", p.inner_text("#error")
+        return p.workers[0].evaluate("(code) => self.pyodide.runPythonAsync(code)", code)
+
+
+def page(model: Path, tokens: int, top: int, backend: str, long_prompt: int) -> str:
     code = PROFILE + f'''
 from realm_web_host import HOST
 fresh = iter({prompts(long_prompt, 8 + tokens)!r})
@@ -106,11 +117,7 @@ async def generation(n):
 
 await profiled(generation, {tokens}, {top})
 '''
-    with live_server((model.parent,), model.name) as server, sync_playwright() as pw, browser(pw) as p:
-        p.goto(f"{server.url}?backend={backend}")
-        wait_ready(p)
-        assert load(p) == "loaded", p.inner_text("#error")
-        return p.workers[0].evaluate("(code) => self.pyodide.runPythonAsync(code)", code)
+    return in_page_worker(model, backend, code)
 
 
 def main() -> None:

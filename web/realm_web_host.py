@@ -27,17 +27,17 @@ first bytes (a model file, or another architecture's adapter, fails before the r
 and `end()` loads the adapter into the engine under its name. A generation names the ones it
 applies (`lora`: [{"id", "scale"}], the server's request field). A new model has none.
 
-Generation (`HOST.start_generation`) returns a `Generation` whose `step()` worker.js calls once
-per event with `callPromising`, which lets the WebGPU device block on its read-backs through JSPI
-(see realm_wasm/gpu/browser.py) inside a plain call: an async generator here would cost tasks of
-Pyodide's event loop every token. It takes a
-prompt (completion) or chat messages, which are rendered with the model's own chat template
-(realm_wasm/chat_template.py, the server's renderer) and tokenized here. A chat's next turn is
-its whole conversation again, rendered and tokenized anew: the scheduler finds that its ids begin
-with the previous turn's prompt and answer, whose keys and values the KV slot still holds, and
-feeds only the rest (`cachedTokens` in the "finished" event says how many were reused). Correctness
-never depends on that match: where re-encoding an answer gives other ids than the model generated
-(BPE may spell a text several ways), the reuse ends there and the model reads the canonical ids.
+Generation (`HOST.start_generation`) returns a `Generation` whose `step()` worker.js calls once per
+event with `callPromising`, which lets the WebGPU device block on its read-backs through JSPI (see
+realm_wasm/gpu/browser.py) inside a plain call: an async generator here would cost tasks of
+Pyodide's event loop every token. It takes a prompt (completion) or chat messages, which are
+rendered with the model's own chat template (realm_wasm/chat_template.py, the server's renderer) and
+tokenized here. A chat's next turn is its whole conversation again, rendered and tokenized anew: the
+scheduler finds that its ids begin with the previous turn's prompt and answer, whose keys and values
+the KV slot still holds, and feeds only the rest (`cachedTokens` in the "finished" event says how
+many were reused). Correctness never depends on that match: where re-encoding an answer gives other
+ids than the model generated (BPE may spell a text several ways), the reuse ends there and the model
+reads the canonical ids.
 """
 
 from __future__ import annotations
@@ -466,15 +466,16 @@ class WorkerHost:
                          lora: list[dict[str, Any]] | None = None, response_format: dict[str, Any] | None = None,
                          grammar: str | None = None) -> Generation:
         """A generation whose `step()` gives worker.js's events: {"kind": "token", "tokenId": int |
-        None, "text": str} for each token, then one {"kind": "finished", "reason": "stop" | "length", "promptTokens",
-        "completionTokens", "cachedTokens"} (+ "draftedTokens", "acceptedTokens" with
-        `speculation`). Either `prompt` (text, completed as it is) or `messages` (rendered with the
-        model's chat template, whose stop sequences join `stop`); the text of a stop sequence ends
-        the generation and is not sent. `speculation` ({"method": "lookup", "max_draft", "ngram"},
-        as the server takes it; the page loads no draft model) drafts tokens to verify: the same
-        tokens, fewer steps where the text repeats itself. `lora` ([{"id", "scale"}], as the server
-        takes it) names loaded adapters to apply. `response_format` / `grammar` (as the server takes
-        them) make the output follow a JSON schema, any JSON object or a GBNF grammar."""
+        None, "text": str} for each token, then one {"kind": "finished", "reason": "stop" |
+        "length", "promptTokens", "completionTokens", "cachedTokens"} (+ "draftedTokens",
+        "acceptedTokens" with `speculation`). Either `prompt` (text, completed as it is) or
+        `messages` (rendered with the model's chat template, whose stop sequences join `stop`); the
+        text of a stop sequence ends the generation and is not sent. `speculation` ({"method":
+        "lookup", "max_draft", "ngram"}, as the server takes it; the page loads no draft model)
+        drafts tokens to verify: the same tokens, fewer steps where the text repeats itself. `lora`
+        ([{"id", "scale"}], as the server takes it) names loaded adapters to apply.
+        `response_format` / `grammar` (as the server takes them) make the output follow a JSON
+        schema, any JSON object or a GBNF grammar."""
         if self.loaded is None:
             raise NoModel("load a model before generating")
         if (prompt is None) == (messages is None):

@@ -68,8 +68,9 @@
 //        code: "no-webgpu" (models run on the CPU) | "cache" | "device-lost": the model's GPU device
 //        was lost (a driver reset, the GPU process gone): the worker makes a new one and loads the
 //        model and its adapters again by itself (from the cache), with "progress" and "loaded"
-//        events without an id, then a second "device-lost" warning saying so (recovered: false, then true, with
-//        `adapters` as "adapterLoaded" lists them); requests sent meanwhile wait for it. The
+//        events without an id, then a second "device-lost" warning saying so (recovered: false,
+//        then true, with `adapters` as "adapterLoaded" lists them); requests sent meanwhile wait
+//        for it. The
 //        generation that was running, if any, ends with an error "device-lost". If a reload fails,
 //        its "error" has no id (an adapter that does not load again is left out).
 //   {type: "error", id, code, message, fatal}
@@ -429,8 +430,7 @@ async function recoverDevice(reason) {
 async function reloadAdapters() {
   const names = [];
   for (const [name, url] of [...adapterUrls]) {
-    const done = await download({ id: undefined, url, cacheName: ADAPTER_CACHE, badCode: "bad-adapter",
-      openSink: () => host.open_adapter(name) });
+    const done = await downloadAdapter(undefined, url, name);
     if (done) {
       done.result.destroy();
       names.push(name);
@@ -441,11 +441,15 @@ async function reloadAdapters() {
   return names.join(", ");
 }
 
+// An adapter's file into the model under `name` (checked before anything downloads: no model, a
+// name taken is an error at once), through the adapters' cache.
+function downloadAdapter(id, url, name) {
+  return download({ id, url, cacheName: ADAPTER_CACHE, badCode: "bad-adapter", openSink: () => host.open_adapter(name) });
+}
+
 async function loadAdapter({ id, url, name }) {
   const started = performance.now();
-  // the name is checked before anything downloads (no model, a name taken: an error now)
-  const done = await download({ id, url, cacheName: ADAPTER_CACHE, badCode: "bad-adapter",
-    openSink: () => host.open_adapter(name) });
+  const done = await downloadAdapter(id, url, name);
   if (!done) return;
   const adapter = toPlain(done.result);
   adapterUrls.set(adapter.id, url);
