@@ -60,6 +60,14 @@ def adapter_file(text: str) -> tuple[str, Path]:
     return adapter_id, Path(path)
 
 
+def model_template(text: str) -> tuple[str, str]:
+    """MODEL=TEMPLATE."""
+    model, sep, template = text.partition("=")
+    if not sep or not model or not template:
+        raise argparse.ArgumentTypeError(f"expected MODEL=TEMPLATE, got {text!r}")
+    return model, template
+
+
 def draft_k(text: str) -> int:
     value = positive_int(text)
     if value > MAX_DRAFT:
@@ -153,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from realm_wasm.gguf import read_gguf
+    from realm_wasm.gguf import model_name, read_gguf
 
     from .app import create_app
     from .errors import ConfigError
@@ -176,10 +184,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     lost = [a for a, f in adapters.items() if all(arch[f] != arch[m] for m in models)]
     if lost:
         raise ConfigError(f"--lora {lost[0]}: no served model has its architecture {arch[adapters[lost[0]]]!r}")
+    templates = dict(args.chat_template or [])
+    unknown = set(templates) - {model_name(m) for m in models}
+    if unknown:
+        raise ConfigError(f"--chat-template {sorted(unknown)[0]}=...: no served model has that name "
+                          f"(served: {', '.join(model_name(m) for m in models)})")
     served = [load_model(m, backend=args.backend, n_ctx=args.ctx, n_slots=args.slots,
                          adapters={a: f for a, f in adapters.items() if arch[f] == arch[m]},
                          max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank,
-                         draft=draft if m in drafted else None) for m in models]
+                         draft=draft if m in drafted else None, chat_template=templates.get(model_name(m)))
+              for m in models]
     static = StaticSettings(pyodide_base_url=args.pyodide_base_url, model_dirs=page_model_dirs(models, args.model_dir),
                             default_model=CHAT_MODEL if CHAT_MODEL in {m.name for m in models} else models[0].name)
     app = create_app(served, tenants, static=static, allowed_hosts=args.allowed_host or (),
@@ -290,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--draft", metavar="MODEL",
                        help="a draft model (GGUF file or bundled name) for the served models of its vocabulary: "
                             "requests with \"speculation\": {\"method\": \"draft\"} use it")
+    serve.add_argument("--chat-template", action="append", type=model_template, metavar="MODEL=TEMPLATE",
+                       help="serve MODEL (its name in /v1/models) with this chat template instead of its GGUF's: "
+                            "a Jinja file, or chatml-tools (ChatML with tool calling, e.g. for the bundled SmolLM2); "
+                            "repeatable")
     serve.set_defaults(func=cmd_serve)
 
     site = sub.add_parser("build-site", help="write the page, Pyodide, the runtime and models as a static site")

@@ -48,21 +48,52 @@ PROMPT = {"anyOf": [
     {"type": "array", "title": "an array of one string", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
 ], "description": "the text to continue (or its token ids, BOS included)"}
 
+TOOL_CALLS = {"type": "array", "maxItems": 128, "description": "the calls of an assistant turn (as answered)",
+              "items": {"type": "object", "required": ["id", "type", "function"], "properties": {
+                  "id": {"type": "string"}, "type": {"enum": ["function"]},
+                  "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+                      "name": {"type": "string"}, "arguments": {"type": "string", "description": "JSON text"}},
+                      "additionalProperties": False}},
+                  "additionalProperties": False}}
 MESSAGES = {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "description": "the conversation so far",
             "items": {
-    "type": "object", "required": ["role", "content"], "properties": {
+    "type": "object", "required": ["role"], "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {"anyOf": [
             {"type": "string", "title": "a string"},
             {"type": "array", "title": "an array of text parts", "maxItems": MAX_CONTENT_PARTS, "items": {
                 "type": "object", "required": ["type", "text"],
                 "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}},
-        ]},
+            {"type": "null", "title": "null (an assistant turn with tool_calls only)"},
+        ], "description": "required, except in an assistant turn with tool_calls"},
         "name": {"type": "string"},
         # what OpenAI's client sends back with an assistant turn: harmless when empty
         "refusal": {"type": "null", "description": "only null (Realm never refuses)"},
-        "tool_calls": {"type": "null", "description": "only null: tool calling is not implemented yet"},
+        "tool_calls": _nullable("array", **{k: v for k, v in TOOL_CALLS.items() if k != "type"}),
+        "tool_call_id": {"type": "string", "description": "a tool turn: the call it answers"},
     }, "additionalProperties": False}}
+MAX_TOOLS = 128
+TOOLS = {"type": "array", "minItems": 1, "maxItems": MAX_TOOLS, "description": "functions the model may call: "
+         "its chat template is told of them, and calls follow the chosen function's parameters schema (the JSON "
+         "Schema subset of response_format; the call is generated under a grammar). Needs a template that supports "
+         "tools (GET /v1/models: tool_calls)", "items": {
+    "type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+        "type": {"enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+            "name": {"type": "string", "description": "1-64 of a-z, A-Z, 0-9, _ and -"},
+            "description": {"type": "string"},
+            "parameters": {"type": "object", "description": "a JSON schema of an object (default: any object)"},
+            "strict": _nullable("boolean", description="Realm's calls always follow the schema")}}}}}
+TOOL_CHOICE = {"anyOf": [
+    {"type": "string", "title": '"none", "auto" or "required"', "enum": ["none", "auto", "required"]},
+    {"type": "object", "title": 'a {"type": "function", "function": {"name": NAME}} object',
+     "required": ["type", "function"], "additionalProperties": False, "properties": {
+         "type": {"enum": ["function"]}, "function": {"type": "object", "required": ["name"],
+                                                      "additionalProperties": False,
+                                                      "properties": {"name": {"type": "string"}}}}},
+    {"type": "null", "title": "null"},
+], "description": "none: answer in text; auto (default with tools): text, or calls once the model opens one; "
+                  "required: one call or more; a named function: one call of it"}
 
 GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
     "model": {"type": "string", "description": "a name from GET /v1/models"},
@@ -140,17 +171,18 @@ CHAT_SCHEMA = {"type": "object", "required": ["model", "messages"], "additionalP
     "logprobs": _nullable("boolean", description="each token's logprob in choices[].logprobs.content "
                           "(token, logprob, bytes, top_logprobs), from the model's own distribution"),
     "top_logprobs": _nullable("integer", minimum=0, maximum=MAX_TOP_LOGPROBS,
-                              description="alternatives per token; needs logprobs: true")}}
+                              description="alternatives per token; needs logprobs: true"),
+    "tools": _nullable("array", **{k: v for k, v in TOOLS.items() if k != "type"}),
+    "tool_choice": TOOL_CHOICE,
+    "parallel_tool_calls": _nullable("boolean", description="several calls in one answer (default false, as "
+                                     "llama-server's; OpenAI's is true); needs tools")}}
 
 # OpenAI's request fields Realm does not implement: field -> (accepts the value, why it is refused).
-# Null is always accepted, and so are the values that ask for what Realm does anyway ("tool_choice":
+# Null is always accepted, and so are the values that ask for what Realm does anyway ("function_call":
 # "none"); `refuse_unsupported` then drops the field.
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (lambda v: False, "tool calling is not implemented yet"),
-    "tool_choice": (lambda v: v == "none", "tool calling is not implemented yet (only \"none\")"),
-    "parallel_tool_calls": (lambda v: False, "tool calling is not implemented yet"),
-    "functions": (lambda v: False, "function calling is not implemented"),
-    "function_call": (lambda v: v == "none", "function calling is not implemented (only \"none\")"),
+    "functions": (lambda v: False, "deprecated by OpenAI: use tools"),
+    "function_call": (lambda v: v == "none", "deprecated by OpenAI: use tool_choice (only \"none\")"),
     "audio": (lambda v: False, "audio output is not supported"),
     "modalities": (lambda v: v == ["text"], "text output only ([\"text\"])"),
     "prediction": (lambda v: False, "predicted outputs are not supported; see the speculation field"),
@@ -362,7 +394,9 @@ def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
             "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
             "model": {"type": "string"}, "usage": usage_schema, "lora": applied,
             "choices": {"type": "array", "items": {"type": "object", "properties": {
-                "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]},
+                "index": {"type": "integer"},
+                "finish_reason": {"enum": ["stop", "length", "tool_calls"],
+                                  "description": "tool_calls: the answer ends with tool calls"},
                 "logprobs": {"type": ["object", "null"], "description": "when asked: completions {tokens, "
                              "token_logprobs, top_logprobs, text_offset}; chat {content: [{token, logprob, bytes, "
                              "top_logprobs}]}"}, **choice}}}}}
@@ -394,7 +428,12 @@ def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
     adapter_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     model = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"},
                                               "context_length": {"type": "integer"},
-                                              "chat_template": {"enum": ["gguf", "plain"]}}}
+                                              "chat_template": {"type": "string", "description":
+                                                                "gguf (the model's own), plain, file, or the "
+                                                                "name of one of Realm's (chatml-tools)"},
+                                              "tool_calls": {"type": ["string", "null"], "description":
+                                                             "the tool-call format of its chat template "
+                                                             "(hermes); null: no tools"}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Realm inference API", "version": "1.0.0",
@@ -417,7 +456,10 @@ def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
             "/v1/completions": generation("Continue a prompt", completion_schema,
                                           {"text": {"type": "string"}}),
             "/v1/chat/completions": generation("Answer a conversation", chat_schema, {"message": {
-                "type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}),
+                "type": "object", "properties": {"role": {"const": "assistant"},
+                                                 "content": {"type": ["string", "null"],
+                                                             "description": "null: tool calls only"},
+                                                 "tool_calls": TOOL_CALLS}}}),
             "/v1/models": {"get": {"summary": "Models the caller may use", "security": [{"bearer": []}],
                                    "responses": {"200": {"description": "models", "content": {"application/json": {
                                        "schema": {"type": "object", "properties": {

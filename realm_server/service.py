@@ -53,11 +53,11 @@ from typing import Any
 
 import numpy as np
 
-from realm_wasm.chat_template import ChatTemplate, ChatTemplateError
+from realm_wasm.chat_template import TEMPLATES, ChatTemplate, ChatTemplateError
 from realm_wasm.engine import PREFILL_CHUNK, Engine
 from realm_wasm.errors import InvalidRequest, RealmError
 from realm_wasm.gguf import model_name
-from realm_wasm.grammar import GrammarCache, GrammarEngine, GrammarError
+from realm_wasm.grammar import GrammarCache, GrammarEngine, GrammarError, LazyGrammar
 from realm_wasm.lora import Adapter, read_adapter
 from realm_wasm.plan import head_input
 from realm_wasm.sampling import LogitRules, SamplingParams, TokenLogprob
@@ -65,6 +65,15 @@ from realm_wasm.scheduler import Event, Finished, Scheduler, TokenEvent
 from realm_wasm.scheduler import Request as GenerationRequest
 from realm_wasm.speculative import Speculation
 from realm_wasm.tokenizer import Tokenizer, TokenizerError
+from realm_wasm.tool_calls import (
+    CallArguments,
+    CallStart,
+    Content,
+    ToolCallFormat,
+    ToolCallParser,
+    ToolChoice,
+    ToolError,
+)
 
 from .errors import ApiError, ConfigError, api_error
 from .metrics import Metrics
@@ -92,23 +101,42 @@ class ServedModel:
     engine: Engine
     n_slots: int  # the engine's executor must have been built with this many KV slots
     max_step_tokens: int = PREFILL_CHUNK
+    chat_template: str | None = None  # one of chat_template.TEMPLATES by name, or a Jinja file: not the GGUF's
     chat: ChatTemplate = field(init=False)
     max_prompt_chars: int = field(init=False)  # longer text cannot fit the context: refused untokenized
     grammars: GrammarCache = field(init=False)  # structured output's compiled grammars (its stepping thread's)
 
     def __post_init__(self) -> None:
         tokenizer = self.engine.tokenizer
-        self.chat = ChatTemplate.from_metadata(tokenizer, self.engine.model.header.metadata)
+        self.chat = (ChatTemplate.from_metadata(tokenizer, self.engine.model.header.metadata)
+                     if self.chat_template is None else named_chat_template(tokenizer, self.chat_template))
         self.grammars = GrammarCache(tokenizer)
         self.max_prompt_chars = self.engine.n_ctx * max(len(t) for t in tokenizer.tokens)
 
 
+def named_chat_template(tokenizer: Tokenizer, name_or_path: str) -> ChatTemplate:
+    """One of Realm's chat templates (chat_template.TEMPLATES) by name, or a Jinja file's."""
+    if name_or_path in TEMPLATES:
+        return ChatTemplate(tokenizer, TEMPLATES[name_or_path], name_or_path)
+    try:
+        text = Path(name_or_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"chat template {name_or_path!r} is neither one of Realm's ({', '.join(TEMPLATES)}) "
+                          f"nor a readable UTF-8 file: {e}") from e
+    template = ChatTemplate(tokenizer, text, "file")
+    if template.source != "file":
+        raise ConfigError(f"chat template file {name_or_path!r} is not a valid Jinja template")
+    return template
+
+
 def load_model(path: str | Path, name: str | None = None, backend: str = "auto", n_ctx: int = 2048,
                n_slots: int = 4, adapters: dict[str, str | Path] | None = None, max_adapters: int = 0,
-               max_lora_rank: int = 16, draft: str | Path | None = None) -> ServedModel:
+               max_lora_rank: int = 16, draft: str | Path | None = None,
+               chat_template: str | None = None) -> ServedModel:
     """Load a GGUF file for serving, named after the file unless `name` is given, with the server's
     LoRA `adapters` (id -> file) and room for `max_adapters` in all, of rank up to `max_lora_rank`,
-    and a `draft` model (same vocabulary) for requests that speculate with "draft"."""
+    a `draft` model (same vocabulary) for requests that speculate with "draft", and a
+    `chat_template` (a name or a file, see named_chat_template) instead of the GGUF's."""
     path = Path(path)
     for adapter_id in adapters or {}:
         check_adapter_id(adapter_id, ConfigError)
@@ -116,7 +144,7 @@ def load_model(path: str | Path, name: str | None = None, backend: str = "auto",
                          max_adapters=max_adapters, max_lora_rank=max_lora_rank)
     if draft is not None:
         engine.set_draft(Engine.load(draft, backend=backend, n_ctx=n_ctx, n_slots=n_slots))
-    return ServedModel(name or model_name(path), engine, n_slots)
+    return ServedModel(name or model_name(path), engine, n_slots, chat_template=chat_template)
 
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -323,6 +351,7 @@ class Job:
     lora: list[dict[str, Any]] = field(default_factory=list)  # the adapters applied, as the response says
     n: int = 1  # choices: choice i is `request` sampled with seed + i
     user: str | None = None  # the caller's end-user id, for the log
+    tool_format: ToolCallFormat | None = None  # the answer's tool calls are read out of its text this way
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -341,17 +370,54 @@ class Job:
         return {"lora": self.lora} if self.lora else {}
 
 
-class TextShaper:
-    """Drops a chat answer's leading whitespace (the plain template leaves a space after 'Assistant:')."""
+class ChoiceText:
+    """One choice's streamed text as the payloads of its chunks: the text itself (a completion), or
+    chat's content deltas, starting at the first visible character (the plain template leaves a
+    space after 'Assistant:'), and its tool calls' deltas when the request has tools."""
 
-    def __init__(self, strip_leading: bool) -> None:
-        self.stripping = strip_leading
+    def __init__(self, shape: Shape, tool_format: ToolCallFormat | None) -> None:
+        self.shape = shape
+        self.stripping = shape.strip_leading_space
+        self.parser = ToolCallParser(tool_format) if tool_format is not None else None
 
-    def __call__(self, text: str) -> str:
-        if self.stripping:
-            text = text.lstrip()
-            self.stripping = not text
-        return text
+    @property
+    def called(self) -> bool:
+        """Whether the answer holds a whole tool call: its finish reason is then "tool_calls"."""
+        return self.parser is not None and self.parser.closed > 0
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return self._payloads(self.parser.feed(text) if self.parser is not None else [Content(text)])
+
+    def finish(self) -> list[dict[str, Any]]:
+        return self._payloads(self.parser.finish()) if self.parser is not None else []
+
+    def _payloads(self, deltas: list[Content | CallStart | CallArguments]) -> list[dict[str, Any]]:
+        payloads = []
+        for delta in deltas:
+            if isinstance(delta, Content):
+                text = delta.text
+                if self.stripping:
+                    text = text.lstrip()
+                    self.stripping = not text
+                if text:
+                    payloads.append(self.shape.delta(text))
+            elif isinstance(delta, CallStart):
+                payloads.append({"delta": {"tool_calls": [{"index": delta.index, "id": delta.id, "type": "function",
+                                                           "function": {"name": delta.name, "arguments": ""}}]}})
+            else:
+                payloads.append({"delta": {"tool_calls": [{"index": delta.index,
+                                                           "function": {"arguments": delta.text}}]}})
+        return payloads
+
+
+def join_tool_calls(calls: dict[int, dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    """Add a chunk's tool_calls deltas to the calls joined so far (by index), as OpenAI's clients do."""
+    for delta in deltas:
+        call = calls.get(delta["index"])
+        if call is None:
+            call = calls[delta["index"]] = {"id": delta["id"], "type": "function",
+                                            "function": {"name": delta["function"]["name"], "arguments": ""}}
+        call["function"]["arguments"] += delta["function"].get("arguments", "")
 
 
 def adapter_card(adapter_id: str, model: str, adapter: Adapter, owner: str | None) -> dict[str, Any]:
@@ -418,11 +484,12 @@ class Generation:
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         """OpenAI's stream chunks: (chat) one announcing the role per choice, one per piece of text
-        (and its tokens' logprobs, when asked), one per choice with its finish reason ("stop",
-        "length", or "cancelled" when this generation's own client cancelled it), then one with the
-        usage when asked. Raises the ApiError of a generation that failed or that the server cancelled."""
+        or of a tool call (and its tokens' logprobs, when asked), one per choice with its finish
+        reason ("stop", "length", "tool_calls" when the answer ends with tool calls, or "cancelled"
+        when this generation's own client cancelled it), then one with the usage when asked. Raises
+        the ApiError of a generation that failed or that the server cancelled."""
         job, shape = self.job, self.job.shape
-        shapers = [TextShaper(shape.strip_leading_space) for _ in range(job.n)]
+        texts = [ChoiceText(shape, job.tool_format) for _ in range(job.n)]
         offsets = [0] * job.n  # characters of logprob pieces so far (legacy text_offset)
         tokenizer = job.model.engine.tokenizer
         if shape.opening is not None:
@@ -432,13 +499,12 @@ class Generation:
         while len(done) < job.n:
             index, event = await self.events.get()
             if isinstance(event, TokenEvent):
-                text = shapers[index](event.text)
-                payload = shape.delta(text) if text else None
-                if event.logprob is not None:
-                    payload = {**(payload or shape.delta("")),
-                               "logprobs": shape.logprobs(tokenizer, [event.logprob], offsets[index])}
+                payloads = texts[index].feed(event.text)
+                if event.logprob is not None:  # on the token's first chunk (its text may be held back)
+                    first = payloads[0] if payloads else shape.delta("")
+                    payloads[:1] = [{**first, "logprobs": shape.logprobs(tokenizer, [event.logprob], offsets[index])}]
                     offsets[index] += len(token_piece(tokenizer, event.logprob.token_id))
-                if payload is not None:
+                for payload in payloads:
                     yield self.chunk(payload, None, index)
                 continue
             asked_to_stop = event.reason == "cancelled" and self.cancelled_by_client
@@ -446,7 +512,10 @@ class Generation:
                 self.cancel()  # the other choices are of no use without this one
                 raise failure(event)
             done.append(event)
-            yield {**self.chunk(shape.closing, event.reason, index), **job.applied()}
+            for payload in texts[index].finish():
+                yield self.chunk(payload, None, index)
+            reason = "tool_calls" if event.reason == "stop" and texts[index].called else event.reason
+            yield {**self.chunk(shape.closing, reason, index), **job.applied()}
         if include_usage:
             yield {**self.chunk({}, None), "choices": [], "usage": usage(done, job.request.speculation is not None)}
 
@@ -454,6 +523,7 @@ class Generation:
         """The whole (non-streamed) answer, joined from the chunks the stream would have sent."""
         shape, n = self.job.shape, self.job.n
         parts: list[list[str]] = [[] for _ in range(n)]
+        calls: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         finish_reasons: list[str | None] = [None] * n
         used = None
@@ -464,14 +534,19 @@ class Generation:
             choice = chunk["choices"][0]
             index = choice["index"]
             parts[index].append(shape.text(choice))
+            join_tool_calls(calls[index], choice.get("delta", {}).get("tool_calls", ()))
             finish_reasons[index] = choice["finish_reason"] or finish_reasons[index]
             if choice.get("logprobs"):
                 logprobs[index].append(choice["logprobs"])
         choices = [{"index": i, **shape.choice("".join(parts[i])), "finish_reason": finish_reasons[i]}
                    for i in range(n)]
-        for choice, pieces in zip(choices, logprobs, strict=True):
+        for choice, pieces, called in zip(choices, logprobs, calls, strict=True):
             if pieces:
                 choice["logprobs"] = join_logprobs(pieces)
+            if called:  # OpenAI's shape: content null when the answer is calls only
+                message = choice["message"]
+                message["content"] = message["content"] or None
+                message["tool_calls"] = [called[i] for i in sorted(called)]
         return {"id": shape.id_prefix + self.job.id, "object": shape.object, "created": self.job.created,
                 "model": self.job.model.name, "choices": choices, "usage": used, **self.job.applied()}
 
@@ -585,7 +660,8 @@ class Service:
     @staticmethod
     def model_card(model: ServedModel) -> dict[str, Any]:
         return {"id": model.name, "object": "model", "created": 0, "owned_by": "realm",
-                "context_length": model.engine.n_ctx, "chat_template": model.chat.source}
+                "context_length": model.engine.n_ctx, "chat_template": model.chat.source,
+                "tool_calls": model.chat.tool_format.name if model.chat.tool_format else None}
 
     def health(self) -> dict[str, Any]:
         models = {}
@@ -602,6 +678,7 @@ class Service:
         body = refuse_unsupported(body)
         validate(body, CHAT_SCHEMA if kind == "chat" else COMPLETION_SCHEMA, "")
         model = self.model_for(tenant, body["model"])
+        tools = self.tool_choice(model, body) if kind == "chat" else None
         ids, template_stop = await self.prompt_ids(model, body, kind)
         n_ctx = model.engine.n_ctx
         if len(ids) >= n_ctx:
@@ -627,10 +704,10 @@ class Service:
         lora = [(a["id"], float(_default(a.get("scale"), 1.0))) for a in asked] if asked is not None else tenant.lora
         rules, logprobs = self.logit_rules(model, body), self.logprobs(body, kind)
         speculation = self.speculation(model, body.get("speculation"))
-        grammar = await self.grammar(model, body)
+        grammar = await self.grammar(model, body, tools)
         if speculation is not None and (rules.active or logprobs is not None or grammar is not None):
-            raise ApiError(400, "speculation cannot be combined with logprobs, logit_bias, penalties, response_format "
-                           "or grammar (their tokens are sampled on the host, one at a time)", "speculation")
+            raise ApiError(400, "speculation cannot be combined with logprobs, logit_bias, penalties, response_format, "
+                           "grammar or tools (their tokens are sampled on the host, one at a time)", "speculation")
         request = GenerationRequest(ids, max_tokens, sampling, tenant.id,
                                     stop=(*([stop] if isinstance(stop, str) else stop), *template_stop),
                                     speculation=speculation,
@@ -639,18 +716,62 @@ class Service:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return Job(kind, model, request, bool(body.get("stream")), include_usage,
                    [{"id": a, "scale": scale} for a, scale in lora], n=int(_default(body.get("n"), 1)),
-                   user=body.get("user") or body.get("safety_identifier"))
+                   user=body.get("user") or body.get("safety_identifier"),
+                   tool_format=model.chat.tool_format if tools is not None and tools.constrained else None)
 
-    async def grammar(self, model: ServedModel, body: dict[str, Any]) -> GrammarEngine | None:
-        """The grammar the output must follow (response_format json_object / json_schema, or
-        llama-server's GBNF `grammar`), compiled on the model's stepping thread, where its masks
-        are computed while sampling (realm_wasm/grammar.py)."""
-        if body.get("response_format") is None and body.get("grammar") is None:
+    async def grammar(self, model: ServedModel, body: dict[str, Any],
+                      tools: ToolChoice | None) -> GrammarEngine | LazyGrammar | None:
+        """The grammar the output must follow (response_format json_object / json_schema,
+        llama-server's GBNF `grammar`, or the tool calls': realm_wasm/tool_calls.py), compiled on
+        the model's stepping thread, where its masks are computed while sampling (grammar.py)."""
+        structured = body.get("response_format") not in (None, {"type": "text"}) or body.get("grammar") is not None
+        if tools is not None and tools.constrained:
+            if structured:
+                raise ApiError(400, "tools cannot be combined with response_format or grammar (the calls follow "
+                               "their own grammar)", "response_format" if body.get("grammar") is None else "grammar")
+            fmt = model.chat.tool_format
+            try:
+                gbnf = tools.gbnf(fmt)
+                engine = await self.workers[model.name].call(lambda: model.grammars.engine("gbnf", gbnf))
+            except ToolError as e:
+                raise ApiError(400, str(e), e.param) from e
+            except GrammarError as e:
+                raise ApiError(400, f"the tools' grammar: {e}", "tools") from e
+            return LazyGrammar(engine, fmt.trigger.encode()) if tools.mode == "auto" else engine
+        if not structured:
             return None
         try:
             return await self.workers[model.name].call(
                 lambda: model.grammars.for_request(body.get("response_format"), body.get("grammar")))
         except GrammarError as e:
+            raise ApiError(400, str(e), e.param) from e
+
+    @staticmethod
+    def tool_choice(model: ServedModel, body: dict[str, Any]) -> ToolChoice | None:
+        """The request's tools and tool_choice (None: no tools), for a template that supports them;
+        the messages' tool calls need one too."""
+        tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+        fmt = model.chat.tool_format
+        calls_in = next((i for i, m in enumerate(body["messages"]) if m.get("tool_calls")), None)
+        for param, used in (("tools", tools), ("messages", calls_in is not None)):
+            if used and fmt is None:
+                raise ApiError(400, f"the chat template of {model.name!r} ({model.chat.source}) does not support tool "
+                               f"calling; serve it with one that does: realm serve --chat-template "
+                               f"{model.name}=chatml-tools", param if param == "tools" else f"messages[{calls_in}]"
+                               ".tool_calls")
+        for i, message in enumerate(body["messages"]):
+            if message.get("content") is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+                raise ApiError(400, f"missing required field messages[{i}].content (only an assistant turn with "
+                               "tool_calls may leave it out)", f"messages[{i}].content")
+        if not tools:
+            for param, value in (("tool_choice", choice if choice != "none" else None),
+                                 ("parallel_tool_calls", parallel)):
+                if value is not None:
+                    raise ApiError(400, f"{param} needs tools", param)
+            return None
+        try:
+            return ToolChoice.from_request(tools, choice, parallel)
+        except ToolError as e:
             raise ApiError(400, str(e), e.param) from e
 
     @staticmethod
@@ -701,7 +822,7 @@ class Service:
         if kind == "chat":
             try:
                 # templates and tokenizing are pure Python: off the event loop
-                chat = await asyncio.to_thread(model.chat.render, body["messages"])
+                chat = await asyncio.to_thread(model.chat.render, body["messages"], body.get("tools"))
             except ChatTemplateError as e:
                 raise ApiError(400, str(e), "messages") from e
             text, add_bos, stop, param = chat.text, chat.add_bos, chat.stop, "messages"

@@ -6,7 +6,7 @@ Protocol (JSON text messages):
     client -> {"type": "generate", "id": ID, "model": ..., "prompt": ... | "messages": [...],
                "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "lora", "speculation"}
                                                                                 (as over HTTP;
-               "n" > 1 and "logprobs" are HTTP only: a 400 here)
+               "n" > 1, "logprobs" and "tools" are HTTP only: a 400 here)
     server -> {"type": "token", "id": ID, "text": "..."}                        (many)
     server -> {"type": "done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...},
                "lora": [{"id", "scale"}, ...]}  (the adapters applied, when any; "lora" asks for them as over HTTP)
@@ -118,7 +118,7 @@ class Connection:
         if self.running(cid) is not None:
             raise ApiError(400, f"generation {cid!r} is already running on this connection", "id")
         fields = {k: v for k, v in body.items() if k not in ("type", "id", "api_key")}
-        for name, plain in (("n", 1), ("logprobs", False), ("top_logprobs", None)):  # token messages: text only
+        for name, plain in (("n", 1), ("logprobs", False), ("top_logprobs", None), ("tools", None)):  # text only
             value = fields.get(name)
             if value is not None and not (value == plain and type(value) is type(plain)):
                 raise ApiError(400, f"{name} is not supported over the WebSocket (use HTTP)", name)

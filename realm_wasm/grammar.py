@@ -40,8 +40,12 @@ JSON whitespace is bounded so that a model cannot loop on it: between JSON token
 space, or one newline followed by at most 20 spaces (llama-server's json-schema-to-grammar rule).
 Numbers and strings are unbounded, as in JSON; the request's max_tokens bounds them.
 
-Not wired yet: the scheduler, the samplers and the API do not use this module (see
-docs/ARCHITECTURE.md).
+`LazyGrammar(engine, trigger)` leaves the output free until it writes `trigger`, and applies the
+grammar from there on (tool calls with tool_choice "auto", tool_calls.py).
+
+Where it is used: a scheduler Request's `grammar` masks each step's logits on the host before
+sampling (scheduler._HostSampled), for the API's response_format, grammar and tools fields and the
+page's engine API alike.
 """
 
 from __future__ import annotations
@@ -956,6 +960,66 @@ class GrammarMatcher:
         return self.state == DEAD
 
 
+class LazyGrammar:
+    """A grammar that applies from the first place the output writes `trigger` on (the trigger
+    included); before it, any token may come. What `Request.grammar` takes, as an engine does."""
+
+    def __init__(self, engine: GrammarEngine, trigger: bytes) -> None:
+        self.engine, self.trigger = engine, trigger
+
+    def matcher(self) -> LazyMatcher:
+        return LazyMatcher(self)
+
+
+class LazyMatcher:
+    """A GrammarMatcher's interface over a LazyGrammar: free until the trigger, then its grammar's.
+    A token that writes the trigger and, after it, text the grammar refuses leaves it dead (the
+    caller ends the output with an error, as for any grammar that allows nothing)."""
+
+    def __init__(self, lazy: LazyGrammar) -> None:
+        self.lazy = lazy
+        self.tail = b""  # the last bytes written, too few to hold the trigger
+        self.inner: GrammarMatcher | None = None  # once triggered
+        self.ended = False
+
+    def copy(self) -> LazyMatcher:
+        twin = LazyMatcher(self.lazy)
+        twin.tail, twin.ended = self.tail, self.ended
+        twin.inner = self.inner.copy() if self.inner is not None else None
+        return twin
+
+    def advance_token(self, token_id: int) -> bool:
+        if self.inner is not None:
+            return self.inner.advance_token(token_id)
+        vocab = self.lazy.engine.vocab
+        if token_id in vocab.end_set:
+            self.ended = True
+            return True
+        return self.advance(vocab.token_bytes[token_id])
+
+    def advance(self, data: bytes) -> bool:
+        if self.inner is not None:
+            return self.inner.advance(data)
+        written = self.tail + data
+        at = written.find(self.lazy.trigger)
+        if at < 0:
+            self.tail = written[max(0, len(written) - len(self.lazy.trigger) + 1):]
+            return True
+        self.inner = self.lazy.engine.matcher()
+        return self.inner.advance(written[at:])
+
+    def allowed_tokens(self) -> np.ndarray:
+        if self.inner is not None:
+            return self.inner.allowed_tokens()
+        return np.full(self.lazy.engine.vocab.size, not self.ended, dtype=np.bool_)
+
+    def is_accepting(self) -> bool:
+        return self.inner is None or self.inner.is_accepting()
+
+    def is_dead(self) -> bool:
+        return self.inner is not None and self.inner.is_dead()
+
+
 class GrammarCache:
     """One model's compiled grammars, the `size` latest used: requests that ask for the same
     grammar or schema share its engine, and so the masks it has computed. Built on first use (the
@@ -1076,9 +1140,10 @@ def _value_gbnf(value: Any) -> str:
 
 
 class _SchemaConverter:
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, rules: dict[str, str] | None = None, prefix: str = "") -> None:
         self.root = root
-        self.rules: dict[str, str] = {}
+        self.rules: dict[str, str] = {} if rules is None else rules
+        self.prefix = prefix  # of its definitions' rule names: several schemas can share `rules`
 
     def error(self, where: str, message: str) -> GrammarError:
         return GrammarError(f"JSON schema at {where}: {message}")
@@ -1165,7 +1230,7 @@ class _SchemaConverter:
         defs = self.root.get(match.group(1)) if isinstance(self.root, dict) else None
         if not isinstance(defs, dict) or match.group(2) not in defs:
             raise self.error(where, f"$ref {ref!r} names no definition")
-        rule = f"def-{match.group(2)}"
+        rule = f"{self.prefix}def-{match.group(2)}"
         key = re.sub(r"[^A-Za-z0-9-]+", "-", rule)
         if key not in self.rules:  # reserve the name first: a definition may refer to itself
             self.rules[key] = ""
@@ -1220,6 +1285,14 @@ class _SchemaConverter:
 
 
 _BASE_RULE_NAMES = frozenset(re.findall(r"^(\w+)\s*::=", JSON_BASE_GBNF, re.M))
+
+
+def json_schema_rules(schema: Any, name: str, rules: dict[str, str]) -> None:
+    """Add to `rules` (rule name -> GBNF body) the rule `name` matching the JSON texts `schema`
+    allows, and its helpers: for grammars that compose several schemas (tool calls' arguments).
+    They refer to JSON_BASE_GBNF's rules, which the composed grammar adds once."""
+    rules[name] = ""  # reserved first: a helper's name must not take it
+    rules[name] = _SchemaConverter(schema, rules, prefix=f"{name}-").visit(schema, "#", name)
 
 
 def json_schema_to_gbnf(schema: Any) -> str:

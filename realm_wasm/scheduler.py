@@ -78,7 +78,7 @@ from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from .engine import Engine, Pending
-    from .grammar import GrammarEngine, GrammarMatcher
+    from .grammar import GrammarEngine, GrammarMatcher, LazyGrammar, LazyMatcher
 
 PREFILL_CHUNK = 256  # tokens per step by default: bounds activation memory on every executor
 # Fewer shared tokens are re-read rather than reused: a step of up to ~16 tokens costs about what
@@ -99,7 +99,7 @@ class Request:
     lora: tuple[tuple[str, float], ...] = ()  # (adapter name, scale): LoRA adapters every token applies
     rules: LogitRules = NO_RULES  # logit_bias and penalties (sampling.LogitRules)
     logprobs: int | None = None  # each token's logprob and this many top alternatives (None: none)
-    grammar: GrammarEngine | None = None  # structured output: tokens its grammar cannot continue are masked
+    grammar: GrammarEngine | LazyGrammar | None = None  # structured output, tool calls: it masks tokens
 
     @property
     def reads_logits(self) -> bool:
@@ -185,7 +185,7 @@ class _Sequence:
     spec: SpeculationState | None = None  # when the request speculates
     adapters: list[tuple[int, float]] = field(default_factory=list)  # (adapter slot, scale), held while admitted
     lora_key: tuple[tuple[int, float], ...] = ()  # (adapter uid, scale): what its KV entries are computed with
-    matcher: GrammarMatcher | None = None  # where its output stands in the request's grammar (read back so far)
+    matcher: GrammarMatcher | LazyMatcher | None = None  # where its output (read back so far) stands in the grammar
 
     @property
     def pending(self) -> int:

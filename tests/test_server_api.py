@@ -481,7 +481,9 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content[0].type"),
     ({"model": MODEL, "messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
-    ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
+    ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools"),  # gemma's plain template has no tool calling
     ({"model": MODEL, "messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type"),
     ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
         "schema": {"type": "string", "pattern": "a+"}}}}, 400, "response_format.json_schema.schema"),
