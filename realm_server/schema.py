@@ -114,7 +114,7 @@ GENERATION_PROPERTIES: dict[str, dict[str, Any]] = {
     "stream_options": _nullable("object", properties={"include_usage": {"type": "boolean"}}),
     "n": _nullable("integer", minimum=1, maximum=MAX_CHOICES,
                    description="choices to generate, each its own sequence (choice i samples with seed + i); "
-                               "each prefills the prompt (a free slot holding it reuses its KV)"),
+                               "the prompt is read once: the other choices copy its KV entries"),
     "presence_penalty": _nullable("number", minimum=-2, maximum=2, description="OpenAI's: a token generated "
                                   "before loses this much (the prompt does not count)"),
     "frequency_penalty": _nullable("number", minimum=-2, maximum=2, description="OpenAI's: a token loses this "
@@ -190,7 +190,8 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reasoning_effort": (lambda v: False, "the served models have no reasoning-effort control"),
     "verbosity": (lambda v: False, "the served models have no verbosity control"),
     "metadata": (lambda v: False, "metadata is for stored completions, and Realm stores none"),
-    "prompt_cache_key": (lambda v: False, "KV reuse is automatic (a free slot with the same prefix); no cache keys"),
+    "prompt_cache_key": (lambda v: False, "KV reuse is automatic (the longest cached or running prefix); no cache "
+                                          "keys"),
 }
 
 
@@ -382,6 +383,9 @@ def openapi_document(default_max_tokens: int = 256) -> dict[str, Any]:
     counts = ("prompt_tokens", "completion_tokens", "total_tokens", "drafted_tokens", "accepted_tokens")
     usage_schema = {"type": "object", "properties": {
         **{k: {"type": "integer"} for k in counts},
+        "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {
+            "type": "integer", "description": "prompt tokens whose KV entries were reused (a slot's cache, or "
+                                              "copied from a sequence reading the same prefix), not computed"}}},
         "completion_tokens_details": {"type": "object", "properties": {
             k: {"type": "integer"} for k in ("accepted_prediction_tokens", "rejected_prediction_tokens")}}},
         "description": "drafted_tokens, accepted_tokens and completion_tokens_details: only when the request "

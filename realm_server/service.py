@@ -429,8 +429,11 @@ def usage(events: list[Finished], speculated: bool) -> dict[str, Any]:
     """OpenAI's usage of a request's choices (the prompt counted once); a request that speculated
     adds its drafts, also as OpenAI's predicted-output counts."""
     prompt, completion = events[0].prompt_tokens, sum(e.completion_tokens for e in events)
+    # the prompt's tokens read from KV entries computed before (OpenAI's cached_tokens): those every
+    # choice found there (the first of n choices reads the prompt; the others copy what it read)
+    cached = min(e.cached_tokens for e in events)
     counts: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                              "total_tokens": prompt + completion}
+                              "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
     if speculated:
         drafted, accepted = sum(e.drafted_tokens for e in events), sum(e.accepted_tokens for e in events)
         counts |= {"drafted_tokens": drafted, "accepted_tokens": accepted,

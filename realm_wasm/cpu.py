@@ -209,6 +209,10 @@ class CpuExecutor:
         """The final hidden state [R, n_embd] of the batch's logit rows: the output head's input."""
         return self.forward(batch, until=head_input(self.plan))
 
+    def copy_kv(self, src: int, dst: int, n_tokens: int) -> None:
+        for cache in (self.cache.k, self.cache.v):
+            cache[:, dst, :n_tokens] = cache[:, src, :n_tokens]
+
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
         self.last_sampled = [sample(logits, params, step)
                              for logits, (params, step) in zip(self.forward(batch), rows, strict=True)]

@@ -54,6 +54,10 @@ class Executor(Protocol):
     def clear_adapter(self, slot: int) -> None:
         """Forget the adapter in `slot`."""
 
+    def copy_kv(self, src: int, dst: int, n_tokens: int) -> None:
+        """Copy the KV entries of positions [0, n_tokens) of slot `src` to slot `dst`, after the
+        steps submitted before: a prompt another sequence has read is not read again."""
+
     def forward(self, batch: Batch) -> np.ndarray:
         """Logits [R, n_vocab] of the batch's logit rows."""
 

@@ -27,7 +27,10 @@ character split across tokens (flushed at the end).
 KV reuse: a slot remembers the tokens whose keys and values it holds. A new request goes to the
 free slot sharing the longest prefix with its prompt and feeds only the rest (a chat's next turn
 re-reads only the new message), when at least `MIN_REUSE` tokens are shared and were computed with
-the same LoRA adapters at the same scales.
+the same LoRA adapters at the same scales. A running sequence's prompt is shared too: when it
+shares more than any free slot, the executor copies those KV entries into the new sequence's slot
+(`copy_kv`), and a request whose prompt another is still reading (the choices of an n > 1 request,
+a system prompt many requests send) waits for that read, then copies it rather than read it too.
 
 LoRA: a request names up to `LORA_PER_TOKEN` adapters loaded in the engine, with a scale each
 (`Request.lora`); every token of its sequence applies them (`Batch.lora`), so sequences with
@@ -191,6 +194,11 @@ class _Sequence:
     def pending(self) -> int:
         """Known tokens not yet fed (valid when no step of this sequence is on the device)."""
         return len(self.tokens) - self.fed
+
+
+def _read_prompt(seq: _Sequence) -> Sequence[int]:
+    """The prompt tokens whose KV entries a running sequence's submitted steps write."""
+    return seq.request.prompt_ids[:seq.fed]
 
 
 @dataclass
@@ -377,7 +385,7 @@ class Scheduler:
     def _next_admission(self) -> tuple[str, _Sequence | None] | None:
         """The tenant whose request is admitted next and, when no slot is free, the running sequence
         it takes the slot of; None when nobody waits, or no tenant runs more than its share."""
-        waiting = [t for t, q in self._queues.items() if q]
+        waiting = [t for t, q in self._queues.items() if q and not self._reading_twin(q[0])]
         if not waiting:
             return None
         running: dict[str, list[_Sequence]] = {}
@@ -415,24 +423,43 @@ class Scheduler:
     def _take_slot(self, seq: _Sequence) -> None:
         """The free slot whose cached tokens share the longest prefix with the prompt (that prefix
         is not fed again; one token at least is, for its logits) under the same adapters; without
-        one, the slot freed longest ago, so that recent conversations keep their KV."""
+        one, the slot freed longest ago, so that recent conversations keep their KV. When a running
+        sequence's prompt shares more, its KV entries of that prefix are copied into the slot."""
         cached = self.engine.slot_tokens
 
-        def reuse(slot: int) -> int:
-            if self.engine.slot_adapters[slot] != seq.lora_key:
+        def shared(old: Sequence[int], lora_key: tuple) -> int:
+            if lora_key != seq.lora_key:
                 return 0
-            old, new = cached[slot], seq.tokens
+            new = seq.tokens
             n = min(len(old), len(new) - 1)
-            shared = next((i for i in range(n) if old[i] != new[i]), n)
-            return shared if shared >= MIN_REUSE else 0
+            same = next((i for i in range(n) if old[i] != new[i]), n)
+            return same if same >= MIN_REUSE else 0
 
-        slot = max(self._free_slots, key=lambda s: (reuse(s), -self._freed_at[s]))
+        slot = max(self._free_slots, key=lambda s: (shared(cached[s], self.engine.slot_adapters[s]),
+                                                    -self._freed_at[s]))
         self._free_slots.remove(slot)
-        seq.slot = slot
-        seq.fed = reuse(slot)
+        seq.slot, seq.fed = slot, shared(cached[slot], self.engine.slot_adapters[slot])
+        running = max(self._running.values(), default=None, key=lambda r: shared(_read_prompt(r), r.lora_key))
+        copied = shared(_read_prompt(running), running.lora_key) if running is not None else 0
+        if copied > seq.fed:
+            self.engine.executor.copy_kv(running.slot, slot, copied)
+            seq.fed = copied
         if not seq.preempted:
             seq.cached = seq.fed
         cached[slot] = ()  # rewritten from position `fed` on: valid again when the sequence ends
+
+    def _reading_twin(self, seq: _Sequence) -> bool:
+        """Whether a running sequence of the same adapters is still reading a prompt prefix of at
+        least MIN_REUSE tokens it shares with this one: then this one waits, to copy it once read."""
+        for running in self._running.values():
+            if running.request.lora != seq.request.lora:
+                continue
+            prompt = running.request.prompt_ids
+            n = min(len(prompt), len(seq.tokens) - 1)
+            same = next((i for i in range(n) if prompt[i] != seq.tokens[i]), n)
+            if same >= MIN_REUSE and running.fed < same:
+                return True
+        return False
 
     def _plan_step(self) -> list[tuple[_Sequence, int]]:
         """How many tokens of each running sequence go into this step: one per decoding sequence

@@ -201,6 +201,14 @@ def test_n_choices_are_the_single_requests_with_seed_plus_index(client):
     assert body["usage"]["prompt_tokens"] == len(PROMPT) + 1
 
 
+def test_usage_counts_the_prompt_tokens_read_from_the_kv_cache(client):
+    long = "abcab" * 6  # past MIN_REUSE tokens
+    first = complete(client, prompt=long, n=2, temperature=1.0, seed=3)
+    again = complete(client, prompt=long, temperature=0)
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # choice 0 read it
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": len(long)}  # all but its last token
+
+
 def test_n_choices_take_one_request_of_the_tenants_limits_and_give_back_what_they_did_not_use(client, service):
     limiter = service.limiters["single"]
     a = str(service.models[MODEL].engine.tokenizer.encode("a", add_bos=False)[0])

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
+from realm_wasm.cpu import CpuExecutor
 from realm_wasm.engine import GREEDY, ContextOverflow, Engine, Model, TokenEvent
 from realm_wasm.gguf import read_gguf
 from realm_wasm.gpu.executor import GpuExecutor
@@ -426,6 +427,58 @@ def test_a_first_token_is_read_before_steps_queue_behind_it(model_path, gpu):
     assert follows_when_read[0] == 0  # the first token: no step queued behind the prompt's
     # then the second token's step is built from the host, three queued behind it, and so on
     assert follows_when_read[1] == 3 and executor.follows == 10
+
+
+class Fed(Follows):
+    """Also counts the tokens fed into steps, and the KV copies."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner, inner.run_ahead)
+        self.fed, self.copies = 0, []
+
+    def submit_sample(self, batch, rows, follow=False):
+        self.fed += len(batch)
+        return super().submit_sample(batch, rows, follow=follow)
+
+    def copy_kv(self, src, dst, n_tokens):
+        self.copies.append((src, dst, n_tokens))
+        self.inner.copy_kv(src, dst, n_tokens)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "webgpu"])
+def test_sequences_of_one_prompt_read_it_once(model_path, alone, backend, request):
+    """n sequences of one prompt submitted together (an n > 1 request): the first reads the prompt,
+    the others wait for that read, copy its KV entries and feed only the prompt's last token; each
+    gives the tokens it gives alone. A later prompt sharing a running one's prefix copies it too."""
+    f = read_gguf(model_path)
+    model = Model.from_header(f.header)
+    executor = (GpuExecutor(model.plan, f.tensor_bytes, n_slots=4, n_ctx=N_CTX, device=request.getfixturevalue("gpu"))
+                if backend == "webgpu" else CpuExecutor(model.plan, f.tensor_bytes, n_slots=4, n_ctx=N_CTX))
+    engine = Engine(model, executor, N_CTX)
+    engine.executor = counted = Fed(executor)
+    scheduler = Scheduler(engine, n_slots=4, max_step_tokens=16)
+    text = "The quick brown fox jumps over the lazy dog"
+    prompt = engine.tokenizer.encode(text)
+    hot = [SamplingParams(temperature=0.9, seed=s) for s in range(3)]
+    sinks = [Recorder() for _ in hot]
+    for sampling, sink in zip(hot, sinks, strict=True):
+        scheduler.submit(Request(prompt, 6, sampling, stop_at_eos=False), sink)
+    run_all(scheduler)
+    for sampling, sink in zip(hot, sinks, strict=True):
+        assert sink.tokens == alone(text, 6, sampling, stop_at_eos=False)[0]
+    assert [s.finished.cached_tokens for s in sinks] == [0, len(prompt) - 1, len(prompt) - 1]
+    assert counted.fed == len(prompt) + 2 + 3 * 5  # the prompt once, two last tokens, then the decodes
+    assert [n for _, _, n in counted.copies] == [len(prompt) - 1] * 2
+    # a prompt extending a running sequence's: that sequence's slot is copied, the rest read
+    long_run, extended = Recorder(), Recorder()
+    scheduler.submit(Request(prompt, 40, stop_at_eos=False), long_run)
+    while not long_run.tokens:
+        scheduler.step()
+    more = prompt + engine.tokenizer.encode(", and runs", add_bos=False)
+    scheduler.submit(Request(more, 4, stop_at_eos=False), extended)
+    run_all(scheduler)
+    assert extended.finished.cached_tokens >= len(prompt) - 1
+    assert extended.tokens == alone(text + ", and runs", 4, stop_at_eos=False)[0]
 
 
 def test_a_follow_up_prompt_reuses_the_kv_of_its_prefix(model_path, alone):

@@ -222,6 +222,20 @@ class GpuExecutor:
         raw = self.device.submit(self._dispatches(counts), read=(buffer, offset, 4 * counts["R"] * self.width(name)))
         return np.frombuffer(raw.result(), np.float32).reshape(counts["R"], self.width(name))
 
+    def copy_kv(self, src: int, dst: int, n_tokens: int) -> None:
+        """Copy positions [0, n_tokens) of KV slot `src` to slot `dst`, queued behind the steps
+        submitted before (which wrote them). WebGPU copies only between two buffers, so each layer's
+        rows go through one scratch buffer, in order within one command buffer."""
+        copies = []
+        for attention in self.attentions.values():
+            row = attention.n_kv_heads * attention.head_dim * (2 if attention.kv_f16 else 4)
+            span, stride = n_tokens * row, attention.n_ctx * row
+            through = scratch(self.device, "kv copy", stride)
+            for cache, _, _ in (attention.k_cache, attention.v_cache):
+                copies += [((cache, src * stride, span), (through, 0, span)),
+                           ((through, 0, span), (cache, dst * stride, span))]
+        self.device.submit([], copies=copies)
+
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:
         """One step whose logit rows are sampled on the device: only R token ids come back."""
         return self.submit_sample(batch, rows).result()
