@@ -10,6 +10,7 @@ the plain grammar's own from the trigger on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -276,3 +277,56 @@ def test_chatml_tools_renders_tools_calls_and_results():
     assert template.tool_format is HERMES
     assert ChatTemplate(tokenizer, "{{ messages[0].content }}").tool_format is None  # takes no tools
     assert ChatTemplate(tokenizer, "{{ tools }}{{ messages[0].content }}").tool_format is None  # no known format
+
+
+# --- the SDKs -------------------------------------------------------------------------------------------
+
+def test_python_sdk_returns_and_streams_tool_calls(live):
+    from realm_client import RealmClient, join_tool_calls
+
+    with RealmClient(live.url, api_key=KEY) as client:
+        assert {m.id: m.tool_calls for m in client.models()} == {MODEL: "hermes", "smol-own": None}
+        asked = {"model": MODEL, "tools": TOOLS, "tool_choice": "required", "max_tokens": 48, "temperature": 0}
+        done = client.chat(ASK, **asked)
+        (call,) = done.tool_calls
+        assert done.finish_reason == "tool_calls" and valid_call(call.message())
+        chunks = list(client.chat_stream(ASK, **asked))
+        assert join_tool_calls([d for c in chunks for d in c.tool_calls]) == (
+            dataclasses.replace(call, id=chunks[0].tool_calls[0].id),)  # ids are each answer's own
+        assert chunks[-1].finish_reason == "tool_calls"
+        again = client.chat(ASK, **asked)  # its prompt (the tools' system turn) is in a slot's KV cache
+        assert again.usage.cached_tokens == again.usage.prompt_tokens - 1 and again.tool_calls[0].name == call.name
+
+
+JS_SCRIPT = """
+import { RealmClient, joinToolCalls } from %(sdk)s;
+const [url, key] = process.argv.slice(2);
+const client = new RealmClient({ baseURL: url, apiKey: key });
+const asked = { model: %(model)s, tools: %(tools)s, tool_choice: "required", max_tokens: 48, temperature: 0 };
+const done = await client.chat(%(ask)s, asked);
+const chunks = [];
+for await (const chunk of client.chatStream(%(ask)s, asked)) chunks.push(chunk);
+console.log(JSON.stringify({ done: { finishReason: done.finishReason, toolCalls: done.toolCalls, text: done.text },
+                             streamed: joinToolCalls(chunks), last: chunks.at(-1).finishReason }));
+"""
+
+
+def test_js_sdk_returns_and_streams_tool_calls(live, tmp_path):
+    import shutil
+    import subprocess
+
+    from test_sdk import JS_SDK
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = tmp_path / "tools.mjs"
+    script.write_text(JS_SCRIPT % {"sdk": json.dumps(JS_SDK.as_uri()), "model": json.dumps(MODEL),
+                                   "tools": json.dumps(TOOLS), "ask": json.dumps(ASK)})
+    r = subprocess.run([node, str(script), live.url, KEY], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    (call,) = out["done"]["toolCalls"]
+    assert out["done"]["finishReason"] == out["last"] == "tool_calls" and out["done"]["text"] == ""
+    assert valid_call({"function": call})
+    assert [(c["name"], c["arguments"]) for c in out["streamed"]] == [(call["name"], call["arguments"])]

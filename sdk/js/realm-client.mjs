@@ -52,6 +52,20 @@ function body(model, input, params, stream) {
 // One choice of a completion or chat response/chunk -> its text.
 const choiceText = (choice) => choice.message?.content ?? choice.delta?.content ?? choice.text ?? "";
 
+// A chat answer's tool calls -> [{ id, name, arguments }] (arguments: JSON text following the tool's schema).
+const toolCalls = (message) => (message?.tool_calls ?? []).map((c) => ({ id: c.id, name: c.function.name,
+                                                                         arguments: c.function.arguments }));
+
+/** The calls a stream's chunks spell: their toolCalls pieces ({ index, id?, name?, arguments }) joined. */
+export function joinToolCalls(chunks) {
+  const calls = [];
+  for (const piece of chunks.flatMap((chunk) => chunk.toolCalls ?? [])) {
+    calls[piece.index] ??= { id: piece.id, name: piece.name, arguments: "" };
+    calls[piece.index].arguments += piece.arguments;
+  }
+  return calls.filter(Boolean);
+}
+
 // A choice's logprobs (chat's content[...] or the legacy shape) -> [{ token, logprob, top: [[token, logprob]] }].
 function parseLogprobs(logprobs) {
   if (!logprobs) return null;
@@ -127,10 +141,10 @@ export class RealmClient {
   async #complete(path, input, { model, ...params }) {
     const result = await this.#json("POST", path, body(model ?? await this.defaultModel(), input, params, false));
     const choices = result.choices.map((c) => ({ index: c.index, text: choiceText(c), finishReason: c.finish_reason,
-                                                 logprobs: parseLogprobs(c.logprobs) }));
+                                                 logprobs: parseLogprobs(c.logprobs), toolCalls: toolCalls(c.message) }));
     const [first] = choices;
     return { id: result.id, model: result.model, text: first.text, finishReason: first.finishReason,
-             logprobs: first.logprobs, choices, usage: result.usage };
+             logprobs: first.logprobs, toolCalls: first.toolCalls, choices, usage: result.usage };
   }
 
   /** Embeddings of a text or an array of texts: resolves to one array of numbers per text. */
@@ -150,14 +164,15 @@ export class RealmClient {
   }
 
   /** Continue a prompt: resolves to { text, finishReason, usage, id, model, logprobs, choices } (choices: n of
-   *  { index, text, finishReason, logprobs }; the top level repeats the first). */
+   *  { index, text, finishReason, logprobs, toolCalls }; the top level repeats the first). */
   complete(prompt, params = {}) { return this.#complete("/v1/completions", { prompt }, params); }
 
-  /** Answer chat messages ([{ role, content }]): resolves to { text, finishReason, usage, id, model }. */
+  /** Answer chat messages ([{ role, content }]): resolves as complete does; with `tools`, toolCalls holds the
+   *  answer's calls [{ id, name, arguments }] and finishReason is "tool_calls". */
   chat(messages, params = {}) { return this.#complete("/v1/chat/completions", { messages }, params); }
 
-  /** Async iterable of { text, index, logprobs? } chunks (index: the choice); the last has finishReason and
-   *  usage. `signal` aborts it. */
+  /** Async iterable of { text, index, logprobs?, toolCalls? } chunks (index: the choice; toolCalls: pieces of
+   *  calls, see joinToolCalls); the last has finishReason and usage. `signal` aborts it. */
   stream(prompt, params = {}) { return this.#stream("/v1/completions", { prompt }, params); }
 
   chatStream(messages, params = {}) { return this.#stream("/v1/chat/completions", { messages }, params); }
@@ -190,11 +205,15 @@ export class RealmClient {
           const choice = parsed.choices?.[0];
           if (!choice) continue;
           const text = choiceText(choice), index = choice.index ?? 0, logprobs = parseLogprobs(choice.logprobs);
+          const calls = (choice.delta?.tool_calls ?? []).map((d) => ({
+            index: d.index, id: d.id, name: d.function.name, arguments: d.function.arguments ?? "" }));
           // the finishing chunk waits for the usage event that follows it (with n > 1, earlier choices' go out)
           if (choice.finish_reason) {
             if (last) yield last;
             last = { text, index, finishReason: choice.finish_reason, usage: null };
-          } else if (text || logprobs) yield logprobs ? { text, index, logprobs } : { text, index };
+          } else if (text || logprobs || calls.length) {
+            yield { text, index, ...(logprobs && { logprobs }), ...(calls.length && { toolCalls: calls }) };
+          }
         }
       }
       throw new APIConnectionError("the stream ended before [DONE]");

@@ -18,12 +18,24 @@ from .errors import (
     RealmError,
     ServerError,
 )
-from .types import Choice, Chunk, Completion, GenerationParams, ModelInfo, TokenLogprob, Usage
+from .types import (
+    Choice,
+    Chunk,
+    Completion,
+    GenerationParams,
+    ModelInfo,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    join_tool_calls,
+)
 from .ws import AsyncGeneration, AsyncWebSocketSession, Generation, WebSocketSession
 
 __all__ = [
     "APIConnectionError", "AsyncGeneration", "AsyncRealmClient", "AsyncStream", "AsyncWebSocketSession",
     "AuthenticationError", "BadRequestError", "Choice", "Chunk", "Completion", "GenerationParams", "Generation",
     "ModelInfo", "NotFoundError", "PermissionDeniedError", "RateLimitError", "RealmClient", "RealmError",
-    "ServerError", "Stream", "TokenLogprob", "Usage", "WebSocketSession",
+    "ServerError", "Stream", "TokenLogprob", "ToolCall", "ToolCallDelta", "Usage", "WebSocketSession",
+    "join_tool_calls",
 ]

@@ -33,6 +33,9 @@ class GenerationParams(TypedDict, total=False):
     user: str  # an end-user id for the server's log
     response_format: dict[str, Any]  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema"}}
     grammar: str  # llama-server's GBNF grammar the output follows (not with response_format)
+    tools: Sequence[dict[str, Any]]  # chat: [{"type": "function", "function": {"name", "description", "parameters"}}]
+    tool_choice: str | dict[str, Any]  # "none" | "auto" (default) | "required" | {"type": "function", "function": ...}
+    parallel_tool_calls: bool  # several calls in one answer (default false)
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,51 @@ def parse_logprobs(logprobs: dict[str, Any] | None) -> list[TokenLogprob] | None
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the request's tools: `arguments` is JSON text that follows its parameters schema."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def parsed_arguments(self) -> Any:
+        return json.loads(self.arguments)
+
+    def message(self) -> dict[str, Any]:
+        """The call as an assistant turn's tool_calls entry (to send the conversation back)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A streamed piece of a tool call: its first piece has the id and name, then arguments text follows."""
+
+    index: int  # the call's place among the answer's calls
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+def parse_tool_calls(calls: list[dict[str, Any]] | None) -> tuple[ToolCall, ...]:
+    return tuple(ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls or ())
+
+
+def join_tool_calls(deltas: Sequence[ToolCallDelta]) -> tuple[ToolCall, ...]:
+    """The calls a stream's ToolCallDeltas spell, in order."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        call = calls.setdefault(d.index, [d.id or "", d.name or "", ""])
+        call[2] += d.arguments
+    return tuple(ToolCall(*calls[i]) for i in sorted(calls))
+
+
+@dataclass(frozen=True)
 class Choice:
     index: int
     text: str
-    finish_reason: str
+    finish_reason: str  # "stop", "length", or "tool_calls" (the answer ends with calls)
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    tool_calls: tuple[ToolCall, ...] = ()  # a chat answer's calls of the request's tools
 
 
 @dataclass(frozen=True)
@@ -70,11 +113,13 @@ class Usage:
     total_tokens: int
     drafted_tokens: int | None = None  # a request that speculated: tokens drafted, and those accepted
     accepted_tokens: int | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV entries were reused (not computed again)
 
     @classmethod
     def of(cls, usage: dict[str, Any]) -> Usage:
         """A response's usage (its completion_tokens_details only repeat the drafts, as OpenAI names them)."""
-        return cls(**{k: v for k, v in usage.items() if k in cls.__dataclass_fields__})
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        return cls(**{k: v for k, v in usage.items() if k in cls.__dataclass_fields__}, cached_tokens=cached)
 
 
 @dataclass(frozen=True)
@@ -82,13 +127,17 @@ class Completion:
     id: str
     model: str
     text: str
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length" or "tool_calls"
     usage: Usage
     choices: tuple[Choice, ...] = ()  # every choice (n of them); text and finish_reason are the first's
 
     @property
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.choices[0].logprobs if self.choices else None
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self.choices[0].tool_calls if self.choices else ()
 
 
 @dataclass(frozen=True)
@@ -99,13 +148,15 @@ class Chunk:
     finish_reason: str | None = None
     index: int = 0  # the choice it belongs to (n > 1)
     logprobs: list[TokenLogprob] | None = None  # its tokens' logprobs, when asked
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # pieces of tool calls (join them with join_tool_calls)
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
     context_length: int
-    chat_template: str  # "gguf" (the model's own) or "plain"
+    chat_template: str  # "gguf" (the model's own), "plain", "file" or one of Realm's by name ("chatml-tools")
+    tool_calls: str | None = None  # the tool-call format of its template ("hermes"); None: no tool calling
 
 
 def generation_body(model: str, prompt: str | list[int] | None, messages: Sequence[Message] | None,
@@ -132,14 +183,15 @@ def generation_body(model: str, prompt: str | list[int] | None, messages: Sequen
 
 
 def parse_completion(body: dict[str, Any]) -> Completion:
-    choices = tuple(Choice(c["index"], c["message"]["content"] if "message" in c else c["text"], c["finish_reason"],
-                           parse_logprobs(c.get("logprobs"))) for c in body["choices"])
+    choices = tuple(Choice(c["index"], (c["message"]["content"] or "") if "message" in c else c["text"],
+                           c["finish_reason"], parse_logprobs(c.get("logprobs")),
+                           parse_tool_calls(c.get("message", {}).get("tool_calls"))) for c in body["choices"])
     first = choices[0]
     return Completion(body["id"], body["model"], first.text, first.finish_reason, Usage.of(body["usage"]), choices)
 
 
 def parse_models(body: dict[str, Any]) -> list[ModelInfo]:
-    return [ModelInfo(m["id"], m["context_length"], m["chat_template"]) for m in body["data"]]
+    return [ModelInfo(m["id"], m["context_length"], m["chat_template"], m.get("tool_calls")) for m in body["data"]]
 
 
 class SSEDecoder:
@@ -173,9 +225,12 @@ class SSEDecoder:
         text = choice["delta"].get("content") or "" if "delta" in choice else choice.get("text", "")
         self.finish_reason = choice.get("finish_reason") or self.finish_reason
         logprobs = parse_logprobs(choice.get("logprobs"))
-        if not text and choice.get("finish_reason") is None and logprobs is None:
+        calls = tuple(ToolCallDelta(d["index"], d.get("id"), d["function"].get("name"),
+                                    d["function"].get("arguments", ""))
+                      for d in choice.get("delta", {}).get("tool_calls") or ())
+        if not text and choice.get("finish_reason") is None and logprobs is None and not calls:
             return None
-        return Chunk(text, choice.get("finish_reason"), choice.get("index", 0), logprobs)
+        return Chunk(text, choice.get("finish_reason"), choice.get("index", 0), logprobs, calls)
 
     def check_complete(self) -> None:
         if not self.done:
