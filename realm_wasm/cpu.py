@@ -218,12 +218,19 @@ class CpuExecutor:
                              for logits, (params, step) in zip(self.forward(batch), rows, strict=True)]
         return self.last_sampled
 
-    def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]], follow: bool = False) -> Future:
-        """`forward_sample`, done at once (the GPU executor queues); `follow` feeds the last sampled ids."""
+    def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]], follow: bool = False,
+                      masks: Sequence[np.ndarray | None] | None = None) -> Future:
+        """`forward_sample`, done at once (the GPU executor queues); `follow` feeds the last sampled ids;
+        `masks`: per row, the tokens it may sample (bool [n_vocab]) or None."""
         if follow:
             batch = dataclasses.replace(batch, tokens=np.array(self.last_sampled, np.int32))
+        logits = self.forward(batch)
+        for row, mask in enumerate(masks or ()):
+            if mask is not None:
+                logits[row] = np.where(mask, logits[row], np.float32(-np.inf))
+        self.last_sampled = [sample(z, params, step) for z, (params, step) in zip(logits, rows, strict=True)]
         done = Future()
-        done.set_result(self.forward_sample(batch, rows))
+        done.set_result(self.last_sampled)
         return done
 
     def _run(self, op: Op, buf: dict[str, np.ndarray], batch: Batch) -> np.ndarray:

@@ -68,8 +68,9 @@ class Executor(Protocol):
         """Token ids sampled from each logit row with its (params, step counter)."""
 
     def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]],
-                      follow: bool = False) -> Pending:
-        """`forward_sample` without waiting; `follow`: the tokens are the previous step's samples."""
+                      follow: bool = False, masks: Sequence[np.ndarray | None] | None = None) -> Pending:
+        """`forward_sample` without waiting; `follow`: the tokens are the previous step's samples;
+        `masks`: per row, the tokens it may sample (a grammar's bool [n_vocab] mask) or None."""
 
 
 class Pending(Protocol):

@@ -43,9 +43,9 @@ Numbers and strings are unbounded, as in JSON; the request's max_tokens bounds t
 `LazyGrammar(engine, trigger)` leaves the output free until it writes `trigger`, and applies the
 grammar from there on (tool calls with tool_choice "auto", tool_calls.py).
 
-Where it is used: a scheduler Request's `grammar` masks each step's logits on the host before
-sampling (scheduler._HostSampled), for the API's response_format, grammar and tools fields and the
-page's engine API alike.
+Where it is used: a scheduler Request's `grammar` gives each of its sequences a matcher, whose
+mask the executor samples under (on the GPU: the masked logits never leave it; scheduler._masks),
+for the API's response_format, grammar and tools fields and the page's engine API alike.
 """
 
 from __future__ import annotations

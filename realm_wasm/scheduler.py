@@ -106,8 +106,9 @@ class Request:
 
     @property
     def reads_logits(self) -> bool:
-        """Whether its steps are sampled on the host from logits read back (see `_launch`)."""
-        return self.rules.active or self.logprobs is not None or self.grammar is not None
+        """Whether its steps are sampled on the host from logits read back (see `_launch`); a
+        grammar alone is not: its masks go to the executor, which samples under them."""
+        return self.rules.active or self.logprobs is not None
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ class _Step:
     pending: Pending
     sampled: list[tuple[_Sequence, int]]  # the sequences whose logit rows it samples, and how many, in order
     fed: list[tuple[_Sequence, int]]  # every sequence in it and how many of its tokens
+    errors: dict[int, Exception] = field(default_factory=dict)  # sequence id -> why it cannot go on
 
 
 class Scheduler:
@@ -266,7 +268,7 @@ class Scheduler:
             raise InvalidRequest(f"adapter scales must be finite numbers, got {[s for _, s in request.lora]}")
         for name in names:
             self.engine.adapters.slot(name)  # AdapterNotFound now rather than at admission
-        if request.reads_logits and spec is not None:
+        if (request.reads_logits or request.grammar is not None) and spec is not None:
             raise InvalidRequest("speculation cannot be combined with logprobs, logit_bias, penalties or a grammar")
         if not all(0 <= t < vocab for t, _ in request.rules.logit_bias):
             raise InvalidRequest(f"logit_bias has token ids outside the vocab of {vocab}")
@@ -541,8 +543,8 @@ class Scheduler:
             return False
         if self._next_admission() is not None:  # a waiting request takes a slot now
             return False
-        if any(seq.request.reads_logits for seq in self._running.values()):  # sampled on the host
-            return False
+        if any(seq.request.reads_logits or seq.matcher is not None for seq in self._running.values()):
+            return False  # sampled on the host, or under a mask the host makes from the last token
         # A first token goes out before anything queues behind it: each queued step is host work
         # (~1 ms in the page) that would come before reading it, i.e. before the time to first token.
         if any(seq.generated == 0 for seq, _ in step.sampled):
@@ -569,9 +571,14 @@ class Scheduler:
         # each row is sampled with its own sequence's parameters and step counter (on the device):
         # a verifying sequence's row i with the counter of the token it gives, as plain decoding would
         rows = [(seq.request.sampling, seq.requested + i) for seq, n in sampled for i in range(n)] or [(GREEDY, 0)]
+        errors: dict[int, Exception] = {}
         try:
             if any(seq.request.reads_logits for seq, _ in sampled):
                 pending = _HostSampled(self.engine.executor.forward(batch), sampled, rows)
+                errors = pending.errors
+            elif any(seq.matcher is not None for seq, _ in sampled):
+                masks = _masks(sampled, errors)
+                pending = self.engine.executor.submit_sample(batch, rows, follow=follow, masks=masks)
             else:
                 pending = self.engine.executor.submit_sample(batch, rows, follow=follow)
         except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving the others
@@ -580,7 +587,7 @@ class Scheduler:
             seq.fed += n
         for seq, n in sampled:
             seq.requested += n
-        return _Step(pending, sampled, fed)
+        return _Step(pending, sampled, fed, errors)
 
     def _receive(self, step: _Step) -> None:
         """Read a step's sampled ids and stream them (an error fails the step's sequences only)."""
@@ -590,8 +597,7 @@ class Scheduler:
             self._fail(step, e)
             return
         self._steps += 1
-        logprobs = getattr(step.pending, "logprobs", None)
-        errors = getattr(step.pending, "errors", {})
+        logprobs, errors = getattr(step.pending, "logprobs", None), step.errors
         at = 0
         for seq, n in step.sampled:
             sampled, at = tokens[at:at + n], at + n
@@ -683,10 +689,28 @@ class Scheduler:
             self._inbox.append(("cancel", seq.id))
 
 
+def _no_token_error(seq: _Sequence) -> InvalidRequest:
+    return InvalidRequest("the output's grammar allows no token of the model's vocabulary here (its text so far is "
+                          f"{len(seq.tokens) - len(seq.request.prompt_ids)} tokens)")
+
+
+def _masks(sampled: list[tuple[_Sequence, int]], errors: dict[int, Exception]) -> list[np.ndarray | None]:
+    """Each logit row's grammar mask (None: free), for the executor to sample under; a sequence
+    whose grammar allows no token goes into `errors` (its row is left free and its token unread)."""
+    masks: list[np.ndarray | None] = []
+    for seq, n in sampled:  # one row each: a sequence with a grammar never speculates
+        mask = seq.matcher.allowed_tokens() if seq.matcher is not None else None
+        if mask is not None and not mask.any():
+            errors[seq.id] = _no_token_error(seq)
+            mask = None
+        masks += [mask] * n
+    return masks
+
+
 class _HostSampled:
     """A step sampled on the host from its logits read back: for requests whose logits depend on
-    their own tokens (logit_bias, penalties, a grammar's mask) or that report logprobs, on every
-    executor alike. A sequence whose grammar allows no token of the vocabulary here fails (`errors`). It
+    their own tokens (logit_bias, penalties) or that report logprobs, on every executor alike (with
+    a grammar too, its mask applies here). A sequence whose grammar allows no token here fails (`errors`). It
     costs the read of R x n_vocab floats (1 MiB a row for a 262k vocabulary) and no decoding ahead
     while such a request runs; the other rows of the step are sampled by the same rules as the
     GPU's sampler (sampling.py), so their tokens do not change."""
@@ -705,9 +729,7 @@ class _HostSampled:
                 if seq.matcher is not None:
                     allowed = seq.matcher.allowed_tokens()
                     if not allowed.any():
-                        self.errors[seq.id] = InvalidRequest(
-                            "the output's grammar allows no token of the model's vocabulary here (its text so far "
-                            f"is {len(seq.tokens) - len(req.prompt_ids)} tokens)")
+                        self.errors[seq.id] = _no_token_error(seq)
                     z = np.where(allowed, z, np.float32(-np.inf))
                 token = 0 if seq.id in self.errors else sample(z, *rows[at + i])
                 self.tokens.append(token)

@@ -72,6 +72,28 @@ def test_sampling_on_the_device_matches_the_host_rules(model, gpu):
     assert got[0] == int(np.argmax(cpu.forward(batch)[0]))
 
 
+def test_masked_sampling_on_the_device_matches_the_host_rules(model, gpu):
+    """Grammar masks (bool per token) applied on the device before its sampler: the host's rule on
+    the device's own logits with forbidden tokens at -inf; a row without a mask is untouched."""
+    _, dev = executors(model, gpu, n_slots=2)
+    rng = np.random.default_rng(3)
+    batch = Batch(np.array([4, 4, 10, 2, 7], np.int32), np.array([0, 1, 2, 0, 1], np.int32),
+                  np.array([0, 0, 0, 1, 1], np.int32), np.array([2, 4], np.int32))
+    logits = dev.forward(batch)
+    n_vocab = logits.shape[1]
+    for trial in range(6):
+        rows = [(SamplingParams(0.8 + 0.1 * trial, top_k=[0, 5, 40][trial % 3], top_p=0.95, seed=trial), trial),
+                (SamplingParams() if trial % 2 else SamplingParams(1.0, seed=9), trial)]
+        masks = [rng.random(n_vocab) < [0.02, 0.3, 0.9][trial % 3], None if trial % 2 else rng.random(n_vocab) < 0.5]
+        masks[0][int(np.argmax(logits[0]))] = trial == 0  # the best token forbidden once, allowed after
+        got = dev.submit_sample(batch, rows, masks=masks).result()
+        want = [sample(row if mask is None else np.where(mask, row, np.float32(-np.inf)), params, step)
+                for row, mask, (params, step) in zip(logits, masks, rows, strict=True)]
+        assert got == want, trial
+        assert masks[0][got[0]] and (masks[1] is None or masks[1][got[1]])
+    assert dev.forward_sample(batch, rows) == [sample(row, p, t) for row, (p, t) in zip(logits, rows, strict=True)]
+
+
 def test_bad_steps_are_refused_with_a_clear_error(model, gpu):
     _, dev = executors(model, gpu)
     with pytest.raises(ValueError, match="past the context"):

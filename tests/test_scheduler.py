@@ -429,6 +429,36 @@ def test_a_first_token_is_read_before_steps_queue_behind_it(model_path, gpu):
     assert follows_when_read[1] == 3 and executor.follows == 10
 
 
+@pytest.mark.parametrize("backend", ["numpy", "webgpu"])
+def test_a_grammar_masks_on_the_executor_as_the_host_would(model_path, backend, request):
+    """A grammar alone: its masks go to the executor, which samples under them (on the GPU before its
+    sampler). Oracle: the same request with logprobs, sampled on the host from the logits read back
+    (the mask applied there), on the same executor. Every token keeps to the grammar; a plain
+    request beside it keeps its own tokens."""
+    from realm_wasm.grammar import Grammar, GrammarEngine, TokenVocabulary
+
+    f = read_gguf(model_path)
+    model = Model.from_header(f.header)
+    executor = (GpuExecutor(model.plan, f.tensor_bytes, n_slots=3, n_ctx=N_CTX, device=request.getfixturevalue("gpu"))
+                if backend == "webgpu" else CpuExecutor(model.plan, f.tensor_bytes, n_slots=3, n_ctx=N_CTX))
+    engine = Engine(model, executor, N_CTX)
+    grammar = GrammarEngine(Grammar.from_gbnf('root ::= [a-f]+ ("," [0-9]+)* "."'),
+                            TokenVocabulary.from_tokenizer(engine.tokenizer))
+    prompt = engine.tokenizer.encode("hello")
+    hot = SamplingParams(temperature=1.5, seed=4)
+    runs = {}
+    for logprobs in (None, 0):
+        scheduler = Scheduler(engine, n_slots=3)
+        masked, plain = Recorder(), Recorder()
+        scheduler.submit(Request(prompt, 12, hot, grammar=grammar, logprobs=logprobs), masked)
+        scheduler.submit(Request(prompt, 12, hot), plain)
+        run_all(scheduler)
+        runs[logprobs] = masked.tokens, plain.tokens
+    assert runs[None] == runs[0]
+    text = engine.tokenizer.decode(runs[None][0])
+    assert grammar.matcher().advance(text.encode()) and text[0] in "abcdef", text
+
+
 class Fed(Follows):
     """Also counts the tokens fed into steps, and the KV copies."""
 

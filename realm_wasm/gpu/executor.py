@@ -33,11 +33,14 @@ from .ops import (
     Embed,
     Gather,
     Glu,
+    MaskLogits,
     RmsNorm,
     Rope,
     RopeHeads,
     Sampler,
     Softcap,
+    mask_bytes,
+    pack_masks,
     pack_sampling,
     scratch,
 )
@@ -114,6 +117,11 @@ class GpuExecutor:
         self.sampled = self.buffer(4 * r_max, "sampled ids")
         self.sampler = Launch("R", Sampler(device, self.acts["logits"], self.step.sampling, self.sampled,
                                            n_vocab=n_vocab))
+        # grammars' token masks: one a sequence (a masked row never speculates), applied before sampling
+        size = mask_bytes(n_vocab, r_max, n_slots)
+        self.masks = (device.create_buffer(size, STORAGE | COPY_DST, "token masks"), 0, size)
+        self.masker = Launch("R", MaskLogits(device, self.acts["logits"], self.masks, n_vocab=n_vocab,
+                                             max_rows=r_max))
         self._step_dispatches: dict[tuple[int, int, bool, bool], list[Dispatch]] = {}
         self._last_sampled_rows = 0  # logit rows of the last sampled step (what a follow-up step reads)
 
@@ -199,11 +207,12 @@ class GpuExecutor:
     def _dispatches(self, counts: dict[str, int], sample: bool = False) -> list[Dispatch]:
         """The step's dispatches, kept per shape: decode steps repeat one shape, and building the
         list (a few hundred tuples) costs as much host time as recording it."""
-        key = (counts["T"], counts["R"], sample, counts["lora"])
+        masked = counts.get("masked", False)
+        key = (counts["T"], counts["R"], sample, counts["lora"], masked)
         if key not in self._step_dispatches:
             if len(self._step_dispatches) >= 64:  # prefill chunks of many lengths: keep it bounded
                 self._step_dispatches.clear()
-            launches = self.launches + ([self.sampler] if sample else [])
+            launches = self.launches + ([self.masker] if masked else []) + ([self.sampler] if sample else [])
             self._step_dispatches[key] = [d for launch in launches for d in launch.dispatches(counts)]
         return self._step_dispatches[key]
 
@@ -241,13 +250,19 @@ class GpuExecutor:
         return self.submit_sample(batch, rows).result()
 
     def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]],
-                      follow: bool = False) -> SampledIds:
+                      follow: bool = False, masks: Sequence[np.ndarray | None] | None = None) -> SampledIds:
         """Queue a sampled step without waiting for it. With `follow`, the step's tokens are the
         ids the previous submitted step sampled (its logit row r feeds token r; batch.tokens is
-        ignored): the GPU copies them, so step n + 1 can be queued before step n's ids are read."""
+        ignored): the GPU copies them, so step n + 1 can be queued before step n's ids are read.
+        `masks`: per row, the tokens it may sample (bool [n_vocab], from a grammar) or None."""
         if len(rows) != len(batch.logit_rows):
             raise ValueError(f"{len(rows)} sampling rows for {len(batch.logit_rows)} logit rows")
         counts = self._write_step(batch, pack_sampling(rows))
+        if masks is not None and any(m is not None for m in masks):
+            if sum(m is not None for m in masks) > self.n_slots:
+                raise ValueError(f"a step with more than {self.n_slots} masked rows (one a sequence)")
+            self.device.write_buffer(self.masks[0], 0, pack_masks(masks, self.capacity["R"]))
+            counts["masked"] = True
         copies = []
         if follow:
             if self._last_sampled_rows != counts["T"]:

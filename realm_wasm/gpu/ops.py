@@ -371,6 +371,37 @@ def pack_sampling(rows: Sequence[tuple[SamplingParams, int]]) -> bytes:
 SAMPLING_ROW_BYTES = struct.calcsize("<fIfII")
 
 
+class MaskLogits(_Op):
+    """Tokens a grammar forbids set to -inf in place, per logit row, before the Sampler: `masks`
+    holds `mask_rows` (an int32 mask index per row, -1: none) and the masks (`pack_masks`)."""
+
+    def __init__(self, device: Device, logits: Binding, masks: Binding, *, n_vocab: int, max_rows: int,
+                 tuning: Tuning | None = None) -> None:
+        wg = (tuning or tuning_for(device)).wg
+        pipe = compose.pipeline(device, ("mask_logits.wgsl",), dict(V=n_vocab, W=_groups(n_vocab, 32), R_CAP=max_rows,
+                                                                    WG=wg), label="mask logits")
+        self.label = "mask logits"
+        self.steps = [(pipe, device.create_bind_group(pipe, [logits, masks]), (_groups(n_vocab, wg), 1))]
+        self.row_bindings = (("logits", logits, n_vocab * 4),)
+
+
+def mask_bytes(n_vocab: int, max_rows: int, max_masks: int) -> int:
+    """The size of MaskLogits' `masks` buffer: room for `max_masks` masks."""
+    return 4 * (max_rows + max_masks * _groups(n_vocab, 32))
+
+
+def pack_masks(masks: Sequence[np.ndarray | None], max_rows: int) -> bytes:
+    """MaskLogits' buffer contents for one step: bool masks (True: allowed) per logit row, or None."""
+    index = np.full(max_rows, -1, np.int32)
+    words = []
+    for row, mask in enumerate(masks):
+        if mask is not None:
+            index[row] = len(words)
+            words.append(np.packbits(mask, bitorder="little"))
+    packed = [np.pad(w, (0, -len(w) % 4)) for w in words]
+    return index.tobytes() + b"".join(w.tobytes() for w in packed)
+
+
 class Sampler(_Op):
     """Token ids [R] from logits [R, n_vocab] on the GPU: sampling.sample's rules with top_k capped
     at TOP_K_CAP (top_k 0 or larger means TOP_K_CAP). `params` holds `pack_sampling` rows; the
