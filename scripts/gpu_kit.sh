@@ -24,7 +24,7 @@ prepare)
       --platform any -d "$@" 2>&1 | { grep -v WARNING || true; }
     rm -f "$1"/numpy-*.whl
   }
-  wheels .gpu/extra/whl pytest hypothesis gguf prometheus_client tokenizers openai
+  wheels .gpu/extra/whl pytest hypothesis gguf prometheus_client tokenizers openai jsonschema
   wheels .gpu/pw playwright
   cp -r ../shared/golden .gpu/extra/golden
   .venv/bin/python -c "import sys; sys.path[:0] = ['bench', 'e2e']; from bench_browser import install_wllama; install_wllama()"

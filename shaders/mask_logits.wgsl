@@ -15,6 +15,9 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     let word = bitcast<u32>(masks[R_CAP + u32(m) * W + id.x / 32u]);
     if ((word >> (id.x % 32u)) & 1u) == 0u {
-        logits[id.y * V + id.x] = bitcast<f32>(0xff800000u);  // -inf (WGSL has no literal for it)
+        // -inf: WGSL has no literal for it, and a constant expression may not hold it (Tint
+        // rejects bitcast<f32>(0xff800000u)), so the bits go through a runtime `let`.
+        let minus_inf_bits = 0xff800000u;
+        logits[id.y * V + id.x] = bitcast<f32>(minus_inf_bits);
     }
 }

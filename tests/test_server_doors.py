@@ -251,7 +251,8 @@ def test_the_default_bound_is_cut_to_the_context_left_and_documented(live, http)
     ids = live.served.engine.tokenizer.encode("Once upon a time, " * 60, True)[:N_CTX - 2]
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": None, "temperature": 0})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"] == {"prompt_tokens": N_CTX - 2, "completion_tokens": 2, "total_tokens": N_CTX}
+    assert r.json()["usage"] == {"prompt_tokens": N_CTX - 2, "completion_tokens": 2, "total_tokens": N_CTX,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
     doc = http.get("/openapi.json").json()
     schema = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert f"null: {DEFAULT_MAX_TOKENS} (the server's default_max_tokens)" in schema["properties"]["max_tokens"][
