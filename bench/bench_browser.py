@@ -2,7 +2,8 @@
 
     python bench/bench_browser.py [--tokens 16] [--webgpu-tokens 3] [--threads 1 2] [--no-wllama]
                                   [--no-webgpu] [--no-numpy] [--no-numpy-dequant] [--native]
-                                  [--long-prompt 512] [--model F] [--run-ahead N] [--lookup]
+                                  [--long-prompt 512] [--model F] [--run-ahead N] [--steps-per-submit N]
+                                  [--lookup]
 
 For each of Realm's executors (WebGPU, forced even where the page would pick numpy; numpy with its
 WebAssembly SIMD kernel; numpy without it, dequantizing as before the kernel) and for wllama on the
@@ -261,13 +262,18 @@ def main() -> None:
                     "bench_speculative.py's paragraph rewrite, natively and on WebGPU in the page")
     ap.add_argument("--run-ahead", type=int, help="decode steps queued behind the one being read (the "
                     "devices' run_ahead), natively and in the page")
+    ap.add_argument("--steps-per-submit", type=int, help="decode steps one submit holds (the devices' "
+                    "steps_per_submit), natively and in the page")
     args = ap.parse_args()
-    setup = ""
-    if args.run_ahead is not None:
-        from realm_wasm.gpu.native import NativeDevice
+    from realm_wasm.gpu.native import NativeDevice
 
-        NativeDevice.run_ahead = args.run_ahead
-        setup = f"from realm_wasm.gpu.browser import BrowserDevice; BrowserDevice.run_ahead = {args.run_ahead}"
+    # device settings, set here on NativeDevice and in the page (its worker runs `setup`) on BrowserDevice
+    settings = {name: value for name, value in (("run_ahead", args.run_ahead),
+                                                 ("steps_per_submit", args.steps_per_submit)) if value is not None}
+    for name, value in settings.items():
+        setattr(NativeDevice, name, value)
+    setup = "; ".join(["from realm_wasm.gpu.browser import BrowserDevice"] * bool(settings)
+                      + [f"BrowserDevice.{name} = {value}" for name, value in settings.items()])
 
     from playwright.sync_api import sync_playwright
 

@@ -163,6 +163,7 @@ class CpuExecutor:
     name = "numpy"
     max_logit_rows = 1 << 20
     run_ahead = 0  # runs each step when submitted
+    steps_per_submit = 1  # nothing queues: each submit runs at once, so one step each
     # numpy's BLAS may sum a row differently with T (float noise only: x is never rounded to int8)
     exact_rows = 1 << 20
 
@@ -219,18 +220,28 @@ class CpuExecutor:
         return self.last_sampled
 
     def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]], follow: bool = False,
-                      masks: Sequence[np.ndarray | None] | None = None) -> Future:
+                      masks: Sequence[np.ndarray | None] | None = None, steps: int = 1) -> Future:
         """`forward_sample`, done at once (the GPU executor queues); `follow` feeds the last sampled ids;
-        `masks`: per row, the tokens it may sample (bool [n_vocab]) or None."""
+        `masks`: per row, the tokens it may sample (bool [n_vocab]) or None; `steps`: that many decode
+        steps, each fed the ids the one before sampled (their ids step by step)."""
+        if steps > 1 and any(m is not None for m in masks or ()):
+            raise ValueError("a grammar's masks hold for one step: a submit of several steps takes none")
         if follow:
             batch = dataclasses.replace(batch, tokens=np.array(self.last_sampled, np.int32))
-        logits = self.forward(batch)
-        for row, mask in enumerate(masks or ()):
-            if mask is not None:
-                logits[row] = np.where(mask, logits[row], np.float32(-np.inf))
-        self.last_sampled = [sample(z, params, step) for z, (params, step) in zip(logits, rows, strict=True)]
+        ids = []
+        for i in range(steps):
+            if i:  # the next decode step: row r is token r
+                batch = dataclasses.replace(batch, tokens=np.array(self.last_sampled, np.int32),
+                                            positions=batch.positions + 1)
+                rows = [(params, step + 1) for params, step in rows]
+            logits = self.forward(batch)
+            for row, mask in enumerate(masks or ()):
+                if mask is not None:
+                    logits[row] = np.where(mask, logits[row], np.float32(-np.inf))
+            self.last_sampled = [sample(z, params, step) for z, (params, step) in zip(logits, rows, strict=True)]
+            ids += self.last_sampled
         done = Future()
-        done.set_result(self.last_sampled)
+        done.set_result(ids)
         return done
 
     def _run(self, op: Op, buf: dict[str, np.ndarray], batch: Batch) -> np.ndarray:

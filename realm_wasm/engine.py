@@ -43,6 +43,7 @@ class Executor(Protocol):
     n_slots: int  # KV-cache slots: sequences it can hold at once
     max_logit_rows: int  # rows of logits one step can return
     run_ahead: int  # decode steps the scheduler queues behind the one it reads (0: each runs when submitted)
+    steps_per_submit: int  # decode steps one submit_sample may run (`steps`), each fed the one before's ids
     # The most tokens a step may hold and still compute each one bit for bit as a step of its own
     # would: the scheduler keeps a decoding step's drafts within it, so speculation stays exact.
     exact_rows: int
@@ -68,9 +69,12 @@ class Executor(Protocol):
         """Token ids sampled from each logit row with its (params, step counter)."""
 
     def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]],
-                      follow: bool = False, masks: Sequence[np.ndarray | None] | None = None) -> Pending:
+                      follow: bool = False, masks: Sequence[np.ndarray | None] | None = None,
+                      steps: int = 1) -> Pending:
         """`forward_sample` without waiting; `follow`: the tokens are the previous step's samples;
-        `masks`: per row, the tokens it may sample (a grammar's bool [n_vocab] mask) or None."""
+        `masks`: per row, the tokens it may sample (a grammar's bool [n_vocab] mask) or None;
+        `steps` (up to steps_per_submit, decode steps only): that many steps, each fed the ids the
+        one before sampled, their ids step by step."""
 
 
 class Pending(Protocol):

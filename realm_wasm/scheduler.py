@@ -16,9 +16,12 @@ nothing waits to be admitted, steps n + 1 ... n + `run_ahead` (the executor's: i
 submitted before step n's ids are read, each one's tokens copied on the device from the samples of
 the step before, so the GPU never idles while the host reads, streams and checks stop conditions,
 however long a read takes to come back (in a browser, a mapped buffer comes back through the GPU
-process: milliseconds). A sequence that ends at step n leaves a wasted row in each step queued
-behind it (KV entries past the sequence, never read); once those are read, the next step is
-built from the host again.
+process: milliseconds). A queued submit may hold several decode steps (up to the executor's
+`steps_per_submit`, none past a sequence's length limit or the context): the device feeds each
+step the ids of the one before, so the host builds, submits and reads once for that many tokens
+of every sequence. A sequence that ends at step n leaves a wasted row in each step queued behind
+it (KV entries past the sequence, never read); once those are read, the next step is built from
+the host again.
 
 Everything that ends a generation lives here, once: end of text, stop sequences (cut from the
 text, holding back a tail that may begin one), the length limit, and the UTF-8 bytes of a
@@ -210,6 +213,7 @@ class _Step:
     sampled: list[tuple[_Sequence, int]]  # the sequences whose logit rows it samples, and how many, in order
     fed: list[tuple[_Sequence, int]]  # every sequence in it and how many of its tokens
     errors: dict[int, Exception] = field(default_factory=dict)  # sequence id -> why it cannot go on
+    depth: int = 1  # decode steps in it (one submit), each sampling one row of every sequence
 
 
 class Scheduler:
@@ -314,7 +318,8 @@ class Scheduler:
             if not self._running:
                 return False
             self._in_flight.append(self._submit(self._plan_step()))
-        while len(self._in_flight) <= self.engine.executor.run_ahead and self._can_follow(self._in_flight[-1]):
+        while (sum(s.depth for s in self._in_flight) <= self.engine.executor.run_ahead
+               and self._can_follow(self._in_flight[-1])):
             self._in_flight.append(self._submit_follow(self._in_flight[-1]))
         self._receive(self._in_flight.popleft())
         return True
@@ -554,20 +559,29 @@ class Scheduler:
                         and (seq.spec is None or not seq.spec.worth_a_pause(seq.tokens))
                         for seq, n in step.sampled))
 
+    def _depth(self, seqs: list[_Sequence]) -> int:
+        """Decode steps the next follow-up submit holds: up to the executor's steps_per_submit, none
+        past a sequence's length limit or the context, nor past a speculating one's back-off."""
+        room = [min(s.request.max_tokens - s.requested, self.engine.n_ctx - s.fed) for s in seqs]
+        room += [s.spec.wait for s in seqs if s.spec is not None]
+        return max(1, min(self.engine.executor.steps_per_submit, *room))
+
     def _submit_follow(self, step: _Step) -> _Step:
-        """One decode token per sequence of `step`, each the id the device samples there."""
+        """Decode tokens of every sequence of `step`, each the id the device samples the step before:
+        `_depth` steps in one submit."""
         seqs = [seq for seq, _ in step.sampled]
+        depth = self._depth(seqs)
         for seq in seqs:
-            if seq.spec is not None and seq.spec.wait > 0:  # a plain step of its back-off
-                seq.spec.wait -= 1
+            if seq.spec is not None and seq.spec.wait > 0:  # plain steps of its back-off
+                seq.spec.wait -= min(depth, seq.spec.wait)
         n = len(seqs)
         batch = Batch(np.zeros(n, np.int32), np.array([s.fed for s in seqs], np.int32),
                       np.array([s.slot for s in seqs], np.int32), np.arange(n, dtype=np.int32),
                       *lora_table([s.adapters for s in seqs]))
-        return self._launch(batch, step.sampled, [(s, 1) for s in seqs], follow=True)
+        return self._launch(batch, step.sampled, [(s, 1) for s in seqs], follow=True, depth=depth)
 
     def _launch(self, batch: Batch, sampled: list[tuple[_Sequence, int]], fed: list[tuple[_Sequence, int]],
-                follow: bool) -> _Step:
+                follow: bool, depth: int = 1) -> _Step:
         # each row is sampled with its own sequence's parameters and step counter (on the device):
         # a verifying sequence's row i with the counter of the token it gives, as plain decoding would
         rows = [(seq.request.sampling, seq.requested + i) for seq, n in sampled for i in range(n)] or [(GREEDY, 0)]
@@ -579,15 +593,17 @@ class Scheduler:
             elif any(seq.matcher is not None for seq, _ in sampled):
                 masks = _masks(sampled, errors)
                 pending = self.engine.executor.submit_sample(batch, rows, follow=follow, masks=masks)
+            elif depth > 1:
+                pending = self.engine.executor.submit_sample(batch, rows, follow=follow, steps=depth)
             else:
                 pending = self.engine.executor.submit_sample(batch, rows, follow=follow)
         except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving the others
             pending = _Failed(e)
         for seq, n in fed:
-            seq.fed += n
+            seq.fed += n * depth
         for seq, n in sampled:
-            seq.requested += n
-        return _Step(pending, sampled, fed, errors)
+            seq.requested += n * depth
+        return _Step(pending, sampled, fed, errors, depth)
 
     def _receive(self, step: _Step) -> None:
         """Read a step's sampled ids and stream them (an error fails the step's sequences only)."""
@@ -598,6 +614,12 @@ class Scheduler:
             return
         self._steps += 1
         logprobs, errors = getattr(step.pending, "logprobs", None), step.errors
+        if step.depth > 1:  # decode steps, one row of every sequence each
+            for i in range(step.depth):
+                for (seq, _), token in zip(step.sampled, tokens[i * len(step.sampled):], strict=False):
+                    if self._running.get(seq.id) is seq:
+                        self._advance(seq, token)
+            return
         at = 0
         for seq, n in step.sampled:
             sampled, at = tokens[at:at + n], at + n

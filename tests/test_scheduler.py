@@ -368,18 +368,37 @@ def test_batched_on_the_gpu_executor_matches_running_alone(model_path, gpu):
 
 
 class Follows:
-    """Wraps an executor, counting the steps queued with `follow` (their tokens sampled on the device)."""
+    """Wraps an executor, counting the submits queued with `follow` (their tokens sampled on the
+    device) and all submits; it runs ahead `run_ahead` steps, up to `steps_per_submit` a submit."""
 
-    def __init__(self, inner, run_ahead: int) -> None:
-        self.inner, self.run_ahead, self.follows, self.steps = inner, run_ahead, 0, 0
+    def __init__(self, inner, run_ahead: int, steps_per_submit: int = 1) -> None:
+        self.inner, self.run_ahead, self.steps_per_submit = inner, run_ahead, steps_per_submit
+        self.follows, self.steps = 0, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def submit_sample(self, batch, rows, follow=False):
+    def submit_sample(self, batch, rows, follow=False, **options):
         self.follows += follow
         self.steps += 1
-        return self.inner.submit_sample(batch, rows, follow=follow)
+        return self.inner.submit_sample(batch, rows, follow=follow, **options)
+
+
+def four_requests(engine: Engine, executor: Follows) -> tuple[list, list]:
+    """Tokens and ends of four requests: sequences that end mid-run (length, end of text) and one
+    that arrives while the others decode."""
+    engine.executor = executor
+    hot = SamplingParams(temperature=1.2, top_k=30, seed=3)
+    scheduler = Scheduler(engine, n_slots=3, max_step_tokens=32)
+    sinks = [Recorder() for _ in range(4)]
+    scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 14, stop_at_eos=False), sinks[0])
+    scheduler.submit(Request(engine.tokenizer.encode("abc"), 6, hot, stop_at_eos=False), sinks[1])
+    scheduler.submit(Request(engine.tokenizer.encode("x"), 20, hot), sinks[2])  # may end at end of text
+    for _ in range(5):
+        scheduler.step()
+    scheduler.submit(Request(engine.tokenizer.encode("0123456789"), 5, stop_at_eos=False), sinks[3])
+    run_all(scheduler)
+    return [s.tokens for s in sinks], [s.finished for s in sinks]
 
 
 def test_running_ahead_on_the_gpu_gives_what_stepping_from_the_host_gives(model_path, gpu):
@@ -387,25 +406,40 @@ def test_running_ahead_on_the_gpu_gives_what_stepping_from_the_host_gives(model_
     when sequences end mid-run (length, end of text) and a request arrives while running ahead."""
     f = read_gguf(model_path)
     model = Model.from_header(f.header)
-    hot = SamplingParams(temperature=1.2, top_k=30, seed=3)
     runs = {}
     for ahead in (0, 3):
         engine = Engine(model, GpuExecutor(model.plan, f.tensor_bytes, n_slots=3, n_ctx=N_CTX, device=gpu), N_CTX)
-        engine.executor = executor = Follows(engine.executor, run_ahead=ahead)
-        scheduler = Scheduler(engine, n_slots=3, max_step_tokens=32)
-        sinks = [Recorder() for _ in range(4)]
-        scheduler.submit(Request(engine.tokenizer.encode("Hello, world"), 14, stop_at_eos=False), sinks[0])
-        scheduler.submit(Request(engine.tokenizer.encode("abc"), 6, hot, stop_at_eos=False), sinks[1])
-        scheduler.submit(Request(engine.tokenizer.encode("x"), 20, hot), sinks[2])  # may end at end of text
-        for _ in range(5):
-            scheduler.step()
-        scheduler.submit(Request(engine.tokenizer.encode("0123456789"), 5, stop_at_eos=False), sinks[3])
-        run_all(scheduler)
-        runs[ahead] = ([s.tokens for s in sinks], [s.finished for s in sinks], executor)
+        executor = Follows(engine.executor, run_ahead=ahead)
+        runs[ahead] = (*four_requests(engine, executor), executor)
     (host_tokens, host_ends, host), (ahead_tokens, ahead_ends, queued) = runs[0], runs[3]
     assert ahead_tokens == host_tokens and ahead_ends == host_ends
     assert host.follows == 0 and queued.follows >= 10
     assert [len(t) for t in host_tokens[:2]] == [14, 6]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "webgpu"])
+def test_several_decode_steps_a_submit_give_what_one_a_submit_gives(model_path, backend, request):
+    """Decode steps run several to a submit (each fed the ids the one before sampled, on the
+    executor): the same tokens and ends as one step a submit, in fewer submits; no sequence gets
+    tokens past its length limit from the steps queued past its end."""
+    f = read_gguf(model_path)
+    model = Model.from_header(f.header)
+
+    def executor():
+        if backend == "webgpu":
+            gpu = request.getfixturevalue("gpu")
+            return GpuExecutor(model.plan, f.tensor_bytes, n_slots=3, n_ctx=N_CTX, device=gpu)
+        return CpuExecutor(model.plan, f.tensor_bytes, n_slots=3, n_ctx=N_CTX)
+
+    runs = {}
+    for steps in (1, 4):
+        engine = Engine(model, executor(), N_CTX)
+        counted = Follows(engine.executor, run_ahead=3, steps_per_submit=steps)
+        runs[steps] = (*four_requests(engine, counted), counted)
+    (one_tokens, one_ends, one), (many_tokens, many_ends, many) = runs[1], runs[4]
+    assert many_tokens == one_tokens and many_ends == one_ends
+    assert [len(t) for t in many_tokens[:2]] == [14, 6]
+    assert many.steps < one.steps - 5
 
 
 def test_a_first_token_is_read_before_steps_queue_behind_it(model_path, gpu):
@@ -466,9 +500,9 @@ class Fed(Follows):
         super().__init__(inner, inner.run_ahead)
         self.fed, self.copies = 0, []
 
-    def submit_sample(self, batch, rows, follow=False):
-        self.fed += len(batch)
-        return super().submit_sample(batch, rows, follow=follow)
+    def submit_sample(self, batch, rows, follow=False, **options):
+        self.fed += len(batch) * options.get("steps", 1)
+        return super().submit_sample(batch, rows, follow=follow, **options)
 
     def copy_kv(self, src, dst, n_tokens):
         self.copies.append((src, dst, n_tokens))

@@ -79,6 +79,9 @@ class Device(Protocol):
     # while the host reads, streams and checks stops; each costs at most one wasted row per
     # sequence that finishes. Per host: a browser's read-back comes back through the GPU process.
     run_ahead: int
+    # Decode steps one submit may hold, each step's tokens the samples of the one before (made on
+    # the device): the host builds, submits and reads once for that many tokens of every sequence.
+    steps_per_submit: int
 
     def create_buffer(self, size: int, usage: int, label: str = "") -> Buffer: ...
 

@@ -34,6 +34,7 @@ from .ops import (
     Gather,
     Glu,
     MaskLogits,
+    NextStep,
     RmsNorm,
     Rope,
     RopeHeads,
@@ -78,6 +79,7 @@ class GpuExecutor:
                  max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> None:
         self.device, self.plan, self.n_slots, self.n_ctx = device, plan, n_slots, n_ctx
         self.run_ahead = device.run_ahead  # submit_sample returns once the step is queued
+        self.steps_per_submit = device.steps_per_submit
         # up to this many rows every matmul is the mat-vec, whose rows do not depend on each other;
         # the mat-mat's f32 order differs, and int8 rounding of x downstream grows that to ~0.5 in
         # the logits (docs/benchmarks.md, 2026-12-04)
@@ -122,6 +124,13 @@ class GpuExecutor:
         self.masks = (device.create_buffer(size, STORAGE | COPY_DST, "token masks"), 0, size)
         self.masker = Launch("R", MaskLogits(device, self.acts["logits"], self.masks, n_vocab=n_vocab,
                                              max_rows=r_max))
+        # several decode steps a submit: each step's ids kept in a row of `history`, read at the end
+        align = device.limits.get("min_storage_buffer_offset_alignment", 256)
+        self.history_stride = -(-4 * n_slots // align) * align
+        history = self.buffer(self.history_stride * self.steps_per_submit, "decode history")
+        self.next_step = NextStep(device, (self.step.buffer, 0, len(self.step.data)), self.step.offsets,
+                                  self.sampled, history, stride=self.history_stride, steps=self.steps_per_submit)
+        self.history = history
         self._step_dispatches: dict[tuple[int, int, bool, bool], list[Dispatch]] = {}
         self._last_sampled_rows = 0  # logit rows of the last sampled step (what a follow-up step reads)
 
@@ -250,13 +259,20 @@ class GpuExecutor:
         return self.submit_sample(batch, rows).result()
 
     def submit_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]],
-                      follow: bool = False, masks: Sequence[np.ndarray | None] | None = None) -> SampledIds:
+                      follow: bool = False, masks: Sequence[np.ndarray | None] | None = None,
+                      steps: int = 1) -> SampledIds:
         """Queue a sampled step without waiting for it. With `follow`, the step's tokens are the
         ids the previous submitted step sampled (its logit row r feeds token r; batch.tokens is
         ignored): the GPU copies them, so step n + 1 can be queued before step n's ids are read.
-        `masks`: per row, the tokens it may sample (bool [n_vocab], from a grammar) or None."""
+        `masks`: per row, the tokens it may sample (bool [n_vocab], from a grammar) or None.
+        `steps` > 1 (a decode step: row r is token r, no masks): that many steps in this submit,
+        each fed the ids the one before sampled; the ids of all of them come back, step by step."""
         if len(rows) != len(batch.logit_rows):
             raise ValueError(f"{len(rows)} sampling rows for {len(batch.logit_rows)} logit rows")
+        if steps > 1:
+            if any(m is not None for m in masks or ()):
+                raise ValueError("a grammar's masks hold for one step: a submit of several steps takes none")
+            return self._submit_steps(batch, rows, follow, steps)
         counts = self._write_step(batch, pack_sampling(rows))
         if masks is not None and any(m is not None for m in masks):
             if sum(m is not None for m in masks) > self.n_slots:
@@ -275,6 +291,34 @@ class GpuExecutor:
         read = self.device.submit(self._dispatches(counts, sample=True), copies=copies,
                                   read=(self.sampled[0], 0, 4 * counts["R"]))
         return SampledIds(read)
+
+    def _submit_steps(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]], follow: bool,
+                      steps: int) -> SampledIds:
+        n = len(batch)
+        if not 1 < steps <= self.steps_per_submit:
+            raise ValueError(f"{steps} steps in one submit (2..{self.steps_per_submit} allowed)")
+        if n > self.n_slots or not np.array_equal(batch.logit_rows, np.arange(n)):
+            raise ValueError("several steps in one submit need a decode step: one logit row per token, in order")
+        if int(batch.positions.max()) + steps > self.n_ctx:
+            raise ValueError(f"{steps} steps from position {int(batch.positions.max())} run past the context "
+                             f"({self.n_ctx})")
+        counts = self._write_step(batch, pack_sampling(rows))
+        copies = []
+        if follow:
+            if self._last_sampled_rows != n:
+                raise ValueError(f"a follow-up step of {n} tokens after a step that sampled {self._last_sampled_rows}")
+            tokens = self.inputs["tokens"]
+            copies = [((self.sampled[0], 0, 4 * n), (tokens[0], tokens[1], 4 * n))]
+        self._last_sampled_rows = n
+        key = ("steps", n, steps, counts["lora"])
+        if key not in self._step_dispatches:
+            one = self._dispatches(counts, sample=True)
+            after = [self.next_step.dispatches_after(i, n) for i in range(steps)]
+            self._step_dispatches[key] = [d for i in range(steps) for d in (*one, *after[i])]
+        stride = self.history_stride
+        read = self.device.submit(self._step_dispatches[key], copies=copies,
+                                  read=(self.history[0], 0, stride * steps))
+        return SampledIds(read, rows=n, stride=stride // 4)
 
 
 class StepInputs:
@@ -319,13 +363,15 @@ class StepInputs:
 
 
 class SampledIds:
-    """Token ids a queued step samples; `result()` waits for them."""
+    """Token ids a queued step samples (several steps': `rows` of each `stride` words); `result()`
+    waits for them."""
 
-    def __init__(self, read: ReadBack) -> None:
-        self.read = read
+    def __init__(self, read: ReadBack, rows: int = 0, stride: int = 0) -> None:
+        self.read, self.rows, self.stride = read, rows, stride
 
     def result(self) -> list[int]:
-        return np.frombuffer(self.read.result(), np.int32).tolist()
+        ids = np.frombuffer(self.read.result(), np.int32)
+        return (ids.reshape(-1, self.stride)[:, :self.rows] if self.stride else ids).ravel().tolist()
 
 
 # One builder per kernel kind of the fused program (`fuse.py`): the kernel spec -> its kernel

@@ -178,6 +178,7 @@ class NativeDevice:
     host = "naga"
     # H200 (docs/benchmarks.md, 2026-12-03): 1 -> 3 steps ahead gave 951 -> 970-1035 tok/s
     run_ahead = 3
+    steps_per_submit = 4
 
     def __init__(self, adapter: wgpu.GPUAdapter, device: wgpu.GPUDevice) -> None:
         self.adapter, self.device = adapter, device

@@ -369,6 +369,7 @@ def pack_sampling(rows: Sequence[tuple[SamplingParams, int]]) -> bytes:
 
 
 SAMPLING_ROW_BYTES = struct.calcsize("<fIfII")
+SAMPLING_STEP_WORD = 4  # the step counter's word in a row (the last)
 
 
 class MaskLogits(_Op):
@@ -400,6 +401,29 @@ def pack_masks(masks: Sequence[np.ndarray | None], max_rows: int) -> bytes:
             words.append(np.packbits(mask, bitorder="little"))
     packed = [np.pad(w, (0, -len(w) % 4)) for w in words]
     return index.tobytes() + b"".join(w.tobytes() for w in packed)
+
+
+class NextStep(_Op):
+    """A decode step's sampled ids made the next step's tokens on the device (positions and the
+    sampler's step counters + 1), each step's ids kept in its row of `history` [steps, stride]:
+    `steps[i]` is the dispatch after step i of a multi-step submit."""
+
+    def __init__(self, device: Device, inputs: Binding, offsets: dict[str, int], sampled: Binding,
+                 history: Binding, *, stride: int, steps: int) -> None:
+        words = {name: offsets[name] // 4 for name in ("tokens", "positions", "sampling")}
+        pipe = compose.pipeline(device, ("next_step.wgsl",), dict(
+            TOKENS=words["tokens"], POSITIONS=words["positions"], SAMPLING=words["sampling"],
+            PARAM_WORDS=SAMPLING_ROW_BYTES // 4, STEP_WORD=SAMPLING_STEP_WORD), label="next step")
+        self.label = "next step"
+        buf = history[0]
+        self.per_step = [(pipe, device.create_bind_group(pipe, [inputs, sampled, (buf, i * stride, stride)]), (1, 1))
+                         for i in range(steps)]
+        self.row_bindings = (("history", (buf, 0, stride), 4),)
+
+    def dispatches_after(self, step: int, n: int) -> list[Dispatch]:
+        _check_rows(self.label, n, *self.row_bindings)
+        pipe, bg, (gx, gz) = self.per_step[step]
+        return [(pipe, bg, (gx, n, gz))]
 
 
 class Sampler(_Op):
