@@ -318,7 +318,8 @@ class Scheduler:
             if not self._running:
                 return False
             self._in_flight.append(self._submit(self._plan_step()))
-        while (sum(s.depth for s in self._in_flight) <= self.engine.executor.run_ahead
+        # queue steps behind the one about to be read, up to run_ahead of them
+        while (sum(s.depth for s in list(self._in_flight)[1:]) < self.engine.executor.run_ahead
                and self._can_follow(self._in_flight[-1])):
             self._in_flight.append(self._submit_follow(self._in_flight[-1]))
         self._receive(self._in_flight.popleft())
