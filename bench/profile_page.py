@@ -101,8 +101,9 @@ fresh = iter({prompts(long_prompt, 8 + tokens)!r})
 def events(**request):  # as worker.js steps it
     generation = HOST.start_generation(**request)
     try:
-        while (event := generation.step()) is not None:
-            yield event
+        while (events := generation.step()) is not None:
+            for event in events:
+                yield event
     finally:
         generation.close()
 

@@ -185,6 +185,21 @@ class Engine:
                         lora: Lora = (), grammar: GrammarEngine | None = None,
                         ) -> Generator[TokenEvent | Finished, None, Finished]:
         """`generate`, also yielding the request's `Finished` as its last event."""
+        steps = self.generate_steps(prompt, max_tokens, sampling, stop_at_eos, stop, speculation, lora, grammar)
+        try:
+            for events in steps:
+                yield from events
+        finally:
+            steps.close()
+        return events[-1]
+
+    def generate_steps(self, prompt: str | Sequence[int], max_tokens: int = 64, sampling: SamplingParams = GREEDY,
+                       stop_at_eos: bool = True, stop: Sequence[str] = (), speculation: Speculation | None = None,
+                       lora: Lora = (), grammar: GrammarEngine | None = None,
+                       ) -> Generator[list[TokenEvent | Finished], None, None]:
+        """`generate_events` a scheduler step at a time: the events of each step that gave any (one
+        read-back may hold several decode steps' tokens), the last list ending with `Finished`. A
+        host that pays per call into Python (the page's worker) takes them in one call."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if self._scheduler is None:
             self._scheduler = Scheduler(self, n_slots=1, draft=self.draft)
@@ -197,17 +212,17 @@ class Engine:
         try:
             while finished is None:
                 self._scheduler.step()
-                for event in events:
-                    if isinstance(event, Finished):
-                        finished = event
-                        if event.exception is not None:
-                            raise event.exception
-                    yield event
+                finished = next((e for e in events if isinstance(e, Finished)), None)
+                if finished is not None and finished.exception is not None:
+                    if tokens := [e for e in events if isinstance(e, TokenEvent)]:
+                        yield tokens  # what came before the failure, then the failure
+                    raise finished.exception
+                if events:
+                    yield list(events)
                 events.clear()
         finally:
             if finished is None:  # the caller stopped reading: end the request, free the slot
                 self._scheduler.cancel_all()
-        return finished
 
 
 def native_device() -> tuple[Device | None, str]:

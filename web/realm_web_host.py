@@ -465,8 +465,8 @@ class WorkerHost:
                          speculation: dict[str, Any] | None = None,
                          lora: list[dict[str, Any]] | None = None, response_format: dict[str, Any] | None = None,
                          grammar: str | None = None) -> Generation:
-        """A generation whose `step()` gives worker.js's events: {"kind": "token", "tokenId": int |
-        None, "text": str} for each token, then one {"kind": "finished", "reason": "stop" |
+        """A generation whose `step()` gives worker.js's events, a list at a time: {"kind": "token",
+        "tokenId": int | None, "text": str} for each token, then one {"kind": "finished", "reason": "stop" |
         "length", "promptTokens", "completionTokens", "cachedTokens"} (+ "draftedTokens",
         "acceptedTokens" with `speculation`). Either `prompt` (text, completed as it is) or
         `messages` (rendered with the model's chat template, whose stop sequences join `stop`); the
@@ -493,28 +493,27 @@ class WorkerHost:
             stops += chat.stop
         else:
             ids = tokenizer.encode(prompt)
-        events = self.loaded.engine.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stops,
-                                             speculation=drafting, lora=adapters, grammar=output_grammar)
-        return Generation(self, events, drafting is not None)
+        steps = self.loaded.engine.generate_steps(ids, max_tokens=max_tokens, sampling=sampling, stop=stops,
+                                                  speculation=drafting, lora=adapters, grammar=output_grammar)
+        return Generation(self, steps, drafting is not None)
 
 
 class Generation:
-    """One generation's events, one per `step()`: a token, then "finished", then None."""
+    """One generation's events, a list per `step()` (the tokens one read-back gave, then "finished"
+    at the end of the last list), then None: one call from worker.js for several tokens."""
 
-    def __init__(self, host: WorkerHost, events: Generator[TokenEvent, None, Finished], drafting: bool) -> None:
-        self.host, self.events, self.drafting, self.done = host, events, drafting, False
+    def __init__(self, host: WorkerHost, steps: Generator[list[TokenEvent | Finished], None, None],
+                 drafting: bool) -> None:
+        self.host, self.steps, self.drafting, self.done = host, steps, drafting, False
 
-    def step(self) -> dict[str, Any] | None:
+    def step(self) -> list[dict[str, Any]] | None:
         if self.done:
             return None
         try:
-            event = next(self.events)
-        except StopIteration as end:  # the generator's value: the request's Finished
-            self.done, finished = True, end.value
-            drafts = {"draftedTokens": finished.drafted_tokens, "acceptedTokens": finished.accepted_tokens}
-            return {"kind": "finished", "reason": finished.reason, "promptTokens": finished.prompt_tokens,
-                    "completionTokens": finished.completion_tokens, "cachedTokens": finished.cached_tokens,
-                    **(drafts if self.drafting else {})}
+            events = next(self.steps)
+        except StopIteration:
+            self.done = True
+            return None
         except DeviceLost:
             self.done = True
             self.host.unload()  # its buffers went with the device: the model has to be loaded again
@@ -522,12 +521,20 @@ class Generation:
         except BaseException:
             self.done = True
             raise
-        return {"kind": "token", "tokenId": event.token_id, "text": event.text}
+        return [self._plain(event) for event in events]
+
+    def _plain(self, event: TokenEvent | Finished) -> dict[str, Any]:
+        if isinstance(event, TokenEvent):
+            return {"kind": "token", "tokenId": event.token_id, "text": event.text}
+        drafts = {"draftedTokens": event.drafted_tokens, "acceptedTokens": event.accepted_tokens}
+        return {"kind": "finished", "reason": event.reason, "promptTokens": event.prompt_tokens,
+                "completionTokens": event.completion_tokens, "cachedTokens": event.cached_tokens,
+                **(drafts if self.drafting else {})}
 
     def close(self) -> None:
         """Stopped early (or ended): frees the slot, keeps its KV."""
         self.done = True
-        self.events.close()
+        self.steps.close()
 
 
 HOST = WorkerHost()

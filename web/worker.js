@@ -497,23 +497,25 @@ async function generate({
     step = generation.step;
     for (;;) {
       if (job.stopped) break; // closed below: the KV slot keeps what was fed
-      // one plain call per event, which may block on the GPU's read-backs inside (JSPI)
+      // one plain call per scheduler step, which may block on the GPU's read-back inside (JSPI):
+      // its events, several tokens where the read-back held several decode steps
       const value = await step.callPromising();
       if (value === undefined || value === null) break;
-      const event = toPlain(value);
-      if (event.kind === "finished") {
-        finished = event;
-        continue;
-      }
       const now = performance.now();
-      if (event.tokenId !== null && event.tokenId !== undefined) tokens += 1;
-      if (firstAt === null) firstAt = now;
-      // decode speed: tokens after the first, over the time since the first
-      const rate = tokens > 1 ? (tokens - 1) / ((now - firstAt) / 1000) : null;
-      post({
-        type: "token", id, index: tokens - 1, text: event.text, tokenId: event.tokenId ?? null,
-        ttftMs: firstAt - started, tokensPerSecond: rate,
-      });
+      for (const event of toPlain(value)) {
+        if (event.kind === "finished") {
+          finished = event;
+          continue;
+        }
+        if (event.tokenId !== null && event.tokenId !== undefined) tokens += 1;
+        if (firstAt === null) firstAt = now;
+        // decode speed: tokens after the first, over the time since the first
+        const rate = tokens > 1 ? (tokens - 1) / ((now - firstAt) / 1000) : null;
+        post({
+          type: "token", id, index: tokens - 1, text: event.text, tokenId: event.tokenId ?? null,
+          ttftMs: firstAt - started, tokensPerSecond: rate,
+        });
+      }
       await yieldToEvents();
     }
     const end = performance.now();

@@ -136,6 +136,8 @@ class BrowserDevice:
     # Chromium on the H200 (docs/benchmarks.md, 2026-12-04; runs vary by up to 1.7x): 3 steps ahead
     # 392-448 tok/s in four runs, 6: 561, 8: 434-732 in three, 16: 475, 32: 413
     run_ahead = 8
+    # H200 page (docs/benchmarks.md, 2026-12-04 afternoon; two modes, ~2x apart): 1 decode step a
+    # submit 552-654 tok/s, 4: 649-748 (1,044-1,145 in the fast mode), 8: 545-883 (1,149)
     steps_per_submit = 4
 
     def __init__(self, adapter: Any, device: Any) -> None:

@@ -178,6 +178,8 @@ class NativeDevice:
     host = "naga"
     # H200 (docs/benchmarks.md, 2026-12-03): 1 -> 3 steps ahead gave 951 -> 970-1035 tok/s
     run_ahead = 3
+    # H200 (docs/benchmarks.md, 2026-12-04 afternoon): 1 -> 4 decode steps a submit gave 965-1,081
+    # -> 1,140-1,192 tok/s; 8: 1,170-1,193
     steps_per_submit = 4
 
     def __init__(self, adapter: wgpu.GPUAdapter, device: wgpu.GPUDevice) -> None:
