@@ -133,13 +133,14 @@ FAKE_GENERATE = """
 from realm_web_host import HOST
 from realm_wasm.scheduler import Finished, TokenEvent
 
-def hostile_generate(ids, max_tokens=64, **settings):  # sampling, stops, speculation, lora: unused
+def hostile_steps(ids, max_tokens=64, **settings):  # sampling, stops, speculation, lora: unused
     text = TEXT
-    for i in range(0, len(text), 7):
-        yield TokenEvent(1, text[i:i + 7], i // 7, 0.0)
-    return Finished("stop", len(ids), (len(text) + 6) // 7)
+    pieces = [TokenEvent(1, text[i:i + 7], i // 7, 0.0) for i in range(0, len(text), 7)]
+    for i in range(0, len(pieces), 4):  # four tokens a read-back, as the page's decode gives them
+        yield pieces[i:i + 4]
+    yield [Finished("stop", len(ids), len(pieces))]
 
-HOST.loaded.engine.generate = hostile_generate
+HOST.loaded.engine.generate_steps = hostile_steps
 """
 
 
