@@ -16,3 +16,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         y[out_index(t, n)] += lora_row(t, n, 0u, 1u);
     }
 }
+
+// u as the group's A·x kernel (lora_shrink.wgsl) wrote it for the step
+fn lora_u(t: u32, j: u32, p: u32, i: u32) -> vec4<f32> {
+    return lora_side[lora_u_at(t, j, p) + i];
+}

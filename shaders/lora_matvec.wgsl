@@ -1,8 +1,49 @@
-// The mat-vec's LoRA hook (matvec.wgsl calls it; lora_off.wgsl is it without LoRA): each lane adds
-// its share of its team's rows' B · u (lora.wgsl; u = A · x was computed once for the step by the
-// input group's A·x kernel) to its sums before the lanes' sums are added up, so the GLU, the norm
-// tail and a joined weight's second region all see y with its side paths. `lo` and `hi` are the
-// weight rows summed in acc.lo and acc.hi.
+// The mat-vec's LoRA hooks (matvec.wgsl calls them; lora_off.wgsl is them without LoRA). First
+// `lora_begin` computes the workgroup's token's u = s_j * A_j · x for this weight's parts into
+// workgroup memory (lora_ax.wgsl; a decode step needs no A·x kernel of its own), then `lora_add`
+// has each lane add its share of its team's rows' B · u (lora.wgsl) to its sums before the lanes'
+// sums are added up, so the GLU, the norm tail and a joined weight's second region all see y with
+// its side paths. `lo` and `hi` are the weight rows summed in acc.lo and acc.hi.
+
+const LORA_Q4: u32 = LORA_P * LORA_R4;  // vec4s of u per adapter column
+var<workgroup> lora_wu: array<vec4<f32>, 4u * LORA_Q4>;  // [column j][part][rank / 4]
+
+fn lora_u(t: u32, j: u32, p: u32, i: u32) -> vec4<f32> {
+    return lora_wu[j * LORA_Q4 + (p - LORA_PART0) * LORA_R4 + i];
+}
+
+// u of token t's adapters for this weight's parts, 4 rows a team. Call from uniform control flow
+// (t is the workgroup's); every branch below is uniform too, as lanes_sum needs.
+fn lora_begin(t: u32, lane: Lane) {
+    if !lora_any(t) {
+        return;
+    }
+    let team = lane.index / LANES;
+    let li = lane.index % LANES;
+    var round = 0u;
+    for (var j = 0u; j < 4u; j++) {
+        let slot = lora_tokens[t].slots[j];
+        if slot < 0 {
+            continue;
+        }
+        for (var q0 = 0u; q0 < LORA_Q4; q0 += WG / LANES) {
+            let q = q0 + team;  // rows 4i .. 4i + 3 of part p
+            let p = LORA_PART0 + min(q / LORA_R4, LORA_P - 1u);
+            let i = q % LORA_R4;
+            let working = q < LORA_Q4 && 4u * i < lora_rows(slot, p);
+            var sum = vec4<f32>();
+            if working {
+                sum = lora_ax4(u32(slot), p, i, t, li);
+            }
+            let total = lanes_sum(lane, sum, round % 2u);  // alternate: the previous round's first lanes may still read
+            round++;
+            if working && li == 0u {
+                lora_wu[j * LORA_Q4 + q] = total * lora_tokens[t].scales[j];
+            }
+        }
+    }
+    workgroupBarrier();
+}
 
 fn lora_add(acc: ptr<function, Sums>, t: u32, lo: vec4<u32>, hi: vec4<u32>, lane: u32) {
     if !lora_any(t) {

@@ -11,8 +11,9 @@
 // A thread's sums live in two vec4s indexed only by constants, rows 0-3 in `lo` and rows 4-7 (or,
 // with GLU, the up rows of rows 0-3) in `hi`: an array indexed in a loop lands in local memory on
 // NVIDIA (Naga's loop guards stop the driver unrolling, gfx-rs/wgpu#7698).
-// LoRA: the hook lora_add (lora_matvec.wgsl with lora.wgsl, or lora_off.wgsl) adds the token's
-// adapters' side paths to the sums before they are reduced.
+// LoRA: the hooks (lora_matvec.wgsl with lora.wgsl and lora_ax.wgsl, or lora_off.wgsl) compute
+// the token's u = A·x first (lora_begin) and add its adapters' side paths B·u to the sums before
+// they are reduced (lora_add).
 // Consts: K, N, R (1-8, 1-4 with GLU), LANES, WG, GLU, GRID_X (workgroups per grid row: big N folds
 // into y), ROW0, GELU for glu_act.wgsl and rows_out.wgsl's (where rows land in y).
 
@@ -44,6 +45,7 @@ fn store(t: u32, first: u32, r: u32, value: f32) {
 // a residual RMSNorm after it) is composed after this file.
 fn matvec(wid: vec3<u32>, lane: Lane) {
     let t = wid.x;
+    lora_begin(t, lane);
     let first = ((wid.z * GRID_X + wid.y) * TEAMS + lane.index / LANES) * R;
     // Rows past N (last workgroup) re-read row N-1; their sums are never written.
     let i = vec4<u32>(0u, 1u, 2u, 3u);

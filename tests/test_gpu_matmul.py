@@ -310,7 +310,7 @@ def test_chunk_walk_adds_lora_side_paths(gpu):
     pair = LoraPair(rng.standard_normal((8, k)).astype(np.float32), rng.standard_normal((n, 8)).astype(np.float32))
     tokens = LoraTokens(gpu, t)
     group = LoraGroup(gpu, tokens, case.bindings[0], [("w", n)], k, slots=1, rank=8, workgroup=64,
-                      subgroups=False, label="w")
+                      subgroups=False, matvec_max_t=CHUNK_TABLE.matvec_max_t, label="w")
     group.write(0, Adapter("a", "test", 0.0, {"w": pair}))
     mm = case.matmul(tuning=CHUNK_TABLE, lora=group.pool(["w"]))
     assert mm.chunked

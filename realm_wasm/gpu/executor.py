@@ -8,8 +8,9 @@ and either the logits or only the sampled token ids are read back.
 
 With `max_adapters` > 0 the weights that read one input (a layer's q, k and v; gate and up) share a
 group of that many LoRA adapter slots of rank up to `max_lora_rank` (`gpu/lora.py`), which
-`set_adapter` fills while the executor runs: the program's `lora_shrink` kernels compute A·x once
-per group, the matmuls add B·u. With 0 (the default) no LoRA code is compiled or dispatched at all.
+`set_adapter` fills while the executor runs: a decode step's mat-vecs compute their token's u = A·x
+and add B·u themselves; in a mat-mat step the program's `lora_shrink` kernels compute u once per
+group, and a kernel after each mat-mat adds B·u. With 0 (the default) no LoRA code is compiled or dispatched at all.
 """
 
 from __future__ import annotations
@@ -435,14 +436,16 @@ def _joined_weight(ex: GpuExecutor, first: str, second: str) -> GpuWeight:
 
 
 def _lora_shrink(ex: GpuExecutor, k: Kernel) -> Launch:
-    """The LoRA group of the weights its reader kernels multiply x by: u = A·x once per step."""
+    """The LoRA group of the weights its reader kernels multiply x by: u = A·x once per mat-mat step."""
     readers = [kernel for kernel in ex.program if kernel.op in k.fused.values() and kernel.kind != "lora_shrink"]
     names = [name for reader in readers for name in kernel_weights(ex.plan, reader)]
     shapes = [matrix_shape(ex.plan.weights[name]) for name in names]
+    tuning = tuning_for(ex.device)
     group = LoraGroup(ex.device, ex.lora_tokens, ex.acts[ex.plan.ops[k.op].ins[0]],
                       [(name, n) for name, (n, _) in zip(names, shapes, strict=True)], shapes[0][1],
-                      slots=ex.max_adapters, rank=ex.max_lora_rank, workgroup=tuning_for(ex.device).wg,
-                      subgroups="subgroups" in ex.device.features, label=" + ".join(names))
+                      slots=ex.max_adapters, rank=ex.max_lora_rank, workgroup=tuning.wg,
+                      subgroups="subgroups" in ex.device.features, matvec_max_t=tuning.matvec_max_t,
+                      label=" + ".join(names))
     ex.lora_groups.update(dict.fromkeys(names, group))
     return Launch("T", group)
 

@@ -18,7 +18,8 @@ reads and writes) rather than by where ops stand, so any legal order of a model'
 
 With LoRA adapters (`adapted`: the weights they may change), one more kernel runs before the first
 matmul of each input value: `lora_shrink` computes u = scale · A·x for every weight reading that x
-(a layer's q, k and v; gate and up), once per step, so the matmuls only add B·u (`lora_shrinks`).
+(a layer's q, k and v; gate and up), once per step, so the matmuls only add B·u (`lora_shrinks`);
+it dispatches only in steps that run the mat-mat (a mat-vec computes its own u).
 
 An op folds into a kernel at another position only where it commutes with every op in between
 (neither writes what the other reads or writes). Fusions that need joined weights also need the

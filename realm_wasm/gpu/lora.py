@@ -1,14 +1,17 @@
 """LoRA adapters on the device: adapter slots per input group of weights, and the step's token table.
 
 The weights that read one input x (a layer's q, k and v read its attention norm; gate and up its
-FFN norm) form a `LoraGroup`: two buffers, sized at load for `slots` adapters of rank up to `rank`
-(shaders/lora_tokens.wgsl describes their layout), which loading an adapter writes its A and B
-into and unloading zeroes the slot's ranks of. In a step whose tokens use adapters the group's
-A·x kernel (shaders/lora_shrink.wgsl, one dispatch) computes u = scale · A·x of every token, adapter
-and weight once; each weight's mat-vec or mat-mat then only adds B·u (a `LoraPool`: the weight's
-view of its group). Nothing is rebuilt when adapters change: pipelines, bind groups and dispatch
-lists stay as they are. The step's table (`LoraTokens`: each token's adapter slots and scales) is a
-uniform buffer shared by every group's kernels, written with the step's inputs.
+FFN norm) form a `LoraGroup`: one buffer, sized at load for `slots` adapters of rank up to `rank`
+(shaders/lora_tokens.wgsl describes its layout), which loading an adapter writes its A and B
+into and unloading zeroes the slot's ranks of. Each weight's kernel adds its rows' B·u (a
+`LoraPool`: the weight's view of its group), u = scale · A·x: in a decode step the mat-vec
+computes its token's u itself (shaders/lora_matvec.wgsl), so LoRA adds no dispatch to the step
+(at batch 1 each dispatch is ~5 µs of a ~900 µs step, more than its work); in a step that runs
+the mat-mat the group's A·x kernel (shaders/lora_shrink.wgsl, one dispatch) computes u of every
+token, adapter and weight once, and a kernel after each mat-mat adds B·u. Nothing is rebuilt when
+adapters change: pipelines, bind groups and dispatch lists stay as they are. The step's table
+(`LoraTokens`: each token's adapter slots and scales) is a uniform buffer shared by every group's
+kernels, written with the step's inputs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from ..lora import Adapter
 from ..plan import LORA_PER_TOKEN, Batch
 from . import compose
-from .device import COPY_DST, STORAGE, STORAGE_RW, UNIFORM, Binding, Device, Dispatch, UnsupportedOnGPU
+from .device import COPY_DST, STORAGE_RW, UNIFORM, Binding, Device, Dispatch, UnsupportedOnGPU
 
 TOKEN_BYTES = 8 * 4  # vec4<i32> slots + vec4<f32> scales
 SHRINK_LANES = 32  # invocations sharing one row of A (at most the workgroup): K / 4 / 32 vec4s each
@@ -63,37 +66,37 @@ class LoraTokens:
 class LoraGroup:
     """Adapter slots for the weights that read one input `x` ([T, k] f32): `parts` ((name, rows),
     in the order their kernels take them: a joined pair's two parts next to each other), and the
-    A·x kernel that computes their u once per step. `workgroup` and `subgroups` shape that kernel."""
+    A·x kernel that computes their u in steps of more than `matvec_max_t` tokens (the mat-mat's;
+    mat-vecs compute their own). `workgroup` and `subgroups` shape that kernel."""
 
     def __init__(self, device: Device, tokens: LoraTokens, x: Binding, parts: Sequence[tuple[str, int]], k: int, *,
-                 slots: int, rank: int, workgroup: int, subgroups: bool, label: str = "") -> None:
+                 slots: int, rank: int, workgroup: int, subgroups: bool, matvec_max_t: int,
+                 label: str = "") -> None:
         if not parts or rank % 4 or k % 4:
             raise ValueError("a LoRA group has parts, a rank and K that are multiples of 4")
         self.device, self.tokens, self.parts, self.k = device, tokens, tuple(parts), k
-        self.slots, self.rank, self.label = slots, rank, label
+        self.slots, self.rank, self.matvec_max_t, self.label = slots, rank, matvec_max_t, label
         self.n_all = sum(rows for _, rows in parts)
         self.first_row = dict(zip((name for name, _ in parts),
                                   np.cumsum([0] + [rows for _, rows in parts[:-1]]).tolist(), strict=True))
-        # floats: ranks, then A [slots][parts][rank][k]     (read by the A·x kernel)
-        #         ranks, then B [slots][n_all][rank], then u [tokens][4][parts][rank]    (the weights' kernels)
+        # floats: ranks, B [slots][n_all][rank], u [tokens][4][parts][rank], A [slots][parts][rank][k]
         self.ranks_len = round4(slots * len(parts))
-        a_size = 4 * (self.ranks_len + slots * len(parts) * rank * k)
-        self.u_at = self.ranks_len + slots * self.n_all * rank
-        side_size = 4 * (self.u_at + tokens.max_tokens * LORA_PER_TOKEN * len(parts) * rank)
+        u_at = self.ranks_len + slots * self.n_all * rank
+        self.a_at = u_at + tokens.max_tokens * LORA_PER_TOKEN * len(parts) * rank
+        size = 4 * (self.a_at + slots * len(parts) * rank * k)
         limit = device.limits["max_storage_buffer_binding_size"]
-        if max(a_size, side_size) > limit:
-            raise UnsupportedOnGPU(f"{label}: {slots} LoRA slots of rank {rank} need {max(a_size, side_size)} bytes, "
-                                   f"more than one storage binding holds ({limit}): ask for fewer adapters, a lower "
-                                   f"rank or fewer max_tokens")
-        # new buffers are zeros: every slot's ranks are 0, no adapter
-        self.a = (device.create_buffer(a_size, STORAGE | COPY_DST, f"lora A {label}"), 0, a_size)
-        self.side = (device.create_buffer(side_size, STORAGE_RW | COPY_DST, f"lora B, u {label}"), 0, side_size)
+        if size > limit:
+            raise UnsupportedOnGPU(f"{label}: {slots} LoRA slots of rank {rank} need {size} bytes, more than "
+                                   f"one storage binding holds ({limit}): ask for fewer adapters, a lower rank "
+                                   f"or fewer max_tokens")
+        # a new buffer is zeros: every slot's ranks are 0, no adapter
+        self.side = (device.create_buffer(size, STORAGE_RW | COPY_DST, f"lora {label}"), 0, size)
         lanes = min(SHRINK_LANES, workgroup)
-        consts = dict(K=k, WG=workgroup, LANES=lanes, LORA_AT=3, **self.consts())
+        consts = dict(K=k, WG=workgroup, LANES=lanes, LORA_AT=2, **self.consts())
         reduce = "reduce_lanes_subgroup.wgsl" if subgroups else "reduce_lanes_shared.wgsl"
-        pipe = compose.pipeline(device, (reduce, "lora_tokens.wgsl", "lora_shrink.wgsl"), consts,
+        pipe = compose.pipeline(device, (reduce, "lora_tokens.wgsl", "lora_ax.wgsl", "lora_shrink.wgsl"), consts,
                                 subgroups=subgroups, label=f"lora A·x {label}")
-        bind_group = device.create_bind_group(pipe, [x, self.a, self.side, tokens.binding])
+        bind_group = device.create_bind_group(pipe, [x, self.side, tokens.binding])
         quads = len(parts) * rank // 4  # a team computes 4 rows of u
         self.shrink = (pipe, bind_group, (-(-quads // (workgroup // lanes)), LORA_PER_TOKEN))
 
@@ -103,8 +106,9 @@ class LoraGroup:
                     LORA_N_ALL=self.n_all, LORA_RANK=self.rank)
 
     def dispatches(self, t: int, lora: bool = False) -> list[Dispatch]:
-        """The A·x kernel over t tokens, in steps whose tokens use adapters (`lora`); else nothing."""
-        if not lora:
+        """The A·x kernel over t tokens, in steps whose tokens use adapters (`lora`) and that run the
+        mat-mat; else nothing."""
+        if not lora or t <= self.matvec_max_t:
             return []
         pipe, bind_group, (gx, gy) = self.shrink
         return [(pipe, bind_group, (gx, gy, t))]
@@ -129,7 +133,7 @@ class LoraGroup:
                     raise ValueError(f"{name}: rank {pair.rank} is over the pool's {self.rank}")
                 a = np.zeros((self.rank, self.k), np.float32)
                 a[:pair.rank] = pair.a
-                write(self.a[0], 4 * (self.ranks_len + (slot * p_count + p) * self.rank * self.k), a.tobytes())
+                write(self.side[0], 4 * (self.a_at + (slot * p_count + p) * self.rank * self.k), a.tobytes())
                 row = self.first_row[name]
                 b[row:row + rows, :pair.rank] = pair.b
                 ranks[p] = round4(pair.rank)  # the padding rows of A and columns of B are zeros
@@ -141,8 +145,7 @@ class LoraGroup:
         self._write_ranks(slot, np.zeros(len(self.parts), np.float32))
 
     def _write_ranks(self, slot: int, ranks: np.ndarray) -> None:
-        for buffer in (self.a[0], self.side[0]):
-            self.device.write_buffer(buffer, 4 * slot * len(self.parts), ranks.tobytes())
+        self.device.write_buffer(self.side[0], 4 * slot * len(self.parts), ranks.tobytes())
 
 
 class LoraPool:

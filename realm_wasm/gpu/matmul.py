@@ -16,10 +16,10 @@ both dot products of an output row and writes act(g) * u. A mat-vec can also run
 RMSNorm of its output in its last workgroup (`ResidualNorm`, shaders/matvec_norm.wgsl), and two
 projections of one input joined the same way (q and k) are one kernel writing two outputs.
 
-With a `LoraPool` (gpu/lora.py) the weight's LoRA adapters are added as side paths B·u, u = A·x
-computed for the step by the input group's own kernel: inside the mat-vec (shaders/lora_matvec.wgsl,
-before its GLU, norm tail or second region: no extra dispatch), and after the mat-mat by one more
-kernel (shaders/lora_main.wgsl) in steps whose tokens use any.
+With a `LoraPool` (gpu/lora.py) the weight's LoRA adapters are added as side paths B·u, u = A·x:
+inside the mat-vec, which computes its token's u first (shaders/lora_matvec.wgsl, before its GLU,
+norm tail or second region: no extra dispatch), and after the mat-mat by one more kernel
+(shaders/lora_main.wgsl, u from the input group's A·x kernel) in steps whose tokens use any.
 """
 
 from __future__ import annotations
@@ -414,7 +414,8 @@ class QuantMatmul:
                       WG=wg, GLU=bool(self.glu), GELU=self.glu == "gelu", **self.out)
         reduce = "reduce_lanes_subgroup.wgsl" if self.subgroups else "reduce_lanes_shared.wgsl"
         entry = "matvec_norm.wgsl" if self.norm else "matvec_main.wgsl"
-        hooks = ("lora_tokens.wgsl", "lora.wgsl", "lora_matvec.wgsl") if self.lora else ("lora_off.wgsl",)
+        hooks = ("lora_tokens.wgsl", "lora_ax.wgsl", "lora.wgsl", "lora_matvec.wgsl") if self.lora else (
+            "lora_off.wgsl",)
         parts = (*self._walk_parts(), reduce, "glu_act.wgsl", "rows_out.wgsl", *hooks, "matvec.wgsl", entry)
         bindings = [(chunk.buffer, 0, chunk.size), self.x, self.y]
         if self.norm:
