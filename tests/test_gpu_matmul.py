@@ -299,7 +299,8 @@ def test_chunk_walk_choice(gpu):
 
 
 def test_chunk_walk_adds_lora_side_paths(gpu):
-    """LoRA's side paths (from x unrounded) join the chunk walk's sums before they are reduced."""
+    """LoRA's side paths (from x unrounded) join the chunk walk's sums before they are reduced, at one
+    token and at three."""
     from realm_wasm.gpu.lora import LoraGroup, LoraTokens
     from realm_wasm.lora import Adapter, LoraPair
     from realm_wasm.plan import Batch, lora_table
@@ -315,14 +316,15 @@ def test_chunk_walk_adds_lora_side_paths(gpu):
     mm = case.matmul(tuning=CHUNK_TABLE, lora=group.pool(["w"]))
     assert mm.chunked
     per_token = [((0, 1.0),), (), ((0, -0.5),)]
-    zeros = np.zeros(t, np.int32)
-    tokens.write(Batch(zeros, zeros, zeros, np.zeros(1, np.int32), *lora_table(per_token)))
     want = int8_x(case.x) @ case.w.T
     for i, adapters in enumerate(per_token):
         for _, scale in adapters:
             want[i] += scale * (pair.b.astype(np.float64) @ (pair.a @ case.x[i].astype(np.float64)))
-    got = case.run(mm, t, lora=True, before=group.dispatches(t, lora=True))
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    for steps in (1, t):
+        zeros = np.zeros(steps, np.int32)
+        tokens.write(Batch(zeros, zeros, zeros, np.zeros(1, np.int32), *lora_table(per_token[:steps])))
+        got = case.run(mm, steps, lora=True, before=group.dispatches(steps, lora=True))
+        np.testing.assert_allclose(got, want[:steps], rtol=0, atol=1e-4 * np.abs(want).max())
 
 
 class NarrowDevice:

@@ -557,8 +557,12 @@ def test_client_disconnect_while_waiting_for_a_whole_completion(live, http):
         with pytest.raises(httpx.ReadTimeout):
             impatient.post("/v1/completions", headers=auth("alpha"),
                            json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0})
+    left = http.get("/health").json()["models"][MODEL]["tokens_generated"]  # just after the client left
     after = wait_idle(http)
-    assert after["tokens_generated"] - before["tokens_generated"] < 100
+    # how many tokens 3 s hold depends on the machine; that the request stops when its client
+    # leaves, far short of its 400, does not
+    assert after["tokens_generated"] - left < 20
+    assert after["tokens_generated"] - before["tokens_generated"] < 400
 
 
 # --- WebSocket -------------------------------------------------------------------------------------
