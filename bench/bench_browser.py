@@ -166,6 +166,7 @@ def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: boo
     with browser(playwright) as page:
         page.goto(f"{url}?backend={backend}")
         wait_ready(page)
+        adapter = page.text_content("#gpu-info")  # the page's adapter and which of Realm's features it has
 
         def load_ms() -> float:
             if not cpu_kernel:
@@ -194,7 +195,8 @@ def bench_realm(playwright, url: str, backend: str, tokens: int, cpu_kernel: boo
         engine = "Realm, numpy executor, numpy dequantization (no kernel)"
     return {"engine": engine, "cold_s": cold / 1e3, "warm_s": warm / 1e3,
             "ttft_ms": measured["ttft_ms"], "decode": measured["decode_tok_s"], "heap_mb": heap / 1e6,
-            "answer": answer, "tokens": tokens, **({"long_ttft_ms": long_ttft} if long_ttft else {})}
+            "answer": answer, "tokens": tokens, "adapter": adapter,
+            **({"long_ttft_ms": long_ttft} if long_ttft else {})}
 
 
 def install_wllama() -> Path:
@@ -300,6 +302,9 @@ def main() -> None:
     how = "greedy, prompt lookup" if args.lookup else "greedy"
     print(f"Headless Chromium, {model.name}, prompt {prompt!r}, {how}; {os.cpu_count()} CPUs, load average "
           f"{load_before} before the run, {loadavg} after (other processes slow every row).\n")
+    page_rows = [r for r in rows if r.get("adapter")]
+    if page_rows:
+        print(f"The page's WebGPU adapter: {page_rows[0]['adapter']}\n")
     print(table(rows))
     numpy = next((r for r in rows if r["engine"].endswith("SIMD kernel")), None)
     for r in rows:
