@@ -124,6 +124,53 @@ def test_paris_on_webgpu_with_the_weights_streamed_past_the_wasm_heap(
     record(output_dir, "webgpu_swiftshader", load_s=round(load_s, 1), wasm_heap_bytes=heap, **stats(page))
 
 
+# Count the loaded executor's submits, and how many of its read-backs were still open when one was
+# read: more than one means the page had queued steps behind the one it was reading.
+COUNT_READS = """
+from realm_web_host import HOST
+executor = HOST.loaded.engine.executor
+READS = {"submits": 0, "open": 0, "open_at_read": []}
+
+class CountedRead:
+    def __init__(self, back):
+        self.back = back
+        READS["open"] += 1
+
+    def result(self):
+        READS["open_at_read"].append(READS["open"])
+        READS["open"] -= 1
+        return self.back.result()
+
+def counted_submit(*args, _submit=type(executor.device).submit.__get__(executor.device), **kwargs):
+    READS["submits"] += 1
+    back = _submit(*args, **kwargs)
+    return None if back is None else CountedRead(back)
+
+executor.device.submit = counted_submit
+"""
+
+
+def test_decoding_ahead_leaves_the_greedy_ids_as_they_are(open_page, server, default_model: Path,
+                                                          paris: dict) -> None:
+    """The page queues decode steps behind the one it reads and runs several a submit (its device's
+    run_ahead and steps_per_submit); waiting for every step instead gives the same ids."""
+    page = open_page("?backend=webgpu")
+    wait_ready(page)
+    assert load(page, f"/models/{default_model.name}") == "loaded", page.inner_text("#error")
+    in_worker(page, COUNT_READS)
+    tokens = 9
+    ahead = generate(page, tokens)
+    counted = json.loads(in_worker(page, "import json; json.dumps(READS)"))
+    assert counted["submits"] < tokens and max(counted["open_at_read"]) > 1, counted
+    in_worker(page, "executor.run_ahead, executor.steps_per_submit = 0, 1; "
+                    "READS.update(submits=0, open=0, open_at_read=[])")
+    waiting = generate(page, tokens)
+    counted = json.loads(in_worker(page, "json.dumps(READS)"))
+    assert counted["submits"] == tokens and set(counted["open_at_read"]) == {1}, counted
+    assert ahead == waiting
+    assert ahead[:2] == paris["greedy_ids"][:2]
+
+
 # Raise what WebGPU would report, on the loaded model's real GPUDevice.
 DISPATCH_GPU_ERROR = """([kind, message]) => {
     const device = self.pyodide.runPython("from realm_web_host import HOST; HOST.loaded.device.device");
