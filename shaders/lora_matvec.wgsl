@@ -1,6 +1,6 @@
 // The mat-vec's LoRA hooks (matvec.wgsl calls them; lora_off.wgsl is them without LoRA). First
 // `lora_begin` computes the workgroup's token's u = s_j * A_j · x for this weight's parts into
-// workgroup memory (lora_ax.wgsl; a decode step needs no A·x kernel of its own), then `lora_add`
+// workgroup memory (lora_ax.wgsl; a mat-vec step needs no A·x kernel of its own), then `lora_add`
 // has each lane add its share of its team's rows' B · u (lora.wgsl) to its sums before the lanes'
 // sums are added up, so the GLU, the norm tail and a joined weight's second region all see y with
 // its side paths. `lo` and `hi` are the weight rows summed in acc.lo and acc.hi.
@@ -27,17 +27,16 @@ fn lora_begin(t: u32, lane: Lane) {
             continue;
         }
         for (var q0 = 0u; q0 < LORA_Q4; q0 += WG / LANES) {
-            let q = q0 + team;  // rows 4i .. 4i + 3 of part p
-            let p = LORA_PART0 + min(q / LORA_R4, LORA_P - 1u);
-            let i = q % LORA_R4;
-            let working = q < LORA_Q4 && 4u * i < lora_rows(slot, p);
+            let q = q0 + team;
+            let quad = lora_quad(slot, q, LORA_PART0, LORA_P);
             var sum = vec4<f32>();
-            if working {
-                sum = lora_ax4(u32(slot), p, i, t, li);
+            if quad.working {
+                sum = lora_ax4(u32(slot), quad.p, quad.i, t, li);
             }
-            let total = lanes_sum(lane, sum, round % 2u);  // alternate: the previous round's first lanes may still read
+            // slots alternate: the previous round's first lanes may still be reading theirs
+            let total = lanes_sum(lane, sum, round % 2u);
             round++;
-            if working && li == 0u {
+            if quad.working && li == 0u {
                 lora_wu[j * LORA_Q4 + q] = total * lora_tokens[t].scales[j];
             }
         }

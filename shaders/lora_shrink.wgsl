@@ -18,16 +18,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, lane: Lane) {
     if slot < 0 {  // uniform: the whole workgroup serves one (token, column)
         return;
     }
-    let q = wid.x * TEAMS + lane.index / LANES;  // the team's rows: part p, rows 4i .. 4i + 3
-    let p = min(q / LORA_R4, LORA_GP - 1u);
-    let i = q % LORA_R4;
-    let working = q < LORA_GP * LORA_R4 && 4u * i < lora_rows(slot, p);
+    let quad = lora_quad(slot, wid.x * TEAMS + lane.index / LANES, 0u, LORA_GP);  // the team's rows
     var sum = vec4<f32>();
-    if working {
-        sum = lora_ax4(u32(slot), p, i, t, lane.index % LANES);
+    if quad.working {
+        sum = lora_ax4(u32(slot), quad.p, quad.i, t, lane.index % LANES);
     }
     let total = lanes_sum(lane, sum, 0u);
-    if working && lane.index % LANES == 0u {
-        lora_side[lora_u_at(t, j, p) + i] = total * lora_tokens[t].scales[j];
+    if quad.working && lane.index % LANES == 0u {
+        lora_side[lora_u_at(t, j, quad.p) + quad.i] = total * lora_tokens[t].scales[j];
     }
 }

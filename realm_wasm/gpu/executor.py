@@ -8,9 +8,10 @@ and either the logits or only the sampled token ids are read back.
 
 With `max_adapters` > 0 the weights that read one input (a layer's q, k and v; gate and up) share a
 group of that many LoRA adapter slots of rank up to `max_lora_rank` (`gpu/lora.py`), which
-`set_adapter` fills while the executor runs: a decode step's mat-vecs compute their token's u = A·x
-and add B·u themselves; in a mat-mat step the program's `lora_shrink` kernels compute u once per
-group, and a kernel after each mat-mat adds B·u. With 0 (the default) no LoRA code is compiled or dispatched at all.
+`set_adapter` fills while the executor runs: in a mat-vec step (decode) the mat-vecs compute their
+token's u = A·x and add B·u themselves; in a mat-mat step the program's `lora_shrink` kernels
+compute u once per group, and a kernel after each mat-mat adds B·u. With 0 (the default) no LoRA
+code is compiled or dispatched at all.
 """
 
 from __future__ import annotations

@@ -4,14 +4,15 @@ The weights that read one input x (a layer's q, k and v read its attention norm;
 FFN norm) form a `LoraGroup`: one buffer, sized at load for `slots` adapters of rank up to `rank`
 (shaders/lora_tokens.wgsl describes its layout), which loading an adapter writes its A and B
 into and unloading zeroes the slot's ranks of. Each weight's kernel adds its rows' B·u (a
-`LoraPool`: the weight's view of its group), u = scale · A·x: in a decode step the mat-vec
-computes its token's u itself (shaders/lora_matvec.wgsl), so LoRA adds no dispatch to the step
-(at batch 1 each dispatch is ~5 µs of a ~900 µs step, more than its work); in a step that runs
-the mat-mat the group's A·x kernel (shaders/lora_shrink.wgsl, one dispatch) computes u of every
-token, adapter and weight once, and a kernel after each mat-mat adds B·u. Nothing is rebuilt when
-adapters change: pipelines, bind groups and dispatch lists stay as they are. The step's table
-(`LoraTokens`: each token's adapter slots and scales) is a uniform buffer shared by every group's
-kernels, written with the step's inputs.
+`LoraPool`: the weight's view of its group), u = scale · A·x: in a step that runs the mat-vec
+(decode, up to the tuning's matvec_max_t tokens) the mat-vec computes its token's u itself
+(shaders/lora_matvec.wgsl), so LoRA adds no dispatch to the step (at batch 1 each dispatch is
+~5 µs of a ~900 µs step, more than its work); in a step that runs the mat-mat the group's A·x
+kernel (shaders/lora_shrink.wgsl, one dispatch) computes u of every token, adapter and weight
+once, and a kernel after each mat-mat adds B·u. Nothing is rebuilt when adapters change:
+pipelines, bind groups and dispatch lists stay as they are. The step's table (`LoraTokens`: each
+token's adapter slots and scales) is a uniform buffer shared by every group's kernels, written
+with the step's inputs.
 """
 
 from __future__ import annotations
