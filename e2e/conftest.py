@@ -7,6 +7,7 @@ where screenshots and timings go; default out/e2e/).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import CHROMIUM, LORA_ADAPTER, ROOT, LiveServer, NativeChat, build_site_assets, chromium_flags, live_server
+from harness import (
+    CHROMIUM,
+    LORA_ADAPTER,
+    ROOT,
+    SPLIT_MODEL,
+    LiveServer,
+    NativeChat,
+    build_site_assets,
+    chromium_flags,
+    live_server,
+)
 
 from realm_wasm.model_files import CHAT_MODEL, chat_model_path, default_model_path
 
@@ -71,13 +82,25 @@ def paris() -> dict:
     return json.loads((GOLDEN_DIR / "qa_paris.json").read_text())
 
 
+def write_split(source: Path, folder: Path, n: int, name: str) -> Path:
+    """tests/gguf_split.py's: a GGUF file as gguf-split's shards (that folder is not importable here)."""
+    spec = importlib.util.spec_from_file_location("gguf_split", ROOT / "tests" / "gguf_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_split(source, folder, n, name)
+
+
 @pytest.fixture(scope="session")
-def extra_models(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Path:
+def extra_models(tmp_path_factory: pytest.TempPathFactory, default_model: Path, chat_model: Path) -> Path:
     """A model folder of broken files, a tiny well-formed GGUF (written with the gguf package)
-    that cannot run (it has no tokenizer), and the golden LoRA adapter for the default model."""
+    that cannot run (it has no tokenizer), the golden LoRA adapter for the default model, the chat
+    model split in three as gguf-split splits (SPLIT_MODEL), and the first shard of a split model
+    whose other shards are missing (gone-00001-of-00003.gguf)."""
     import gguf
 
     d = tmp_path_factory.mktemp("extra-models")
+    first = write_split(chat_model, d, 3, SPLIT_MODEL.removesuffix("-00001-of-00003.gguf"))
+    shutil.copyfile(first, d / "gone-00001-of-00003.gguf")
     # random bytes, large enough that reading it to the end would show in the server log
     (d / "corrupt.gguf").write_bytes(np.random.default_rng(7).bytes(64 << 20))
     shutil.copyfile(LORA_GOLDEN_DIR / "adapter.gguf", d / LORA_ADAPTER)

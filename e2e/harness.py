@@ -50,6 +50,7 @@ QUESTION = "Name three primary colors."
 # the golden LoRA adapter for the default model (../shared/golden/lora-gemma-3-270m), as the
 # e2e server serves it (conftest's extra_models)
 LORA_ADAPTER = "lora-golden.gguf"
+SPLIT_MODEL = "smol-split-00001-of-00003.gguf"  # the chat model as three shards (extra_models)
 
 
 def chromium_flags(webgpu: bool = True) -> list[str]:

@@ -6,7 +6,7 @@
     OUT/example.html embed.html         sample pages using them
     OUT/pyodide/                        Pyodide 0.27.7, numpy, jinja2, markupsafe (scripts/vendor_pyodide.py)
     OUT/dist/realm_wasm.zip             the runtime bundle (scripts/build_bundle.py)
-    OUT/models/<name>.gguf              the models asked for, if any
+    OUT/models/<name>.gguf              the models asked for, if any (a split model's every shard)
     OUT/config.json                     what the page reads at start, with relative URLs only, so the
                                         folder works under any path (https://host/some/prefix/)
 
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from realm_wasm.errors import InvalidRequest
+from realm_wasm.gguf import model_files
 
 from .static import StaticSettings, page_config, python_packages
 
@@ -72,7 +73,10 @@ def build_site(out: Path, models: Sequence[Path], pyodide_base_url: str | None =
     copied: dict[str, Path] = {}
     for model in models:
         (out / "models").mkdir(exist_ok=True)
-        shutil.copyfile(model, out / "models" / model.name)
+        for file in model_files(model):  # a split model's every shard
+            if not file.is_file():
+                raise InvalidRequest(f"{file} is missing (a shard of the split model {model.name})")
+            shutil.copyfile(file, out / "models" / file.name)
         copied[model.name] = out / "models" / model.name
     config = page_config(pyodide_base_url=pyodide_base_url or "pyodide/",
                          python_packages=python_packages(settings.pyodide_dir, pyodide_base_url),

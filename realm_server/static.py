@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from realm_wasm.gguf import SPLIT_NAME
+from realm_wasm.gguf import SPLIT_NAME, model_files, model_name
 from realm_wasm.model_files import BUNDLED, CHAT_MODEL, cache_dir
 
 from .doors import bearer, error_response
@@ -239,20 +239,23 @@ def file_response(request: Request, path: Path) -> Response:
 
 
 def list_models(model_dirs: tuple[Path, ...]) -> dict[str, Path]:
-    """GGUF files servable at /models/<name>; on a name clash the earlier directory wins. The
-    shards of a split model (NAME-0000i-of-0000N.gguf) are left out: the page's worker loads one
-    file (`realm generate` and `realm serve --model` load split models)."""
+    """GGUF files servable at /models/<name> (a split model's every shard); on a name clash the
+    earlier directory wins."""
     found: dict[str, Path] = {}
     for d in model_dirs:
         if not d.is_dir():
             continue
         for entry in sorted(d.glob("*.gguf")):
-            if SPLIT_NAME.match(entry.name):
-                continue
             path = resolve_inside(d, entry.name)
             if path is not None:
                 found.setdefault(entry.name, path)
     return found
+
+
+def is_later_shard(name: str) -> bool:
+    """A split model's shard after the first: the page loads the model from its first."""
+    m = SPLIT_NAME.match(name)
+    return m is not None and int(m["no"]) != 1
 
 
 def python_packages(pyodide_dir: Path, pyodide_base_url: str | None) -> list[str]:
@@ -270,7 +273,10 @@ def page_config(pyodide_base_url: str, python_packages: list[str], bundle_url: s
     """What the page reads from config.json (the server's route and `realm build-site` write the same)."""
 
     def entry(name: str, path: Path) -> dict:
-        listed = {"name": name, "url": f"{models_url}{quote(name)}", "size": path.stat().st_size}
+        files = [f for f in model_files(path) if f.is_file()]  # a split model's shards
+        listed = {"name": name, "url": f"{models_url}{quote(name)}", "size": sum(f.stat().st_size for f in files)}
+        if len(files) > 1:
+            listed["files"] = len(files)
         bundled = BUNDLED.get(name.removesuffix(".gguf"))
         if bundled is not None:  # the page shows what kind of model it is before loading it
             listed.update(label=bundled.label, chat=bundled.chat)
@@ -281,7 +287,7 @@ def page_config(pyodide_base_url: str, python_packages: list[str], bundle_url: s
         "pythonPackages": python_packages,
         "bundleUrl": bundle_url,
         "defaultModel": f"{models_url}{quote(default_model)}" if default_model in models else None,
-        "models": [entry(name, path) for name, path in models.items()],
+        "models": [entry(name, path) for name, path in models.items() if not is_later_shard(name)],
     }
 
 
@@ -313,7 +319,7 @@ def static_routes(settings: StaticSettings, tenants: Tenants | None = None) -> l
         path = list_models(settings.model_dirs).get(name)  # only the .gguf files config.json lists
         if path is None:
             return not_found(f"no model named {name!r}")
-        if not tenant.may_use_model(name.removesuffix(".gguf")):
+        if not tenant.may_use_model(model_name(Path(name))):
             return error_response(ApiError(403, f"tenant {tenant.id!r} may not use model {name!r}"))
         return file_response(request, path)
 

@@ -12,11 +12,12 @@ decides with the same rules everywhere and says why in a note the CLI, the API a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import InvalidRequest
+from .gguf import TensorInfo
 from .gpu.device import Device, GPUUnavailable, UnsupportedOnGPU
-from .plan import Plan
 from .quants import quant_type
 
 BACKENDS = ("auto", "webgpu", "numpy")
@@ -34,17 +35,18 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def check_gpu_support(plan: Plan) -> None:
+def check_gpu_support(weights: Iterable[TensorInfo]) -> None:
     """Raise UnsupportedOnGPU naming the first matrix whose type no WGSL kernel reads (1-D tensors
     are dequantized on the host, so any type does there)."""
-    for t in plan.weights.values():
+    for t in weights:
         qt = quant_type(t.type_id)
         if len(t.dims) > 1 and qt.shader is None:
             raise UnsupportedOnGPU(f"tensor {t.name!r} is {qt.name}, which has no GPU kernel yet")
 
 
-def choose(backend: str, plan: Plan, device: Device | None, unavailable: str = "") -> Choice:
-    """The executor for `plan`; `device` is the host's WebGPU device, or None with `unavailable`
+def choose(backend: str, weights: Iterable[TensorInfo], device: Device | None, unavailable: str = "") -> Choice:
+    """The executor for a model's `weights` (a plan's, or a header's tensors: the page chooses from a
+    split model's first shard); `device` is the host's WebGPU device, or None with `unavailable`
     saying why there is none. Raises what stops an explicit "webgpu" from working."""
     check_backend(backend)
     if backend == "numpy":
@@ -54,7 +56,7 @@ def choose(backend: str, plan: Plan, device: Device | None, unavailable: str = "
             raise GPUUnavailable(unavailable or "no WebGPU device")
         return Choice("numpy", f"no WebGPU ({unavailable}): numpy executor on the CPU")
     try:
-        check_gpu_support(plan)
+        check_gpu_support(weights)
     except UnsupportedOnGPU as e:
         if backend == "webgpu":
             raise

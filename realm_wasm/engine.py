@@ -241,7 +241,7 @@ def make_executor(backend: str, plan: Plan, weight_bytes, n_slots: int, n_ctx: i
                   max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> Executor:
     """The executor `backends.choose` picks for this machine (see there for the vocabulary)."""
     device, unavailable = native_device() if check_backend(backend) != "numpy" else (None, "")
-    choice = choose(backend, plan, device, unavailable)
+    choice = choose(backend, plan.weights.values(), device, unavailable)
     if choice.executor == "webgpu":
         from .gpu.executor import GpuExecutor
 

@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,13 +304,57 @@ def model_name(path: Path) -> str:
     return m["prefix"] if m else path.name.removesuffix(".gguf")
 
 
-def shard_paths(first: Path, count: int) -> list[Path]:
-    """The files of a split model as llama.cpp's gguf-split names them: NAME-00001-of-0000N.gguf, ..."""
-    m = SPLIT_NAME.match(first.name)
+def shard_names(first: str, count: int) -> list[str]:
+    """The file names of a split model as llama.cpp's gguf-split writes them, NAME-00001-of-0000N.gguf
+    first, from the first shard's name and its split.count."""
+    m = SPLIT_NAME.match(first)
     if not m or int(m["no"]) != 1 or int(m["count"]) != count:
-        raise GGUFError(f"{first.name} is shard 1 of a {count}-file split model, but is not named "
+        raise GGUFError(f"{first} is shard 1 of a {count}-file split model, but is not named "
                         f"NAME-00001-of-{count:05d}.gguf")
-    return [first.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    return [f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def shard_paths(first: Path, count: int) -> list[Path]:
+    return [first.with_name(name) for name in shard_names(first.name, count)]
+
+
+def model_files(path: Path) -> list[Path]:
+    """A model's files as their names say: the one, or a split model's shards from its first shard."""
+    m = SPLIT_NAME.match(path.name)
+    return shard_paths(path, int(m["count"])) if m and int(m["no"]) == 1 else [path]
+
+
+def split_count(header: GGUFHeader, name: str) -> int:
+    """How many files the model whose first file is `header` spans (1: not split); a later shard
+    given as the first is refused."""
+    count = header.metadata.get("split.count", 1)
+    if not isinstance(count, int) or count <= 1:
+        return 1
+    if header.metadata.get("split.no", 0) != 0:
+        raise GGUFError(f"{name} is shard {header.metadata['split.no'] + 1} of a split model: "
+                        "open its first shard (-00001-of-...)")
+    return count
+
+
+def add_shard(tensors: dict[str, TensorInfo], header: GGUFHeader, i: int, count: int, name: str,
+              base: int) -> None:
+    """Add shard i's tensors to a split model's `tensors`, their offsets counted from the start of
+    the first shard (`base`: the bytes of the shards before this one)."""
+    if header.metadata.get("split.no") != i or header.metadata.get("split.count") != count:
+        raise GGUFError(f"{name} is not shard {i + 1} of {count} (its split.no / split.count)")
+    for tensor_name, t in header.tensors.items():
+        if tensor_name in tensors:
+            raise GGUFError(f"split model: tensor {tensor_name!r} is in two shards")
+        tensors[tensor_name] = dataclasses.replace(t, offset=base + t.offset)
+
+
+def joined_header(first: GGUFHeader, tensors: dict[str, TensorInfo], name: str) -> GGUFHeader:
+    """A split model as one header: the first shard's metadata, every shard's tensors."""
+    want = first.metadata.get("split.tensors.count", len(tensors))
+    if want != len(tensors):
+        raise GGUFError(f"split model {name}: its shards hold {len(tensors)} tensors, split.tensors.count "
+                        f"says {want}")
+    return dataclasses.replace(first, tensors=tensors)
 
 
 @dataclass(frozen=True)
@@ -336,9 +381,14 @@ class GGUFFile:
         t = self.tensors[tensor] if isinstance(tensor, str) else tensor
         if not self.shards:
             return self.data[t.offset:t.offset + t.nbytes]
-        i = bisect.bisect_right(self.bases, t.offset) - 1
-        at = t.offset - self.bases[i]
-        return self.shards[i][at:at + t.nbytes]
+        return shard_slice(self.shards, self.bases, t)
+
+
+def shard_slice(shards: Sequence[np.ndarray], bases: Sequence[int], t: TensorInfo) -> np.ndarray:
+    """A tensor's bytes in a split model: its offset counts across the shards, shard i's from bases[i]."""
+    i = bisect.bisect_right(bases, t.offset) - 1
+    at = t.offset - bases[i]
+    return shards[i][at:at + t.nbytes]
 
 
 def _read_one(path: Path) -> tuple[GGUFHeader, np.ndarray]:
@@ -367,28 +417,16 @@ def read_gguf(path: str | Path) -> GGUFFile:
     (`split.count` > 1) opens every shard, which must lie beside it."""
     path = Path(path)
     header, data = _read_one(path)
-    count = header.metadata.get("split.count", 1)
-    if not isinstance(count, int) or count <= 1:
+    count = split_count(header, path.name)
+    if count == 1:
         return GGUFFile(path, header, data)
-    if header.metadata.get("split.no", 0) != 0:
-        raise GGUFError(f"{path.name} is shard {header.metadata['split.no'] + 1} of a split model: "
-                        "open its first shard (-00001-of-...)")
     tensors, shards, bases, base = {}, [], [], 0
     for i, shard in enumerate(shard_paths(path, count)):
         if not shard.exists():
             raise GGUFError(f"split model {path.name}: shard {i + 1} of {count} is missing ({shard})")
         h, d = (header, data) if i == 0 else _read_one(shard)
-        if h.metadata.get("split.no") != i or h.metadata.get("split.count") != count:
-            raise GGUFError(f"{shard.name} is not shard {i + 1} of {count} of {path.name} (its split.no / split.count)")
-        for name, t in h.tensors.items():
-            if name in tensors:
-                raise GGUFError(f"split model {path.name}: tensor {name!r} is in two shards")
-            tensors[name] = dataclasses.replace(t, offset=base + t.offset)
+        add_shard(tensors, h, i, count, shard.name, base)
         shards.append(d)
         bases.append(base)
         base += len(d)
-    want = header.metadata.get("split.tensors.count", len(tensors))
-    if want != len(tensors):
-        raise GGUFError(f"split model {path.name}: its shards hold {len(tensors)} tensors, split.tensors.count "
-                        f"says {want}")
-    return GGUFFile(path, dataclasses.replace(header, tensors=tensors), data, tuple(shards), tuple(bases))
+    return GGUFFile(path, joined_header(header, tensors, path.name), data, tuple(shards), tuple(bases))

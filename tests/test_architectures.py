@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import pytest
 from arch_families import FAMILIES, add_tokenizer, hf_weights, write_gguf
+from gguf_split import write_split
 
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.gguf import read_gguf
@@ -77,7 +78,7 @@ def test_phi3_fused_tensors_stream_into_the_gpu_as_the_page_loads_them(tmp_path,
     from realm_wasm.gpu.weights import StreamedWeights
 
     model, plan, tokens, want = load("phi3", tmp_path)
-    store = StreamedWeights(gpu, model.header)
+    store = StreamedWeights(gpu, model.header.tensors.values())
     data = model.path.read_bytes()
     for at in range(0, len(data), 10_001):  # pieces that end anywhere, as a download's do
         store.feed(at, data[at:at + 10_001])
@@ -122,45 +123,13 @@ def test_an_unsupported_architecture_or_tensor_type_is_a_one_line_error(tmp_path
     assert "tensor 'token_embd.weight': unknown GGML tensor type id 99" in r.stderr
 
 
-VALUE_TYPES = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}
-
-
-def write_split(model, folder: Path, n: int) -> Path:
-    """The model as llama.cpp's gguf-split writes it: NAME-0000i-of-0000n.gguf, the tensors spread
-    over the shards in order, the first with every metadata key, each with split.no / split.count /
-    split.tensors.count."""
-    names = list(model.tensors)
-    parts = [names[i * len(names) // n:(i + 1) * len(names) // n] for i in range(n)]
-    for i, part in enumerate(parts):
-        w = gguf.GGUFWriter(str(folder / f"tiny-{i + 1:05d}-of-{n:05d}.gguf"), model.header.architecture)
-        if i == 0:
-            for key, value in model.metadata.items():
-                if key == "general.architecture":  # the writer adds it
-                    continue
-                if isinstance(value, list | np.ndarray):
-                    w.add_array(key, list(value) if isinstance(value, list) else value.tolist())
-                else:
-                    w.add_key_value(key, value, VALUE_TYPES[type(value)])
-        w.add_uint16("split.no", i)
-        w.add_uint16("split.count", n)
-        w.add_int32("split.tensors.count", len(names))
-        for name in part:
-            t = model.tensors[name]
-            w.add_tensor(name, np.frombuffer(model.tensor_bytes(t), np.float32).reshape(t.shape))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    return folder / f"tiny-00001-of-{n:05d}.gguf"
-
-
 def test_a_split_model_loads_from_its_first_shard_with_the_same_logits(tmp_path):
     from realm_wasm.gguf import GGUFError
 
     model, plan, tokens, _ = load("qwen2", tmp_path)
     batch = Batch.for_sequence(tokens, 0, all_logits=True)
     want = CpuExecutor(plan, model.tensor_bytes, n_ctx=64).forward(batch)
-    first = write_split(model, tmp_path, 3)
+    first = write_split(model.path, tmp_path, 3, "tiny")
     split = read_gguf(first)
     assert split.metadata["split.count"] == 3 and list(split.tensors) == list(model.tensors)
     got = CpuExecutor(build_plan(split.header), split.tensor_bytes, n_ctx=64).forward(batch)
@@ -168,13 +137,97 @@ def test_a_split_model_loads_from_its_first_shard_with_the_same_logits(tmp_path)
     r = realm_generate(first)
     assert r.returncode == 0, r.stderr
     from realm_server.service import load_model
-    from realm_server.static import list_models
+    from realm_server.static import list_models, page_config
 
     assert load_model(first, backend="numpy", n_ctx=64, n_slots=1).name == "tiny"  # not "tiny-00001-of-00003"
-    assert not any("-of-" in name for name in list_models((tmp_path,)))  # the page loads one file: not listed
+    served = list_models((tmp_path,))  # every shard is served; the page lists the model once, by its first
+    assert {f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)} <= set(served)
+    listed = [m for m in page_config("", [], "", served, "/models/", "")["models"] if "-of-" in m["name"]]
+    sizes = sum((tmp_path / f"tiny-0000{i}-of-00003.gguf").stat().st_size for i in (1, 2, 3))
+    assert listed == [{"name": first.name, "url": f"/models/{first.name}", "size": sizes, "files": 3}]
 
     (tmp_path / "tiny-00003-of-00003.gguf").unlink()
     with pytest.raises(GGUFError, match="shard 3 of 3 is missing .*tiny-00003-of-00003.gguf"):
         read_gguf(first)
     r = realm_generate(first)
     assert r.returncode == 2 and "tiny-00003-of-00003.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+class JsChunk:
+    """What worker.js hands the page's sink: a Uint8Array's JsProxy (length, len, to_bytes, assign_to)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.length = data, len(data)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def to_bytes(self) -> bytes:
+        return self.data
+
+    def assign_to(self, view: memoryview) -> None:
+        view[:] = self.data
+
+
+def page_host():
+    """web/realm_web_host.py, the worker's Python side, imported natively (numpy executor)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "web" / "realm_web_host.py"
+    spec = importlib.util.spec_from_file_location("realm_web_host", path)
+    host = sys.modules["realm_web_host"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(host)
+    host.CPU_KERNEL = False  # the SIMD kernel is WebAssembly: the page's own
+    return host
+
+
+def stream(sink, files: list[Path], chunk: int = 4093, sized: bool = True) -> None:
+    """Drive the sink as worker.js does: each file begun (with its size, as Content-Length gives
+    it, or none), fed in chunks, done."""
+    for path in files:
+        data = path.read_bytes()
+        sink.begin(len(data) if sized else None)
+        for at in range(0, len(data), chunk):
+            sink.feed(JsChunk(data[at:at + chunk]))
+        sink.file_done()
+
+
+def test_the_page_streams_a_split_model_from_its_first_shard_url(tmp_path):
+    import asyncio
+
+    from realm_wasm.gguf import GGUFError
+
+    host = page_host()
+    model, plan, tokens, _ = load("qwen2", tmp_path)
+    batch = Batch.for_sequence(tokens, 0, all_logits=True)
+    want = CpuExecutor(plan, model.tensor_bytes, n_ctx=64).forward(batch)
+    first = write_split(model.path, tmp_path, 3, "tiny")
+    shards = sorted(tmp_path.glob("tiny-*-of-00003.gguf"))
+    url = f"https://example.com/models/{first.name}?v=2"
+
+    sink = host.ModelSink(url, "numpy", None, "")
+    assert sink.more_files() is None  # not known before the first header
+    stream(sink, shards[:1])
+    assert sink.more_files() == [f"https://example.com/models/tiny-0000{i}-of-00003.gguf?v=2" for i in (2, 3)]
+    stream(sink, shards[1:])
+    loaded = asyncio.run(sink.end())
+    assert loaded.size == sum(p.stat().st_size for p in shards) and list(loaded.header.tensors) == list(model.tensors)
+    np.testing.assert_array_equal(loaded.engine.executor.forward(batch), want)
+    one = host.ModelSink(f"https://example.com/{model.path.name}", "numpy", None, "")
+    stream(one, [model.path], sized=False)
+    assert one.more_files() == []
+    np.testing.assert_array_equal(asyncio.run(one.end()).engine.executor.forward(batch), want)
+
+    def fails(files: list[Path], match: str, url: str = url, sized: bool = True) -> None:
+        sink = host.ModelSink(url, "numpy", None, "")
+        with pytest.raises(GGUFError, match=match):
+            stream(sink, files, sized=sized)
+            asyncio.run(sink.end())
+
+    fails([shards[0], shards[2]], r"shard 2 of 3 \(tiny-00002-of-00003.gguf\) is not shard 2 of 3")
+    fails([shards[1]], r"tiny-00002-of-00003.gguf is shard 2 of a split model: open its first shard",
+          url=f"https://example.com/models/{shards[1].name}")
+    fails(shards[:2], r"split model shard 1 of 3 \(tiny-00001-of-00003.gguf\): 2 of its 3 files were read")
+    (tmp_path / "cut.gguf").write_bytes(shards[1].read_bytes()[:-100])
+    fails([shards[0], tmp_path / "cut.gguf"], r"shard 2 of 3 \(tiny-00002-of-00003.gguf\): tensor .* runs past the end")
+    fails([shards[0], tmp_path / "cut.gguf"], r"shard 2 of 3 \(tiny-00002-of-00003.gguf\): truncated GGUF", sized=False)

@@ -31,25 +31,25 @@ def plans(tmp_path_factory):
 
 def test_the_rules(plans):
     _, plan = plans["f32"]
-    assert choose("auto", plan, GPU).executor == "webgpu"
-    assert choose("auto", plan, CPU_EMULATION).executor == "numpy"
-    assert choose("webgpu", plan, CPU_EMULATION).executor == "webgpu"
-    assert choose("numpy", plan, GPU).executor == "numpy"
-    none = choose("auto", plan, None, "no adapter here")
+    assert choose("auto", plan.weights.values(), GPU).executor == "webgpu"
+    assert choose("auto", plan.weights.values(), CPU_EMULATION).executor == "numpy"
+    assert choose("webgpu", plan.weights.values(), CPU_EMULATION).executor == "webgpu"
+    assert choose("numpy", plan.weights.values(), GPU).executor == "numpy"
+    none = choose("auto", plan.weights.values(), None, "no adapter here")
     assert none.executor == "numpy" and "no adapter here" in none.note
     with pytest.raises(GPUUnavailable, match="no adapter here"):
-        choose("webgpu", plan, None, "no adapter here")
+        choose("webgpu", plan.weights.values(), None, "no adapter here")
     with pytest.raises(InvalidRequest, match="auto, webgpu, numpy"):
-        choose("wgpu", plan, GPU)
+        choose("wgpu", plan.weights.values(), GPU)
 
 
 def test_a_type_without_gpu_kernels_falls_back_to_numpy_by_name(plans):
     path, plan = plans["f64"]
-    auto = choose("auto", plan, GPU)
+    auto = choose("auto", plan.weights.values(), GPU)
     assert auto.executor == "numpy"
     assert "'blk.0.attn_v.weight' is F64, which has no GPU kernel" in auto.note
     with pytest.raises(UnsupportedOnGPU, match="blk.0.attn_v.weight' is F64"):
-        choose("webgpu", plan, GPU)
+        choose("webgpu", plan.weights.values(), GPU)
 
 
 def test_auto_runs_such_a_model_on_numpy_and_webgpu_refuses_it_in_one_line(plans, gpu):

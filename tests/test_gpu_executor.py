@@ -119,7 +119,7 @@ def test_weights_streamed_in_odd_pieces_match_the_file(model, gpu):
     """The browser path: tensor bytes go from the download stream straight to device buffers."""
     f, plan = model
     raw = f.path.read_bytes()
-    store = StreamedWeights(gpu, f.header)
+    store = StreamedWeights(gpu, f.header.tensors.values())
     rng = np.random.default_rng(0)
     at = 0
     while at < len(raw):

@@ -60,6 +60,16 @@ def test_the_site_has_the_page_pyodide_the_bundle_the_models_and_relative_urls(t
     }
 
 
+def test_a_split_model_is_copied_shard_by_shard_and_listed_once(tmp_path, settings):
+    shards = [model(tmp_path, f"big-0000{i}-of-00003.gguf", b"GGUF" + bytes(i)) for i in (1, 2, 3)]
+    config = build_site(tmp_path / "site", shards[:1], settings=settings)
+    assert sorted(p.name for p in (tmp_path / "site" / "models").iterdir()) == [p.name for p in shards]
+    assert config["models"] == [{"name": shards[0].name, "url": f"models/{shards[0].name}", "size": 18, "files": 3}]
+    shards[2].unlink()
+    with pytest.raises(InvalidRequest, match="big-00003-of-00003.gguf is missing"):
+        build_site(tmp_path / "site", shards[:1], settings=settings)
+
+
 def test_a_cdn_pyodide_and_no_models(tmp_path, settings):
     out = tmp_path / "site"
     config = build_site(out, [], pyodide_base_url="https://cdn.example/pyodide/v0.27.7/full/", settings=settings)

@@ -184,7 +184,7 @@ function fillModelPicker() {
   select.replaceChildren();
   for (const m of state.config.models) {
     const cached = state.cachedUrls.has(new URL(m.url, location.href).href) ? " · cached" : "";
-    const kind = m.chat === true ? " · chat" : m.chat === false ? " · base" : "";
+    const kind = (m.chat === true ? " · chat" : m.chat === false ? " · base" : "") + (m.files > 1 ? ` · ${m.files} files` : "");
     select.append(new Option(`${m.label || m.name} (${formatBytes(m.size)}${kind}${cached})`, m.url, false,
       m.url === chosen));
   }
@@ -230,6 +230,7 @@ function renderModel({ model, fromCache, ms: took, wasmHeapBytes }) {
   const info = $("model-info").dataset;
   info.architecture = model.architecture;
   info.tensorCount = model.tensorCount;
+  info.bytes = model.bytes;
   info.fromCache = fromCache;
   info.backend = model.backend;
   info.chatTemplate = model.chatTemplate;

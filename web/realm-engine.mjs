@@ -11,7 +11,8 @@
 //   }
 //
 // createEngine(options):
-//   model        URL of a GGUF file (relative URLs are resolved against the page); optional, see load()
+//   model        URL of a GGUF file (relative URLs are resolved against the page; a split model's first
+//                shard, its other shards beside it); optional, see load()
 //   onProgress   called with {progress (0..1), text, loaded, total, fromCache} while booting and loading
 //   backend      "auto" (WebGPU on a real GPU, else numpy) | "webgpu" | "numpy"
 //   onDeviceLost called with {message, recovered} when the GPU device is lost: the worker makes a new
@@ -109,7 +110,7 @@ class Channel {
 
 function modelName(url) {
   const file = decodeURIComponent(new URL(url).pathname.split("/").pop() || "model");
-  return file.replace(/\.gguf$/i, "");
+  return file.replace(/(-\d{5}-of-\d{5})?\.gguf$/i, ""); // a split model is NAME, as the server calls it
 }
 
 function checkRequest(kind, req) {

@@ -5,19 +5,26 @@ talks to the single `HOST` object. Everything here runs inside Pyodide.
 
 Model sink interface (what worker.js drives while a model file streams in):
     sink = await HOST.open_model(url, backend)   # backend "auto" | "webgpu" | "numpy"
-    sink.begin(total_size)   # int, or None when the server sent no Content-Length
-    sink.feed(chunk)         # once per network/cache chunk, in order; `chunk` is the JS Uint8Array
-                             # itself (a JsProxy, valid only during the call)
-    await sink.end()         # -> LoadedModel, after the last chunk
+    for each file (the model's one, or a split model's shards in order):
+        sink.begin(total_size)   # int, or None when the server sent no Content-Length
+        sink.feed(chunk)         # once per network/cache chunk, in order; `chunk` is the JS Uint8Array
+                                 # itself (a JsProxy, valid only during the call)
+        sink.more_files()        # None until the first file's header is read, then the URLs of
+                                 # the files after it ([] for one file)
+        sink.file_done()         # after the file's last chunk: raises if it is not whole
+    await sink.end()         # -> LoadedModel, after the last file
     sink.abort()             # instead of end() when the download failed or was stopped
 Any exception from these methods ends the download; its class name maps to a RealmError code
 through `HOST.error_codes()` (worker.js labels errors with it).
 
 The header is parsed from the first bytes, the model (tokenizer, plan) built from it, and the
 executor chosen (`realm_wasm.backends.choose`, as the CLI and the server choose), so a bad or
-GPU-unsupported model is known before the download goes on. WebGPU: every later chunk is copied
+GPU-unsupported model is known before the download goes on. A split model (llama.cpp's gguf-split
+shards, NAME-00001-of-0000N.gguf, each a GGUF file of its own) loads from its first shard's URL:
+that header names the other shards (beside it) and holds the metadata, each shard's header adds
+its tensors, and the plan is built once the last one's is in. WebGPU: every later chunk is copied
 once, transiently, out of JS and written into device buffers (`StreamedWeights`): the model never
-sits in the wasm heap. numpy: the file's bytes are kept in the heap, and that executor computes
+sits in the wasm heap. numpy: the files' bytes are kept in the heap, and that executor computes
 from them: its WebAssembly SIMD kernel (realm_wasm/wasm_kernels.py) multiplies the quantized
 weights where they lie, so the heap holds about the file plus activations.
 
@@ -45,28 +52,42 @@ from __future__ import annotations
 import functools
 import sys
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 import realm_wasm
-from realm_wasm.backends import Choice, check_backend, choose
+from realm_wasm.backends import Choice, check_backend, check_gpu_support, choose
 from realm_wasm.chat_template import PLAIN_ROLES, ChatTemplate
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.engine import PREFILL_CHUNK, Engine, Executor, Model
 from realm_wasm.errors import TITLES, InvalidRequest, RealmError
-from realm_wasm.gguf import GGUFError, GGUFHeader, GGUFNeedMoreData, parse_header
+from realm_wasm.gguf import (
+    GGUFError,
+    GGUFHeader,
+    GGUFNeedMoreData,
+    TensorInfo,
+    add_shard,
+    joined_header,
+    parse_header,
+    shard_names,
+    shard_slice,
+    split_count,
+)
 from realm_wasm.gpu.device import DeviceLost, GPUUnavailable
 from realm_wasm.gpu.executor import GpuExecutor
 from realm_wasm.gpu.weights import StreamedWeights
 from realm_wasm.grammar import GrammarCache
 from realm_wasm.lora import Adapter, AdapterConflict, BadAdapter, adaptable_weights, check_header
+from realm_wasm.models import build_plan, check_architecture
 from realm_wasm.plan import Plan
 from realm_wasm.sampling import SamplingParams
 from realm_wasm.scheduler import Finished, TokenEvent
 from realm_wasm.speculative import Speculation
+from realm_wasm.tokenizer import Tokenizer
 from realm_wasm.wasm_kernels import WasmMatmul
 
 N_CTX = 2048  # context of the page's engine (the KV cache is sized for it at load)
@@ -203,10 +224,16 @@ async def open_device(backend: str) -> tuple[Any, str]:
 
 
 class WeightKeeper(Protocol):
-    """Where a sink puts the file's bytes once the header is parsed, and the executor it builds."""
+    """Where a sink puts the model's bytes once a file's header is parsed, and the executor it builds.
+    The stream is every file of the model one after the other (a split model's shards): offsets count
+    from the first file's first byte."""
+
+    def open_file(self, base: int, size: int, tensors: Iterable[TensorInfo]) -> None:
+        """A file begins at `base`: `size` bytes (its header's account when the server sent none)
+        holding `tensors`."""
 
     def take(self, data: Any, start: int) -> None:
-        """Bytes [start, start + len) of the file: a JS Uint8Array, or bytes (the header's prefix)."""
+        """Bytes [start, start + len) of the stream: a JS Uint8Array, or bytes (the header's prefix)."""
 
     async def executor(self, model: Model, n_ctx: int) -> Executor: ...
 
@@ -217,8 +244,11 @@ class WeightKeeper(Protocol):
 class DeviceWeights:
     """WebGPU: tensor bytes go into device buffers as they arrive."""
 
-    def __init__(self, device: Any, header: GGUFHeader) -> None:
-        self.device, self.store = device, StreamedWeights(device, header)
+    def __init__(self, device: Any) -> None:
+        self.device, self.store = device, StreamedWeights(device)
+
+    def open_file(self, base: int, size: int, tensors: Iterable[TensorInfo]) -> None:
+        self.store.add(tensors)
 
     def take(self, data: Any, start: int) -> None:
         # a JS chunk is copied out once, and freed once written to the device
@@ -237,27 +267,33 @@ class DeviceWeights:
 
 
 class HeapWeights:
-    """numpy: the whole file stays in the wasm heap, where the executor reads its weights."""
+    """numpy: every file stays in the wasm heap, where the executor reads its weights."""
 
-    def __init__(self, size: int) -> None:
-        self.data = bytearray(size)  # allocated once, from the header's own account of the file
+    def __init__(self) -> None:
+        self.files: list[bytearray] = []
+        self.bases: list[int] = []  # where each file starts in the stream
+
+    def open_file(self, base: int, size: int, tensors: Iterable[TensorInfo]) -> None:
+        self.files.append(bytearray(size))  # allocated once, from the header's own account of the file
+        self.bases.append(base)
 
     def take(self, data: Any, start: int) -> None:
-        end = start + len(data)
-        if end > len(self.data):  # bytes past the last tensor (padding): keep them, growing
-            self.data += bytes(end - len(self.data))
+        file, at = self.files[-1], start - self.bases[-1]
+        end = at + len(data)
+        if end > len(file):  # bytes past the last tensor (padding): keep them, growing
+            file += bytes(end - len(file))
         if isinstance(data, bytes | bytearray):
-            self.data[start:end] = data
+            file[at:end] = data
         else:
-            data.assign_to(memoryview(self.data)[start:end])
+            data.assign_to(memoryview(file)[at:end])
 
     async def executor(self, model: Model, n_ctx: int) -> Executor:
-        data = np.frombuffer(self.data, np.uint8)
-        return CpuExecutor(model.plan, lambda t: data[t.offset:t.offset + t.nbytes], n_ctx=n_ctx,
+        files = [np.frombuffer(f, np.uint8) for f in self.files]
+        return CpuExecutor(model.plan, lambda t: shard_slice(files, self.bases, t), n_ctx=n_ctx,
                            eager_limit=EAGER_LIMIT, kernel=load_kernel(), max_adapters=MAX_ADAPTERS)
 
     def release(self) -> None:
-        self.data = bytearray()
+        self.files, self.bases = [], []
 
 
 def load_kernel() -> WasmMatmul | None:
@@ -278,63 +314,132 @@ def _compiled_kernel() -> WasmMatmul | None:
         return None
 
 
+def shard_urls(url: str, count: int) -> list[str]:
+    """A split model's files, from its first shard's URL (they lie beside it, named as gguf-split names them)."""
+    parts = urlsplit(url)
+    folder, _, name = parts.path.rpartition("/")
+    return [urlunsplit(parts._replace(path=f"{folder}/{shard}")) for shard in shard_names(name, count)]
+
+
 class ModelSink:
     """Parses the GGUF header from the first bytes, builds the model (tokenizer, plan) from it and
     chooses the executor (`backends.choose`: the same rules as the CLI's and the server's); the
-    keeper it picks then takes every later byte and builds the executor."""
+    keeper it picks then takes every later byte and builds the executor.
 
-    def __init__(self, backend: str, device: Any, unavailable: str) -> None:
-        self.backend, self.device, self.unavailable = backend, device, unavailable
-        self.total: int | None = None
-        self.received = 0
-        self.needed = 0  # parse again once this many bytes have arrived
-        self.prefix = bytearray()  # the bytes before the header is parsed
-        self.header: GGUFHeader | None = None
+    A split model (gguf-split's NAME-00001-of-0000N.gguf ...) streams in as its files one after
+    the other, each `begin` to `file_done`: the first shard's header names the rest (`more_files`)
+    and carries the metadata, so the architecture, the tokenizer and the executor are known from it;
+    each later shard's header adds its tensors, and the plan is built from the last one's, before its
+    data arrives."""
+
+    def __init__(self, url: str, backend: str, device: Any, unavailable: str) -> None:
+        self.url, self.backend, self.device, self.unavailable = url, backend, device, unavailable
+        self.files: list[str] | None = None  # every file's URL, once the first header is read
+        self.file = -1  # the file streaming now
+        self.received = 0  # bytes of every file so far
+        self.base = 0  # where the file streaming now starts in that count
+        self.total: int | None = None  # its size, when the server sent one
+        self.needed = 0  # parse again once the file has this many bytes
+        self.prefix = bytearray()  # the file's bytes before its header is parsed
+        self.header: GGUFHeader | None = None  # the file's own header
+        self.first: GGUFHeader | None = None  # the first file's (a split model's metadata)
+        self.tensors: dict[str, TensorInfo] = {}  # every file's tensors so far, offsets across the files
+        self.tokenizer: Tokenizer | None = None
         self.model: Model | None = None
         self.choice: Choice | None = None
         self.keeper: WeightKeeper | None = None
 
     def begin(self, total_size: int | None) -> None:
-        self.total = total_size
+        self.file += 1
+        self.base, self.total = self.received, total_size
+        self.needed, self.prefix, self.header = 0, bytearray(), None
+
+    def more_files(self) -> list[str] | None:
+        """The URLs of the files after the first (a split model's other shards, [] for one file),
+        once the first file's header is read; None before."""
+        return None if self.files is None else self.files[1:]
 
     def feed(self, chunk: Any) -> None:
         start, self.received = self.received, self.received + chunk.length
-        if self.keeper is not None:
+        if self.header is not None:
             self.keeper.take(chunk, start)
             return
         self.prefix += chunk.to_bytes()
-        if self.received < self.needed:
+        if len(self.prefix) < self.needed:
             return
         try:
-            self.header = parse_header(memoryview(self.prefix), file_size=self.total)
+            header = parse_header(memoryview(self.prefix), file_size=self.total)
         except GGUFNeedMoreData as e:
             self.needed = e.needed
             return
-        self.model = Model.from_header(self.header)  # a bad model fails now, not after the download
-        self.choice = choose(self.backend, self.model.plan, self.device, self.unavailable)
+        except GGUFError as e:
+            if self.file == 0:
+                raise  # worker.js names the URL
+            raise GGUFError(f"{self._name()}: {e}") from None
+        self._read_header(header)
+        prefix, self.prefix = self.prefix, bytearray()
+        self.keeper.take(bytes(prefix), self.base)
+
+    def _read_header(self, header: GGUFHeader) -> None:
+        if self.file == 0:  # a bad model fails now, not after the download
+            self.first = header
+            count = split_count(header, self._name())
+            self.files = [self.url] if count == 1 else shard_urls(self.url, count)
+            check_architecture(header.architecture)
+            self.tokenizer = Tokenizer.from_metadata(header.metadata)
+        if len(self.files) == 1:
+            self.tensors = dict(header.tensors)
+        else:
+            add_shard(self.tensors, header, self.file, len(self.files), self._name(), self.base)
+        last = self.file == len(self.files) - 1
+        if last:
+            joined = header if len(self.files) == 1 else joined_header(self.first, self.tensors, self._name(0))
+            self.model = Model(joined, self.tokenizer, build_plan(joined))
+        if self.file == 0:
+            self._choose(header)
+        elif self.choice.executor == "webgpu":
+            check_gpu_support(header.tensors.values())  # chosen from the first shard's tensors
+        self.header = header
+        self.keeper.open_file(self.base, self.total or header.data_size,
+                              (self.tensors[name] for name in header.tensors))
+
+    def _choose(self, header: GGUFHeader) -> None:
+        self.choice = choose(self.backend, header.tensors.values(), self.device, self.unavailable)
         if self.choice.executor == "webgpu":
-            self.keeper = DeviceWeights(self.device, self.header)
+            self.keeper = DeviceWeights(self.device)
         else:
             if self.device is not None:  # the model runs on numpy after all: free the GPU
                 self.device.close()
                 self.device = None
-            self.keeper = HeapWeights(self.total or self.header.data_size)
-        prefix, self.prefix = self.prefix, bytearray()
-        self.keeper.take(bytes(prefix), 0)
+            self.keeper = HeapWeights()
+
+    def _name(self, file: int | None = None) -> str:
+        """The file named in messages: a split model's shard by its file name."""
+        file = self.file if file is None else file
+        if self.files is None or len(self.files) == 1:
+            return urlsplit(self.url).path.rpartition("/")[2] or self.url
+        return f"shard {file + 1} of {len(self.files)} ({urlsplit(self.files[file]).path.rpartition('/')[2]})"
+
+    def file_done(self) -> None:
+        """After a file's last chunk: it must be whole."""
+        got = self.received - self.base
+        if self.header is None:
+            raise GGUFError(f"{self._name()}: the file ended after {got} bytes, before its GGUF header did "
+                            f"(at least {self.needed} bytes needed): truncated or not a model")
+        if self.total is not None and got != self.total:
+            raise GGUFError(f"{self._name()}: download ended after {got} of {self.total} bytes")
+        if got < self.header.data_size:
+            raise GGUFError(f"{self._name()}: truncated GGUF: tensor data runs to byte {self.header.data_size} "
+                            f"but the file has {got} bytes")
 
     async def end(self) -> LoadedModel:
-        if self.header is None:
-            raise GGUFError(f"the file ended after {self.received} bytes, before its GGUF header did "
-                            f"(at least {self.needed} bytes needed): truncated or not a model")
-        if self.total is not None and self.received != self.total:
-            raise GGUFError(f"download ended after {self.received} of {self.total} bytes")
-        if self.received < self.header.data_size:
-            raise GGUFError(f"truncated GGUF: tensor data runs to byte {self.header.data_size} "
-                            f"but the file has {self.received} bytes")
+        if self.model is None:
+            raise GGUFError(f"split model {self._name(0)}: {self.file + 1} of its {len(self.files or [])} "
+                            "files were read")
         n_ctx = min(N_CTX, self.model.plan.n_ctx_train)
         engine = Engine(self.model, await self.keeper.executor(self.model, n_ctx), n_ctx)
-        chat = ChatTemplate.from_metadata(self.model.tokenizer, self.header.metadata)
-        return LoadedModel(self.header, self.received, engine, self.choice, chat, self.device)
+        chat = ChatTemplate.from_metadata(self.model.tokenizer, self.first.metadata)
+        return LoadedModel(self.model.header, self.received, engine, self.choice, chat, self.device)
 
     def abort(self) -> None:
         if self.keeper is not None:
@@ -370,6 +475,13 @@ class AdapterSink:
             raise BadAdapter(f"adapter {self.name}: {e}") from None
         check_header(header, self.engine.model.plan, self.name)  # a wrong file fails now
         self.checked = True
+
+    def more_files(self) -> list[str]:
+        return []  # an adapter is one file
+
+    def file_done(self) -> None:
+        if self.total is not None and len(self.data) != self.total:
+            raise BadAdapter(f"adapter {self.name}: download ended after {len(self.data)} of {self.total} bytes")
 
     async def end(self) -> dict[str, Any]:
         adapter = self.engine.load_adapter(self.name, self.data)  # read_adapter: header, then the data
@@ -409,7 +521,7 @@ class WorkerHost:
 
     async def open_model(self, url: str, backend: str = "auto") -> ModelSink:
         self.unload()  # the previous model goes away whether or not this one loads
-        return ModelSink(backend, *await open_device(backend))
+        return ModelSink(url, backend, *await open_device(backend))
 
     def open_adapter(self, name: str) -> AdapterSink:
         """A sink for the LoRA adapter `name`, for the loaded model."""

@@ -15,6 +15,8 @@
 //        download a model (from the Cache API when it holds `url` and a HEAD request finds the
 //        server's file unchanged, else the network, storing it there on the way) and stream it,
 //        chunk by chunk, into the Python model sink. A damaged cached copy is downloaded again.
+//        A split model (llama.cpp's gguf-split: NAME-00001-of-0000N.gguf and its other shards
+//        beside it) is loaded from its first shard's url: the other shards follow it, each cached.
 //        backend: "auto" (WebGPU unless the adapter is a CPU fallback) | "webgpu" | "numpy"
 //   {type: "generate", id, prompt | messages, maxTokens, temperature, topK, topP, seed, stop, speculation, lora,
 //    responseFormat, grammar}
@@ -41,7 +43,8 @@
 //   {type: "ready", versions: {realm, python, numpy, pyodide}, timings: {pyodideMs, packagesMs,
 //        runtimeMs, totalMs}, gpu: {available, reason} | {available, vendor, architecture, device,
 //        description, isFallbackAdapter, features: [...], limits: {...}}, errorTitles: {code: title}}
-//   {type: "progress", id, loaded, total, percent, fromCache}   total/percent null when unknown
+//   {type: "progress", id, loaded, total, percent, fromCache, file, files}   total/percent null when
+//        unknown; loaded/total count every file of a split model, file/files say which one streams
 //   {type: "loaded", id, model: {architecture, name, tensorCount, tensorTypes, bytes, backend,
 //        backendNote, nCtx, chatTemplate, ...}, fromCache, ms, wasmHeapBytes}
 //        backend: "webgpu" | "numpy", the executor that runs it; backendNote says why;
@@ -63,7 +66,8 @@
 //   {type: "stats", id, model: {...as in "loaded"} | null, kvTokens, wasmHeapBytes, gpuBuffers, gpuBytes}
 //        gpuBuffers, gpuBytes: the GPU buffers the model's device allocated (WebGPU has no memory
 //        query: the device counts its own, realm_wasm/gpu/browser.py), 0 on numpy
-//   {type: "cache", available, entries: [{url, bytes}], usage, quota}   after init, load, clearCache
+//   {type: "cache", available, entries: [{url, bytes, files}], usage, quota}   after init, load, clearCache
+//        a split model is one entry: its first shard's url, `files` the shards cached
 //   {type: "warning", code, message}                             something degraded, work goes on
 //        code: "no-webgpu" (models run on the CPU) | "cache" | "device-lost": the model's GPU device
 //        was lost (a driver reset, the GPU process gone): the worker makes a new one and loads the
@@ -138,19 +142,25 @@ function toPlain(proxy) {
   return value;
 }
 
+// a split model's shard after the first (gguf-split's names): NAME-0000i-of-0000N.gguf, i > 1
+const LATER_SHARD = /-(?!00001-)\d{5}-of-(\d{5}\.gguf)$/;
+
 async function cacheReport() {
   if (!self.caches) { // only secure contexts (https, localhost) have the Cache API
     post({ type: "cache", available: false, entries: [], usage: null, quota: null });
     return;
   }
-  const entries = [];
+  const entries = new Map(); // url -> entry; a split model's shards count as one model, its first
   const cache = await caches.open(MODEL_CACHE);
   for (const request of await cache.keys()) {
     const response = await cache.match(request);
-    entries.push({ url: request.url, bytes: Number(response.headers.get("content-length")) || null });
+    const bytes = Number(response.headers.get("content-length")) || null;
+    const url = request.url.replace(LATER_SHARD, "-00001-of-$1");
+    const entry = entries.get(url) || { url, bytes: 0, files: 0 };
+    entries.set(url, { url, bytes: entry.bytes === null || bytes === null ? null : entry.bytes + bytes, files: entry.files + 1 });
   }
   const { usage = null, quota = null } = navigator.storage ? await navigator.storage.estimate() : {};
-  post({ type: "cache", available: true, entries, usage, quota });
+  post({ type: "cache", available: true, entries: [...entries.values()], usage, quota });
 }
 
 async function fetchOk(url, what) {
@@ -233,7 +243,7 @@ async function openDownload(url, signal, cacheName, useCache = true) {
   }
   const cached = cache && useCache && (await cache.match(url));
   const usable = cached && (await usableCached(cache, url, cached, signal));
-  if (usable) return { response: usable, fromCache: true, writer: null };
+  if (usable) return { url, response: usable, fromCache: true, writer: null };
 
   let response;
   try {
@@ -247,7 +257,7 @@ async function openDownload(url, signal, cacheName, useCache = true) {
     throw Object.assign(new Error(`the server answered HTTP ${response.status} ${response.statusText} for ${url}`),
       { code: "network" });
   }
-  return { response, fromCache: false, writer: cache && cacheWriter(cache, url, response.headers) };
+  return { url, response, fromCache: false, writer: cache && cacheWriter(cache, url, response.headers) };
 }
 
 // The cached copy of `url` as a response to read, or null when it must be downloaded again (it is
@@ -313,66 +323,91 @@ function fileSize(response) {
 // Stream `url` (from `cacheName`, else the network, cached on the way) into a Python sink
 // (realm_web_host.py: a model's or an adapter's), posting progress; returns what the sink's end()
 // gave (a PyProxy), or null when it failed or was stopped (the error or "cancelled" is posted).
-// The sink's own error code (`badCode`: "bad-model") gets the URL in front of its message.
-// A cached copy the sink rejects is deleted and the file downloaded once more (`useCache: false`):
-// a damaged copy must not show as a broken model.
-async function download({ id, url, cacheName, badCode, openSink, useCache = true }) {
+// A split model is its first shard's URL: once that header is read the sink names the other shards,
+// which stream in after it, each cached on its own. The sink's own error code (`badCode`:
+// "bad-model") gets the URL in front of its message. A cached copy the sink rejects is deleted and
+// the load starts again with that file from the network (`refetch`): a damaged copy must not show
+// as a broken model.
+async function download({ id, url, cacheName, badCode, openSink, refetch = new Set() }) {
   const abort = new AbortController();
   job = { kind: "load", id, stopped: false, abort };
+  const files = [url]; // every file to stream, in order
+  let sizes = null; // every file's size (null where unknown), once the first header names them
   let sink = null;
   let opened = null;
   let reader = null;
+  let result = null;
+  let fromCache = true; // every file came from the cache
+  let before = 0; // bytes of the files streamed before this one
   try {
-    opened = await openDownload(url, abort.signal, cacheName, useCache);
-    const { writer } = opened;
-    const total = fileSize(opened.response);
-    sink = await openSink();
-    sink.begin(total);
-    reader = opened.response.body.getReader();
-    let loaded = 0;
-    let lastPost = 0;
-    const progress = () => post({
-      type: "progress", id, loaded, total, percent: total ? (100 * loaded) / total : null,
-      fromCache: opened.fromCache,
-    });
-    progress();
-    for (;;) {
-      if (job.stopped) throw new Error("stopped");
-      const { done, value } = await reader.read();
-      if (done) break;
-      await sink.feed(value);
-      if (writer) writer.push(value);
-      loaded += value.byteLength;
-      if (performance.now() - lastPost > PROGRESS_EVERY_MS) {
-        lastPost = performance.now();
-        progress();
+    for (let file = 0; file < files.length; file++) {
+      opened = await openDownload(files[file], abort.signal, cacheName, !refetch.has(files[file]));
+      const { writer } = opened;
+      fromCache = fromCache && opened.fromCache;
+      const total = fileSize(opened.response);
+      if (!sink) sink = await openSink();
+      sink.begin(total);
+      reader = opened.response.body.getReader();
+      let loaded = 0;
+      let lastPost = 0;
+      const progress = () => {
+        const known = sizes || [total];
+        const whole = known.includes(null) ? null : known.reduce((a, b) => a + b, 0);
+        const percent = whole ? (100 * (before + loaded)) / whole
+          : total ? (100 * (file + loaded / total)) / files.length : null;
+        post({ type: "progress", id, loaded: before + loaded, total: whole, percent, fromCache: opened.fromCache,
+          file: file + 1, files: files.length });
+      };
+      progress();
+      for (;;) {
+        if (job.stopped) throw new Error("stopped");
+        const { done, value } = await reader.read();
+        if (done) break;
+        await sink.feed(value);
+        if (writer) writer.push(value);
+        loaded += value.byteLength;
+        if (file === 0 && sizes === null) {
+          const more = sink.more_files();
+          if (more !== undefined) {
+            files.push(...toPlain(more));
+            sizes = [total, ...(await shardSizes(files.slice(1), cacheName, abort.signal))];
+          }
+        }
+        if (performance.now() - lastPost > PROGRESS_EVERY_MS) {
+          lastPost = performance.now();
+          progress();
+        }
       }
+      progress();
+      sink.file_done();
+      if (writer) writer.close();
+      if (file === files.length - 1) result = await sink.end();
+      if (writer) await keepInCache(writer.stored, files[file]);
+      before += loaded;
+      if (file < files.length - 1) opened = null; // this file is whole (and cached): a later failure is not its
     }
-    progress();
-    if (writer) writer.close();
-    const result = await sink.end();
-    if (writer) await keepInCache(writer.stored, url);
-    return { result, fromCache: opened.fromCache };
+    return { result, fromCache };
   } catch (err) {
     abort.abort(); // ends the network download
     if (reader) reader.cancel().catch(() => {});
     if (sink) sink.abort();
+    const failed = opened && opened.url;
     const writer = opened && opened.writer;
     if (writer) writer.fail(err);
     // A file that failed must not come from the cache next time; one stopped before it was read
     // (while it was revalidated) or while read from the cache may.
-    if (!job.stopped || writer) await forgetCached(url, writer && writer.stored, cacheName);
+    if (failed && (!job.stopped || writer)) await forgetCached(failed, writer && writer.stored, cacheName);
     if (!job.stopped && opened && opened.fromCache) {
       const { message } = describeError(err, "runtime");
-      post({ type: "warning", code: "cache", message: `the cached copy of ${url} failed (${message}): downloading it again` });
+      post({ type: "warning", code: "cache", message: `the cached copy of ${failed} failed (${message}): downloading it again` });
       if (sink) sink.destroy();
       sink = null;
-      return await download({ id, url, cacheName, badCode, openSink, useCache: false });
+      return await download({ id, url, cacheName, badCode, openSink, refetch: new Set([...refetch, failed]) });
     }
     if (job.stopped) {
       post({ type: "cancelled", id });
-    } else if (err.code === "network") {
-      post({ type: "error", id, code: "network", message: err.message, fatal: false });
+    } else if (err.code === "network" || err.code === "bad-model") {
+      post({ type: "error", id, code: err.code, message: err.message, fatal: false });
     } else {
       const described = describeError(err, "runtime");
       if (described.code === badCode) described.message = `${url}: ${described.message}`;
@@ -384,6 +419,31 @@ async function download({ id, url, cacheName, badCode, openSink, useCache = true
     job = null;
     await cacheReport().catch(() => {});
   }
+}
+
+// The sizes of a split model's other shards (null where unknown), asked of the server (HEAD) before
+// they download, so that progress counts the whole model and a missing shard fails before the
+// others have arrived. Without an answer (offline) a shard counts with its cached copy's size.
+async function shardSizes(urls, cacheName, signal) {
+  const cache = self.caches ? await caches.open(cacheName).catch(() => null) : null;
+  const asked = await Promise.allSettled(urls.map(async (url, i) => {
+    let head = null;
+    try {
+      head = await fetch(url, { method: "HEAD", cache: "no-store", signal });
+    } catch (err) {
+      if (signal.aborted) throw err;
+    }
+    if (head && head.ok) return fileSize(head);
+    if (head && !HEAD_UNSUPPORTED.has(head.status)) {
+      throw Object.assign(new Error(`split model: shard ${i + 2} of ${urls.length + 1} is missing ` +
+        `(the server answered HTTP ${head.status} for ${url})`), { code: "bad-model" });
+    }
+    const cached = cache && (await cache.match(url));
+    return cached ? fileSize(cached) : null;
+  }));
+  const failed = asked.find((a) => a.status === "rejected"); // the first missing shard, in order
+  if (failed) throw failed.reason;
+  return asked.map((a) => a.value);
 }
 
 // Pyodide's wasm memory (no public accessor in Pyodide 0.27)

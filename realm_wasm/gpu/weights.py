@@ -8,11 +8,11 @@ model never sits whole in the wasm heap.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..gguf import GGUFHeader, TensorInfo
+from ..gguf import TensorInfo
 from ..quants import dequantize, quant_type
 from .device import Device
 from .matmul import GpuWeight, allocate_weight, row_bytes, upload_weight, write_weight
@@ -59,25 +59,31 @@ class StreamedWeights(DeviceMatrices):
     """Weights filled piece by piece from a stream of the GGUF file's bytes (`feed`).
 
     Matrices (2-D tensors) get device buffers up front and each piece of the stream is written
-    straight into them; 1-D tensors are collected on the host (they are small).
+    straight into them; 1-D tensors are collected on the host (they are small). A split model's
+    later shards `add` their tensors (offsets counted across the shards) as their headers arrive.
     """
 
-    def __init__(self, device: Device, header: GGUFHeader) -> None:
+    def __init__(self, device: Device, tensors: Iterable[TensorInfo] = ()) -> None:
         self.device = device
         self.matrices: dict[str, GpuWeight] = {}
         self.host: dict[str, bytearray] = {}
-        self.spans: list[tuple[int, int, TensorInfo]] = sorted(
-            (t.offset, t.offset + t.nbytes, t) for t in header.tensors.values())
-        for t in header.tensors.values():
+        self.spans: list[tuple[int, int, TensorInfo]] = []
+        self.carry = b""  # bytes held back so device writes stay word-aligned
+        self.received = 0
+        self.add(tensors)
+
+    def add(self, tensors: Iterable[TensorInfo]) -> None:
+        """Make room for `tensors`, whose bytes lie ahead in the stream."""
+        for t in tensors:
             if len(t.dims) == 1:
                 if t.dims[0] > MAX_HOST_VECTOR:
                     raise ValueError(f"1-D tensor {t.name!r} of {t.dims[0]} elements is too large for the host")
                 self.host[t.name] = bytearray(t.nbytes)
             else:
                 n, k = matrix_shape(t)
-                self.matrices[t.name] = allocate_weight(device, quant_type(t.type_id), n, k, label=t.name)
-        self.carry = b""  # bytes held back so device writes stay word-aligned
-        self.received = 0
+                self.matrices[t.name] = allocate_weight(self.device, quant_type(t.type_id), n, k, label=t.name)
+            self.spans.append((t.offset, t.offset + t.nbytes, t))
+        self.spans.sort(key=lambda span: span[:2])
 
     def feed(self, offset: int, data: bytes | memoryview) -> None:
         """Bytes [offset, offset + len(data)) of the file, in order (offset == bytes fed so far)."""

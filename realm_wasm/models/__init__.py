@@ -16,10 +16,13 @@ ARCHITECTURES: dict[str, Callable[[GGUFHeader], Plan]] = {
 }
 
 
-def build_plan(header: GGUFHeader) -> Plan:
-    arch = header.architecture
+def check_architecture(arch: str) -> None:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
-    plan = ARCHITECTURES[arch](header)
+
+
+def build_plan(header: GGUFHeader) -> Plan:
+    check_architecture(header.architecture)
+    plan = ARCHITECTURES[header.architecture](header)
     plan.validate()
     return plan
