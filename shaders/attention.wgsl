@@ -1,6 +1,8 @@
 // Attention over a KV cache laid out [N_SLOTS, N_CTX, NKV * HD] per layer, for a step of T tokens
 // that may belong to different sequences (slots[t]) at any positions (positions[t]). The step's
-// keys and values are already in the cache (rope.wgsl with STORE puts them there).
+// keys and values are already in the cache (rope.wgsl with STORE puts them there). The bindings
+// hold slots SLOT0 .. SLOT0 + N_SLOTS - 1 (a cache over the binding limit is cut into such groups,
+// a dispatch each): the workgroups of other slots' tokens return at once.
 // Flash attention of token t's query heads against the keys first..pos of its slot (first = pos -
 // WINDOW + 1 with a sliding window, else 0), TK keys at a time with an online softmax. A workgroup
 // takes HB of the G query heads that share KV head h, so each of its threads owns one output vec4
@@ -15,7 +17,7 @@
 // guards every loop, which keeps drivers from unrolling them, and loads in a loop that is not
 // unrolled wait for each other.
 // Consts: HD, G (query heads per KV head), HB (heads per workgroup, dividing G, HB * HD / 4 <= WG),
-// NH, NKV, N_CTX, WINDOW (0: none), SCALE, SOFTCAP (0: none; else scores become SOFTCAP·tanh(s / SOFTCAP)),
+// NH, NKV, N_CTX, SLOT0, N_SLOTS, WINDOW (0: none), SCALE, SOFTCAP (0: none; else scores become SOFTCAP·tanh(s / SOFTCAP)),
 // SPLIT (<= WG), WG.
 
 @group(0) @binding(0) var<storage, read_write> out: array<vec4<f32>>;  // [T, NH * HD]
@@ -60,7 +62,7 @@ fn attend(wid: vec3<u32>, lid: u32) {
     let chunk = max((pos - first + SPLIT) / SPLIT, TK);
     let start = first + split * chunk;
     let end = min(start + chunk, pos + 1u);
-    let cache0 = u32(slots[t]) * N_CTX * KVW4 + h * HD4;  // key 0 of this slot and KV head
+    let cache0 = (u32(slots[t]) - SLOT0) * N_CTX * KVW4 + h * HD4;  // key 0 of this slot and KV head
 
     for (var i = lid; i < HB * 4u * C; i += WG) {
         let d = i % (4u * C);
@@ -190,6 +192,9 @@ fn merge(t: u32, head0: u32, lid: u32) {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if u32(slots[wid.y]) - SLOT0 >= N_SLOTS {  // another slot group's token (uniform: one token a workgroup)
+        return;
+    }
     attend(wid, lid);
     if SPLIT > 1u {
         // Publish this chunk's partials, then count it in; the last one in sees every chunk's.

@@ -3,7 +3,8 @@
 // rotated by the angle positions[t] * theta_i; dims past N_ROT stay as they are. Optionally:
 //   NORM:  first an RMSNorm of the head with HEAD_DIM weights at table[W_AT] (a Q/K norm), eps EPS;
 //   STORE: then the head goes into the KV cache at (slots[t], positions[t]), with the same head
-//          of v beside it (this is the attention's KV store, for the keys);
+//          of v beside it (this is the attention's KV store, for the keys), when the slot is one
+//          of the N_SLOTS from SLOT0 that these cache bindings hold;
 //   ALSO_HEADS > 0: a second activation, y_also, rotated by the same angles in the same dispatch
 //          (the queries beside the keys), with its own norm (ALSO_NORM, ALSO_EPS) and no store.
 // One workgroup per (head, row): dispatch (ALSO_HEADS + N_HEADS, T), y_also's heads first; thread
@@ -15,7 +16,7 @@
 // Bindings a variant does not use are bound to any buffer that does not alias y.
 // The cache holds F (f32, or f16 with shader-f16).
 // Composed after reduce_subgroup.wgsl or reduce_shared.wgsl (R = 1).
-// Consts: N_HEADS, HEAD_DIM, N_ROT, NEOX, NORM, EPS, W_AT, STORE, N_CTX, N_SLOTS, ALSO_HEADS,
+// Consts: N_HEADS, HEAD_DIM, N_ROT, NEOX, NORM, EPS, W_AT, STORE, N_CTX, SLOT0, N_SLOTS, ALSO_HEADS,
 // ALSO_NORM, ALSO_EPS, ALSO_W_AT, WG (>= N_ROT / 2), R.
 
 @group(0) @binding(0) var<storage, read_write> y: array<f32>;  // [T, N_HEADS * HEAD_DIM]
@@ -23,7 +24,7 @@
 @group(0) @binding(2) var<storage, read> table: array<f32>;  // turns, then norm weights
 @group(0) @binding(3) var<storage, read> slots: array<i32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;  // [T, N_HEADS * HEAD_DIM]
-@group(0) @binding(5) var<storage, read_write> k_cache: array<F>;  // [N_SLOTS, N_CTX, N_HEADS * HEAD_DIM]
+@group(0) @binding(5) var<storage, read_write> k_cache: array<F>;  // [N_SLOTS, N_CTX, N_HEADS * HEAD_DIM], slots from SLOT0
 @group(0) @binding(6) var<storage, read_write> v_cache: array<F>;
 @group(0) @binding(7) var<storage, read_write> y_also: array<f32>;  // [T, ALSO_HEADS * HEAD_DIM]
 
@@ -58,7 +59,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, lane: Lane) {
     let i = lane.index;
     let at = t * select(ROW, ALSO_ROW, also) + head * HEAD_DIM;  // the head's first dim
     let pos = u32(positions[t]);
-    let slot = u32(slots[t]);
+    let slot = u32(slots[t]) - SLOT0;  // past N_SLOTS (wrapping below SLOT0): another group's
     let cache = (slot * N_CTX + pos) * ROW + head * HEAD_DIM;
     let store = STORE && !also && slot < N_SLOTS && pos < N_CTX;
 

@@ -12,3 +12,20 @@ def gpu():
         yield NativeDevice.create()
     except GPUUnavailable as e:
         pytest.skip(str(e))
+
+
+class LimitedDevice:
+    """A device as a host with lower limits would show it (the same GPU underneath)."""
+
+    def __init__(self, device, limits: dict[str, int]) -> None:
+        self._device = device
+        self.limits = {**device.limits, **limits}
+
+    def __getattr__(self, name: str):
+        return getattr(self._device, name)
+
+
+@pytest.fixture(scope="session")
+def limited_gpu(gpu):
+    """limited_gpu(max_storage_buffer_binding_size=N): the test device with those limits lowered."""
+    return lambda **limits: LimitedDevice(gpu, limits)

@@ -94,6 +94,27 @@ def test_masked_sampling_on_the_device_matches_the_host_rules(model, gpu):
     assert dev.forward_sample(batch, rows) == [sample(row, p, t) for row, (p, t) in zip(logits, rows, strict=True)]
 
 
+def test_a_kv_cache_over_the_binding_limit_runs_in_slot_groups(model, limited_gpu):
+    """Three slots' KV cache where a binding holds two: each layer's cache in two groups (slots 0-1,
+    slot 2). Steps that mix the groups' sequences, and prompt copies across them, match numpy."""
+    f, plan = model
+    device = limited_gpu()
+    slot_bytes = 64 * 2 * 16 * (2 if "shader-f16" in device.features else 4)  # n_ctx x n_kv_heads x head_dim
+    device.limits["max_storage_buffer_binding_size"] = 2 * slot_bytes + 64
+    cpu = CpuExecutor(plan, f.tensor_bytes, n_slots=3, n_ctx=64)
+    dev = GpuExecutor(plan, f.tensor_bytes, n_slots=3, n_ctx=64, device=device, max_tokens=32)
+    assert {tuple((g.slot0, g.n_slots) for g in a.kv_groups) for a in dev.attentions.values()} == {((0, 2), (2, 1))}
+    prefill = Batch(np.array([5, 9, 2, 1, 80, 7, 7], np.int32), np.array([0, 1, 2, 0, 1, 0, 1], np.int32),
+                    np.array([0, 0, 0, 2, 2, 1, 1], np.int32), np.array([2, 4, 6], np.int32))
+    close(dev.forward(prefill), cpu.forward(prefill))
+    for ex in (cpu, dev):  # each way across the groups: slot 2's first two positions into slot 0, then slot 1's into 2
+        ex.copy_kv(2, 0, 2)
+        ex.copy_kv(1, 2, 2)
+    decode = Batch(np.array([3, 4, 6], np.int32), np.array([2, 2, 3], np.int32), np.array([0, 1, 2], np.int32),
+                   np.array([0, 1, 2], np.int32))
+    close(dev.forward(decode), cpu.forward(decode))
+
+
 def test_bad_steps_are_refused_with_a_clear_error(model, gpu):
     _, dev = executors(model, gpu)
     with pytest.raises(ValueError, match="past the context"):

@@ -49,6 +49,14 @@ class WithoutSubgroups:
         return getattr(self._gpu, name)
 
 
+def kv_caches(gpu, attn, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """An attention's whole key and value caches [n_slots, n_ctx, row], read from its slot groups."""
+    shape = (attn.n_ctx, attn.n_kv_heads * attn.head_dim)
+    k, v = ([fetch(gpu, getattr(g, kind), dtype, (g.n_slots, *shape)).astype(np.float32) for g in attn.kv_groups]
+            for kind in "kv")
+    return np.concatenate(k), np.concatenate(v)
+
+
 @pytest.fixture(params=["subgroups", "shared"])
 def any_gpu(request, gpu):
     """The device with and without subgroups (kernels with a workgroup reduction have both paths)."""
@@ -164,8 +172,7 @@ def test_rope_with_head_norm_and_kv_store(any_gpu, kv_f16):
     gpu.submit(ops.Rope(gpu, kb, kb, pb, norm=(w, 1e-6), kv=(attn, vb, sb), **p).dispatches(3))
     np.testing.assert_allclose(fetch(gpu, kb, np.float32, k.shape), want, rtol=1e-4, atol=1e-4)
     dtype, tol = (np.float16, 2e-3) if kv_f16 else (np.float32, 1e-4)
-    k_cache = fetch(gpu, attn.k_cache, dtype, (2, n_ctx, n_kv * head_dim))
-    v_cache = fetch(gpu, attn.v_cache, dtype, (2, n_ctx, n_kv * head_dim))
+    k_cache, v_cache = kv_caches(gpu, attn, dtype)
     np.testing.assert_allclose(k_cache[slots, positions], want, rtol=tol, atol=tol)
     np.testing.assert_allclose(v_cache[slots, positions], v, rtol=tol, atol=tol)
     assert not k_cache[0, :9].any() and not v_cache[1, 5:].any()
@@ -185,11 +192,14 @@ def rotated(x: np.ndarray, positions: np.ndarray, n_heads: int, head_dim: int, n
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("neox,n_rot,freqs,kv_f16", [(True, 24, False, False), (False, 24, False, True),
-                                                     (True, 16, False, True), (False, 16, True, False)])
-def test_rope_of_queries_and_keys_in_one_dispatch(any_gpu, neox, n_rot, freqs, kv_f16):
+@pytest.mark.parametrize("neox,n_rot,freqs,kv_f16,groups", [(True, 24, False, False, 1), (False, 24, False, True, 1),
+                                                            (True, 16, False, True, 1), (False, 16, True, False, 1),
+                                                            (True, 24, False, False, 3), (False, 16, True, True, 2)])
+def test_rope_of_queries_and_keys_in_one_dispatch(any_gpu, limited_gpu, neox, n_rot, freqs, kv_f16, groups):
     # The queries (6 heads) and the keys (2 heads), each with its own per-head norm, rotated by one
-    # dispatch that also stores the keys and values of three sequences in their KV-cache slots.
+    # dispatch that also stores the keys and values of three sequences in their KV-cache slots. With
+    # a binding limit that holds one or two slots' cache, the cache is cut in slot groups: the first
+    # group's store stays in that dispatch, each other group's is a dispatch of its own.
     gpu = any_gpu
     if kv_f16 and "shader-f16" not in gpu.features:
         pytest.skip("no shader-f16")
@@ -205,19 +215,22 @@ def test_rope_of_queries_and_keys_in_one_dispatch(any_gpu, neox, n_rot, freqs, k
     want_k = rotated(rmsnorm(k, wk, 0.1, head_dim), positions, n_kv, factors=factors, **angles)
 
     qb, kb, vb, pb, sb, yb = (upload(gpu, a) for a in (q, k, v, positions, slots, q))
-    attn = ops.Attention(gpu, qb, None, None, pb, sb, yb, n_heads=n_q, n_kv_heads=n_kv, head_dim=head_dim,
+    slot_bytes = n_ctx * n_kv * head_dim * (2 if kv_f16 else 4)
+    limit = slot_bytes * -(-n_slots // groups) + slot_bytes // 2
+    limited = limited_gpu(max_storage_buffer_binding_size=limit) if groups > 1 else gpu
+    attn = ops.Attention(limited, qb, None, None, pb, sb, yb, n_heads=n_q, n_kv_heads=n_kv, head_dim=head_dim,
                          n_ctx=n_ctx, n_slots=n_slots, window=0, scale=1.0, kv_f16=kv_f16)
+    assert len(attn.kv_groups) == groups
     rope = ops.Rope(gpu, kb, kb, pb, n_heads=n_kv, freq_factors=factors, norm=(wk, 0.1), kv=(attn, vb, sb),
                     also=ops.RopeHeads(qb, n_q, norm=(wq, 1e-6)), **angles)
     dispatches = rope.dispatches(t)
-    assert [groups for _, _, groups in dispatches] == [(n_q + n_kv, t, 1)]
+    assert [grid for _, _, grid in dispatches] == [(n_q + n_kv, t, 1)] + [(n_kv, t, 1)] * (groups - 1)
     gpu.submit(dispatches)
 
     np.testing.assert_allclose(fetch(gpu, qb, np.float32, q.shape), want_q, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fetch(gpu, kb, np.float32, k.shape), want_k, rtol=1e-4, atol=1e-4)
     dtype, tol = (np.float16, 3e-3) if kv_f16 else (np.float32, 1e-4)
-    k_cache = fetch(gpu, attn.k_cache, dtype, (n_slots, n_ctx, n_kv * head_dim)).astype(np.float32)
-    v_cache = fetch(gpu, attn.v_cache, dtype, (n_slots, n_ctx, n_kv * head_dim)).astype(np.float32)
+    k_cache, v_cache = kv_caches(gpu, attn, dtype)
     np.testing.assert_allclose(k_cache[slots, positions], want_k, rtol=tol, atol=tol)
     np.testing.assert_allclose(v_cache[slots, positions], v, rtol=tol, atol=tol)
     # only the keys' part stores: no other cache row was written
@@ -274,7 +287,7 @@ class AttentionCase:
     nothing (n_rot=0) does."""
 
     def __init__(self, gpu, *, n_heads=8, n_kv=2, head_dim=24, n_ctx=80, n_slots=2, window=0, t_max=40,
-                 tuning=DIRECT, kv_f16=False, rope_stores=False):
+                 tuning=DIRECT, kv_f16=False, rope_stores=False, limited=None):
         self.gpu, self.t_max = gpu, t_max
         self.p = dict(layer=0, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, window=window,
                       scale=1.0 / math.sqrt(head_dim))
@@ -284,8 +297,8 @@ class AttentionCase:
                                           (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim, n_heads * head_dim))
         self.pos, self.slots = empty(gpu, t_max * 4), empty(gpu, t_max * 4)
         kv = (None, None) if rope_stores else (self.k, self.v)
-        self.op = ops.Attention(gpu, self.q, *kv, self.pos, self.slots, self.y, n_heads=n_heads, n_kv_heads=n_kv,
-                                head_dim=head_dim, n_ctx=n_ctx, n_slots=n_slots, window=window,
+        self.op = ops.Attention(limited or gpu, self.q, *kv, self.pos, self.slots, self.y, n_heads=n_heads,
+                                n_kv_heads=n_kv, head_dim=head_dim, n_ctx=n_ctx, n_slots=n_slots, window=window,
                                 scale=self.p["scale"], kv_f16=kv_f16, tuning=tuning)
         self.kernels = [self.op]
         if rope_stores:
@@ -322,6 +335,30 @@ def test_attention_sliding_window_gqa_two_slots(gpu, tuning):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     got, want = case.step([20, 12], [1, 0])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tuning", [DIRECT, SPLIT], ids=["direct", "split"])
+@pytest.mark.parametrize("rope_stores", [False, True], ids=["attention-stores", "rope-stores"])
+def test_attention_over_a_kv_cache_cut_into_slot_groups(gpu, limited_gpu, tuning, rope_stores):
+    # A binding limit that holds two slots' cache: five slots in groups of 2, 2 and 1, one dispatch
+    # (and one store) each. Steps mix tokens of every group, so each group's kernels must take
+    # exactly their tokens and leave the others' outputs to the others.
+    two_slots = 24 * 2 * 16 * 4 * 2
+    case = AttentionCase(gpu, n_heads=4, n_kv=2, head_dim=16, n_ctx=24, n_slots=5, tuning=tuning,
+                         rope_stores=rope_stores, limited=limited_gpu(max_storage_buffer_binding_size=two_slots))
+    assert [(g.slot0, g.n_slots) for g in case.op.kv_groups] == [(0, 2), (2, 2), (4, 1)]
+    assert len(case.op.dispatches(3)) == (0 if rope_stores else 3) + 3
+    got, want = case.step(list(range(6)) + list(range(4)) + list(range(5)), [4] * 6 + [1] * 4 + [2] * 5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    got, want = case.step([6, 4, 5, 0], [4, 1, 2, 3])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_kv_cache_slot_over_the_binding_limit_is_refused(gpu, limited_gpu):
+    with pytest.raises(ValueError, match=r"attention: one sequence's KV cache \(80 positions, 15360 bytes\) "
+                                         r"exceeds the device's storage binding limit \(15359 bytes\)"):
+        ops.Attention(limited_gpu(max_storage_buffer_binding_size=15359), *(empty(gpu, 4096) for _ in range(6)),
+                      n_heads=8, n_kv_heads=2, head_dim=24, n_ctx=80, n_slots=2, window=0, scale=1.0)
 
 
 def test_attention_f16_cache(gpu):

@@ -248,12 +248,13 @@ class GpuExecutor:
         rows go through one scratch buffer, in order within one command buffer."""
         copies = []
         for attention in self.attentions.values():
-            row = attention.n_kv_heads * attention.head_dim * (2 if attention.kv_f16 else 4)
-            span, stride = n_tokens * row, attention.n_ctx * row
+            stride = attention.slot_bytes
+            span = n_tokens * stride // attention.n_ctx
             through = scratch(self.device, "kv copy", stride)
-            for cache, _, _ in (attention.k_cache, attention.v_cache):
-                copies += [((cache, src * stride, span), (through, 0, span)),
-                           ((through, 0, span), (cache, dst * stride, span))]
+            (a, i), (b, j) = attention.kv_at(src), attention.kv_at(dst)
+            for source, target in ((a.k, b.k), (a.v, b.v)):
+                copies += [((source[0], i * stride, span), (through, 0, span)),
+                           ((through, 0, span), (target[0], j * stride, span))]
         self.device.submit([], copies=copies)
 
     def forward_sample(self, batch: Batch, rows: Sequence[tuple[SamplingParams, int]]) -> list[int]:

@@ -181,11 +181,12 @@ class Rope(_Op):
             if (attention.n_kv_heads, attention.head_dim) != (n_heads, head_dim):
                 raise ValueError(f"rope: {n_heads} heads of {head_dim} do not fit the KV cache of "
                                  f"{attention.label} ({attention.n_kv_heads} x {attention.head_dim})")
-            caches = [attention.k_cache, attention.v_cache]
-            cache_shape = dict(N_CTX=attention.n_ctx, N_SLOTS=attention.n_slots)
+            first, *later = attention.kv_groups
+            caches = [first.k, first.v]
+            cache_shape = dict(N_CTX=attention.n_ctx, SLOT0=0, N_SLOTS=first.n_slots)
         else:
-            v, slots, caches = table, positions, idle[:2]
-            cache_shape = dict(N_CTX=1, N_SLOTS=1)
+            v, slots, caches, later = table, positions, idle[:2], []
+            cache_shape = dict(N_CTX=1, SLOT0=0, N_SLOTS=1)
         wg = 1 << max(5, (half - 1).bit_length())
         consts = dict(N_HEADS=n_heads, HEAD_DIM=head_dim, N_ROT=n_rot, NEOX=bool(neox), NORM=norm is not None,
                       EPS=float(norm[1]) if norm else 0.0, W_AT=w_at, STORE=kv is not None, **cache_shape,
@@ -197,6 +198,12 @@ class Rope(_Op):
         bindings = [x, positions, table, slots, v, *caches, also_x]
         self.label = "rope"
         self.steps = [(pipe, device.create_bind_group(pipe, bindings), (also_heads + n_heads, 1))]
+        for g in later:  # the cache's other slot groups: the rotated keys stored as they are, one dispatch each
+            store = dict(consts, N_ROT=0, NORM=False, ALSO_HEADS=0, ALSO_NORM=False, SLOT0=g.slot0, N_SLOTS=g.n_slots)
+            pipe = compose.pipeline(device, (_reduce_part(device), "rope.wgsl"), store, subgroups=subgroups,
+                                    f16=kv[0].kv_f16, label=f"kv store {n_heads}x{head_dim} slots {g.slot0}+")
+            bindings = [x, positions, table, slots, v, g.k, g.v, idle[2]]
+            self.steps.append((pipe, device.create_bind_group(pipe, bindings), (n_heads, 1)))
         self.row_bindings = (("x", x, row * 4), ("positions", positions, 4), ("slots", slots, 4 if kv else 0),
                              ("v", v, row * 4 if kv else 0), ("also", also_x, also_heads * head_dim * 4))
 
@@ -282,14 +289,27 @@ class Embed(_Op):
         self.row_bindings = (("tokens", tokens, 4), ("y", y, width * 4))
 
 
+@dataclass(frozen=True)
+class KvGroup:
+    """Slots slot0 .. slot0 + n_slots - 1 of one layer's KV cache: their keys and their values,
+    [n_slots, n_ctx, n_kv_heads * head_dim] each."""
+
+    slot0: int
+    n_slots: int
+    k: Binding
+    v: Binding
+
+
 class Attention:
     """Causal (optionally sliding-window) GQA attention of a step's tokens over one layer's KV cache,
     its scores soft-capped to c·tanh(s / c) where `softcap` c > 0 (gemma2).
 
-    The cache is owned here: `k_cache` and `v_cache` hold [n_slots, n_ctx, n_kv_heads * head_dim]
-    f32 (f16 with `kv_f16`). Given the step's `k` and `v`, the attention first stores them there
-    (one more dispatch); with k = v = None the keys' Rope does (`kv=(this, v, slots)`). Steps of up
-    to `tuning.attn_split_max_t` tokens split each token's key range over `tuning.attn_split`
+    The cache is owned here: [n_slots, n_ctx, n_kv_heads * head_dim] f32 (f16 with `kv_f16`) for
+    keys and for values, cut into `kv_groups` of whole slots, each in its own buffers, where one
+    would exceed the storage binding limit (one dispatch per group, for the tokens of its slots).
+    Given the step's `k` and `v`, the attention first stores them there (one more dispatch a group);
+    with k = v = None the keys' Rope does (`kv=(this, v, slots)`). Steps of up to
+    `tuning.attn_split_max_t` tokens split each token's key range over `tuning.attn_split`
     workgroups, the last of which to finish merges their results (still one dispatch).
     """
 
@@ -312,14 +332,20 @@ class Attention:
                              f"{head_dim} or {tune.attn_split} splits")
         # Heads per workgroup: as many of the group as give every thread one output vec4.
         hb = max(b for b in range(1, group + 1) if group % b == 0 and b * hd4 <= tune.attn_wg)
-        kv_row = n_kv_heads * head_dim
-        cache_bytes = n_slots * n_ctx * kv_row * (2 if kv_f16 else 4)
-        if cache_bytes > device.limits["max_storage_buffer_binding_size"]:
-            raise ValueError(f"{label}: a {cache_bytes}-byte KV cache exceeds the storage binding limit")
+        slot_bytes = n_ctx * n_kv_heads * head_dim * (2 if kv_f16 else 4)
+        limit = device.limits["max_storage_buffer_binding_size"]
+        if slot_bytes > limit:
+            raise ValueError(f"{label}: one sequence's KV cache ({n_ctx} positions, {slot_bytes} bytes) exceeds "
+                             f"the device's storage binding limit ({limit} bytes): use a shorter context")
         self.label, self.n_heads, self.n_kv_heads, self.head_dim = label, n_heads, n_kv_heads, head_dim
-        self.n_ctx, self.n_slots, self.kv_f16 = n_ctx, n_slots, kv_f16
-        self.k_cache = (device.create_buffer(cache_bytes, STORAGE_RW, f"{label} k cache"), 0, cache_bytes)
-        self.v_cache = (device.create_buffer(cache_bytes, STORAGE_RW, f"{label} v cache"), 0, cache_bytes)
+        self.n_ctx, self.n_slots, self.kv_f16, self.slot_bytes = n_ctx, n_slots, kv_f16, slot_bytes
+        per_group = min(n_slots, limit // slot_bytes)
+        self.kv_groups = []
+        for slot0 in range(0, n_slots, per_group):
+            n = min(per_group, n_slots - slot0)
+            keys, values = ((device.create_buffer(n * slot_bytes, STORAGE_RW, f"{label} {kind} cache {slot0}+{n}"),
+                             0, n * slot_bytes) for kind in "kv")
+            self.kv_groups.append(KvGroup(slot0, n, keys, values))
         record = (head_dim + 4) * 4  # one partial result: head_dim sums, then max and sum of p
         split = tune.attn_split if tune.attn_split_max_t > 0 else 1
         part_bytes = max(16, tune.attn_split_max_t * n_heads * split * record)
@@ -328,17 +354,22 @@ class Attention:
         # one arrival counter per (token, workgroup block) of a split step; zero when idle
         count_bytes = max(16, tune.attn_split_max_t * blocks * 4)
         arrived = (scratch(device, "attention arrivals", count_bytes), 0, count_bytes)
-        bindings = [y, partials, self.k_cache, self.v_cache, q, positions, slots, arrived]
         shape = dict(HD=head_dim, G=group, HB=hb, NH=n_heads, NKV=n_kv_heads, N_CTX=n_ctx, WINDOW=window,
                      SCALE=float(scale), SOFTCAP=float(softcap), WG=tune.attn_wg)
 
-        def kernel(n_split: int) -> tuple:
-            pipe = compose.pipeline(device, ("attention.wgsl",), dict(shape, SPLIT=n_split), f16=kv_f16,
-                                    label=f"{label} split {n_split}")
-            return (pipe, device.create_bind_group(pipe, bindings)), (n_split, blocks)
+        def kernels(n_split: int) -> tuple[int, list[tuple]]:  # chunks a key range, (pipeline, bind group)s
+            launches = []
+            for g in self.kv_groups:
+                pipe = compose.pipeline(device, ("attention.wgsl",),
+                                        dict(shape, SPLIT=n_split, SLOT0=g.slot0, N_SLOTS=g.n_slots), f16=kv_f16,
+                                        label=f"{label} split {n_split} slots {g.slot0}+{g.n_slots}")
+                bindings = [y, partials, g.k, g.v, q, positions, slots, arrived]
+                launches.append((pipe, device.create_bind_group(pipe, bindings)))
+            return n_split, launches
 
-        self.direct = kernel(1)
-        self.split = kernel(split) if split > 1 else None
+        self.blocks = blocks
+        self.direct = kernels(1)
+        self.split = kernels(split) if split > 1 else None
         self.row_bindings = (("q", q, n_heads * head_dim * 4), ("positions", positions, 4), ("slots", slots, 4),
                              ("y", y, n_heads * head_dim * 4))
         self.store = None if k is None else Rope(device, k, k, positions, n_heads=n_kv_heads, head_dim=head_dim,
@@ -346,9 +377,14 @@ class Attention:
 
     def dispatches(self, n: int) -> list[Dispatch]:
         _check_rows(self.label, n, *self.row_bindings)
-        (pipe, bg), (gx, gz) = self.split if self.split and n <= self.tuning.attn_split_max_t else self.direct
+        n_split, kernels = self.split if self.split and n <= self.tuning.attn_split_max_t else self.direct
         stored = self.store.dispatches(n) if self.store else []
-        return [*stored, (pipe, bg, (gx, n, gz))]
+        return [*stored, *((pipe, bg, (n_split, n, self.blocks)) for pipe, bg in kernels)]
+
+    def kv_at(self, slot: int) -> tuple[KvGroup, int]:
+        """The slot group that holds `slot`, and the slot's index in it."""
+        group = next(g for g in self.kv_groups if g.slot0 <= slot < g.slot0 + g.n_slots)
+        return group, slot - group.slot0
 
 
 def nucleus_threshold(top_p: float) -> float:
