@@ -5,6 +5,7 @@ attributes: body[data-runtime|model|generation], #model-info, #output, #stats).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from realm_server.app import create_app
 from realm_server.static import RequestRecord, StaticSettings
@@ -79,14 +81,35 @@ class LiveServer:
             return [r for r in self.records if r.path == path]
 
 
+def throttled(app: ASGIApp, rates: dict[str, float]) -> ASGIApp:
+    """`app` with the bodies of the paths in `rates` sent at that many bytes a second: on loopback a
+    whole file arrives before the page can act on its first bytes, so "stopped early" needs a slow
+    link to mean anything."""
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        rate = rates.get(scope.get("path")) if scope["type"] == "http" else None
+        if rate is None:
+            return await app(scope, receive, send)
+
+        async def slow_send(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body":
+                await asyncio.sleep(len(message.get("body", b"")) / rate)
+
+        return await app(scope, receive, slow_send)
+    return wrapped
+
+
 @contextmanager
-def live_server(model_dirs: tuple[Path, ...], default_model: str) -> Iterator[LiveServer]:
-    """The static app on a real uvicorn at 127.0.0.1 (a port the OS picks), in a thread."""
+def live_server(model_dirs: tuple[Path, ...], default_model: str,
+                rates: dict[str, float] | None = None) -> Iterator[LiveServer]:
+    """The static app on a real uvicorn at 127.0.0.1 (a port the OS picks), in a thread; the
+    paths in `rates` are sent at that many bytes a second."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     live = LiveServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}/")
     settings = StaticSettings(model_dirs=model_dirs, default_model=default_model, on_request=live.log)
-    uv = uvicorn.Server(uvicorn.Config(create_app(static=settings), log_level="warning", access_log=False))
+    app = throttled(create_app(static=settings), rates or {})
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
