@@ -74,6 +74,7 @@ class TensorInfo:
     type_id: int
     offset: int  # absolute byte offset in the file
     nbytes: int
+    view_of: tuple[str, int] | None = None  # a row view's file tensor and first row (models.hparams.row_view)
 
     @property
     def shape(self) -> tuple[int, ...]:

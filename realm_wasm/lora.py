@@ -9,7 +9,9 @@ The file (`general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alp
 `general.architecture`) holds a pair `NAME.lora_a` (ggml dims [n_in, rank]) and `NAME.lora_b`
 ([rank, n_out]) for each weight NAME it adapts, in F32, F16, BF16 or Q8_0; `read_adapter` checks
 it against the model's Plan (every NAME a weight it may adapt, shapes matching) and keeps float32
-A and alpha / rank · B. With alpha 0 (or absent) B is not rescaled, as in llama.cpp.
+A and alpha / rank · B. With alpha 0 (or absent) B is not rescaled, as in llama.cpp. NAME is the
+file's tensor: where the plan reads one as row views (phi3's attn_qkv as q, k, v; ffn_up as gate,
+up), B's rows split the same way and each view gets its rows of B beside the whole A.
 
 An executor holds adapters in numbered slots (`set_adapter(slot, adapter)`, `clear_adapter(slot)`,
 at most `max_adapters`); a step says per token which slots apply and at what scale (`Batch.lora`,
@@ -86,7 +88,8 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.a.nbytes + p.b.nbytes for p in self.pairs.values())
+        arrays = {id(m): m for p in self.pairs.values() for m in (p.a, p.b)}  # a fused tensor's views share A
+        return sum(m.nbytes for m in arrays.values())
 
 
 def adaptable_weights(plan: Plan) -> set[str]:
@@ -98,6 +101,17 @@ def adaptable_weights(plan: Plan) -> set[str]:
         for name in op.weights:
             users.setdefault(name, set()).add(per_token)
     return {name for name, kinds in users.items() if kinds == {True}}
+
+
+def file_tensors(plan: Plan) -> dict[str, list[tuple[str, int, int]]]:
+    """The matrices an adapter may name (the file's tensors), each as the plan's weights that read it:
+    [(weight, first row, rows)] in row order; one weight of all its rows, or a fused tensor's views."""
+    parts: dict[str, list[tuple[str, int, int]]] = {}
+    for name, t in plan.weights.items():
+        if len(t.dims) == 2:
+            tensor, first = t.view_of or (name, 0)
+            parts.setdefault(tensor, []).append((name, first, t.dims[1]))
+    return {tensor: sorted(views, key=lambda view: view[1]) for tensor, views in parts.items()}
 
 
 def read_adapter(source: str | Path | bytes | bytearray | memoryview, plan: Plan, name: str = "") -> Adapter:
@@ -138,29 +152,30 @@ def check_header(header: GGUFHeader, plan: Plan, label: str) -> dict[str, dict[s
         halves.setdefault(t.name.removesuffix(suffix), {})[SUFFIXES[suffix]] = t
     if not halves:
         raise BadAdapter(f"adapter {label} has no tensors")
-    adaptable = adaptable_weights(plan)
+    adaptable, tensors = adaptable_weights(plan), file_tensors(plan)
     for base, half in halves.items():
-        if base not in plan.weights:
+        if base not in tensors:
             raise BadAdapter(f"adapter {label}: tensor {next(iter(half.values())).name!r} adapts {base!r}, "
                              f"which this {plan.arch} model does not have")
-        if base not in adaptable:
+        if any(weight not in adaptable for weight, _, _ in tensors[base]):
             raise BadAdapter(f"adapter {label}: tensor {next(iter(half.values())).name!r} adapts {base!r}, which "
                              "is not a matmul weight over the tokens (embeddings and the output head take no adapter)")
-        _check_pair(base, half, plan.weights[base], label)
+        n_in = plan.weights[tensors[base][0][0]].dims[0]
+        _check_pair(base, half, (n_in, sum(rows for _, _, rows in tensors[base])), label)
     return halves
 
 
-def _check_pair(base: str, half: dict[str, TensorInfo], w: TensorInfo, label: str) -> None:
+def _check_pair(base: str, half: dict[str, TensorInfo], dims: tuple[int, int], label: str) -> None:
     for part in "ab":
         if part not in half:
             raise BadAdapter(f"adapter {label}: {base}.lora_{'ab'[part == 'a']} has no {base}.lora_{part}")
     a, b = half["a"], half["b"]
-    n_in, n_out = w.dims
+    n_in, n_out = dims
     rank = a.dims[-1]
     for t, want in ((a, (n_in, rank)), (b, (rank, n_out))):
         if t.dims != want:
             raise BadAdapter(f"adapter {label}: {t.name} has dims {list(t.dims)} (ggml order), {base} of dims "
-                             f"{list(w.dims)} needs {list(want)} (lora_a [n_in, rank], lora_b [rank, n_out])")
+                             f"{list(dims)} needs {list(want)} (lora_a [n_in, rank], lora_b [rank, n_out])")
         if quant_type(t.type_id).name not in LORA_TYPES:
             raise BadAdapter(f"adapter {label}: {t.name} is {quant_type(t.type_id).name} "
                              f"(adapter tensors may be {', '.join(LORA_TYPES)})")
@@ -169,7 +184,12 @@ def _check_pair(base: str, half: dict[str, TensorInfo], w: TensorInfo, label: st
 def _check(header: GGUFHeader, data: np.ndarray, plan: Plan, label: str) -> Adapter:
     halves = check_header(header, plan, label)
     alpha = float(header.metadata.get("adapter.lora.alpha", 0.0))
-    pairs = {base: _pair(half, data, alpha) for base, half in halves.items()}
+    tensors, pairs = file_tensors(plan), {}
+    for base, half in halves.items():
+        whole = _pair(half, data, alpha)
+        for weight, first, rows in tensors[base]:  # a fused tensor's view: its rows of B, all of A
+            pairs[weight] = whole if rows == len(whole.b) else LoraPair(
+                whole.a, np.ascontiguousarray(whole.b[first:first + rows]))
     return Adapter(label, plan.arch, alpha, pairs)
 
 

@@ -22,8 +22,9 @@ from gguf_split import write_split
 
 from realm_wasm.cpu import CpuExecutor
 from realm_wasm.gguf import read_gguf
+from realm_wasm.lora import BadAdapter, read_adapter
 from realm_wasm.models import build_plan
-from realm_wasm.plan import Batch
+from realm_wasm.plan import Batch, lora_table
 
 DATA = Path(__file__).parent / "data"
 RTOL = 1e-3  # of the largest |logit| of the reference
@@ -71,19 +72,126 @@ def test_gpu_logits_match_transformers(family, tmp_path, gpu):
     assert_close(np.stack(steps), want[8:])
 
 
+class LiveBuffers:
+    """The test device, keeping count of the buffers alive (label -> bytes)."""
+
+    def __init__(self, gpu) -> None:
+        self._gpu, self.live = gpu, {}
+
+    def create_buffer(self, size: int, usage: int, label: str = ""):
+        buf = self._gpu.create_buffer(size, usage, label)
+        self.live[id(buf)] = (label, size)
+        return buf
+
+    def destroy_buffer(self, buf) -> None:
+        del self.live[id(buf)]
+        self._gpu.destroy_buffer(buf)
+
+    def __getattr__(self, name: str):
+        return getattr(self._gpu, name)
+
+
 def test_phi3_fused_tensors_stream_into_the_gpu_as_the_page_loads_them(tmp_path, gpu):
     """The page streams the file into device buffers (StreamedWeights); phi3's q, k, v and gate, up
-    are row views of two file tensors, copied out of them on the device."""
+    are row views of two file tensors, copied out of them on the device, which then frees the file
+    tensors: the weights take the GPU memory of the file's matrices once, not twice."""
     from realm_wasm.gpu.executor import GpuExecutor
     from realm_wasm.gpu.weights import StreamedWeights
 
     model, plan, tokens, want = load("phi3", tmp_path)
-    store = StreamedWeights(gpu, model.header.tensors.values())
+    device = LiveBuffers(gpu)
+    store = StreamedWeights(device, model.header.tensors.values())
     data = model.path.read_bytes()
     for at in range(0, len(data), 10_001):  # pieces that end anywhere, as a download's do
         store.feed(at, data[at:at + 10_001])
-    ex = GpuExecutor(plan, store, device=gpu, n_ctx=64, max_tokens=16)
+    fused = {t.name for t in model.header.tensors.values() if t.name.endswith(("attn_qkv.weight", "ffn_up.weight"))}
+    matrices = {t.name: t.nbytes for t in model.header.tensors.values() if len(t.dims) == 2}
+    ex = GpuExecutor(plan, store, device=device, n_ctx=64, max_tokens=16)
+    # a weight's buffers are labelled NAME[row0:row1]; a view's NAME is the file tensor's name + [part]
+    weights = [(label.rsplit("[", 1)[0], size) for label, size in device.live.values()
+               if label.split("[")[0] in matrices]
+    assert not [name for name, _ in weights if name in fused]
+    assert sum(size for _, size in weights) == sum(matrices.values())
     assert_close(ex.forward(Batch.for_sequence(tokens, 0, all_logits=True)), want)
+
+
+def phi3_adapter(tmp_path: Path, rank: int = 3, alpha: float = 6.0):
+    """A LoRA adapter on phi3's fused tensors (attn_qkv, ffn_up: what PEFT's qkv_proj and gate_up_proj
+    become), and the oracle: the transformers weights with scale · B·A · alpha / rank merged in."""
+    ref = np.load(DATA / "arch_phi3.npz")
+    cfg = json.loads(str(ref["config"]))
+    weights = hf_weights("phi3", cfg, int(ref["seed"]))
+    rng = np.random.default_rng(11)
+    w = gguf.GGUFWriter(str(tmp_path / "phi3-lora.gguf"), "phi3")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", alpha)
+    deltas = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, ours in (("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up")):
+            n_out, n_in = weights[f"model.layers.{i}.{hf}.weight"].shape
+            a = (rng.standard_normal((rank, n_in)) * 0.3).astype(np.float32)
+            b = (rng.standard_normal((n_out, rank)) * 0.3).astype(np.float32)
+            w.add_tensor(f"blk.{i}.{ours}.weight.lora_a", a)
+            w.add_tensor(f"blk.{i}.{ours}.weight.lora_b", b)
+            deltas[f"model.layers.{i}.{hf}.weight"] = b.astype(np.float64) @ a * (alpha / rank)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    def merged(scale: float) -> CpuExecutor:
+        path = tmp_path / f"phi3-merged-{scale}.gguf"
+        write_gguf(path, "phi3", cfg, {name: (w + scale * deltas[name]).astype(np.float32) if name in deltas else w
+                                       for name, w in weights.items()})
+        m = read_gguf(path)
+        return CpuExecutor(build_plan(m.header), weight_bytes(m), n_ctx=64)
+    return tmp_path / "phi3-lora.gguf", merged
+
+
+def test_a_phi3_adapter_on_its_fused_tensors_matches_merged_weights(tmp_path, gpu):
+    """An adapter names the file's attn_qkv and ffn_up; the plan reads them as q, k, v and gate, up
+    row views, each of which gets its rows of B. Held to the model with B·A merged in (numpy and GPU),
+    one sequence with the adapter at 0.7 and one without in the same step."""
+    from realm_wasm.gpu.executor import GpuExecutor
+
+    model, plan, tokens, _ = load("phi3", tmp_path)
+    path, merged = phi3_adapter(tmp_path)
+    adapter = read_adapter(path, plan)
+    assert {"attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"} <= {n.split(".")[2] for n in adapter.pairs}
+    n = len(tokens)
+    step = Batch(np.array(tokens * 2, np.int32), np.tile(np.arange(n, dtype=np.int32), 2),
+                 np.repeat(np.arange(2, dtype=np.int32), n), np.arange(2 * n, dtype=np.int32),
+                 *lora_table([((0, 0.7),)] * n + [()] * n))
+    want = [merged(0.7).forward(Batch.for_sequence(tokens, 0, all_logits=True)),
+            merged(0.0).forward(Batch.for_sequence(tokens, 0, all_logits=True))]
+    assert np.abs(want[0] - want[1]).max() > 0.05 * np.abs(want[1]).max()  # the adapter matters
+    for ex in (CpuExecutor(plan, weight_bytes(model), n_slots=2, n_ctx=64, max_adapters=1),
+               GpuExecutor(plan, weight_bytes(model), device=gpu, n_slots=2, n_ctx=64, max_tokens=32,
+                           max_adapters=1, max_lora_rank=4)):
+        ex.set_adapter(0, adapter)
+        got = ex.forward(step)
+        assert_close(got[:n], want[0])
+        assert_close(got[n:], want[1])
+
+
+def test_an_adapter_naming_phi3s_views_or_the_wrong_rows_is_refused(tmp_path):
+    model, plan, _, _ = load("phi3", tmp_path)
+    qkv = model.header.tensors["blk.0.attn_qkv.weight"]
+    n_in, n_out = qkv.dims
+    for name, rows, match in (("blk.0.attn_q.weight", 8, "'blk.0.attn_q.weight', which this phi3 model does not"),
+                              ("blk.0.attn_qkv.weight", n_out - 1, f"needs \\[2, {n_out}\\]")):
+        w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "phi3")
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_tensor(name + ".lora_a", np.zeros((2, n_in), np.float32))
+        w.add_tensor(name + ".lora_b", np.zeros((rows, 2), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(BadAdapter, match=match):
+            read_adapter(tmp_path / "bad.gguf", plan)
 
 
 def realm_generate(model: Path) -> subprocess.CompletedProcess:

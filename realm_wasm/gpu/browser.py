@@ -12,7 +12,7 @@ cause (a driver reset, the GPU process gone, `destroy()` from elsewhere) is also
 `on_lost` as it arrives, so the page can make a new device and load the model again while idle.
 
 Memory: WebGPU has no query for what a device holds, so the device counts what it allocated itself
-(`buffers`, `allocated_bytes`: every buffer lives as long as the device here, which `close` frees).
+(`buffers`, `allocated_bytes`: those alive; a buffer lives until `destroy_buffer` or `close`).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class BrowserDevice:
         self._closed = False
         self._destroyed_by_close = False  # that loss is ours, not news
         self.errors: list[Exception] = []  # reported by WebGPU, not raised yet
-        self.buffers = 0  # created so far (none is freed before the device is)
+        self.buffers = 0  # created and not destroyed
         self.allocated_bytes = 0
         self._staging: list[tuple[int, Buffer]] = []  # idle MAP_READ buffers (size, buffer)
         self._programs: dict[int, tuple[list[Dispatch], Any]] = {}  # id(dispatch list) -> (it, its JS array)
@@ -226,6 +226,12 @@ class BrowserDevice:
     def write_buffer(self, buf: Buffer, offset: int, data: bytes | memoryview) -> None:
         self.check()
         _write_from_python(self.queue, buf, offset, data)
+
+    def destroy_buffer(self, buf: Buffer) -> None:
+        self.check()
+        buf.destroy()
+        self.buffers -= 1
+        self.allocated_bytes -= buf.size
 
     async def read_buffer_async(self, buf: Buffer, offset: int, size: int) -> bytes:
         return await self.submit([], read=(buf, offset, size)).result_async()

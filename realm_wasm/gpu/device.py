@@ -87,6 +87,10 @@ class Device(Protocol):
 
     def write_buffer(self, buf: Buffer, offset: int, data: bytes | memoryview) -> None: ...
 
+    def destroy_buffer(self, buf: Buffer) -> None:
+        """Free a buffer now; work already submitted that uses it still runs (WebGPU's destroy())."""
+        ...
+
     async def read_buffer_async(self, buf: Buffer, offset: int, size: int) -> bytes:
         """The portable read-back: in the browser a mapping can only be awaited."""
         ...

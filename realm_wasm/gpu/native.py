@@ -235,6 +235,10 @@ class NativeDevice:
         with self._calls():
             self.device.queue.write_buffer(buf, offset, data)
 
+    def destroy_buffer(self, buf: Buffer) -> None:
+        with self._calls():
+            buf.destroy()
+
     def read_buffer(self, buf: Buffer, offset: int, size: int) -> bytes:
         return self.submit([], read=(buf, offset, size)).result()
 

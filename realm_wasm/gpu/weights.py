@@ -70,6 +70,7 @@ class StreamedWeights(DeviceMatrices):
         self.spans: list[tuple[int, int, TensorInfo]] = []
         self.carry = b""  # bytes held back so device writes stay word-aligned
         self.received = 0
+        self.viewed: dict[str, int] = {}  # file tensor -> bytes of it copied into row views so far
         self.add(tensors)
 
     def add(self, tensors: Iterable[TensorInfo]) -> None:
@@ -119,7 +120,8 @@ class StreamedWeights(DeviceMatrices):
 
     def _copy_rows(self, t: TensorInfo) -> GpuWeight:
         """A view's rows copied on the device out of the streamed tensor that holds them (buffer
-        copies move whole words: rows must start and end on them)."""
+        copies move whole words: rows must start and end on them); once all its rows are in views,
+        that tensor's buffers are freed, so a fused tensor costs its size once, not twice."""
         parent = next((p for start, end, p in self.spans
                        if p.name in self.matrices and start <= t.offset and t.offset + t.nbytes <= end), None)
         if parent is None:
@@ -140,6 +142,12 @@ class StreamedWeights(DeviceMatrices):
             raise ValueError(f"{t.name}: rows of {rb} bytes do not start on 4-byte boundaries; "
                              "the GPU cannot take this view in the page")
         self.device.submit([], copies=copies)
+        # a tensor whose every row went to views is freed: the plan reads the views, never it
+        self.viewed[parent.name] = self.viewed.get(parent.name, 0) + t.nbytes
+        if self.viewed[parent.name] == parent.nbytes:
+            for c in src.chunks:
+                self.device.destroy_buffer(c.buffer)
+            del self.matrices[parent.name]
         return view
 
     def vector(self, t: TensorInfo) -> np.ndarray:

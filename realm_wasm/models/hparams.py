@@ -217,4 +217,4 @@ def row_view(t: TensorInfo, first: int, rows: int, part: str) -> TensorInfo:
         raise GGUFError(f"tensor {t.name!r} has {n_rows} rows, not the {first + rows} its parts need")
     row_bytes = t.nbytes // n_rows
     return TensorInfo(f"{t.name}[{part}]", (row_length, rows), t.type_id, t.offset + first * row_bytes,
-                      rows * row_bytes)
+                      rows * row_bytes, view_of=(t.name, first))
