@@ -73,18 +73,19 @@ def test_gpu_logits_match_transformers(family, tmp_path, gpu):
 
 
 class LiveBuffers:
-    """The test device, keeping count of the buffers alive (label -> bytes)."""
+    """The test device, keeping count of the buffers alive (buffer -> label, bytes); holding each
+    buffer keeps a freed one's id from being reused for another while it is counted."""
 
     def __init__(self, gpu) -> None:
         self._gpu, self.live = gpu, {}
 
     def create_buffer(self, size: int, usage: int, label: str = ""):
         buf = self._gpu.create_buffer(size, usage, label)
-        self.live[id(buf)] = (label, size)
+        self.live[buf] = (label, size)
         return buf
 
     def destroy_buffer(self, buf) -> None:
-        del self.live[id(buf)]
+        del self.live[buf]
         self._gpu.destroy_buffer(buf)
 
     def __getattr__(self, name: str):
@@ -107,9 +108,11 @@ def test_phi3_fused_tensors_stream_into_the_gpu_as_the_page_loads_them(tmp_path,
     fused = {t.name for t in model.header.tensors.values() if t.name.endswith(("attn_qkv.weight", "ffn_up.weight"))}
     matrices = {t.name: t.nbytes for t in model.header.tensors.values() if len(t.dims) == 2}
     ex = GpuExecutor(plan, store, device=device, n_ctx=64, max_tokens=16)
-    # a weight's buffers are labelled NAME[row0:row1]; a view's NAME is the file tensor's name + [part]
-    weights = [(label.rsplit("[", 1)[0], size) for label, size in device.live.values()
-               if label.split("[")[0] in matrices]
+    # a weight's buffers are labelled NAME[row0:row1]; a view's NAME is the file tensor's name + [part];
+    # weights joined on the device (q + k, gate + up) are labelled with their plan names
+    names = set(matrices) | {n for name, t in plan.weights.items() if len(t.dims) == 2 for n in (name, t.name)}
+    weights = [(label.rsplit("[", 1)[0], size) for label, size in device.live.values()]
+    weights = [(name, size) for name, size in weights if set(name.split(" + ")) <= names]
     assert not [name for name, _ in weights if name in fused]
     assert sum(size for _, size in weights) == sum(matrices.values())
     assert_close(ex.forward(Batch.for_sequence(tokens, 0, all_logits=True)), want)

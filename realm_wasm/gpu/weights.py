@@ -28,13 +28,14 @@ def matrix_shape(t: TensorInfo) -> tuple[int, int]:
 class DeviceMatrices:
     """The matrices a store holds on the device, by tensor name."""
 
+    device: Device
     matrices: dict[str, GpuWeight]
 
     def release(self, t: TensorInfo) -> None:
         """Free a matrix whose bytes were copied elsewhere on the device (a GLU's joined gate and up
         weights): queued work that reads it still completes, in WebGPU and wgpu alike."""
         for chunk in self.matrices.pop(t.name).chunks:
-            chunk.buffer.destroy()
+            self.device.destroy_buffer(chunk.buffer)
 
 
 class FileWeights(DeviceMatrices):
