@@ -3,6 +3,7 @@
     python bench/bench_lora.py --backend webgpu --decode 64           # the default model
     python bench/bench_lora.py --backend webgpu --decode 4 --repeats 1 # the same, short: checks it runs
     python bench/bench_lora.py --backend webgpu --small                # a tiny random gemma3: checks it runs
+    python bench/bench_lora.py --backend webgpu --lora-rows 1 4 8      # mat-vec rows per team for adapted weights
                                                                         # (on lavapipe, in a minute or two)
 
 Rows (decode through the scheduler, as the server runs it; on a GPU one step queued ahead):
@@ -18,6 +19,7 @@ Adapters are random (they change the text; the cost does not depend on what they
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from realm_wasm.engine import Engine
+from realm_wasm.gpu.tuning import TUNING
 from realm_wasm.lora import Adapter, LoraPair, adaptable_weights
 from realm_wasm.model_files import default_model_path
 from realm_wasm.scheduler import Request, Scheduler, TokenEvent
@@ -119,6 +122,21 @@ def small_model(folder: Path) -> Path:
     return path
 
 
+def slotted_engine(path: Path, backend: str, n_ctx: int, rank: int, lora_rows: int | None) -> Engine:
+    """An engine with 4 adapter slots holding 4 random adapters; `lora_rows` overrides the tuning
+    tables' matvec_lora_rows while its kernels are built (at load)."""
+    saved = dict(TUNING)
+    if lora_rows is not None:
+        TUNING.update({key: dataclasses.replace(table, matvec_lora_rows=lora_rows) for key, table in TUNING.items()})
+    try:
+        engine = Engine.load(path, backend=backend, n_ctx=n_ctx, n_slots=8, max_adapters=4, max_lora_rank=rank)
+    finally:
+        TUNING.update(saved)
+    for i in range(4):
+        engine.load_adapter(f"a{i}", random_adapter(engine, rank, seed=i))
+    return engine
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GGUF file (default: the bundled gemma-3-270m Q4_K_M)")
@@ -127,20 +145,24 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs per row")
     ap.add_argument("--small", action="store_true", help="a tiny random model and 8 tokens: checks the bench runs")
+    ap.add_argument("--lora-rows", type=int, nargs="+", default=[None],
+                    help="mat-vec rows per team for adapted weights (the tuning table's matvec_lora_rows) to "
+                         "compare, an engine with slots each (default: the table's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = small_model(Path(tmp)) if args.small else Path(args.model) if args.model else default_model_path()
         n_decode, repeats = (8, 1) if args.small else (args.decode, args.repeats)
         n_ctx = len(PROMPT) + n_decode + 16
         plain = Engine.load(path, backend=args.backend, n_ctx=n_ctx, n_slots=8)
-        slotted = Engine.load(path, backend=args.backend, n_ctx=n_ctx, n_slots=8, max_adapters=4,
-                              max_lora_rank=args.rank)
-        for i in range(4):
-            slotted.load_adapter(f"a{i}", random_adapter(slotted, args.rank, seed=i))
         one, four = [(("a0", 1.0),)], [((f"a{i % 4}", 1.0),) for i in range(8)]
-        rows = [("batch 1, no adapter slots", plain, [()]), ("batch 1, slots, no adapter", slotted, [()]),
-                (f"batch 1, rank-{args.rank} adapter", slotted, one),
-                ("batch 8, no adapter slots", plain, [()] * 8), ("batch 8 over 4 adapters", slotted, four)]
+        batch1, batch8 = [("batch 1, no adapter slots", plain, [()])], [("batch 8, no adapter slots", plain, [()] * 8)]
+        for lora_rows in args.lora_rows:
+            slotted = slotted_engine(path, args.backend, n_ctx, args.rank, lora_rows)
+            shape = "" if lora_rows is None else f" ({lora_rows} rows a team)"
+            batch1 += [(f"batch 1, slots, no adapter{shape}", slotted, [()]),
+                       (f"batch 1, rank-{args.rank} adapter{shape}", slotted, one)]
+            batch8 += [(f"batch 8 over 4 adapters{shape}", slotted, four)]
+        rows = batch1 + batch8
         print(f"model {path.name}, {plain.executor.name} ({args.backend}), decode {n_decode} tokens per sequence, "
               f"best of {repeats}; adapters on {len(adaptable_weights(plain.model.plan))} weights")
         print("| run | decode tok/s | vs no adapter slots | dispatches per step |")

@@ -251,10 +251,17 @@ def test_matvec_shape_choice():
     assert matvec_shape(gpu_table, 1 << 16, 64, 1024, glu=True) == (256, 2, 2)
     assert matvec_shape(dataclasses.replace(gpu_table, matvec_rows=8), 4096, 4096, 1024, glu=True) == (256, 32, 4)
     assert matvec_shape(gpu_table, 4096, 4096, 128) == (128, 32, 4)
+    # with LoRA side paths at least matvec_lora_rows, small weights too, halved for a GLU
+    lora_table = dataclasses.replace(gpu_table, matvec_lora_rows=8)
+    assert matvec_shape(lora_table, 2048, 640, 1024, lora=True) == (256, 32, 8)
+    assert matvec_shape(lora_table, 2048, 640, 1024, glu=True, lora=True) == (256, 32, 4)
+    assert matvec_shape(dataclasses.replace(gpu_table, matvec_lora_rows=2), 4096, 4096, 1024, lora=True) == (256, 32, 4)
     with pytest.raises(ValueError, match="powers of two"):
         dataclasses.replace(gpu_table, matvec_lanes=24)
     with pytest.raises(ValueError, match="rows 1 to 8"):
         dataclasses.replace(gpu_table, matvec_rows=9)
+    with pytest.raises(ValueError, match="rows 1 to 8"):
+        dataclasses.replace(gpu_table, matvec_lora_rows=0)
 
 
 # (n, k, lanes, rows): row counts no workgroup's rows divide; K of 3 and 9 super-blocks (32 lanes

@@ -491,11 +491,20 @@ def test_requests_for_adapters_that_cannot_apply_are_refused(tiny):
         bare.load_adapter("a", tiny["a"])
 
 
-def test_a_weight_split_over_bindings_adds_its_side_paths_per_chunk(gpu):
-    """Each of a weight's bindings (a dispatch each) adds the side paths of its own rows."""
+# mat-vec shapes for the side paths: this adapter's table; the GPU table with 8 rows a team of 32
+# lanes (teams past a chunk's rows, a workgroup wider than the chunk); 3 rows, a workgroup per team
+LORA_SHAPES = {"this table": {}, "gpu, 8 rows": dict(gpu=True, matvec_lora_rows=8),
+               "gpu, 3 rows, one team": dict(gpu=True, matvec_lora_rows=3, matvec_wg=32)}
+
+
+@pytest.mark.parametrize("shape", LORA_SHAPES.values(), ids=LORA_SHAPES)
+def test_a_weight_split_over_bindings_adds_its_side_paths_per_chunk(gpu, shape):
+    """Each of a weight's bindings (a dispatch each) adds the side paths of its own rows, whatever
+    the mat-vec's rows per team and teams per workgroup."""
     from test_gpu_matmul import Case
 
     from realm_wasm.gpu.lora import LoraGroup, LoraTokens
+    from realm_wasm.gpu.tuning import TUNING
     from realm_wasm.lora import Adapter, LoraPair
 
     n, k, t_max = 37, 160, 12
@@ -509,7 +518,12 @@ def test_a_weight_split_over_bindings_adds_its_side_paths_per_chunk(gpu):
                       workgroup=64, subgroups=False, matvec_max_t=tuning_for(gpu).matvec_max_t, label="w")
     for slot, pair in enumerate(pairs):
         group.write(slot, Adapter(f"a{slot}", "test", 0.0, {"w": pair}))
-    mm = case.matmul(lora=group.pool(["w"]), f16=False)  # f32 on every adapter: the tolerance is f32's
+    shape = dict(shape)
+    table = TUNING[not shape.pop("gpu")] if shape else tuning_for(gpu)  # TUNING is keyed by "a CPU adapter"
+    tuning = dataclasses.replace(table, **shape, matvec_max_t=tuning_for(gpu).matvec_max_t)  # the group's
+    mm = case.matmul(lora=group.pool(["w"]), f16=False, tuning=tuning)  # f32 on every adapter: f32's tolerance
+    if shape:
+        assert mm.matvec_shape[2] == shape["matvec_lora_rows"]
     per_token = [((0, 1.0),), ((1, -0.5), (0, 2.0)), (), ((1, 1.0),)] * 3
     for t in (1, 4, 12):  # the mat-vec at one token and at four, then the mat-mat and its LoRA kernel
         batch = Batch(np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(t, np.int32), np.zeros(1, np.int32),

@@ -263,18 +263,22 @@ def pick_tile(tiles: TileTable, n: int, t: int) -> Tile:
                 max((tile for tile, _ in tiles), key=groups))
 
 
-def matvec_shape(tune: Tuning, n: int, k: int, max_threads: int, glu: bool = False) -> tuple[int, int, int]:
+def matvec_shape(tune: Tuning, n: int, k: int, max_threads: int, glu: bool = False,
+                 lora: bool = False) -> tuple[int, int, int]:
     """(threads per workgroup, lanes per row team, output rows per team) of the mat-vec kernel for
     an [n, k] weight: a small one gets one row per team of `matvec_lanes`; otherwise lanes halve
     until each gets `matvec_lane_pairs` pairs of 8-element groups (short rows would idle them). A
-    GLU team's gate and up rows share `matvec_rows` (at most 4 each)."""
+    weight with LoRA side paths (`lora`) gets at least `matvec_lora_rows`. A GLU team's gate and up rows
+    share them (at most 4 each)."""
     wg = min(tune.matvec_wg, max_threads)
     lanes = min(tune.matvec_lanes, wg)
-    if n * k < tune.matvec_small:
-        return wg, lanes, 1
-    while lanes > 1 and k // 16 < lanes * tune.matvec_lane_pairs:
+    small = n * k < tune.matvec_small
+    while not small and lanes > 1 and k // 16 < lanes * tune.matvec_lane_pairs:
         lanes //= 2
-    return wg, lanes, max(1, min(4, tune.matvec_rows // 2)) if glu else tune.matvec_rows
+    rows = 1 if small else tune.matvec_rows
+    if lora:
+        rows = max(rows, tune.matvec_lora_rows)
+    return wg, lanes, max(1, min(4, rows // 2)) if glu else rows
 
 
 @dataclass(frozen=True)
@@ -373,7 +377,7 @@ class QuantMatmul:
             w2, h = norm.then or (zeros, (ops.scratch(device, "unused h", 16), 0, 16))
             self.norm_bindings = [norm.w or zeros, norm.resid, h, w2]
         self.matvec_shape = matvec_shape(self.tuning, weight.n, weight.k,
-                                         device.limits["max_compute_invocations_per_workgroup"], bool(glu))
+                                         device.limits["max_compute_invocations_per_workgroup"], bool(glu), bool(lora))
         self.chunked = self._chunk_walk_fits()  # the mat-vec walks in chunks against int8 x
         self.matvec = [self._matvec(c) for c in weight.chunks]
         self.tiles = fit_tiles(self.tuning.tiles, device.limits, self.f16, weight.k)

@@ -52,6 +52,9 @@ class Tuning:
     matvec_lanes: int  # a power of two; short rows get fewer (see matmul.matvec_shape)
     matvec_lane_pairs: int  # the fewest pairs of 8-element groups a lane should get (0: keep `lanes`)
     matvec_rows: int
+    # Rows per team for a weight with LoRA side paths: each workgroup computes its token's whole
+    # u = A·x before its rows, so wider workgroups read A fewer times over (every size, small too).
+    matvec_lora_rows: int
     # Weights of fewer elements are latency-bound (a few µs, whatever the kernel does with its
     # bytes): there the kernel runs as many threads as it can, one row per team of `lanes` lanes.
     matvec_small: int
@@ -68,7 +71,8 @@ class Tuning:
 
     def __post_init__(self) -> None:
         powers = (self.wg, self.matvec_wg, self.matvec_lanes)
-        if any(v & (v - 1) for v in powers) or self.matvec_lanes > self.matvec_wg or not 1 <= self.matvec_rows <= 8:
+        rows = (self.matvec_rows, self.matvec_lora_rows)
+        if any(v & (v - 1) for v in powers) or self.matvec_lanes > self.matvec_wg or not all(1 <= r <= 8 for r in rows):
             raise ValueError(f"{self}: wg, mat-vec wg and lanes are powers of two (lanes <= wg), rows 1 to 8")
 
 
@@ -102,13 +106,15 @@ class Tuning:
 # deeper slices before. Split attention: 32 chunks per token for steps of up to 16 tokens.
 TUNING = {
     False: Tuning(f16=True, wg=256, attn_wg=256, attn_split=32, attn_split_max_t=16,
-                  matvec_wg=256, matvec_lanes=32, matvec_lane_pairs=4, matvec_rows=2, matvec_small=1 << 22,
+                  matvec_wg=256, matvec_lanes=32, matvec_lane_pairs=4, matvec_rows=2, matvec_lora_rows=1,
+                  matvec_small=1 << 22,
                   matvec_max_t=12,
                   tiles=((Tile(64, 64, 8, 4, 32), 512), (Tile(64, 64, 8, 4, 64), 80), (Tile(64, 32, 4, 4, 128), 80),
                          (Tile(32, 32, 4, 4, 128), 0)),
                   matvec_chunks=frozenset({"Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0"})),
     True: Tuning(f16=False, wg=64, attn_wg=64, attn_split=1, attn_split_max_t=0,
-                 matvec_wg=32, matvec_lanes=1, matvec_lane_pairs=2, matvec_rows=4, matvec_small=0,
+                 matvec_wg=32, matvec_lanes=1, matvec_lane_pairs=2, matvec_rows=4, matvec_lora_rows=4,
+                 matvec_small=0,
                  matvec_max_t=8,
                  tiles=((Tile(64, 32, 4, 4), 0),)),
 }
