@@ -3,7 +3,8 @@
 // A_j · x[t] (lora_ax.wgsl): an output row costs LORA_RANK multiply-adds per adapter. The mat-vec
 // calls `lora_row` (lora_matvec.wgsl) with u it computed itself in workgroup memory; after a
 // mat-mat, lora_main.wgsl does, with u the group's A·x kernel computed for the step. Each of
-// them defines `lora_u(t, j, p, i)`: the i-th vec4 of u[t][j][p].
+// them defines `lora_u(t, j, p, i)`: the i-th vec4 of u[t][j][p], and `lora_r4(j, slot, p)`: the
+// vec4s of rank of part p of the adapter in column j (`slot`; 0 for none).
 //
 // The weight is part LORA_PART0 of its group (lora_tokens.wgsl has the buffer's layout), or, joined
 // (q and k, a GLU's gate and up), parts LORA_PART0 and LORA_PART0 + 1: its rows from LORA_SPLIT on
@@ -21,7 +22,7 @@ fn lora_row(t: u32, n: u32, lane: u32, lanes: u32) -> f32 {
     var sum = 0.0;
     for (var j = 0u; j < 4u; j++) {
         let slot = token.slots[j];
-        let r4 = lora_rows(slot, p) / 4u;
+        let r4 = lora_r4(j, slot, p);
         let b = LORA_RANKS4 + (u32(max(slot, 0)) * LORA_N_ALL + LORA_ROW0 + n) * LORA_R4;
         for (var i = lane; i < r4; i += lanes) {
             sum += dot(lora_side[b + i], lora_u(t, j, p, i));

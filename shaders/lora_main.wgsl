@@ -21,3 +21,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 fn lora_u(t: u32, j: u32, p: u32, i: u32) -> vec4<f32> {
     return lora_side[lora_u_at(t, j, p) + i];
 }
+
+fn lora_r4(j: u32, slot: i32, p: u32) -> u32 {
+    return lora_rows(slot, p) / 4u;
+}

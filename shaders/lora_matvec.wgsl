@@ -7,9 +7,15 @@
 
 const LORA_Q4: u32 = LORA_P * LORA_R4;  // vec4s of u per adapter column
 var<workgroup> lora_wu: array<vec4<f32>, 4u * LORA_Q4>;  // [column j][part][rank / 4]
+// [column j][part]: rank / 4, read once here rather than by every row's B·u
+var<workgroup> lora_wr: array<u32, 4u * LORA_P>;
 
 fn lora_u(t: u32, j: u32, p: u32, i: u32) -> vec4<f32> {
     return lora_wu[j * LORA_Q4 + (p - LORA_PART0) * LORA_R4 + i];
+}
+
+fn lora_r4(j: u32, slot: i32, p: u32) -> u32 {
+    return lora_wr[j * LORA_P + p - LORA_PART0];
 }
 
 // u of token t's adapters for this weight's parts, 4 rows a team. Call from uniform control flow
@@ -17,6 +23,10 @@ fn lora_u(t: u32, j: u32, p: u32, i: u32) -> vec4<f32> {
 fn lora_begin(t: u32, lane: Lane) {
     if !lora_any(t) {
         return;
+    }
+    if lane.index < 4u * LORA_P {
+        let slot = lora_tokens[t].slots[lane.index / LORA_P];
+        lora_wr[lane.index] = lora_rows(slot, LORA_PART0 + lane.index % LORA_P) / 4u;
     }
     let team = lane.index / LANES;
     let li = lane.index % LANES;
